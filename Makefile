@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both build .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 3000
+HOST ?= 0.0.0.0
+
+.PHONY: serve test lint bench model clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+serve: $(VENV)/.runtime
+	$(VENV)/bin/bentoml serve service:InfernetService --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(VENV)/.dev lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.dev
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+model: $(VENV)/.dev
+	$(PY) scripts/train_iris.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

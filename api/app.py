@@ -1,0 +1,177 @@
+"""The public routes as one raw ASGI app, mounted at "/" inside the BentoML service.
+
+A raw app keeps the request path lean (orjson, no per-response schema work; see docs/performance.md).
+BentoML's own routes (/livez, /readyz, /metrics, /docs.json) match first; everything else lands here,
+so unknown paths and wrong methods get the contract's JSON errors too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from api import SERVICE_NAME, __version__, chain
+from api.contract import Destination, RequestError, Source, error_body, parse_input
+from api.gather import Gatherer
+from workflows.config import ServiceSettings
+
+log = logging.getLogger("api.app")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_BENTOML_GET_ROUTES = {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
+_JSON = [(b"content-type", b"application/json")]
+
+
+class PublicApp:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._gather: Gatherer | None = None
+        self._describe: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self._info: dict[str, Any] | None = None
+
+    def bind(self, infer: Callable[[list[Any]], Awaitable[list[Any]]], describe: Callable[[], Awaitable[Any]]) -> None:
+        """Connect to the runner; called by the BentoML service in each API worker."""
+        self._gather = Gatherer(infer, max_items=self.settings.max_batch_size)
+        self._describe = describe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        try:
+            if path == "/service_output":
+                if method != "POST":
+                    raise RequestError(405, "use POST for /service_output")
+                status, body = await self.service_output(scope, receive)
+            elif path == "/info":
+                _only_get(method, path)
+                status, body = 200, await self.info()
+            elif path == "/service-resources":
+                _only_get(method, path)
+                status, body = 200, await self.service_resources(scope)
+            elif path in _BENTOML_GET_ROUTES:
+                raise RequestError(405, f"use GET for {path}")
+            else:
+                raise RequestError(404, f"no route {path}; the inference route is POST /service_output")
+        except RequestError as e:
+            status, body = e.status, error_body(e.status, e.description, e.errors)
+        except Exception as e:
+            log.exception("request to %s failed", path)
+            status, body = 500, error_body(500, f"internal error: {type(e).__name__}")
+        await _respond(send, status, body)
+
+    async def service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        raw = await _read_body(scope, receive, self.settings.max_request_bytes)
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise RequestError(400, f"body is not valid JSON: {e}") from None
+        request = parse_input(obj)
+        data = chain.decode_input(request.data) if request.source == Source.CHAIN else request.data
+        outcome = await self._run(data)
+        if outcome["status"] != 200:
+            raise RequestError(outcome["status"], outcome["description"])
+        if request.destination == Destination.CHAIN:
+            return 200, chain.encode_output(outcome["body"])
+        return 200, outcome["body"]
+
+    async def _run(self, data: Any) -> dict[str, Any]:
+        if self._gather is None:
+            raise RequestError(503, "the service is starting; the model runner is not connected yet")
+        try:
+            return await self._gather.submit(data)
+        except Exception as e:
+            raise _runner_failure(e) from None
+
+    async def info(self) -> dict[str, Any]:
+        if self._info is None:
+            if self._describe is None:
+                raise RequestError(503, "the service is starting")
+            try:
+                runner = await self._describe()
+            except Exception as e:
+                raise _runner_failure(e) from None
+            self._info = {
+                "service": SERVICE_NAME,
+                "version": __version__,
+                **runner,
+                "batching": {
+                    "max_batch_size": self.settings.max_batch_size,
+                    "max_latency_ms": self.settings.max_latency_ms,
+                },
+                "limits": {
+                    "max_request_bytes": self.settings.max_request_bytes,
+                    "max_request_elements": self.settings.max_elements,
+                    "request_timeout_s": self.settings.timeout_s,
+                },
+            }
+        return self._info
+
+    async def service_resources(self, scope: Scope) -> dict[str, Any]:
+        info = await self.info()
+        model = info.get("model") or {}
+        model_id = model.get("repo")
+        query = scope.get("query_string", b"").decode("latin-1")
+        asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
+        if asked is not None:
+            return {"supported": asked in (model_id, model.get("file"), model.get("sha256"))}
+        return {
+            "service_id": SERVICE_NAME,
+            "workflow": info.get("workflow"),
+            "models": [model] if model else [],
+            "hardware": {"device": model.get("device", "cpu")},
+        }
+
+
+def _only_get(method: str, path: str) -> None:
+    if method not in ("GET", "HEAD"):
+        raise RequestError(405, f"use GET for {path}")
+
+
+def _runner_failure(error: Exception) -> RequestError:
+    code = getattr(error, "error_code", None)
+    if code is not None and int(code) == 503:
+        return RequestError(503, "the model runner is overloaded; retry later")
+    if code is not None and int(code) < 500:
+        return RequestError(500, f"the model runner refused the call ({int(code)})")
+    if code is None:
+        log.warning("model runner unreachable: %s: %s", type(error).__name__, error)
+        return RequestError(503, f"the model runner is unreachable ({type(error).__name__}); retry later")
+    return RequestError(500, f"the model runner failed ({int(code)})")
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise RequestError(413, f"body of {int(value)} bytes exceeds the limit of {limit} (MAX_REQUEST_BYTES)")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestError(400, "client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, body: Any) -> None:
+    try:
+        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as e:
+        status, payload = 500, orjson.dumps(error_body(500, f"the workflow's output is not JSON-serialisable: {e}"))
+    headers = [*_JSON, (b"content-length", str(len(payload)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

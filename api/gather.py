@@ -1,0 +1,66 @@
+"""Sends the requests waiting in one API worker to the runner together, in one call.
+
+There is no timer: a request is sent on the next turn of the event loop, so a lone request never waits.
+While ``max_inflight`` calls are out, newcomers queue and leave together in the next call, so batches grow
+with load by themselves. One call per group matters: each hop to the runner costs more than a small forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+RunnerCall = Callable[[list[Any]], Awaitable[list[Any]]]
+
+
+class Gatherer:
+    def __init__(self, call: RunnerCall, max_items: int, max_inflight: int = 2) -> None:
+        self._call = call
+        self._max_items = max_items
+        self._max_inflight = max_inflight
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._inflight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+
+    async def submit(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((item, future))
+        self._schedule(loop)
+        return await future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled and self._pending and self._inflight < self._max_inflight:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._pending and self._inflight < self._max_inflight:
+            group, self._pending = self._pending[: self._max_items], self._pending[self._max_items :]
+            group = [(item, future) for item, future in group if not future.done()]  # callers that gave up
+            if group:
+                self._inflight += 1
+                task = asyncio.ensure_future(self._send(group))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, group: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._call([item for item, _ in group])
+            if len(results) != len(group):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(group)} requests")
+            for (_, future), result in zip(group, results):
+                if not future.done():
+                    future.set_result(result)
+        except BaseException as e:  # every waiting caller must hear of the failure
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        finally:
+            self._inflight -= 1
+            self._schedule(asyncio.get_running_loop())

@@ -1,0 +1,9 @@
+"""Inference workflows: the base class, the batch runner and the built-in torch workflow.
+
+Importing this package does not import torch; ``workflows.torch_workflow`` does.
+"""
+
+from workflows.base import InferenceWorkflow
+from workflows.errors import InputError, ModelError, ServiceError, StartupError
+
+__all__ = ["InferenceWorkflow", "InputError", "ModelError", "ServiceError", "StartupError"]

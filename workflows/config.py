@@ -1,0 +1,158 @@
+"""The environment, read once at start-up into typed settings. Errors name the variable and what was expected."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workflows.errors import StartupError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = REPO_ROOT / "models" / "iris" / "model.torch"
+BUILTIN_TORCH_WORKFLOW = "workflows.torch_workflow.TorchInferenceWorkflow"
+# Class paths of the original infernet-ml library; an old env file keeps working without it.
+LEGACY_CLASS_PATHS = {
+    "infernet_ml.workflows.inference.torch_inference_workflow.TorchInferenceWorkflow": BUILTIN_TORCH_WORKFLOW,
+}
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """How the service runs: which workflow, batching, limits, processes."""
+
+    workflow_class: str = BUILTIN_TORCH_WORKFLOW
+    workflow_args: list[Any] = field(default_factory=list)
+    workflow_kwargs: dict[str, Any] = field(default_factory=lambda: {"model_path": str(EMBEDDED_MODEL)})
+    max_batch_size: int = 64
+    max_latency_ms: int = 10_000
+    max_request_bytes: int = 32 * MiB
+    max_elements: int = 4_000_000
+    api_workers: int = 2
+    timeout_s: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
+        workflow_set = any(name in env for name in ("CLASSIC_INF_WORKFLOW_CLASS", "CLASSIC_INF_WORKFLOW_KW_ARGS"))
+        class_path = env.get("CLASSIC_INF_WORKFLOW_CLASS", "").strip() or BUILTIN_TORCH_WORKFLOW
+        return cls(
+            workflow_class=LEGACY_CLASS_PATHS.get(class_path, class_path),
+            workflow_args=json_value(env, "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS", [], list),
+            # Nothing configured at all: serve the example model shipped in the repository.
+            workflow_kwargs=json_value(env, "CLASSIC_INF_WORKFLOW_KW_ARGS", {}, dict)
+            if workflow_set
+            else {"model_path": str(EMBEDDED_MODEL)},
+            max_batch_size=integer(env, "MAX_BATCH_SIZE", cls.max_batch_size, minimum=2),
+            max_latency_ms=integer(env, "MAX_LATENCY_MS", cls.max_latency_ms, minimum=1),
+            max_request_bytes=integer(env, "MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=64),
+            max_elements=integer(env, "MAX_REQUEST_ELEMENTS", cls.max_elements, minimum=1),
+            api_workers=integer(env, "API_WORKERS", cls.api_workers, minimum=1),
+            timeout_s=number(env, "REQUEST_TIMEOUT_S", cls.timeout_s, minimum=0.1),
+        )
+
+
+@dataclass(frozen=True)
+class TorchSettings:
+    """What the built-in torch workflow reads from the environment (the original service's variables)."""
+
+    model_file_name: str = "model.torch"
+    use_jit: bool = False
+    use_arweave: bool = False
+    allowed_arweave_owners: tuple[str, ...] = ()
+    arweave_gateway: str = "https://arweave.net"
+    model_cache_dir: Path = Path.home() / ".cache" / "infernet-torch-service"
+    hf_token: str | None = field(default=None, repr=False)
+    num_threads: int | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> TorchSettings:
+        use_arweave = boolean(env, "USE_ARWEAVE", False)
+        owners = owner_list(env, "ALLOWED_ARWEAVE_OWNERS")
+        if use_arweave and not owners:
+            raise StartupError(
+                "ALLOWED_ARWEAVE_OWNERS: required when USE_ARWEAVE is true "
+                "(a JSON list or comma-separated wallet addresses whose uploads may be loaded)"
+            )
+        cache_root = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        threads = env.get("TORCH_NUM_THREADS", "").strip()
+        return cls(
+            model_file_name=env.get("TORCH_MODEL_FILE_NAME", "").strip() or cls.model_file_name,
+            use_jit=boolean(env, "USE_JIT", False),
+            use_arweave=use_arweave,
+            allowed_arweave_owners=owners,
+            arweave_gateway=(env.get("ARWEAVE_GATEWAY", "").strip() or cls.arweave_gateway).rstrip("/"),
+            model_cache_dir=Path(env.get("MODEL_CACHE_DIR", "").strip() or cache_root / "infernet-torch-service"),
+            hf_token=(env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip() or None,
+            num_threads=integer(env, "TORCH_NUM_THREADS", 0, minimum=1) if threads else None,
+        )
+
+
+def json_value(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise StartupError(f"{name}: expected a JSON {_kind(kind)}, got malformed JSON ({e.msg} at {e.pos})") from None
+    if not isinstance(value, kind):
+        raise StartupError(f"{name}: expected a JSON {_kind(kind)}, got {type(value).__name__}")
+    return value
+
+
+def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise StartupError(f"{name}: expected true or false, got {raw!r}")
+
+
+def integer(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StartupError(f"{name}: expected an integer >= {minimum}, got {raw!r}") from None
+    if value < minimum:
+        raise StartupError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return value
+
+
+def number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StartupError(f"{name}: expected a number >= {minimum}, got {raw!r}") from None
+    if not value >= minimum:
+        raise StartupError(f"{name}: expected a number >= {minimum}, got {raw!r}")
+    return value
+
+
+def owner_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ()
+    if raw.startswith("["):
+        owners = json_value(env, name, [], list)
+        if not all(isinstance(o, str) for o in owners):
+            raise StartupError(f"{name}: expected a JSON list of wallet addresses (strings)")
+    else:
+        owners = raw.split(",")
+    return tuple(o.strip() for o in owners if o.strip())
+
+
+def _kind(kind: type) -> str:
+    return {list: "list", dict: "object"}.get(kind, kind.__name__)

@@ -1,0 +1,129 @@
+"""Where model files come from. Each source is one module with ``fetch(spec, settings) -> verified local path``;
+the workflow never knows which one produced its file."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from workflows.config import TorchSettings
+from workflows.errors import StartupError
+
+SourceName = Literal["local", "huggingface", "arweave"]
+_SOURCE_ALIASES = {
+    "local": "local",
+    "huggingface": "huggingface",
+    "huggingface_hub": "huggingface",
+    "hf": "huggingface",
+    "arweave": "arweave",
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model file, named by the operator."""
+
+    source: SourceName
+    filename: str
+    repo_id: str | None = None  # Hugging Face repo id, or the Arweave repo name
+    path: Path | None = None  # local file
+    revision: str | None = None  # Hugging Face revision, or Arweave File-Version
+    owners: tuple[str, ...] = ()  # Arweave uploaders whose files may be loaded
+    sha256: str | None = None  # pin: the file must hash to this
+
+    def describe(self) -> str:
+        where = str(self.path) if self.source == "local" else self.repo_id
+        revision = f" revision {self.revision}" if self.revision else ""
+        return f"source={self.source} repo={where} file={self.filename}{revision}"
+
+
+def spec_from_kwargs(kwargs: dict[str, Any], settings: TorchSettings) -> ModelSpec:
+    """The three KW_ARGS forms of the contract -> one ModelSpec."""
+    sha256 = _sha256_pin(kwargs.get("sha256"))
+    revision = kwargs.get("revision")
+    if kwargs.get("model_path"):
+        path = Path(kwargs["model_path"]).expanduser()
+        return ModelSpec("local", path.name, path=path, sha256=sha256)
+    if kwargs.get("model_source") is not None:
+        source = _source_name(kwargs["model_source"])
+        args = kwargs.get("model_args") or {}
+        if not isinstance(args, dict):
+            raise StartupError("CLASSIC_INF_WORKFLOW_KW_ARGS: model_args must be an object")
+        if source == "local":
+            local = args.get("model_path") or args.get("path") or args.get("repo_id")
+            if not local:
+                raise StartupError("CLASSIC_INF_WORKFLOW_KW_ARGS: model_args.model_path is required for a local model")
+            path = Path(local).expanduser()
+            return ModelSpec("local", path.name, path=path, sha256=sha256)
+        repo_id = args.get("repo_id")
+        if not repo_id:
+            raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: model_args.repo_id is required for {source}")
+        owners = tuple(args.get("owners") or settings.allowed_arweave_owners)
+        return ModelSpec(
+            source,
+            filename=args.get("filename") or settings.model_file_name,
+            repo_id=repo_id,
+            revision=args.get("version") or args.get("revision") or revision,
+            owners=owners if source == "arweave" else (),
+            sha256=sha256,
+        )
+    if kwargs.get("model_name"):
+        source = "arweave" if settings.use_arweave else "huggingface"
+        return ModelSpec(
+            source,
+            filename=settings.model_file_name,
+            repo_id=kwargs["model_name"],
+            revision=revision,
+            owners=settings.allowed_arweave_owners if source == "arweave" else (),
+            sha256=sha256,
+        )
+    raise StartupError(
+        "CLASSIC_INF_WORKFLOW_KW_ARGS: name a model with model_name, model_source + model_args, or model_path"
+    )
+
+
+def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
+    """A local path to the verified model file, downloading it if needed. Raises StartupError."""
+    if spec.source == "local":
+        from workflows.sources import local as source
+    elif spec.source == "huggingface":
+        from workflows.sources import huggingface as source
+    else:
+        from workflows.sources import arweave as source
+    try:
+        return source.fetch(spec, settings)
+    except StartupError as e:
+        raise StartupError(f"model {spec.describe()}: {e}") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_pin(path: Path, spec: ModelSpec) -> None:
+    if spec.sha256 and (actual := sha256_of(path)) != spec.sha256:
+        raise StartupError(f"sha256 mismatch: the file hashes to {actual}, the pin says {spec.sha256}")
+
+
+def _source_name(value: Any) -> SourceName:
+    name = _SOURCE_ALIASES.get(str(value).strip().lower())
+    if name is None:
+        raise StartupError(
+            f"CLASSIC_INF_WORKFLOW_KW_ARGS: unknown model_source {value!r}; expected huggingface_hub, arweave or local"
+        )
+    return name  # type: ignore[return-value]
+
+
+def _sha256_pin(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise StartupError("CLASSIC_INF_WORKFLOW_KW_ARGS: sha256 must be 64 hex digits")
+    return text

@@ -1,0 +1,19 @@
+"""A model file on local disk, named by the operator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from workflows.config import TorchSettings
+from workflows.errors import StartupError
+from workflows.sources import ModelSpec, check_pin
+
+
+def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
+    assert spec.path is not None
+    if not spec.path.exists():
+        raise StartupError("no such file")
+    if not spec.path.is_file():
+        raise StartupError("not a regular file")
+    check_pin(spec.path, spec)
+    return spec.path.resolve()
