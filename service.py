@@ -21,6 +21,14 @@ with startup.exit_on_error("configuration"):
 
 public_app = PublicApp(SETTINGS)
 
+# BentoML's own adaptive_batch_size histogram counts runner *calls* merged, and each API worker already sends
+# its waiting requests in one call; this one counts the requests that share a runner batch.
+batch_size = bentoml.metrics.Histogram(
+    name="infernet_batch_size",
+    documentation="Requests per runner batch",
+    buckets=[2**i for i in range(SETTINGS.max_batch_size.bit_length() + 1)],
+)
+
 
 @bentoml.service(
     workers=1,  # one model copy; batches form across every API worker
@@ -48,6 +56,7 @@ class WorkflowRunner:
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
     def infer(self, datas: list[Any]) -> list[Any]:
+        batch_size.observe(len(datas))
         return run_batch(self.workflow, datas)
 
     @bentoml.api
@@ -61,6 +70,8 @@ class WorkflowRunner:
     traffic={"timeout": SETTINGS.timeout_s},
     # OpenTelemetry's middleware costs ~15% of CPU per request even when nothing is sampled.
     tracing={"excluded_urls": ["/service_output"]},
+    # BentoML's runner probe waits on a runner that is still loading; __is_ready__ below answers at once.
+    runner_probe={"enabled": False},
 )
 @bentoml.asgi_app(public_app, path="/")
 class InfernetService:
@@ -68,4 +79,11 @@ class InfernetService:
 
     def __init__(self) -> None:
         client = self.runner.to_async
-        public_app.bind(lambda datas: client.call("infer", datas), lambda: client.call("describe"))
+        public_app.bind(
+            infer=lambda datas: client.call("infer", datas),
+            describe=lambda: client.call("describe"),
+            is_ready=lambda: client.is_ready(timeout=1),
+        )
+
+    async def __is_ready__(self) -> bool:
+        return await public_app.runner_ready()

@@ -7,6 +7,7 @@ so unknown paths and wrong methods get the contract's JSON errors too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,11 +35,19 @@ class PublicApp:
         self._gather: Gatherer | None = None
         self._describe: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self._info: dict[str, Any] | None = None
+        self._is_ready: Callable[[], Awaitable[bool]] | None = None
+        self._runner_seen_ready = False
 
-    def bind(self, infer: Callable[[list[Any]], Awaitable[list[Any]]], describe: Callable[[], Awaitable[Any]]) -> None:
+    def bind(
+        self,
+        infer: Callable[[list[Any]], Awaitable[list[Any]]],
+        describe: Callable[[], Awaitable[Any]],
+        is_ready: Callable[[], Awaitable[bool]],
+    ) -> None:
         """Connect to the runner; called by the BentoML service in each API worker."""
         self._gather = Gatherer(infer, max_items=self.settings.max_batch_size)
         self._describe = describe
+        self._is_ready = is_ready
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,17 +91,37 @@ class PublicApp:
         return 200, outcome["body"]
 
     async def _run(self, data: Any) -> dict[str, Any]:
-        if self._gather is None:
-            raise RequestError(503, "the service is starting; the model runner is not connected yet")
+        await self._check_runner_ready()
         try:
             return await self._gather.submit(data)
         except Exception as e:
+            self._runner_seen_ready = False  # probe again: /readyz must show an outage
             raise _runner_failure(e) from None
+
+    async def _check_runner_ready(self) -> None:
+        """Until the runner has answered once, ask it first: a request must not queue behind a loading model."""
+        if self._runner_seen_ready:
+            return
+        if self._gather is None:
+            raise RequestError(503, "the service is starting; the model runner is not connected yet")
+        if not await self.runner_ready():
+            raise RequestError(503, "the model is still loading; retry shortly")
+
+    async def runner_ready(self) -> bool:
+        """Whether the runner answers its readiness probe within a second (BentoML's own probe can hang)."""
+        if self._runner_seen_ready:
+            return True
+        if self._is_ready is None:
+            return False
+        try:
+            self._runner_seen_ready = bool(await asyncio.wait_for(self._is_ready(), timeout=1.5))
+        except Exception:
+            self._runner_seen_ready = False
+        return self._runner_seen_ready
 
     async def info(self) -> dict[str, Any]:
         if self._info is None:
-            if self._describe is None:
-                raise RequestError(503, "the service is starting")
+            await self._check_runner_ready()
             try:
                 runner = await self._describe()
             except Exception as e:

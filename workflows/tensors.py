@@ -101,6 +101,8 @@ def _numeric_array(values: Any, max_elements: int | None) -> np.ndarray:
         raise InputError(_describe_irregular(values)) from None
     if array.dtype.kind not in "biuf":
         raise InputError(_describe_irregular(values))
+    if array.ndim > _MAX_DEPTH:
+        raise InputError(f"values: nested deeper than {_MAX_DEPTH} levels")
     if max_elements is not None and array.size > max_elements:
         raise InputError(f"values: {array.size} elements exceed the limit of {max_elements} per request")
     return array

@@ -1,0 +1,37 @@
+"""Small real torch models the tests build and save in each supported format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class Affine(torch.nn.Module):
+    """y = x @ W.T + b with fixed weights, so expected outputs are easy to compute."""
+
+    def __init__(self, features: int = 4, outputs: int = 3, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(features, outputs, dtype=dtype)
+        with torch.no_grad():
+            weight = torch.arange(features * outputs, dtype=dtype).reshape(outputs, features) / 10
+            self.linear.weight.copy_(weight)
+            self.linear.bias.copy_(torch.arange(outputs, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def save(model: torch.nn.Module, path: Path, kind: str, example: torch.Tensor) -> Path:
+    model.eval()
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.script(model), str(path))
+    elif kind == "pickle":
+        torch.save(model, str(path))
+    elif kind == "export":
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, str(path))
+    else:
+        raise ValueError(kind)
+    return path

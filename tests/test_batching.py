@@ -1,0 +1,131 @@
+"""run_batch: compatible items share one forward, outputs split back, failures stay with their own item."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.models import Affine, save
+from workflows.base import InferenceWorkflow
+from workflows.batching import run_batch
+from workflows.config import TorchSettings
+from workflows.torch_workflow import TorchInferenceWorkflow
+
+
+def torch_workflow(tmp_path, model=None) -> TorchInferenceWorkflow:
+    path = save(model or Affine(), tmp_path / "affine.torch", "torchscript", torch.zeros(1, 4))
+    workflow = TorchInferenceWorkflow(model_path=str(path), settings=TorchSettings(model_cache_dir=tmp_path))
+    workflow.setup()
+    return workflow
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Affine()
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_equal_trailing_shapes_share_one_forward_and_split_back(tmp_path):
+    workflow = torch_workflow(tmp_path)
+    counting = CountingModel()
+    workflow.model = counting
+    rows = [[[float(i), 1.0, 2.0, 3.0]] for i in range(5)] + [[[1.0] * 4, [2.0] * 4]]
+    outcomes = run_batch(workflow, [{"dtype": "float", "values": r} for r in rows])
+    assert counting.calls == [7]  # one forward for 5 single rows and one 2-row item
+    for r, outcome in zip(rows, outcomes, strict=True):
+        expected = Affine()(torch.tensor(r)).tolist()
+        assert outcome["status"] == 200
+        assert outcome["body"]["shape"] == [len(r), 3]
+        assert torch.allclose(torch.tensor(outcome["body"]["values"]), torch.tensor(expected))
+
+
+def test_different_dtypes_or_shapes_form_their_own_groups(tmp_path):
+    workflow = torch_workflow(tmp_path)
+    counting = CountingModel()
+    workflow.model = counting
+    workflow.cast_inputs = False
+    datas = [
+        {"dtype": "float", "values": [[1, 2, 3, 4]]},
+        {"dtype": "float", "values": [[[1, 2, 3, 4]]]},  # another trailing shape
+        {"dtype": "float", "values": [[5, 6, 7, 8]]},
+    ]
+    outcomes = run_batch(workflow, datas)
+    assert sorted(counting.calls) == [1, 2]
+    assert [o["status"] for o in outcomes] == [200, 200, 200]
+
+
+def test_one_bad_item_never_fails_its_neighbours(tmp_path):
+    workflow = torch_workflow(tmp_path)
+    datas = [{"dtype": "double", "values": [[1, 2, 3, 4]]} for _ in range(6)]
+    datas[2] = {"dtype": "double", "values": [[1, 2, 3]]}  # wrong feature count: the model raises
+    datas[4] = {"dtype": "double", "values": [[1, 2], [3]]}  # ragged: refused before the model
+    outcomes = run_batch(workflow, datas)
+    assert [o["status"] for o in outcomes] == [200, 200, 422, 200, 400, 200]
+    assert "mat1 and mat2 shapes cannot be multiplied" in outcomes[2]["description"]
+    assert "row 1 has 1 elements, expected 2" in outcomes[4]["description"]
+    expected = Affine()(torch.tensor([[1.0, 2, 3, 4]])).tolist()
+    assert torch.allclose(torch.tensor(outcomes[0]["body"]["values"]), torch.tensor(expected))
+
+
+class MeanOverBatch(torch.nn.Module):
+    """Returns one row however many it gets: a batch cannot be split back."""
+
+    def forward(self, x):
+        return x.mean(dim=0, keepdim=True)
+
+
+def test_output_that_does_not_split_is_retried_item_by_item(tmp_path):
+    workflow = torch_workflow(tmp_path, MeanOverBatch())
+    outcomes = run_batch(workflow, [{"dtype": "float", "values": [[float(i)] * 4]} for i in range(3)])
+    assert [o["status"] for o in outcomes] == [200, 200, 200]
+    assert [o["body"]["values"].tolist() for o in outcomes] == [[[0.0] * 4], [[1.0] * 4], [[2.0] * 4]]
+
+
+def test_inputs_are_cast_to_the_model_dtype(tmp_path):
+    workflow = torch_workflow(tmp_path)
+    [outcome] = run_batch(workflow, [{"dtype": "long", "values": [[1, 2, 3, 4]]}])
+    assert outcome["status"] == 200 and outcome["body"]["dtype"] == "float"
+
+
+class OriginalStyle:
+    """A workflow like the original library's: only setup() and inference(), no base class."""
+
+    def setup(self):
+        self.ready = True
+
+    def inference(self, data):
+        if "boom" in data:
+            raise ValueError("boom requested")
+        return {"echo": data, "ready": self.ready}
+
+
+def test_workflows_with_only_setup_and_inference_run_item_by_item():
+    workflow = OriginalStyle()
+    workflow.setup()
+    outcomes = run_batch(workflow, [{"a": 1}, {"boom": 1}, {"b": 2}])
+    assert outcomes[0] == {"status": 200, "body": {"echo": {"a": 1}, "ready": True}}
+    assert outcomes[1]["status"] == 422 and "boom requested" in outcomes[1]["description"]
+    assert outcomes[2]["body"]["echo"] == {"b": 2}
+
+
+class Doubler(InferenceWorkflow):
+    """Base-class defaults: no batch key, so each item runs alone through run_model."""
+
+    def preprocess(self, data):
+        return data["x"]
+
+    def run_model(self, x):
+        return x * 2
+
+
+def test_base_class_defaults_and_inference():
+    workflow = Doubler()
+    assert run_batch(workflow, [{"x": 2}, {"y": 1}]) == [
+        {"status": 200, "body": 4},
+        {"status": 400, "description": "'x'"},
+    ]
+    assert workflow.inference({"x": 5}) == 10

@@ -1,0 +1,48 @@
+"""CHAIN data: ABI int256[] of 18-decimal fixed-point numbers, both directions, checked with eth-abi itself."""
+
+import numpy as np
+import pytest
+from eth_abi import decode, encode
+
+from api.chain import decode_input, encode_output
+from api.contract import RequestError
+
+
+def test_decode_input_gives_a_double_row():
+    hex_data = encode(["int256[]"], [[10**18, -(5 * 10**17), 1]]).hex()
+    assert decode_input(hex_data) == {"dtype": "double", "shape": [1, 3], "values": [1.0, -0.5, 1e-18]}
+
+
+def test_encode_output_round_trips_through_eth_abi():
+    body = {"dtype": "float", "shape": [1, 3], "values": np.array([[0.1, -2.5, 3.0]], dtype=np.float64)}
+    response = encode_output(body)
+    assert set(response) == {"raw_input", "processed_input", "raw_output", "processed_output", "proof"}
+    assert response["raw_input"] == response["processed_output"] == response["proof"] == ""
+    assert not response["raw_output"].startswith("0x")
+    (numbers,) = decode(["int256[]"], bytes.fromhex(response["raw_output"]))
+    assert list(numbers) == [10**17, -(25 * 10**17), 3 * 10**18]
+
+
+@pytest.mark.parametrize(
+    "hex_data, status, message",
+    [
+        ("00", 400, "not an ABI-encoded int256[]"),
+        (encode(["int256[]"], [[]]).hex(), 400, "the int256[] is empty"),
+    ],
+)
+def test_bad_chain_input(hex_data, status, message):
+    with pytest.raises(RequestError) as refused:
+        decode_input(hex_data)
+    assert refused.value.status == status and message in refused.value.description
+
+
+def test_non_finite_output_cannot_go_on_chain():
+    with pytest.raises(RequestError) as refused:
+        encode_output({"dtype": "float", "shape": [1], "values": np.array([np.nan])})
+    assert refused.value.status == 422
+
+
+def test_non_numeric_output_cannot_go_on_chain():
+    with pytest.raises(RequestError) as refused:
+        encode_output({"label": "cat"})
+    assert refused.value.status == 500

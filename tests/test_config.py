@@ -1,0 +1,126 @@
+"""Configuration from the environment: defaults, JSON parsing, and one-line errors naming the variable."""
+
+import pytest
+
+from workflows.config import BUILTIN_TORCH_WORKFLOW, EMBEDDED_MODEL, ServiceSettings, TorchSettings
+from workflows.errors import StartupError
+from workflows.sources import spec_from_kwargs
+
+
+def test_nothing_set_serves_the_embedded_model():
+    settings = ServiceSettings.from_env({})
+    assert settings.workflow_class == BUILTIN_TORCH_WORKFLOW
+    assert settings.workflow_kwargs == {"model_path": str(EMBEDDED_MODEL)}
+    assert EMBEDDED_MODEL.is_file()
+
+
+def test_original_library_class_path_resolves_to_builtin():
+    env = {
+        "CLASSIC_INF_WORKFLOW_CLASS": "infernet_ml.workflows.inference.torch_inference_workflow.TorchInferenceWorkflow",
+        "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": "[]",
+        "CLASSIC_INF_WORKFLOW_KW_ARGS": '{"model_name": "Org/repo"}',
+    }
+    settings = ServiceSettings.from_env(env)
+    assert settings.workflow_class == BUILTIN_TORCH_WORKFLOW
+    assert settings.workflow_kwargs == {"model_name": "Org/repo"}
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"CLASSIC_INF_WORKFLOW_KW_ARGS": "{model_name: x}"}, "CLASSIC_INF_WORKFLOW_KW_ARGS: expected a JSON object"),
+        ({"CLASSIC_INF_WORKFLOW_KW_ARGS": "[1]"}, "CLASSIC_INF_WORKFLOW_KW_ARGS: expected a JSON object, got list"),
+        ({"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": "{}"}, "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS: expected a JSON list"),
+        ({"MAX_BATCH_SIZE": "lots"}, "MAX_BATCH_SIZE: expected an integer >= 2"),
+        ({"MAX_BATCH_SIZE": "1"}, "MAX_BATCH_SIZE: expected an integer >= 2, got 1"),
+        ({"MAX_REQUEST_BYTES": "-5"}, "MAX_REQUEST_BYTES: expected an integer"),
+        ({"REQUEST_TIMEOUT_S": "soon"}, "REQUEST_TIMEOUT_S: expected a number"),
+    ],
+)
+def test_service_settings_errors_name_the_variable(env, message):
+    with pytest.raises(StartupError) as refused:
+        ServiceSettings.from_env(env)
+    assert message in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_torch_settings():
+    settings = TorchSettings.from_env(
+        {
+            "TORCH_MODEL_FILE_NAME": "net.pt2",
+            "USE_JIT": "True",
+            "USE_ARWEAVE": "true",
+            "ALLOWED_ARWEAVE_OWNERS": '["addr1", "addr2"]',
+            "ARWEAVE_GATEWAY": "http://127.0.0.1:1984/",
+            "MODEL_CACHE_DIR": "/tmp/cache",
+            "HUGGING_FACE_HUB_TOKEN": "hf_secret",
+        }
+    )
+    assert settings.model_file_name == "net.pt2" and settings.use_jit and settings.use_arweave
+    assert settings.allowed_arweave_owners == ("addr1", "addr2")
+    assert settings.arweave_gateway == "http://127.0.0.1:1984"
+    assert str(settings.model_cache_dir) == "/tmp/cache"
+    assert settings.hf_token == "hf_secret" and "hf_secret" not in repr(settings)
+    assert TorchSettings.from_env({"HF_TOKEN": "a", "HUGGING_FACE_HUB_TOKEN": "b"}).hf_token == "a"
+    assert TorchSettings.from_env({"ALLOWED_ARWEAVE_OWNERS": "a, b,"}).allowed_arweave_owners == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"USE_ARWEAVE": "true"}, "ALLOWED_ARWEAVE_OWNERS: required when USE_ARWEAVE is true"),
+        ({"USE_JIT": "maybe"}, "USE_JIT: expected true or false"),
+        ({"ALLOWED_ARWEAVE_OWNERS": "[1, 2]"}, "ALLOWED_ARWEAVE_OWNERS: expected a JSON list of wallet addresses"),
+    ],
+)
+def test_torch_settings_errors(env, message):
+    with pytest.raises(StartupError, match=message.replace("(", r"\(")):
+        TorchSettings.from_env(env)
+
+
+def test_the_three_model_forms():
+    hf = TorchSettings.from_env({"TORCH_MODEL_FILE_NAME": "m.torch"})
+    by_name = spec_from_kwargs({"model_name": "Org/repo", "revision": "v1"}, hf)
+    assert (by_name.source, by_name.repo_id, by_name.filename, by_name.revision) == (
+        "huggingface",
+        "Org/repo",
+        "m.torch",
+        "v1",
+    )
+
+    arweave = TorchSettings.from_env({"USE_ARWEAVE": "1", "ALLOWED_ARWEAVE_OWNERS": "me"})
+    on_arweave = spec_from_kwargs({"model_name": "Org/repo"}, arweave)
+    assert (on_arweave.source, on_arweave.owners) == ("arweave", ("me",))
+
+    original = spec_from_kwargs(
+        {"model_source": "HUGGINGFACE_HUB", "model_args": {"repo_id": "Org/x", "filename": "f.pt"}}, hf
+    )
+    assert (original.source, original.repo_id, original.filename) == ("huggingface", "Org/x", "f.pt")
+    versioned = spec_from_kwargs(
+        {"model_source": "arweave", "model_args": {"repo_id": "r", "filename": "f", "owners": ["o"], "version": "2"}},
+        hf,
+    )
+    assert (versioned.source, versioned.owners, versioned.revision) == ("arweave", ("o",), "2")
+
+    local = spec_from_kwargs({"model_path": "/models/m.pt2", "sha256": "A" * 64}, hf)
+    assert (local.source, str(local.path), local.filename, local.sha256) == (
+        "local",
+        "/models/m.pt2",
+        "m.pt2",
+        "a" * 64,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "name a model with model_name, model_source + model_args, or model_path"),
+        ({"model_source": "ftp", "model_args": {}}, "unknown model_source 'ftp'"),
+        ({"model_source": "huggingface_hub", "model_args": {}}, "model_args.repo_id is required"),
+        ({"model_path": "/m", "sha256": "abc"}, "sha256 must be 64 hex digits"),
+    ],
+)
+def test_model_form_errors(kwargs, message):
+    with pytest.raises(StartupError) as refused:
+        spec_from_kwargs(kwargs, TorchSettings())
+    assert message in str(refused.value)

@@ -1,0 +1,120 @@
+"""Start-up over real servers: custom workflow classes from the environment, readiness, one-line refusals,
+and the three model formats."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+import torch
+
+from tests.fixtures.server import run_to_exit, start, stop, wait_ready
+from tests.models import Affine, save
+
+
+def error(response, status):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == str(status)
+    return body["description"]
+
+
+def test_custom_workflow_from_env(tmp_path):
+    env = {
+        "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Toolbox",
+        "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": '["hello"]',
+        "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"scale": 3, "setup_seconds": 6}),
+        "MAX_REQUEST_BYTES": "4096",
+    }
+    server = start(env, tmp_path)
+    try:
+        # While the workflow sets up, the service is alive but not ready, and says so in JSON.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{server.url}/livez", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        # BentoML asks the loading runner for up to 5 s before it answers 503.
+        assert requests.get(f"{server.url}/readyz", timeout=15).status_code == 503
+        assert "still loading" in error(server.post({"source": 1, "data": {"echo": 1}}), 503)
+
+        wait_ready(server)
+        response = server.post({"source": 1, "data": {"echo": [1, "two"]}})
+        assert response.status_code == 200, response.text
+        assert response.json() == {"prefix": "hello", "scale": 3, "echo": [1, "two"]}
+
+        assert "not JSON-serialisable" in error(server.post({"source": 1, "data": {"set": 1}}), 500)
+        assert "kaput" in error(server.post({"source": 1, "data": {"fail": "kaput"}}), 422)
+        assert "expected one of echo, set, fail" in error(server.post({"source": 1, "data": {}}), 400)
+        assert "exceeds the limit of 4096" in error(server.post({"source": 1, "data": {"echo": "x" * 5000}}), 413)
+        chunked = requests.post(
+            f"{server.url}/service_output",
+            data=iter([b'{"source": 1, "data": {"echo": "', b"y" * 5000, b'"}}']),
+            timeout=30,
+        )
+        assert "exceeds the limit of 4096" in error(chunked, 413)
+
+        info = server.get("/info").json()
+        assert info["workflow"] == "tests.workflows_for_tests.Toolbox" and info["model"] == {"prefix": "hello"}
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": "{model_path: oops}"},
+            "start-up failed (configuration): CLASSIC_INF_WORKFLOW_KW_ARGS: expected a JSON object, got malformed JSON",
+        ),
+        (
+            {"CLASSIC_INF_WORKFLOW_CLASS": "no_such_module.Workflow"},
+            "start-up failed (model): CLASSIC_INF_WORKFLOW_CLASS: cannot import 'no_such_module'",
+        ),
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": '{"model_path": "/nonexistent/model.torch"}'},
+            "start-up failed (model): model source=local repo=/nonexistent/model.torch file=model.torch: no such file",
+        ),
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": "models/iris/model.torch", "sha256": "0" * 64})},
+            "sha256 mismatch",
+        ),
+        ({"USE_ARWEAVE": "true", "CLASSIC_INF_WORKFLOW_KW_ARGS": '{"model_name": "a/b"}'}, "ALLOWED_ARWEAVE_OWNERS"),
+    ],
+)
+def test_bad_configuration_stops_start_up_with_one_line(tmp_path, env, expected):
+    status, output = run_to_exit(env, tmp_path)
+    assert status != 0
+    assert expected in output
+    assert "Traceback" not in output
+    [line] = [line for line in output.splitlines() if "start-up failed" in line]
+    assert expected in line
+
+
+@pytest.mark.parametrize("kind, suffix", [("torchscript", "torch"), ("pickle", "pkl"), ("export", "pt2")])
+def test_model_formats_load_and_answer_the_same(tmp_path, kind, suffix):
+    model = Affine(features=4, outputs=3, dtype=torch.float64)
+    path = save(model, tmp_path / f"affine.{suffix}", kind, torch.zeros(2, 4, dtype=torch.float64))
+    rows = [[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]]
+    with torch.inference_mode():
+        expected = model(torch.tensor(rows, dtype=torch.float64)).tolist()
+    server = start({"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(path)})}, tmp_path)
+    try:
+        wait_ready(server)
+        response = server.post({"source": 1, "data": {"dtype": "double", "values": rows}})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["dtype"] == "double" and body["shape"] == [2, 3]
+        assert body["values"] == expected
+        model_info = server.get("/info").json()["model"]
+        assert (
+            model_info["format"] == {"torchscript": "torchscript", "pickle": "pickle", "export": "torch.export"}[kind]
+        )
+        if kind == "pickle":
+            assert "loaded a pickled module" in server.log()
+    finally:
+        stop(server)

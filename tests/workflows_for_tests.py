@@ -1,0 +1,40 @@
+"""Workflow classes named in CLASSIC_INF_WORKFLOW_CLASS by the integration tests."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from workflows.base import InferenceWorkflow
+from workflows.errors import InputError
+
+
+class Toolbox(InferenceWorkflow):
+    """Built from JSON positional and keyword args; its answers show what it was built with.
+
+    data {"echo": X} -> {"prefix", "scale", "echo": X}; {"set": ...} -> a Python set, which is not JSON;
+    {"fail": msg} -> the model raises; anything else -> InputError.
+    """
+
+    def __init__(self, prefix: str, *, scale: int = 1, setup_seconds: float = 0.0) -> None:
+        self.prefix = prefix
+        self.scale = scale
+        self.setup_seconds = setup_seconds
+
+    def setup(self) -> None:
+        time.sleep(self.setup_seconds)  # lets a test see /readyz before the model is ready
+
+    def preprocess(self, data: Any) -> Any:
+        if not {"echo", "set", "fail"} & set(data):
+            raise InputError("data: expected one of echo, set, fail")
+        return data
+
+    def run_model(self, item: Any) -> Any:
+        if "fail" in item:
+            raise RuntimeError(item["fail"])
+        if "set" in item:
+            return {1, 2, 3}
+        return {"prefix": self.prefix, "scale": self.scale, "echo": item["echo"]}
+
+    def describe(self) -> dict[str, Any]:
+        return {"prefix": self.prefix}
