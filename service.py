@@ -40,13 +40,8 @@ batch_size = bentoml.metrics.Histogram(
     logging={"access": {"enabled": False}},
 )
 class WorkflowRunner:
-    @bentoml.on_deployment
-    def prepare() -> None:
-        with startup.exit_on_error("model"):
-            startup.prepare(SETTINGS)
-
     def __init__(self) -> None:
-        with startup.exit_on_error("workflow"):
+        with startup.exit_on_error("workflow", worker=True):
             self.workflow = startup.build(SETTINGS)
         self.description = {"workflow": startup.qualified_name(self.workflow), "model": self.workflow_info()}
 
@@ -76,6 +71,13 @@ class WorkflowRunner:
 @bentoml.asgi_app(public_app, path="/")
 class InfernetService:
     runner = bentoml.depends(WorkflowRunner)
+
+    @bentoml.on_deployment
+    def prepare() -> None:
+        """Once, in the main process, before any worker starts (and before their environment is copied)."""
+        with startup.exit_on_error("model"):
+            startup.prepare(SETTINGS)
+        startup.exit_nonzero_if_a_worker_fails()
 
     def __init__(self) -> None:
         client = self.runner.to_async

@@ -118,3 +118,13 @@ def test_model_formats_load_and_answer_the_same(tmp_path, kind, suffix):
             assert "loaded a pickled module" in server.log()
     finally:
         stop(server)
+
+
+def test_a_model_file_that_does_not_load_stops_the_server(tmp_path):
+    garbage = tmp_path / "garbage.torch"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    status, output = run_to_exit({"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(garbage)})}, tmp_path)
+    assert status == 2
+    [line] = [line for line in output.splitlines() if "start-up failed" in line]
+    assert f"model source=local repo={garbage} file=garbage.torch: cannot load garbage.torch as pickle" in line
+    assert "Traceback" not in output

@@ -6,12 +6,17 @@ stops the process, so an operator never sees a traceback for a typo in an env fi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import logging
+import os
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from workflows import sources
@@ -19,15 +24,38 @@ from workflows.config import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSetti
 from workflows.errors import StartupError
 
 log = logging.getLogger("workflows.startup")
+_FAILURE_FILE = "INFERNET_STARTUP_FAILURE_FILE"
 
 
 @contextlib.contextmanager
-def exit_on_error(stage: str) -> Iterator[None]:
+def exit_on_error(stage: str, *, worker: bool = False) -> Iterator[None]:
+    """Print one line and stop. In a worker process, also stop the whole server: a worker that cannot set up
+    would otherwise be respawned forever, and the service would never become ready."""
     try:
         yield
     except StartupError as e:
         print(f"start-up failed ({stage}): {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        if not worker:
+            sys.exit(2)
+        if failure_file := os.environ.get(_FAILURE_FILE):
+            Path(failure_file).write_text(f"{stage}: {e}")
+        os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(2)  # not sys.exit: the server would log a traceback for the SystemExit
+
+
+def exit_nonzero_if_a_worker_fails() -> None:
+    """In the server's main process: if a worker stops the server at start-up, exit with status 2, not 0."""
+    fd, path = tempfile.mkstemp(prefix="infernet-startup-")
+    os.close(fd)
+    os.unlink(path)
+    os.environ[_FAILURE_FILE] = path  # workers inherit the main process's environment
+
+    def check() -> None:
+        if os.path.exists(path):
+            os.unlink(path)
+            os._exit(2)
+
+    atexit.register(check)
 
 
 def resolve_class(path: str) -> type:

@@ -75,7 +75,10 @@ class TorchInferenceWorkflow(InferenceWorkflow):
             torch.set_num_threads(self.num_threads)
         self.device = _device(self.device_name)
         path = self.fetch()
-        self.model, kind = model_formats.load(path, self.use_jit, self.device)
+        try:
+            self.model, kind = model_formats.load(path, self.use_jit, self.device)
+        except StartupError as e:
+            raise StartupError(f"model {self.spec.describe()}: {e}") from None
         self.model_dtype = model_formats.parameter_dtype(self.model)
         self.info = {
             "source": self.spec.source,
