@@ -164,3 +164,9 @@ def test_bento_holds_the_service_and_the_embedded_model_only(cpu_bento):
     assert (cpu_bento / "src" / "models" / "iris" / "model.torch").read_bytes() == (
         REPO / "models" / "iris" / "model.torch"
     ).read_bytes()
+
+
+def test_bento_openapi_document_describes_service_output(cpu_bento):
+    spec = yaml.safe_load((cpu_bento / "apis" / "openapi.yaml").read_text())
+    operation = spec["paths"]["/service_output"]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/InfernetInput")
