@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from api import SERVICE_NAME, __version__, chain
+from api import SERVICE_NAME, __version__, chain, resources
 from api.contract import Destination, RequestError, Source, error_body, parse_input
 from api.gather import Gatherer
 from workflows.config import ServiceSettings
@@ -166,18 +169,13 @@ class PublicApp:
 
     async def service_resources(self, scope: Scope) -> dict[str, Any]:
         info = await self.info()
-        model = info.get("model") or {}
-        model_id = model.get("repo")
         query = scope.get("query_string", b"").decode("latin-1")
         asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
-        if asked is not None:
-            return {"supported": asked in (model_id, model.get("file"), model.get("sha256"))}
-        return {
-            "service_id": SERVICE_NAME,
-            "workflow": info.get("workflow"),
-            "models": [model] if model else [],
-            "hardware": {"device": model.get("device", "cpu")},
-        }
+        if asked:
+            return {"supported": resources.supports(unquote(asked), info)}
+        cache = os.environ.get("MODEL_CACHE_DIR", "").strip()
+        # Disk usage and nvidia-smi block; keep them off the event loop.
+        return await asyncio.to_thread(resources.resources, SERVICE_NAME, info, Path(cache) if cache else None)
 
 
 def _only_get(method: str, path: str) -> None:
