@@ -12,6 +12,7 @@ from typing import Any
 import bentoml
 
 from api.app import PublicApp
+from api.openapi import DocumentedService
 from workflows import startup
 from workflows.batching import run_batch
 from workflows.config import ServiceSettings
@@ -67,6 +68,7 @@ class WorkflowRunner:
     tracing={"excluded_urls": ["/service_output"]},
     # BentoML's runner probe waits on a runner that is still loading; __is_ready__ below answers at once.
     runner_probe={"enabled": False},
+    service_class=DocumentedService,  # /docs.json also describes the raw app's routes
 )
 @bentoml.asgi_app(public_app, path="/")
 class InfernetService:

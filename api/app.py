@@ -1,20 +1,26 @@
 """The public routes as one raw ASGI app, mounted at "/" inside the BentoML service.
 
 A raw app keeps the request path lean (orjson, no per-response schema work; see docs/performance.md).
-BentoML's own routes (/livez, /readyz, /metrics, /docs.json) match first; everything else lands here,
-so unknown paths and wrong methods get the contract's JSON errors too.
+BentoML's routes registered before the mount (/livez, /readyz, /metrics) match first; everything else lands here,
+so unknown paths and wrong methods get the contract's JSON errors too. BentoML registers its page (/, /docs.json,
+/static_content/) after the mount, so those GETs are handed back to BentoML's routes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
-from api import SERVICE_NAME, __version__, chain
+from api import SERVICE_NAME, __version__, chain, resources
 from api.contract import Destination, RequestError, Source, error_body, parse_input
 from api.gather import Gatherer
 from workflows.config import ServiceSettings
@@ -26,6 +32,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _BENTOML_GET_ROUTES = {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
+_BENTOML_STATIC = "/static_content/"
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -64,8 +71,11 @@ class PublicApp:
             elif path == "/service-resources":
                 _only_get(method, path)
                 status, body = 200, await self.service_resources(scope)
-            elif path in _BENTOML_GET_ROUTES:
-                raise RequestError(405, f"use GET for {path}")
+            elif path in _BENTOML_GET_ROUTES or path.startswith(_BENTOML_STATIC):
+                _only_get(method, path)
+                if await self._bentoml_route(scope, receive, send):
+                    return
+                raise RequestError(404, f"no route {path}")
             else:
                 raise RequestError(404, f"no route {path}; the inference route is POST /service_output")
         except RequestError as e:
@@ -74,6 +84,21 @@ class PublicApp:
             log.exception("request to %s failed", path)
             status, body = 500, error_body(500, f"internal error: {type(e).__name__}")
         await _respond(send, status, body)
+
+    async def _bentoml_route(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve the request with the first of BentoML's own routes (other than this mount) that matches it."""
+        router = getattr(scope.get("app"), "router", None)
+        for route in getattr(router, "routes", ()):
+            if getattr(route, "app", None) is self:
+                continue
+            match, child_scope = route.matches(scope)
+            if match == Match.FULL:
+                try:
+                    await route.handle({**scope, **child_scope}, receive, send)
+                except HTTPException as e:  # StaticFiles: no such file
+                    raise RequestError(e.status_code, f"no file {scope['path']}") from None
+                return True
+        return False
 
     async def service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         raw = await _read_body(scope, receive, self.settings.max_request_bytes)
@@ -144,18 +169,13 @@ class PublicApp:
 
     async def service_resources(self, scope: Scope) -> dict[str, Any]:
         info = await self.info()
-        model = info.get("model") or {}
-        model_id = model.get("repo")
         query = scope.get("query_string", b"").decode("latin-1")
         asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
-        if asked is not None:
-            return {"supported": asked in (model_id, model.get("file"), model.get("sha256"))}
-        return {
-            "service_id": SERVICE_NAME,
-            "workflow": info.get("workflow"),
-            "models": [model] if model else [],
-            "hardware": {"device": model.get("device", "cpu")},
-        }
+        if asked:
+            return {"supported": resources.supports(unquote(asked), info)}
+        cache = os.environ.get("MODEL_CACHE_DIR", "").strip()
+        # Disk usage and nvidia-smi block; keep them off the event loop.
+        return await asyncio.to_thread(resources.resources, SERVICE_NAME, info, Path(cache) if cache else None)
 
 
 def _only_get(method: str, path: str) -> None:

@@ -14,12 +14,11 @@ import os
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workflows import sources
+from workflows import progress, sources
 from workflows.config import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows.errors import StartupError
 
@@ -74,32 +73,56 @@ def resolve_class(path: str) -> type:
 
 def prepare(settings: ServiceSettings) -> None:
     """Runs once, before any worker starts: a model that cannot be fetched or verified stops start-up here."""
-    started = time.monotonic()
+    progress.mark_start()
+    progress.emit(
+        "config",
+        workflow=settings.workflow_class,
+        api_workers=settings.api_workers,
+        max_batch_size=settings.max_batch_size,
+        max_latency_ms=settings.max_latency_ms,
+    )
     if settings.workflow_class == BUILTIN_TORCH_WORKFLOW:
         # Fetch without importing torch: the arbiter process would otherwise carry ~200 MB it never uses.
-        torch_settings = TorchSettings.from_env()
-        spec = sources.spec_from_kwargs(settings.workflow_kwargs, torch_settings)
-        path = sources.fetch(spec, torch_settings)
-        log.info("model file ready in %.2fs: %s -> %s", time.monotonic() - started, spec.describe(), path)
+        with progress.stage("source") as found:
+            torch_settings = TorchSettings.from_env()
+            spec = sources.spec_from_kwargs(settings.workflow_kwargs, torch_settings)
+            where = str(spec.path) if spec.source == "local" else spec.repo_id
+            found.update(source=spec.source, repo=where, file=spec.filename, revision=spec.revision)
+        with progress.stage("download", source=spec.source, file=spec.filename) as fetched:
+            path = sources.fetch(spec, torch_settings)
+            fetched.update(path=str(path), bytes=path.stat().st_size)
+        with progress.stage("verify", file=spec.filename) as verified:
+            sources.check_pin(path, spec)
+            verified.update(sha256=sources.sha256_of(path), pinned=bool(spec.sha256))
     else:
-        resolve_class(settings.workflow_class)
+        with progress.stage("source", workflow=settings.workflow_class, note="the workflow fetches its own model"):
+            resolve_class(settings.workflow_class)
 
 
 def build(settings: ServiceSettings) -> Any:
-    """The workflow instance, set up and ready to serve."""
-    cls = resolve_class(settings.workflow_class)
-    try:
-        workflow = cls(*settings.workflow_args, **settings.workflow_kwargs)
-    except TypeError as e:
-        raise StartupError(f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {e}") from None
-    started = time.monotonic()
-    try:
-        workflow.setup()
-    except StartupError:
-        raise
-    except Exception as e:
-        raise StartupError(f"{cls.__name__}.setup() failed: {type(e).__name__}: {e}") from None
-    log.info("%s set up in %.2fs", cls.__name__, time.monotonic() - started)
+    """The workflow instance, set up, warmed up and ready to serve."""
+    with progress.stage("load", workflow=settings.workflow_class) as loaded:
+        cls = resolve_class(settings.workflow_class)  # imports torch: part of loading
+        try:
+            workflow = cls(*settings.workflow_args, **settings.workflow_kwargs)
+        except TypeError as e:
+            raise StartupError(
+                f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {e}"
+            ) from None
+        try:
+            workflow.setup()
+        except StartupError:
+            raise
+        except Exception as e:
+            raise StartupError(f"{cls.__name__}.setup() failed: {type(e).__name__}: {e}") from None
+        described = getattr(workflow, "describe", None)
+        info = described() if callable(described) else None
+        loaded.update({key: info.get(key) for key in ("format", "dtype", "device")} if isinstance(info, dict) else {})
+    with progress.stage("warmup") as warmed:
+        warmup = getattr(workflow, "warmup", None)
+        if not (callable(warmup) and warmup()):
+            warmed.update(status="skipped", reason="no warm-up input (KW_ARGS warmup_input)")
+    progress.emit("ready", seconds=progress.since_start(), workflow=qualified_name(workflow))
     return workflow
 
 

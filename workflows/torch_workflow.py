@@ -25,6 +25,7 @@ class TorchInferenceWorkflow(InferenceWorkflow):
     ``sha256`` (pin). Loading: ``use_jit``, ``device`` ("auto", "cpu", "cuda", ...), ``num_threads``.
     Batching: ``batching`` (concatenate requests of equal trailing shape; default true), ``cast_inputs``
     (cast inputs to a floating model's parameter dtype; default true), ``max_elements`` per request.
+    Start-up: ``warmup_input``, a request's OFFCHAIN data run once before the service reports ready.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         batching: bool = True,
         cast_inputs: bool = True,
         max_elements: int | None = None,
+        warmup_input: dict[str, Any] | None = None,
         settings: TorchSettings | None = None,
     ) -> None:
         self.settings = settings or TorchSettings.from_env()
@@ -62,6 +64,7 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         self.batching = batching
         self.cast_inputs = cast_inputs
         self.max_elements = max_elements
+        self.warmup_input = warmup_input
         self.model: Any = None
         self.info: dict[str, Any] = {}
 
@@ -92,6 +95,16 @@ class TorchInferenceWorkflow(InferenceWorkflow):
             "threads": torch.get_num_threads(),
         }
         log.info("model loaded in %.2fs: %s", time.monotonic() - started, self.info)
+
+    def warmup(self) -> bool:
+        """One forward pass on ``warmup_input``, so the first request does not pay for lazy initialisation."""
+        if self.warmup_input is None:
+            return False
+        try:
+            self.run_model(self.preprocess(self.warmup_input))
+        except Exception as e:
+            raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
+        return True
 
     def describe(self) -> dict[str, Any]:
         return self.info

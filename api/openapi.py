@@ -1,0 +1,214 @@
+"""The OpenAPI document (/docs.json, shown by Swagger UI at /) for the routes the raw ASGI app serves.
+
+BentoML documents only its typed ``@bentoml.api`` routes (and mounted FastAPI apps); ``POST /service_output`` is served
+by ``api.app.PublicApp`` for speed, so it would be missing. ``DocumentedService`` is passed to ``@bentoml.service`` as
+``service_class`` and extends BentoML's own document with these routes; requests never go through it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import attrs
+import bentoml
+from bentoml._internal.service.openapi.specification import PathItem
+
+from api import SERVICE_NAME, __version__
+from api.contract import DTYPE_NAMES, InfernetInput, error_body
+
+REF = "#/components/schemas/{model}"
+
+# The embedded iris model (models/iris) on one flower: class 2 (virginica) of three.
+IRIS_REQUEST = {"source": 1, "data": {"dtype": "double", "values": [[1.0380048, 0.5586108, 1.1037828, 1.712096]]}}
+IRIS_RESPONSE = {"dtype": "float", "shape": [1, 3], "values": [[2.4885e-17, 5.116e-14, 1.0]]}
+# The same flower as a contract would send it: ABI int256[] in 18-decimal fixed point, answered on-chain.
+IRIS_CHAIN_REQUEST = {
+    "source": 0,
+    "destination": 0,
+    "data": "0000000000000000000000000000000000000000000000000000000000000020"
+    "0000000000000000000000000000000000000000000000000000000000000004"
+    "0000000000000000000000000000000000000000000000000e67bbddb3268000"
+    "00000000000000000000000000000000000000000000000007c095901db25fc0"
+    "0000000000000000000000000000000000000000000000000f516c9bc72fa000"
+    "00000000000000000000000000000000000000000000000017c2963dad5e0000",
+}
+
+_TENSOR_VALUES = {
+    "type": "array",
+    "items": {},
+    "description": "Nested lists, rectangular; complex numbers as [real, imag] pairs on the innermost axis.",
+}
+_SCHEMAS: dict[str, Any] = {
+    "TensorInput": {
+        "type": "object",
+        "description": "OFFCHAIN data of the torch workflow. Other keys are ignored.",
+        "required": ["dtype", "values"],
+        "properties": {
+            "dtype": {"type": "string", "enum": list(DTYPE_NAMES)},
+            "values": _TENSOR_VALUES,
+            "shape": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0},
+                "description": "Optional; with it, values may be flat and are reshaped.",
+            },
+        },
+        "example": IRIS_REQUEST["data"],
+    },
+    "TensorOutput": {
+        "type": "object",
+        "description": "The model's output tensor, in the input's vocabulary: a valid `data` for the next container. "
+        "Non-finite values are null.",
+        "required": ["dtype", "shape", "values"],
+        "properties": {
+            "dtype": {"type": "string", "enum": list(DTYPE_NAMES)},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "values": _TENSOR_VALUES,
+        },
+        "example": IRIS_RESPONSE,
+    },
+    "ChainOutput": {
+        "type": "object",
+        "description": "destination 0 (CHAIN): raw_output is the flattened output as ABI int256[], 18 decimals, "
+        "hex without 0x.",
+        "required": ["raw_input", "processed_input", "raw_output", "processed_output", "proof"],
+        "properties": {
+            name: {"type": "string"} for name in ("raw_input", "processed_input", "raw_output", "processed_output")
+        }
+        | {"proof": {"type": "string"}},
+    },
+    "Error": {
+        "type": "object",
+        "description": "Every error: the HTTP status in the status line and in `code` (a string).",
+        "required": ["code", "name", "description"],
+        "properties": {
+            "code": {"type": "string", "example": "400"},
+            "name": {"type": "string", "example": "Bad Request"},
+            "description": {"type": "string", "example": "values: row 2 has 3 elements, expected 4"},
+            "errors": {
+                "type": "array",
+                "description": "Validation errors, when the body did not fit InfernetInput.",
+                "items": {
+                    "type": "object",
+                    "properties": {"loc": {"type": "array", "items": {}}, "msg": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+
+_ERRORS = {  # status: (when, an example description)
+    400: (
+        "The body is not an InfernetInput, or its data is not a valid tensor",
+        "values: row 2 has 3 elements, expected 4",
+    ),
+    413: ("The body is larger than MAX_REQUEST_BYTES", "body exceeds the limit of 33554432 bytes (MAX_REQUEST_BYTES)"),
+    422: ("The model raised on this input (wrong feature count, wrong rank)", "the model failed on this input: ..."),
+    500: ("A fault of the service itself", "the model runner failed (500)"),
+    503: ("Not ready yet, or overloaded; retry", "the model runner is overloaded; retry later"),
+}
+
+
+def _json(schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema, **extra}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(model=name)}
+
+
+def input_schemas() -> dict[str, Any]:
+    """InfernetInput as pydantic describes it, its enums hoisted to components, `data` pointing at TensorInput."""
+    schema = InfernetInput.model_json_schema(ref_template=REF)
+    schemas = schema.pop("$defs", {})
+    schema["properties"]["data"] = {
+        "description": "CHAIN (source 0): hex of an ABI-encoded int256[] in 18-decimal fixed point; "
+        "OFFCHAIN (source 1): a JSON object, for the torch workflow a TensorInput.",
+        "oneOf": [{"type": "string", "pattern": "^(0x)?[a-fA-F0-9]+$"}, _ref("TensorInput")],
+    }
+    return {**schemas, "InfernetInput": schema}
+
+
+def paths() -> dict[str, Any]:
+    errors = {
+        str(status): {"description": when, **_json(_ref("Error"), example=error_body(status, example))}
+        for status, (when, example) in _ERRORS.items()
+    }
+    service_output = {
+        "post": {
+            "tags": ["Service APIs"],
+            "operationId": "service_output",
+            "summary": "Run the model on one input",
+            "description": "The route an Infernet node calls. OFFCHAIN answers are TensorOutput; destination 0 "
+            "answers ChainOutput. The body is read as JSON whatever its Content-Type.",
+            "requestBody": {
+                "required": True,
+                **_json(
+                    _ref("InfernetInput"),
+                    examples={
+                        "iris": {"summary": "The embedded iris model, OFFCHAIN", "value": IRIS_REQUEST},
+                        "iris-chain": {"summary": "The same flower, CHAIN in and out", "value": IRIS_CHAIN_REQUEST},
+                    },
+                ),
+            },
+            "responses": {
+                "200": {
+                    "description": "The model's output",
+                    **_json({"oneOf": [_ref("TensorOutput"), _ref("ChainOutput")]}, example=IRIS_RESPONSE),
+                },
+                **errors,
+            },
+        }
+    }
+    get_json = {"description": "OK", **_json({"type": "object"})}
+    return {
+        "/service_output": service_output,
+        "/info": {
+            "get": {
+                "tags": ["Service APIs"],
+                "operationId": "info",
+                "summary": "Version, workflow, model (source, file, sha256, format, dtype) and limits",
+                "responses": {"200": get_json, "503": errors["503"]},
+            }
+        },
+        "/service-resources": {
+            "get": {
+                "tags": ["Service APIs"],
+                "operationId": "service_resources",
+                "summary": "What an Infernet node's GET /resources collects from this container",
+                "parameters": [
+                    {
+                        "name": "model_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "With it, the answer is {supported: bool}.",
+                    }
+                ],
+                "responses": {"200": get_json, "503": errors["503"]},
+            }
+        },
+    }
+
+
+def extend(spec: Any) -> Any:
+    """BentoML's OpenAPISpecification with this service's own routes and schemas added."""
+    components = copy.deepcopy(spec.components) if isinstance(spec.components, dict) else {"schemas": {}}
+    components.setdefault("schemas", {}).update({**_SCHEMAS, **input_schemas()})
+    info = attrs.evolve(
+        spec.info,
+        title=SERVICE_NAME,
+        version=__version__,
+        description="PyTorch models for Infernet nodes. Try POST /service_output with the iris example: "
+        "Try it out, then Execute.",
+    )
+    ours = {path: PathItem(**item) for path, item in paths().items()}
+    return attrs.evolve(spec, info=info, paths={**spec.paths, **ours}, components=components)
+
+
+class DocumentedService(bentoml.Service):
+    """A BentoML service whose OpenAPI document also describes the routes of its mounted raw ASGI app."""
+
+    @property
+    def openapi_spec(self) -> Any:
+        return extend(super().openapi_spec)

@@ -1,0 +1,206 @@
+"""GET /service-resources, in the shape Infernet nodes collect from their containers.
+
+A node's ``GET /resources`` calls every container's ``/service-resources`` and returns the JSON it gets, keyed by
+container id; with ``?model_id=X`` it asks instead whether the container serves that model. The shape is Ritual's
+``ServiceResources`` (infernet-ml ``utils/spec.py``; the node documents it as ``ContainerToResourcesMap``):
+``service_id``, ``compute_capability`` (id "ml", type "torch", the models) and ``hardware_capabilities``
+(capability "base": OS, CPU, disks; "gpu" when nvidia-smi sees one), and ``{"supported": bool}`` for a model query.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SPEC_VERSION = "0.1.0"  # of the ServiceResources format, not of this service
+
+
+def resources(service_id: str, info: dict[str, Any], cache_dir: Path | None = None) -> dict[str, Any]:
+    model = info.get("model") or {}
+    models = [ml_model(model)] if model else []
+    return {
+        "version": SPEC_VERSION,
+        "service_id": service_id,
+        "compute_capability": [
+            {
+                "id": "ml",
+                "type": "torch",
+                "task": [],
+                "models": models,
+                "cached_models": models,  # the one model is loaded before the service reports ready
+                "inference_engine": "torch",
+                "inference_engine_version": _version("torch"),
+            }
+        ],
+        "hardware_capabilities": hardware(cache_dir),
+        "workflow": info.get("workflow"),
+    }
+
+
+def ml_model(model: dict[str, Any]) -> dict[str, Any]:
+    """The node's MLModel (owner, name, repository, storage, files, version, ml_type) plus its Ritual unique id."""
+    storage = model.get("source") or "local"
+    repository = str(model.get("repo") or "")
+    if storage == "local":
+        owner, name = "local", Path(repository).parent.name or Path(repository).stem  # models/iris/model.torch: iris
+    else:
+        owner, _, name = repository.rpartition("/")
+    files = [model["file"]] if model.get("file") else []
+    version = model.get("revision") or ""
+    return {
+        "owner": owner,
+        "name": name,
+        "repository": repository,
+        "storage": storage,
+        "files": files,
+        "version": version,
+        "ml_type": "torch",
+        "repo_id": unique_id(storage, owner, name, version, files),
+        "sha256": model.get("sha256"),
+        "format": model.get("format"),
+    }
+
+
+def unique_id(storage: str, owner: str, name: str, version: str, files: list[str]) -> str:
+    """Ritual's model id: ``{storage}/{owner}/{name}[/{version}][:{file,...}]``."""
+    base = "/".join(part for part in (storage, owner, name, version) if part)
+    return f"{base}:{','.join(files)}" if files else base
+
+
+def supports(model_id: str, info: dict[str, Any]) -> bool:
+    """Whether ``model_id`` names the model this container serves: its Ritual id (with or without version and
+    files), its repository, its file name or its sha256."""
+    model = info.get("model") or {}
+    if not model:
+        return False
+    ours = ml_model(model)
+    base, _, files = model_id.strip().partition(":")
+    if files and not set(files.split(",")) & set(ours["files"]):
+        return False
+    unversioned = "/".join(p for p in (ours["storage"], ours["owner"], ours["name"]) if p)
+    names = {ours["repo_id"].partition(":")[0], unversioned, ours["repository"], model.get("file"), model.get("sha256")}
+    return base in names - {None, ""}
+
+
+def hardware(cache_dir: Path | None) -> list[dict[str, Any]]:
+    capabilities: list[dict[str, Any]] = [
+        {
+            "capability_id": "base",
+            "os_info": {"name": platform.system(), "version": platform.version()},
+            "cpu_info": _cpu(),
+            "disk_info": _disks([Path("/"), *([cache_dir] if cache_dir else [])]),
+        }
+    ]
+    gpu = _gpu()
+    if gpu:
+        capabilities.append(gpu)
+    return capabilities
+
+
+def _cpu() -> dict[str, Any]:
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() in ("model name", "vendor_id") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return {
+        "model": fields.get("model name") or platform.processor(),
+        "architecture": platform.machine(),
+        "byte_order": f"{sys.byteorder.capitalize()} Endian",
+        "vendor_id": fields.get("vendor_id", ""),
+        "num_cores": os.cpu_count() or 0,
+        "cores": [],
+    }
+
+
+def _disks(paths: list[Path]) -> list[dict[str, Any]]:
+    disks: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+        mount = _mount_point(existing)
+        if mount in disks:
+            continue
+        usage = shutil.disk_usage(mount)
+        disks[mount] = {
+            "filesystem": _filesystem(mount),
+            "mount_point": mount,
+            "size": usage.total,
+            "used": usage.used,
+            "available": usage.free,
+        }
+    return list(disks.values())
+
+
+def _mount_point(path: Path) -> str:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return str(path)
+
+
+def _filesystem(mount: str) -> str:
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, point, *_ = line.split()
+            if point == mount:
+                return device
+    except (OSError, ValueError):
+        pass
+    return "unknown"
+
+
+def _gpu() -> dict[str, Any] | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "-q", "-x"], capture_output=True, text=True, timeout=10, check=True).stdout
+        root = ET.fromstring(out)
+    except (OSError, subprocess.SubprocessError, ET.ParseError):
+        return None
+    return {
+        "capability_id": "gpu",
+        "driver_version": root.findtext("driver_version") or "N/A",
+        "cuda_version": root.findtext("cuda_version") or "N/A",
+        "gpu_info": [
+            {
+                "name": gpu.findtext("product_name") or "N/A",
+                "memory_total": _bytes(gpu.findtext("fb_memory_usage/total")),
+                "memory_used": _bytes(gpu.findtext("fb_memory_usage/used")),
+                "cuda_device_id": _int(gpu.findtext("minor_number")),
+            }
+            for gpu in root.findall("gpu")
+        ],
+    }
+
+
+def _bytes(text: str | None) -> int:
+    """nvidia-smi's "81559 MiB" -> bytes."""
+    try:
+        value, unit = (text or "").split()
+        return int(value) * {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}.get(unit, 1)
+    except ValueError:
+        return 0
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(text or "")
+    except ValueError:
+        return -1
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,111 @@
+"""GET /service-resources answers as Infernet nodes expect, on a real server.
+
+A node's GET /resources fetches `/service-resources` (or `/service-resources?model_id=X`) from each container,
+drops any that fail or answer non-JSON, and returns the rest keyed by container id (ritual-net/infernet-node,
+`Orchestrator.collect_service_resources`). The node documents the answer as `ContainerToResourcesMap` /
+`ContainerToModelSupportMap` (its openapi.yaml); Ritual's services build it with infernet-ml's `ServiceResources`
+(`utils/spec.py`). Both are written down below, as the models the answer must fit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+
+pytestmark = pytest.mark.slow
+
+
+class MLModel(BaseModel):  # the node's MLModel: owner required
+    owner: StrictStr
+    name: StrictStr | None = None
+    repository: StrictStr | None = None
+    storage: StrictStr | None = None
+    files: list[StrictStr] = []
+    version: StrictStr | None = None
+    ml_type: StrictStr | None = None
+
+
+class MLComputeCapability(BaseModel):
+    id: Literal["ml"]
+    type: Literal["torch"]
+    task: list[StrictStr]
+    models: list[MLModel] = []
+    cached_models: list[MLModel] = []
+    inference_engine: StrictStr | None = None
+    inference_engine_version: StrictStr | None = None
+
+
+class DiskInfo(BaseModel):
+    filesystem: StrictStr
+    mount_point: StrictStr
+    size: StrictInt
+    used: StrictInt
+    available: StrictInt
+
+
+class CPUInfo(BaseModel):
+    model: StrictStr
+    architecture: StrictStr
+    byte_order: StrictStr
+    vendor_id: StrictStr
+    num_cores: StrictInt
+    cores: list[object]  # the node says strings, infernet-ml says core objects: an empty list fits both
+
+
+class BaseHardware(BaseModel):
+    capability_id: Literal["base"]
+    os_info: dict[str, StrictStr]
+    cpu_info: CPUInfo
+    disk_info: list[DiskInfo]
+
+
+class ServiceResources(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    version: StrictStr
+    service_id: StrictStr
+    compute_capability: list[MLComputeCapability]
+    hardware_capabilities: list[dict]
+
+
+class ModelSupport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    supported: StrictBool
+    error: StrictStr | None = None
+
+
+def collect(server, model_id: str | None = None) -> dict:
+    """What the node does with one container: GET, fail on a non-2xx status, parse JSON as a dict."""
+    response = server.get("/service-resources" + (f"?model_id={model_id}" if model_id else ""))
+    response.raise_for_status()
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert isinstance(body, dict)
+    return body
+
+
+def test_resources_fit_the_node_and_infernet_ml_models(iris_server):
+    answer = ServiceResources.model_validate(collect(iris_server))
+    assert answer.service_id == "infernet-torch-service"
+    (compute,) = answer.compute_capability
+    (model,) = compute.models
+    assert (model.storage, model.files, model.ml_type) == ("local", ["model.torch"], "torch")
+    assert compute.inference_engine == "torch" and compute.inference_engine_version.startswith("2.13.0")
+    base = BaseHardware.model_validate(answer.hardware_capabilities[0])
+    assert base.disk_info and base.cpu_info.num_cores >= 1
+    # The model reported is the one /info describes.
+    info = iris_server.get("/info").json()
+    assert collect(iris_server)["compute_capability"][0]["models"][0]["sha256"] == info["model"]["sha256"]
+
+
+def test_model_query_says_whether_this_container_serves_the_model(iris_server):
+    model = collect(iris_server)["compute_capability"][0]["models"][0]
+    sha256 = iris_server.get("/info").json()["model"]["sha256"]
+    for served in (model["repo_id"], model["repo_id"].partition(":")[0], model["repository"], sha256):
+        assert ModelSupport.model_validate(collect(iris_server, served)).supported is True, served
+    for other in ("huggingface/Ritual-Net/iris-classification:iris.torch", f"{model['repo_id']}x", "0" * 64):
+        assert ModelSupport.model_validate(collect(iris_server, other)).supported is False, other
+    assert collect(iris_server, f"{model['repo_id'].partition(':')[0]}:other.torch")["supported"] is False

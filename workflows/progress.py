@@ -1,0 +1,94 @@
+"""Start-up progress: one line per stage, in one fixed form that reads well and greps well.
+
+    2026-11-24T21:30:54+0000 [INFO] [startup] stage=load status=ok seconds=0.214 format=torchscript device=cpu
+
+Stages, in order: config, source, download, verify, load, warmup, ready (``seconds`` on ``ready`` counts from the
+start). ``grep '\\[startup\\]'`` shows the start-up, ``grep 'status=failed'`` the stage that stopped it; downloads add
+``status=progress`` lines. Lines go to stderr directly: BentoML's logging setup drops other loggers' INFO records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+STARTED = "INFERNET_STARTUP_STARTED"  # set in the main process; workers inherit it
+
+
+def mark_start() -> None:
+    os.environ.setdefault(STARTED, str(time.time()))
+
+
+def since_start() -> float:
+    try:
+        return time.time() - float(os.environ[STARTED])
+    except (KeyError, ValueError):
+        return time.monotonic() - _IMPORTED
+
+
+def line(stage: str, status: str, seconds: float | None = None, **fields: Any) -> str:
+    level = "ERROR" if status == "failed" else "INFO"
+    parts = [f"stage={stage}", f"status={status}"]
+    if seconds is not None:
+        parts.append(f"seconds={seconds:.3f}")
+    parts += [f"{key}={_value(value)}" for key, value in fields.items() if value is not None]
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} [{level}] [startup] {' '.join(parts)}"
+
+
+def emit(stage: str, status: str = "ok", seconds: float | None = None, **fields: Any) -> None:
+    print(line(stage, status, seconds, **fields), file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stage(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
+    """Time the block and print its line; the block may add fields (and ``status``) to the yielded dict."""
+    started = time.monotonic()
+    extra: dict[str, Any] = {}
+    try:
+        yield extra
+    except BaseException as e:
+        emit(name, "failed", time.monotonic() - started, **fields, error=type(e).__name__)
+        raise
+    status = extra.pop("status", "ok")
+    emit(name, status, time.monotonic() - started, **fields, **extra)
+
+
+class DownloadProgress:
+    """``status=progress`` lines for a download: at most one every ``every`` seconds, and one at the end."""
+
+    def __init__(self, file: str, total: int | None, every: float = 2.0) -> None:
+        self.file, self.total, self.every = file, total, every
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def update(self, size: int) -> None:
+        self.done += size
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._emit(now)
+
+    def close(self) -> None:
+        self._emit(time.monotonic())
+
+    def _emit(self, now: float) -> None:
+        elapsed = now - self.started
+        percent = f"{100 * self.done / self.total:.0f}%" if self.total else None
+        rate = f"{self.done / elapsed / 2**20:.1f}MiB/s" if elapsed > 0 else None
+        fields = {"file": self.file, "bytes": self.done, "total": self.total, "done": percent, "rate": rate}
+        emit("download", "progress", elapsed, **fields)
+
+
+def _value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    if not text or any(c in text for c in ' "=\n'):
+        return json.dumps(text)
+    return text
+
+
+_IMPORTED = time.monotonic()
