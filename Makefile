@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PORT ?= 3000
 HOST ?= 0.0.0.0
 
-.PHONY: serve test lint bench model clean
+.PHONY: serve test lint bench model clean arlocal
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,18 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(VENV)/.dev lint
+# arlocal (a local Arweave gateway) for the tests, from the committed lockfile. Its sqlite3 is compiled here:
+# node-gyp takes the headers from NODEDIR instead of downloading them.
+NODEDIR ?= /usr
+ARLOCAL := tools/arlocal/node_modules/.installed
+$(ARLOCAL): tools/arlocal/package.json tools/arlocal/package-lock.json
+	cd tools/arlocal && npm_config_nodedir=$(NODEDIR) npm ci --no-audit --no-fund
+	node -e "require('./tools/arlocal/node_modules/sqlite3')"
+	touch $@
+
+arlocal: $(ARLOCAL)
+
+test: $(VENV)/.dev lint $(ARLOCAL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
