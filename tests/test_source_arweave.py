@@ -125,6 +125,26 @@ def test_second_fetch_downloads_nothing(settings: TorchSettings, gateway_proxy: 
     assert gateway_proxy.count("/graphql") == before["/graphql"] + 1  # only to learn the newest upload
 
 
+def test_transient_gateway_errors_are_retried(
+    settings: TorchSettings, gateway_proxy: LyingGateway, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(arweave, "BACKOFF_S", 0.01)
+    gateway_proxy.mode, gateway_proxy.failures = "flaky", 2
+    before = gateway_proxy.count("/chunk/")
+    path = fetch(settings, "testorg/big", file="model.bin")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == BIG_SHA
+    assert gateway_proxy.count("/chunk/") - before == 5 + 2
+
+
+def test_newest_is_highest_block_then_latest_unix_time():
+    mined_old = arweave.Candidate("a" * 43, "owner", height=5, unix_time=900)
+    mined_new = arweave.Candidate("b" * 43, "owner", height=7, unix_time=100)
+    same_block_later = arweave.Candidate("c" * 43, "owner", height=7, unix_time=200)
+    pending = arweave.Candidate("d" * 43, "owner", height=None, unix_time=999)
+    assert max([mined_old, mined_new, same_block_later, pending], key=arweave.Candidate.rank) == same_block_later
+    assert max([pending], key=arweave.Candidate.rank) == pending
+
+
 def test_newest_version_and_pinned_version(settings: TorchSettings):
     assert fetch(settings, "testorg/versioned", file="model.bin").read_bytes() == b"version two " * 1000
     old = fetch(settings, "testorg/versioned", file="model.bin", revision="1.0.0")
