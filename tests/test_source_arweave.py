@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from workflows import sources
 from workflows.config import EMBEDDED_MODEL, TorchSettings
 from workflows.errors import StartupError
 from workflows.sources import arweave
+from workflows.sources.cache import ModelCache
 
 IRIS = EMBEDDED_MODEL.read_bytes()
 IRIS_SHA = hashlib.sha256(IRIS).hexdigest()
@@ -236,10 +238,11 @@ def test_unreachable_gateway_uses_the_last_verified_download(
 
 
 def test_two_processes_starting_at_once_share_one_download(
-    settings: TorchSettings, gateway_proxy: LyingGateway, tmp_path: Path
+    settings: TorchSettings, gateway_proxy: LyingGateway, uploads: Uploads
 ):
     program = (
-        "import sys; from workflows import sources; from workflows.config import TorchSettings\n"
+        "import logging, sys; from workflows import sources; from workflows.config import TorchSettings\n"
+        "logging.basicConfig(level=logging.INFO)\n"
         "s = TorchSettings.from_env(); spec = sources.spec_from_kwargs({'model_name': 'testorg/big'}, s)\n"
         "print(sources.fetch(spec, s))\n"
     )
@@ -253,12 +256,34 @@ def test_two_processes_starting_at_once_share_one_download(
         "TQDM_DISABLE": "1",
     }
     before = gateway_proxy.count("/chunk/")
-    runs = [
-        subprocess.Popen([sys.executable, "-c", program], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outputs = [run.communicate(timeout=120)[0].strip() for run in runs]
-    assert [run.returncode for run in runs] == [0, 0]
+    # The test holds the entry's lock until both processes are seen waiting for it, so they truly start together.
+    with ModelCache(settings.model_cache_dir).locked(f"arweave-{uploads.tx['big']}"):
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", program], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            for _ in range(2)
+        ]
+        waiting = [threading.Event() for _ in runs]
+        logs: list[list[bytes]] = [[] for _ in runs]
+
+        def read(index: int) -> None:
+            for line in runs[index].stderr:
+                logs[index].append(line)
+                if b"another process is fetching" in line:
+                    waiting[index].set()
+
+        readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(runs))]
+        for reader in readers:
+            reader.start()
+        try:
+            assert all(event.wait(60) for event in waiting), logs
+        except AssertionError:
+            for run in runs:
+                run.kill()
+            raise
+    outputs = [run.stdout.read().decode().strip() for run in runs]
+    assert [run.wait(120) for run in runs] == [0, 0], logs
     assert outputs[0] == outputs[1]
     assert hashlib.sha256(Path(outputs[0]).read_bytes()).hexdigest() == BIG_SHA
     assert gateway_proxy.count("/chunk/") - before == 5  # one walk of the 5 chunks, not two

@@ -43,8 +43,8 @@ ATTEMPTS = 5
 BACKOFF_S = 0.5  # doubled after each failed attempt, capped at BACKOFF_MAX_S
 BACKOFF_MAX_S = 8.0
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TX_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TX_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 _QUERY = """
 query($owners: [String!], $byRepo: [TagFilter!], $byModelId: [TagFilter!]) {
@@ -122,15 +122,18 @@ def find(gateway: Gateway, spec: ModelSpec) -> list[Candidate]:
         detail = answer.get("errors") if isinstance(answer, dict) else answer
         raise GatewayError(f"gateway {gateway.url}: GraphQL query failed: {str(detail)[:300]}")
     found: dict[str, Candidate] = {}
-    for listing in answer["data"].values():
-        for edge in (listing or {}).get("edges") or []:
-            node = edge.get("node") or {}
-            tags = {t.get("name"): t.get("value") for t in node.get("tags") or []}
-            owner = (node.get("owner") or {}).get("address")
-            if not _TX_ID.match(str(node.get("id"))) or owner not in spec.owners:
-                continue
-            height = (node.get("block") or {}).get("height")
-            found[node["id"]] = Candidate(node["id"], owner, int(height) if height is not None else None, _int(tags))
+    try:
+        for listing in answer["data"].values():
+            for edge in (listing or {}).get("edges") or []:
+                node = edge.get("node") or {}
+                tags = {t.get("name"): t.get("value") for t in node.get("tags") or []}
+                owner = (node.get("owner") or {}).get("address")
+                if not _TX_ID.fullmatch(str(node.get("id"))) or owner not in spec.owners:
+                    continue
+                height = (node.get("block") or {}).get("height")
+                found[node["id"]] = Candidate(node["id"], owner, None if height is None else int(height), _int(tags))
+    except (AttributeError, TypeError, ValueError):
+        raise GatewayError(f"gateway {gateway.url}: malformed GraphQL answer") from None
     return list(found.values())
 
 
@@ -237,7 +240,7 @@ def verify_header(header: Any, tx_id: str, spec: ModelSpec) -> SignedHeader:
         named.setdefault(name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
     _check_tags(tx_id, named, spec)
     sha256 = named.get("File-SHA256", "").strip().lower() or None
-    if sha256 is not None and not _SHA256.match(sha256):
+    if sha256 is not None and not _SHA256.fullmatch(sha256):
         raise StartupError(f"transaction {tx_id}: its File-SHA256 tag is not 64 hex digits")
     if sha256 is None and not spec.sha256:
         raise StartupError(

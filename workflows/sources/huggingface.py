@@ -20,7 +20,7 @@ from workflows.sources.cache import ModelCache
 
 log = logging.getLogger("workflows.sources.huggingface")
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOKEN_VARS = "HF_TOKEN / HUGGING_FACE_HUB_TOKEN"
 
 
@@ -57,7 +57,7 @@ def _verify(path: Path, spec: ModelSpec, cache: ModelCache) -> None:
     # An LFS file's cache name is the sha256 the Hub states for it (the library itself checks only the size).
     stated = path.resolve().name
     try:
-        if _SHA256.match(stated) and digest != stated:
+        if _SHA256.fullmatch(stated) and digest != stated:
             raise StartupError(f"sha256 mismatch: the download hashes to {digest}, the Hub states {stated}")
         check_pin_digest(digest, spec)
     except StartupError:
