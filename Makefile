@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test lint bench model clean browser
+.PHONY: serve test lint bench model clean browser arlocal
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,18 @@ lint: $(VENV)/.dev
 browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-test: $(VENV)/.dev lint browser
+# arlocal (a local Arweave gateway) for the tests, from the committed lockfile. Its sqlite3 is compiled here:
+# node-gyp takes the headers from NODEDIR instead of downloading them.
+NODEDIR ?= /usr
+ARLOCAL := tools/arlocal/node_modules/.installed
+$(ARLOCAL): tools/arlocal/package.json tools/arlocal/package-lock.json
+	cd tools/arlocal && npm_config_nodedir=$(NODEDIR) npm ci --no-audit --no-fund
+	node -e "require('./tools/arlocal/node_modules/sqlite3')"
+	touch $@
+
+arlocal: $(ARLOCAL)
+
+test: $(VENV)/.dev lint browser $(ARLOCAL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev

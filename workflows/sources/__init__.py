@@ -3,13 +3,13 @@ the workflow never knows which one produced its file."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from workflows.config import TorchSettings
 from workflows.errors import StartupError
+from workflows.sources.cache import sha256_of
 
 SourceName = Literal["local", "huggingface", "arweave"]
 _SOURCE_ALIASES = {
@@ -96,18 +96,18 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
         return source.fetch(spec, settings)
     except StartupError as e:
         raise StartupError(f"model {spec.describe()}: {e}") from None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    except OSError as e:  # a full disk or an unreadable cache: one line too, not a traceback
+        raise StartupError(f"model {spec.describe()}: {e.strerror or e}") from None
 
 
 def check_pin(path: Path, spec: ModelSpec) -> None:
-    if spec.sha256 and (actual := sha256_of(path)) != spec.sha256:
+    if spec.sha256:
+        check_pin_digest(sha256_of(path), spec)
+
+
+def check_pin_digest(actual: str, spec: ModelSpec) -> None:
+    """The operator's ``sha256`` pin, checked whatever the source."""
+    if spec.sha256 and actual != spec.sha256:
         raise StartupError(f"sha256 mismatch: the file hashes to {actual}, the pin says {spec.sha256}")
 
 
