@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -173,7 +172,7 @@ class PublicApp:
         asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
         if asked:
             return {"supported": resources.supports(unquote(asked), info)}
-        cache = os.environ.get("MODEL_CACHE_DIR", "").strip()
+        cache = (info.get("model") or {}).get("cache_dir")
         # Disk usage and nvidia-smi block; keep them off the event loop.
         return await asyncio.to_thread(resources.resources, SERVICE_NAME, info, Path(cache) if cache else None)
 

@@ -93,6 +93,7 @@ class TorchInferenceWorkflow(InferenceWorkflow):
             "dtype": tensors.NAMES.get(self.model_dtype) if self.model_dtype else None,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "cache_dir": str(self.settings.model_cache_dir),
         }
         log.info("model loaded in %.2fs: %s", time.monotonic() - started, self.info)
 
