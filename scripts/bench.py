@@ -1,0 +1,135 @@
+"""Load benchmark: our service against the service we replace, plain BentoML and the in-process limit.
+
+    make bench                                   # everything (~8 minutes on 2 cores)
+    make bench BENCH_ARGS="--models tiny --concurrency 64 --duration 5"
+
+Needs wrk (Debian: apt-get install -y wrk). Loopback only; every run is bounded in time. Prints one table and
+writes the same rows to a JSON file (--out, default build/bench/results.json). See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.bench import models, servers, wrk  # noqa: E402
+
+BASELINES = ("original", "bentoml")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(models.SPECS), choices=list(models.SPECS))
+    p.add_argument("--systems", nargs="+", default=["ours", *BASELINES], choices=list(servers.SYSTEMS))
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load at c=16 before the runs")
+    p.add_argument("--no-inproc", action="store_true", help="skip the in-process limit")
+    p.add_argument("--inproc-seconds", type=float, default=3.0)
+    p.add_argument("--workdir", type=Path, help="where models and logs go (default: a temporary folder)")
+    p.add_argument("--out", type=Path, default=REPO / "build" / "bench" / "results.json")
+    return p.parse_args(argv)
+
+
+def inproc(model: models.BenchModel, seconds: float) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "scripts.bench.inproc", str(model.path), "--features", str(model.features)]
+    cmd += ["--dtype", model.dtype, "--threads", "2", "--batch", "1", "32", "--seconds", str(seconds)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=60 + 4 * seconds)
+    return {k: float(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def bench_system(system: str, model: models.BenchModel, args: argparse.Namespace, work: Path) -> list[dict]:
+    rows = []
+    with servers.serve(system, model.path, work) as server:
+        print(f"# {system} {model.name}: ready in {server.ready_s:.1f}s", flush=True)
+        if args.warmup > 0:
+            wrk.run(server.url, model.body, 16, args.warmup)
+        for c in args.concurrency:
+            before = servers.batch_totals(server.url) if system == "ours" else None
+            result = wrk.run(server.url, model.body, c, args.duration)
+            row = {"system": system, "model": model.name, "concurrency": c, **result, "ready_s": server.ready_s}
+            if before is not None:
+                after = servers.batch_totals(server.url)
+                calls = after[1] - before[1]
+                row["mean_batch"] = (after[0] - before[0]) / calls if calls else None
+            rows.append(row)
+            print(f"  c={c}: {result['rps']:.0f} rps, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+                  f"errors {result['errors']}", flush=True)  # fmt: skip
+            time.sleep(0.5)
+    return rows
+
+
+def add_ratios(rows: list[dict], limits: dict[str, dict[str, float]]) -> None:
+    index = {(r["system"], r["model"], r["concurrency"]): r for r in rows}
+    for row in rows:
+        if row["system"] != "ours":
+            continue
+        for base in BASELINES:
+            other = index.get((base, row["model"], row["concurrency"]))
+            if other and other["rps"]:
+                row[f"x_{base}"] = row["rps"] / other["rps"]
+        limit = limits.get(row["model"], {}).get("32")
+        if limit:
+            row["x_inproc32"] = row["rps"] / limit
+
+
+def table(rows: list[dict], limits: dict[str, dict[str, float]]) -> str:
+    head = "| system | model | c | req/s | p50 ms | p99 ms | errors | mean batch | ×original | ×bentoml | ×inproc b32 |"
+    lines = [head, "|" + "---|" * 3 + "---:|" * 8]
+
+    def num(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    for r in rows:
+        lines.append(
+            f"| {r['system']} | {r['model']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['errors']} | {num(r.get('mean_batch'), '.1f')} | "
+            + " | ".join(num(r.get(k), ".2f") for k in ("x_original", "x_bentoml", "x_inproc32"))
+            + " |"
+        )
+    for name, limit in limits.items():
+        for batch, sps in limit.items():
+            cells = [f"in-process b{batch} (2 threads)", name, "–", f"{sps:.0f} samples/s", "–", "–", "–", batch]
+            lines.append("| " + " | ".join(map(str, cells)) + " | – | – | – |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wrk_bin = wrk.find_wrk()
+    if wrk_bin is None:
+        print(wrk.INSTALL_HINT, file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        built = {name: models.build(name, work / "models") for name in args.models}
+        limits: dict[str, dict[str, float]] = {}
+        if not args.no_inproc:
+            for name, model in built.items():
+                limits[name] = inproc(model, args.inproc_seconds)
+                print(f"# in-process {name}: " + ", ".join(f"b{b} {v:.0f} samples/s" for b, v in limits[name].items()))
+        rows: list[dict] = []
+        for model in built.values():
+            for system in args.systems:
+                rows += bench_system(system, model, args, work)
+    add_ratios(rows, limits)
+    text = table(rows, limits)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.write_text(json.dumps({"settings": settings, "rows": rows, "inproc": limits, "table": text}, indent=1))
+    print(f"# written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

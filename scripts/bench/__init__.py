@@ -1,0 +1,1 @@
+"""Pieces of the load benchmark (`make bench`, entry point scripts/bench.py)."""

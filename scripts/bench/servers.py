@@ -1,0 +1,109 @@
+"""Starting and stopping the systems under test, each in its own process group on a loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_DIR = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+SYSTEMS = ("ours", "original", "bentoml")
+
+
+@dataclass
+class Running:
+    name: str
+    url: str
+    process: subprocess.Popen
+    ready_s: float
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(system: str, port: int, model: Path, work: Path) -> tuple[list[str], Path, dict[str, str]]:
+    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    env["PYTHONUNBUFFERED"] = "1"
+    if system == "ours":
+        env["CLASSIC_INF_WORKFLOW_KW_ARGS"] = json.dumps({"model_path": str(model)})
+        env["MODEL_CACHE_DIR"] = str(work / "model-cache")
+        cmd = [str(BIN / "bentoml"), "serve", "service:InfernetService", "--host", "127.0.0.1", "--port", str(port)]
+        return cmd, REPO, env
+    env["BENCH_MODEL"] = str(model)
+    if system == "original":
+        cmd = [str(BIN / "hypercorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}", "original_app:app"]
+        return cmd, BENCH_DIR, env
+    if system == "bentoml":
+        cmd = [str(BIN / "bentoml"), "serve", "plain_bentoml:PlainService", "--host", "127.0.0.1", "--port", str(port)]
+        return cmd, BENCH_DIR, env
+    raise ValueError(system)
+
+
+def get(url: str, timeout: float = 2.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+@contextlib.contextmanager
+def serve(system: str, model: Path, work: Path, timeout: float = 120) -> Iterator[Running]:
+    port = free_port()
+    cmd, cwd, env = command(system, port, model, work)
+    log = work / f"{system}-{model.stem}.log"
+    started = time.monotonic()
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{system} exited with {process.returncode}; see {log}")
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{system} not ready after {timeout}s; see {log}")
+            with contextlib.suppress(OSError):
+                if get(f"{url}/readyz")[0] == 200:
+                    break
+            time.sleep(0.1)
+        yield Running(system, url, process, time.monotonic() - started, log)
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(sum, count) of bentoml_service_adaptive_batch_size over every label set; deltas give the mean batch."""
+    total = count = 0.0
+    _, text = get(f"{url}/metrics", timeout=10)
+    for line in text.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
