@@ -7,6 +7,7 @@ requests adaptively; ``InfernetService`` is the public HTTP side, reaching the r
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import bentoml
@@ -17,6 +18,10 @@ from api.openapi import DocumentedService
 from workflows import startup
 from workflows.batching import run_batch
 from workflows.config import ServiceSettings
+
+# OpenMP threads that spin while waiting steal the cores the API workers need; on a busy box a 2-thread forward
+# then runs up to 5x slower than a 1-thread one (docs/performance.md). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 with startup.exit_on_error("configuration"):
     SETTINGS = ServiceSettings.from_env()
