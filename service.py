@@ -81,6 +81,10 @@ class WorkflowRunner:
     # BentoML's runner probe waits on a runner that is still loading; __is_ready__ below answers at once.
     runner_probe={"enabled": False},
     service_class=DocumentedService,  # /docs.json also describes the raw app's routes
+    # One log line per request was ~17% of an API worker's CPU under load; BentoML cannot skip one path without
+    # also dropping its metrics. Re-enable with
+    # BENTOML_CONFIG_OPTIONS="services.infernet_torch_service.logging.access.enabled=true".
+    logging={"access": {"enabled": False}},
 )
 @bentoml.asgi_app(public_app, path="/")
 class InfernetService:
