@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,8 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def inproc(model: models.BenchModel, seconds: float) -> dict[str, float]:
     cmd = [sys.executable, "-m", "scripts.bench.inproc", str(model.path), "--features", str(model.features)]
     cmd += ["--dtype", model.dtype, "--threads", "2", "--batch", "1", "32", "--seconds", str(seconds)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, timeout=60 + 4 * seconds)
-    return {k: float(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    best: dict[str, float] = {}
+    # Spinning OpenMP threads (ACTIVE) win on an idle box and collapse when another process takes a core;
+    # the limit is the better of the two policies, so it is never understated.
+    for policy in ("ACTIVE", "PASSIVE"):
+        env = {**os.environ, "OMP_WAIT_POLICY": policy}
+        done = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True, timeout=60 + 9 * seconds
+        )
+        for batch, rate in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            best[batch] = max(best.get(batch, 0.0), float(rate))
+    return best
 
 
 def bench_system(system: str, model: models.BenchModel, args: argparse.Namespace, work: Path) -> list[dict]:
