@@ -98,12 +98,12 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def batch_totals(url: str) -> tuple[float, float]:
-    """(sum, count) of bentoml_service_adaptive_batch_size over every label set; deltas give the mean batch."""
+    """(sum, count) of infernet_batch_size (requests per runner batch) over every label set; deltas give the mean."""
     total = count = 0.0
     _, text = get(f"{url}/metrics", timeout=10)
     for line in text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+        if line.startswith("infernet_batch_size_sum"):
             total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+        elif line.startswith("infernet_batch_size_count"):
             count += float(line.rsplit(" ", 1)[1])
     return total, count
