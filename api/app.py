@@ -43,6 +43,7 @@ class PublicApp:
         self._info: dict[str, Any] | None = None
         self._is_ready: Callable[[], Awaitable[bool]] | None = None
         self._runner_seen_ready = False
+        self._in_progress = 0  # /service_output requests this worker is answering
 
     def bind(
         self,
@@ -63,7 +64,7 @@ class PublicApp:
             if path == "/service_output":
                 if method != "POST":
                     raise RequestError(405, "use POST for /service_output")
-                status, body = await self.service_output(scope, receive)
+                status, body = await self.limited_service_output(scope, receive)
             elif path == "/info":
                 _only_get(method, path)
                 status, body = 200, await self.info()
@@ -98,6 +99,22 @@ class PublicApp:
                     raise RequestError(e.status_code, f"no file {scope['path']}") from None
                 return True
         return False
+
+    async def limited_service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        # Refuse at once rather than queue: a queued request would only time out later, holding its body in memory.
+        # Checked before the body is read, so an overloaded worker spends almost nothing on the refusal.
+        limit = self.settings.max_concurrency_per_worker
+        if self._in_progress >= limit:
+            raise RequestError(503, f"overloaded: {limit} requests in progress in this worker (MAX_CONCURRENCY); retry")
+        self._in_progress += 1
+        timeout = self.settings.timeout_s
+        try:
+            # BentoML's own timeouts are set longer (service.py), so this JSON answer is the one a client sees.
+            return await asyncio.wait_for(self.service_output(scope, receive), timeout)
+        except TimeoutError:
+            raise RequestError(504, f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
+        finally:
+            self._in_progress -= 1
 
     async def service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         raw = await _read_body(scope, receive, self.settings.max_request_bytes)
@@ -162,6 +179,7 @@ class PublicApp:
                     "max_request_bytes": self.settings.max_request_bytes,
                     "max_request_elements": self.settings.max_elements,
                     "request_timeout_s": self.settings.timeout_s,
+                    "max_concurrency": self.settings.max_concurrency,
                 },
             }
         return self._info

@@ -34,6 +34,8 @@ class ServiceSettings:
     max_elements: int = 4_000_000
     api_workers: int = 2
     timeout_s: float = 60.0
+    # Requests in progress across the service before new ones get 503; split evenly over the API workers.
+    max_concurrency: int = 256
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -52,7 +54,12 @@ class ServiceSettings:
             max_elements=integer(env, "MAX_REQUEST_ELEMENTS", cls.max_elements, minimum=1),
             api_workers=integer(env, "API_WORKERS", cls.api_workers, minimum=1),
             timeout_s=number(env, "REQUEST_TIMEOUT_S", cls.timeout_s, minimum=0.1),
+            max_concurrency=integer(env, "MAX_CONCURRENCY", cls.max_concurrency, minimum=1),
         )
+
+    @property
+    def max_concurrency_per_worker(self) -> int:
+        return -(-self.max_concurrency // self.api_workers)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,7 @@ class TorchSettings:
     model_cache_dir: Path = Path.home() / ".cache" / "infernet-torch-service"
     hf_token: str | None = field(default=None, repr=False)
     num_threads: int | None = None
+    max_elements: int = ServiceSettings.max_elements  # MAX_REQUEST_ELEMENTS, enforced where values are decoded
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TorchSettings:
@@ -88,6 +96,7 @@ class TorchSettings:
             model_cache_dir=Path(env.get("MODEL_CACHE_DIR", "").strip() or cache_root / "infernet-torch-service"),
             hf_token=(env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip() or None,
             num_threads=integer(env, "TORCH_NUM_THREADS", 0, minimum=1) if threads else None,
+            max_elements=integer(env, "MAX_REQUEST_ELEMENTS", cls.max_elements, minimum=1),
         )
 
 
