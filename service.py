@@ -28,6 +28,10 @@ with startup.exit_on_error("configuration"):
     SETTINGS = ServiceSettings.from_env()
 
 public_app = PublicApp(SETTINGS)
+# The public app answers a request that outlives REQUEST_TIMEOUT_S with the contract's JSON 504; BentoML's own
+# timeouts (plain {"error": ...} bodies) sit behind it with a margin, the runner's inside the public service's.
+RUNNER_TIMEOUT_S = SETTINGS.timeout_s + 5
+PUBLIC_TIMEOUT_S = SETTINGS.timeout_s + 10
 
 # BentoML's own adaptive_batch_size histogram counts runner *calls* merged, and each API worker already sends
 # its waiting requests in one call; this one counts the requests that share a runner batch.
@@ -59,7 +63,7 @@ def freeze_heap() -> None:
     # BentoML 1.4.40 recycles the runner connection every 100 requests while calls are in flight,
     # failing ~15% of them under load; never recycling avoids it.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
-    traffic={"timeout": SETTINGS.timeout_s},
+    traffic={"timeout": RUNNER_TIMEOUT_S},
     logging={"access": {"enabled": False}},
     # Internal routes: OpenTelemetry's middleware costs ~20% of the runner's CPU per call even when nothing is sampled.
     tracing={"excluded_urls": ["/infer", "/describe"]},
@@ -88,7 +92,7 @@ class WorkflowRunner:
 @bentoml.service(
     name="infernet_torch_service",
     workers=SETTINGS.api_workers,
-    traffic={"timeout": SETTINGS.timeout_s},
+    traffic={"timeout": PUBLIC_TIMEOUT_S},
     # OpenTelemetry's middleware costs ~15% of CPU per request even when nothing is sampled.
     tracing={"excluded_urls": ["/service_output"]},
     # BentoML's runner probe waits on a runner that is still loading; __is_ready__ below answers at once.
