@@ -63,7 +63,7 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         self.num_threads = num_threads or self.settings.num_threads
         self.batching = batching
         self.cast_inputs = cast_inputs
-        self.max_elements = max_elements
+        self.max_elements = max_elements or self.settings.max_elements
         self.warmup_input = warmup_input
         self.model: Any = None
         self.info: dict[str, Any] = {}
