@@ -143,4 +143,4 @@ def post_many(server: Server, bodies: list[object], workers: int, timeout: float
 
 def figure(name: str, **values: object) -> None:
     """A measured figure for docs/reliability.md; shown with ``pytest -s`` (no test asserts on timing)."""
-    print(f"FIGURE {name}: {json.dumps(values, sort_keys=True, default=str)}", flush=True)
+    print(f"FIGURE {name}: {json.dumps(values, default=str)}", flush=True)

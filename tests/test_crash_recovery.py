@@ -1,0 +1,170 @@
+"""Crashes: a model that raises, returns NaN or a batch of the wrong size is answered per request and the runner
+keeps serving; a killed runner or API worker is respawned by BentoML's process manager, /readyz reports the
+outage, requests in flight get a JSON 5xx or succeed (none hangs), and the service answers correctly again."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.fixtures.server import serving
+from tests.reliability_support import (
+    NAN,
+    RAISE,
+    WRONG_BATCH,
+    Outcome,
+    assert_contract_error,
+    env,
+    figure,
+    post,
+    post_many,
+    processes,
+    ready_status,
+    row,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 15
+GOOD = row(1.0, 1.0, 2.0, 3.0)
+GOOD_VALUES = [[2.0, 4.0, 6.0]]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crash")
+    with serving(env(tmp, REQUEST_TIMEOUT_S=str(TIMEOUT_S)), tmp) as server:
+        yield server
+
+
+def check_good_or_json_5xx(outcome: Outcome) -> None:
+    """What a caller may see while a process dies: the right answer or the contract's 5xx; never a hang."""
+    assert outcome.status is not None, outcome.error
+    if outcome.status == 200:
+        assert outcome.response.json()["values"] == GOOD_VALUES
+    else:
+        assert outcome.status >= 500, outcome.response.text
+        assert_contract_error(outcome.response)
+
+
+def test_misbehaving_model_is_reported_per_request_and_runner_keeps_serving(server):
+    runner_before = processes(server)["runner"][0].pid
+    kinds = ["good", "raise", "nan", "wrong_batch"] * 15
+    bodies = {
+        "good": GOOD,
+        "raise": row(RAISE),
+        "nan": row(NAN),
+        "wrong_batch": row(WRONG_BATCH),
+    }
+    outcomes = post_many(server, [bodies[k] for k in kinds], workers=16)
+    seen = Counter()
+    for kind, o in zip(kinds, outcomes):
+        assert o.status is not None, o.error
+        seen[(kind, o.status)] += 1
+        if kind == "good":
+            # Batched with rows that fail, a good row is still answered on its own merits.
+            assert o.status == 200 and o.response.json()["values"] == GOOD_VALUES, o.response.text
+        elif kind == "raise":
+            body = assert_contract_error(o.response, 422)
+            assert "asked to raise" in body["description"]
+        elif kind == "nan":
+            assert o.status == 200
+            assert o.response.json()["values"] == [[None, None, None]]  # non-finite values are written as null
+        elif o.status != 200:  # a wrong batch size: retried item by item, or refused for this request alone
+            body = assert_contract_error(o.response, 422)
+    figure("model_failures", statuses={f"{k}:{s}": n for (k, s), n in sorted(seen.items())})
+    nan_on_chain = post(server, {**row(NAN), "destination": 0})
+    assert "non-finite" in assert_contract_error(nan_on_chain.response, 422)["description"]
+    assert processes(server)["runner"][0].pid == runner_before
+    assert post(server, GOOD).response.json()["values"] == GOOD_VALUES
+
+
+def load_while(server, action, threads: int = 8, max_requests: int = 2000) -> tuple[list[Outcome], object]:
+    """Keep ``threads`` callers POSTing good rows while ``action()`` runs; bounded in count and time."""
+    outcomes: list[Outcome] = []
+    stop = threading.Event()
+    deadline = time.monotonic() + 120
+
+    def caller() -> None:
+        while not stop.is_set() and len(outcomes) < max_requests and time.monotonic() < deadline:
+            outcomes.append(post(server, GOOD, timeout=TIMEOUT_S + 10))
+
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(threads):
+            pool.submit(caller)
+        try:
+            time.sleep(1)  # load is flowing before the crash
+            result = action()
+        finally:
+            stop.set()
+    return outcomes, result
+
+
+def test_killed_runner_is_respawned_and_readyz_reports_the_outage(server):
+    wait_for(lambda: ready_status(server) == 200, timeout=30)
+    old = processes(server)["runner"][0]
+
+    def crash() -> dict:
+        old.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        outage_seen = False
+        while time.monotonic() - killed < 60:
+            if ready_status(server) == 503:
+                outage_seen = True
+            elif outage_seen or time.monotonic() - killed > 5:
+                break
+            time.sleep(0.05)
+        wait_for(lambda: ready_status(server) == 200 and post(server, GOOD).status == 200, timeout=60)
+        return {"outage_seen": outage_seen, "recovered_after_s": round(time.monotonic() - killed, 2)}
+
+    outcomes, result = load_while(server, crash)
+    assert result["outage_seen"], "/readyz never answered 503 while the runner was down"
+    for outcome in outcomes:
+        check_good_or_json_5xx(outcome)
+    new = processes(server)["runner"]
+    assert len(new) == 1 and new[0].pid != old.pid
+    assert post(server, GOOD).response.json()["values"] == GOOD_VALUES
+    statuses = Counter(o.status for o in outcomes)
+    figure(
+        "runner_crash",
+        **result,
+        requests=len(outcomes),
+        statuses=dict(statuses),
+        slowest_s=round(max(o.seconds for o in outcomes), 2),
+    )
+
+
+def test_killed_api_worker_is_respawned_and_the_other_keeps_answering(server):
+    old = processes(server)["api"]
+    assert len(old) == 2
+
+    def crash() -> dict:
+        old[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: {p.pid for p in processes(server)["api"]} - {p.pid for p in old}, timeout=60)
+        # Both workers answer again: enough fresh connections reach each of them.
+        wait_for(lambda: all(o.status == 200 for o in post_many(server, [GOOD] * 8, workers=4)), timeout=60)
+        return {"recovered_after_s": round(time.monotonic() - killed, 2)}
+
+    threads = 8
+    outcomes, result = load_while(server, crash, threads=threads)
+    dropped = [o for o in outcomes if o.status is None]
+    # Only the connections that the killed process was answering can be lost: at most one per caller.
+    assert len(dropped) <= threads, [o.error for o in dropped]
+    for outcome in outcomes:
+        if outcome.status is not None:
+            check_good_or_json_5xx(outcome)
+    assert len(processes(server)["api"]) == 2
+    figure(
+        "api_worker_crash",
+        **result,
+        requests=len(outcomes),
+        statuses=dict(Counter(o.status for o in outcomes)),
+        dropped_connections=len(dropped),
+    )
