@@ -44,11 +44,13 @@ def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
     if not isinstance(data, dict):
         raise InputError("data: expected an object with 'dtype' and 'values'")
     name = data.get("dtype")
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise InputError(f"dtype: unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if "values" not in data:
         raise InputError("values: missing")
     array = _numeric_array(data["values"], max_elements)
+    if array.size == 0:
+        raise InputError("values: empty")
     shaped = data.get("shape") is not None
     if shaped and name in _COMPLEX and array.ndim == 1 and array.size % 2 == 0:
         array = array.reshape(-1, 2)  # flat complex values: real, imag, real, imag, ...
