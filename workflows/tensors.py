@@ -124,7 +124,8 @@ def _fit(array: np.ndarray, name: str) -> torch.Tensor:
         if kind == "f" and not (np.isfinite(array).all() and (array == np.trunc(array)).all()):
             raise InputError(f"values: {name} expects integers, got a fraction")
         info = np.iinfo(_INTEGER[name])
-        low, high = array.min(), array.max()
+        # Compared as Python ints: as floats, 2**63 equals int64's maximum and would wrap to its minimum.
+        low, high = int(array.min()), int(array.max())
         if low < info.min or high > info.max:
             bad = low if low < info.min else high
             raise InputError(f"values: {_number(bad)} is out of range for {name} [{info.min}, {info.max}]")
