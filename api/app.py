@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import numpy as np
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -33,6 +34,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _BENTOML_GET_ROUTES = {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
 _BENTOML_STATIC = "/static_content/"
 _JSON = [(b"content-type", b"application/json")]
+# Deeper bodies are refused: the hop to the runner pickles the data, and pickling ~1000 levels raises
+# RecursionError, which would fail every request sent with it. Tensor values nest at most 32 levels.
+MAX_JSON_DEPTH = 64
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 class PublicApp:
@@ -122,6 +127,8 @@ class PublicApp:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise RequestError(400, f"body is not valid JSON: {e}") from None
+        if _nesting_depth(raw) > MAX_JSON_DEPTH:
+            raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels")
         request = parse_input(obj)
         data = chain.decode_input(request.data) if request.source == Source.CHAIN else request.data
         outcome = await self._run(data)
@@ -210,6 +217,16 @@ def _runner_failure(error: Exception) -> RequestError:
         log.warning("model runner unreachable: %s: %s", type(error).__name__, error)
         return RequestError(503, f"the model runner is unreachable ({type(error).__name__}); retry later")
     return RequestError(500, f"the model runner failed ({int(code)})")
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, counted at C speed. Brackets inside strings count too, so this
+    may overestimate, never underestimate."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    brackets = np.frombuffer(raw.translate(None, _NOT_BRACKETS), np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(steps.cumsum().max())
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
