@@ -1,0 +1,144 @@
+"""Secrets and trust: Hugging Face tokens never show in logs, error bodies, /info or a built bento; pickled models
+are loaded only from the sources the contract trusts (a local path, a Hugging Face repo the operator named, an
+Arweave upload by an allow-listed owner)."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.fixtures.server import REPO, run_to_exit, server_env, serving
+from workflows import sources
+from workflows.config import TorchSettings
+from workflows.errors import StartupError
+
+BENTOML = Path(sys.executable).with_name("bentoml")
+HF_TOKEN = "hf_" + secrets.token_hex(16)
+HUB_TOKEN = "hf_" + secrets.token_hex(16)
+TOKENS = {"HF_TOKEN": HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": HUB_TOKEN}
+
+
+def assert_no_token(text: str, where: str) -> None:
+    for name, token in TOKENS.items():
+        assert token not in text, f"{name} leaked into {where}"
+        assert token[3:] not in text, f"part of {name} leaked into {where}"
+
+
+@pytest.mark.slow
+def test_tokens_never_reach_responses_or_logs(tmp_path):
+    iris = [[1.0380048, 0.5586108, 1.1037828, 1.712096]]
+    with serving(TOKENS, tmp_path) as server:
+        answers = [
+            server.get("/info"),
+            server.get("/service-resources"),
+            server.get("/metrics"),
+            server.get("/docs.json"),
+            server.get("/nope"),
+            server.post({"source": 1, "data": {"dtype": "float", "values": iris}}),
+            server.post({"source": 1, "data": {"dtype": "float", "values": [[1.0, 2.0]]}}),  # the model raises: 422
+            server.post({"source": 1, "data": {"dtype": "nope", "values": [[1]]}}),
+            server.post({"source": 1, "data": {}, "requires_proof": True}),
+            requests.post(f"{server.url}/service_output", data=b"{" * 100, timeout=30),
+            requests.put(f"{server.url}/service_output", timeout=30),
+        ]
+        assert answers[0].status_code == 200 and answers[5].status_code == 200
+        assert answers[6].status_code == 422
+        for response in answers:
+            assert_no_token(response.text, f"the body of {response.request.method} {response.url}")
+            assert_no_token(json.dumps(dict(response.headers)), f"the headers of {response.url}")
+    assert_no_token(server.log(), "the server log")
+
+
+@pytest.mark.slow
+def test_tokens_never_reach_the_start_up_failure_message(tmp_path):
+    env = {**TOKENS, "CLASSIC_INF_WORKFLOW_KW_ARGS": '{"model_name": "no-such-org/no-such-model"}',
+           "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}  # fmt: skip
+    status, output = run_to_exit(env, tmp_path)
+    assert status != 0
+    assert "no-such-org/no-such-model" in output  # the failure names the source ...
+    assert_no_token(output, "the start-up failure")  # ... and never the credential
+
+
+def test_settings_never_print_the_token():
+    settings = TorchSettings.from_env(TOKENS)
+    assert settings.hf_token in (HF_TOKEN, HUB_TOKEN)
+    assert_no_token(repr(settings), "repr(TorchSettings)")
+    assert_no_token(str(settings), "str(TorchSettings)")
+
+
+@pytest.mark.slow
+def test_a_built_bento_carries_no_token_and_runs_as_non_root(tmp_path):
+    if not (REPO / "bentofile.yaml").exists():
+        pytest.skip("bentofile.yaml is not on this branch (the shipping work adds it)")
+    env = server_env(TOKENS, tmp_path)
+    built = subprocess.run(
+        [str(BENTOML), "build", ".", "--output", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    assert_no_token(built.stdout + built.stderr, "the output of bentoml build")
+    bentos = list((tmp_path / "bentoml" / "bentos").glob("*/*/bento.yaml"))
+    assert len(bentos) == 1, bentos
+    bento = bentos[0].parent
+    for path in bento.rglob("*"):
+        if path.is_file():
+            assert_no_token(path.read_bytes().decode("latin-1"), str(path.relative_to(bento)))
+    bento_yaml = (bento / "bento.yaml").read_text()
+    assert "HF_TOKEN" not in bento_yaml and "HUGGING_FACE_HUB_TOKEN" not in bento_yaml
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "HF_TOKEN" not in dockerfile and "HUGGING_FACE_HUB_TOKEN" not in dockerfile
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert users and users[-1] not in ("root", "0"), f"the image's last USER is {users[-1:]}"
+
+
+# --- trust: where a pickle may come from ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"model_source": "url", "model_args": {"repo_id": "https://example.invalid/model.pt"}},
+        {"model_source": "s3", "model_args": {"repo_id": "bucket/model.pt"}},
+        {"model_source": "huggingface_hub", "model_args": {}},  # no repo named
+        {},  # nothing named at all
+    ],
+)
+def test_only_the_contract_sources_can_name_a_model(kwargs):
+    with pytest.raises(StartupError):
+        sources.spec_from_kwargs(kwargs, TorchSettings.from_env({}))
+
+
+def test_arweave_needs_an_allow_list_of_owners():
+    with pytest.raises(StartupError, match="ALLOWED_ARWEAVE_OWNERS"):
+        TorchSettings.from_env({"USE_ARWEAVE": "true"})
+
+
+def test_an_arweave_model_without_owners_is_never_fetched():
+    spec = sources.spec_from_kwargs(
+        {"model_source": "arweave", "model_args": {"repo_id": "Org/model"}}, TorchSettings.from_env({})
+    )
+    assert spec.source == "arweave" and spec.owners == ()
+    with pytest.raises(StartupError):
+        sources.fetch(spec, TorchSettings.from_env({}))
+
+
+@pytest.mark.slow
+def test_a_model_file_that_cannot_be_verified_stops_start_up(tmp_path):
+    # A pinned sha256 that the file does not match: the service never becomes ready with it.
+    model = tmp_path / "model.torch"
+    model.write_bytes((REPO / "models" / "iris" / "model.torch").read_bytes())
+    kwargs = json.dumps({"model_path": str(model), "sha256": "0" * 64})
+    status, output = run_to_exit({"CLASSIC_INF_WORKFLOW_KW_ARGS": kwargs}, tmp_path)
+    assert status != 0
+    assert "sha256" in output
