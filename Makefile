@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test lint bench model clean browser arlocal
+.PHONY: serve test lint bench soak model clean browser arlocal
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ test: $(VENV)/.dev lint browser $(ARLOCAL)
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+# Bounded soak at concurrency 64 (scripts/soak.py; docs/reliability.md). CI runs SOAK_SECONDS=30 inside `make test`.
+SOAK_SECONDS ?= 300
+soak: $(VENV)/.dev
+	$(PY) scripts/soak.py --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 model: $(VENV)/.dev
 	$(PY) scripts/train_iris.py
