@@ -155,7 +155,7 @@ async def soak(url: str, pid: int, seconds: float, warmup: float, concurrency: i
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", 300)))
-    parser.add_argument("--warmup", type=float, help="seconds before the memory baseline (default: a third, <= 60)")
+    parser.add_argument("--warmup", type=float, help="seconds before the memory baseline (default: half, at most 60)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-growth", type=float, default=0.10, help="allowed RSS growth per process after warm-up")
     parser.add_argument("--url", help="soak a running server instead of starting one (needs --pid)")
@@ -163,7 +163,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path, help="write the result as JSON here")
     parser.add_argument("--seed", type=int, default=5)
     args = parser.parse_args()
-    warmup = args.warmup if args.warmup is not None else min(60.0, args.seconds / 3)
+    warmup = args.warmup if args.warmup is not None else min(60.0, args.seconds / 2)
 
     def run(url: str, pid: int) -> dict:
         return asyncio.run(soak(url, pid, args.seconds, warmup, args.concurrency, args.seed))
