@@ -19,6 +19,7 @@ from api.openapi import DocumentedService
 from workflows import startup
 from workflows.batching import run_batch
 from workflows.config import ServiceSettings
+from workflows.drain import Drain
 
 # OpenMP threads that spin while waiting steal the cores the API workers need; on a busy box a 2-thread forward
 # then runs up to 5x slower than a 1-thread one (docs/performance.md). Must be set before torch loads.
@@ -72,6 +73,9 @@ class WorkflowRunner:
     def __init__(self) -> None:
         with startup.exit_on_error("workflow", worker=True):
             self.workflow = startup.build(SETTINGS)
+        # SIGTERM: keep serving until the API workers have passed on the requests they hold (graceful stop).
+        self.drain = Drain(max_s=min(SETTINGS.timeout_s, 30.0))
+        self.drain.install()
         self.description = {"workflow": startup.qualified_name(self.workflow), "model": self.workflow_info()}
         freeze_heap()
 
@@ -82,7 +86,8 @@ class WorkflowRunner:
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
     def infer(self, datas: list[Any]) -> Annotated[list[Any], PICKLED]:
         batch_size.observe(len(datas))
-        return run_batch(self.workflow, datas)
+        with self.drain.working():
+            return run_batch(self.workflow, datas)
 
     @bentoml.api
     def describe(self) -> Annotated[dict[str, Any], PICKLED]:
