@@ -119,9 +119,18 @@ async def soak(url: str, pid: int, seconds: float, warmup: float, concurrency: i
         baseline = rss(processes)
         print(f"warm-up done after {warmup:.0f}s: {len(latencies)} requests", flush=True)
 
+    timeline: list[dict] = []
+
+    async def recorder() -> None:
+        # RSS over time tells a one-time rise to a working set (flat afterwards) from a leak (steady growth).
+        while time.monotonic() < deadline:
+            sample = {describe(processes[p]): round(b / 2**20, 1) for p, b in rss(processes).items()}
+            timeline.append({"t": round(time.monotonic() - started), "requests": len(latencies), "rss_mib": sample})
+            await asyncio.sleep(min(30.0, max(seconds / 20, 1.0)))
+
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(sampler(), *(caller(session) for _ in range(concurrency)))
+        await asyncio.gather(sampler(), recorder(), *(caller(session) for _ in range(concurrency)))
     elapsed = time.monotonic() - started
     final = rss(processes)
     replaced = sorted(set(tree(pid)) ^ set(processes))
@@ -149,6 +158,7 @@ async def soak(url: str, pid: int, seconds: float, warmup: float, concurrency: i
         "unexpected": dict(unexpected),
         "processes_replaced": replaced,
         "memory": memory,
+        "memory_timeline": timeline,
     }
 
 

@@ -15,7 +15,7 @@ from tests.reliability_support import Outcome, assert_contract_error, env, figur
 
 pytestmark = pytest.mark.slow
 
-SLOW_S = 2.0
+SLOW_S = 3.0
 EXIT_BOUND_S = 30  # BentoML's process manager gives workers this long before it kills them
 
 
@@ -29,7 +29,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path):
         ]
         for caller in callers:
             caller.start()
-        time.sleep(0.5)  # the requests have reached the model
+        time.sleep(1.0)  # the requests have reached the service (each holds the model SLOW_S)
         os.kill(server.process.pid, signal.SIGTERM)
         terminated = time.monotonic()
         time.sleep(0.3)
