@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
+from api import bentoml_fixes
 from api.app import PublicApp
 from api.openapi import DocumentedService
 from workflows import startup
@@ -24,6 +25,8 @@ from workflows.drain import Drain
 # OpenMP threads that spin while waiting steal the cores the API workers need; on a busy box a 2-thread forward
 # then runs up to 5x slower than a 1-thread one (docs/performance.md). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+bentoml_fixes.apply()
 
 with startup.exit_on_error("configuration"):
     SETTINGS = ServiceSettings.from_env()

@@ -37,11 +37,6 @@ def test_every_request_is_answered_as_its_kind_expects(soak):
     assert soak["processes_replaced"] == []
 
 
-@pytest.mark.xfail(
-    reason="API workers grow by ~0.5-1 KB per request for at least the first ~100k requests (also on main without "
-    "the reliability branch; docs/reliability.md, 'Soak'); cause not found yet",
-    strict=False,
-)
 def test_memory_of_every_process_grows_less_than_10_percent_after_warmup(soak):
     for name, memory in soak["memory"].items():
         assert memory["growth"] < 0.10, f"{name}: {memory}"
