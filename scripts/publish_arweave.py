@@ -31,6 +31,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from workflows.sources.arweave import APP_NAME, b64url_decode, b64url_encode, deep_hash
+from workflows.sources.cache import sha256_of
 
 APP_VERSION = "0.1.0"
 DEFAULT_GATEWAY = "https://arweave.net"
@@ -73,7 +74,7 @@ def model_tags(
         ("Repo-Name", repo),
         ("File-Name", file_name),
         ("File-Version", version),
-        ("File-SHA256", _sha256(path)),
+        ("File-SHA256", sha256_of(path)),
     ]
 
 
@@ -179,14 +180,6 @@ def _call(method: str, url: str, **kwargs: Any) -> requests.Response:
             time.sleep(delay)
             delay = min(delay * 2, 30)
     raise PublishError(f"{method} {url}: {problem}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,8 +92,9 @@ def prepare(settings: ServiceSettings) -> None:
             path = sources.fetch(spec, torch_settings)
             fetched.update(path=str(path), bytes=path.stat().st_size)
         with progress.stage("verify", file=spec.filename) as verified:
-            sources.check_pin(path, spec)
-            verified.update(sha256=sources.sha256_of(path), pinned=bool(spec.sha256))
+            digest = sources.sha256_of(path)  # hashed once here; the pin check reuses it
+            sources.check_pin_digest(digest, spec)
+            verified.update(sha256=digest, pinned=bool(spec.sha256))
     else:
         with progress.stage("source", workflow=settings.workflow_class, note="the workflow fetches its own model"):
             resolve_class(settings.workflow_class)
