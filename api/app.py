@@ -150,8 +150,6 @@ class PublicApp:
 
     async def _check_runner_ready(self) -> None:
         """Until the runner has answered once, ask it first: a request must not queue behind a loading model."""
-        if self._runner_seen_ready:
-            return
         if self._gather is None:
             raise RequestError(503, "the service is starting; the model runner is not connected yet")
         if not await self.runner_ready():

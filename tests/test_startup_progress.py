@@ -29,15 +29,6 @@ def test_a_line_is_key_values_with_quoted_text():
     assert startup_lines(progress.line("download", "failed"))[0][0] == "ERROR"
 
 
-def test_download_progress_reports_bytes_and_share(capsys):
-    bar = progress.DownloadProgress("model.torch", total=4 * 2**20, every=0)
-    bar.update(2**20)
-    bar.close()
-    lines = startup_lines(capsys.readouterr().err)
-    assert [(stage, status) for _, stage, status, _, _ in lines] == [("download", "progress")] * 2
-    assert "bytes=1048576 total=4194304 done=25%" in lines[-1][4]
-
-
 @pytest.mark.slow
 def test_server_start_prints_every_stage_in_order_with_timings(iris_server):
     lines = startup_lines(iris_server.log())

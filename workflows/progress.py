@@ -3,8 +3,8 @@
     2026-11-24T21:30:54+0000 [INFO] [startup] stage=load status=ok seconds=0.214 format=torchscript device=cpu
 
 Stages, in order: config, source, download, verify, load, warmup, ready (``seconds`` on ``ready`` counts from the
-start). ``grep '\\[startup\\]'`` shows the start-up, ``grep 'status=failed'`` the stage that stopped it; downloads add
-``status=progress`` lines. Lines go to stderr directly: BentoML's logging setup drops other loggers' INFO records.
+start). ``grep '\\[startup\\]'`` shows the start-up, ``grep 'status=failed'`` the stage that stopped it (downloads show
+their own progress bar). Lines go to stderr directly: BentoML's logging setup drops other loggers' INFO records.
 """
 
 from __future__ import annotations
@@ -56,32 +56,6 @@ def stage(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
         raise
     status = extra.pop("status", "ok")
     emit(name, status, time.monotonic() - started, **fields, **extra)
-
-
-class DownloadProgress:
-    """``status=progress`` lines for a download: at most one every ``every`` seconds, and one at the end."""
-
-    def __init__(self, file: str, total: int | None, every: float = 2.0) -> None:
-        self.file, self.total, self.every = file, total, every
-        self.done = 0
-        self.started = self.last = time.monotonic()
-
-    def update(self, size: int) -> None:
-        self.done += size
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            self._emit(now)
-
-    def close(self) -> None:
-        self._emit(time.monotonic())
-
-    def _emit(self, now: float) -> None:
-        elapsed = now - self.started
-        percent = f"{100 * self.done / self.total:.0f}%" if self.total else None
-        rate = f"{self.done / elapsed / 2**20:.1f}MiB/s" if elapsed > 0 else None
-        fields = {"file": self.file, "bytes": self.done, "total": self.total, "done": percent, "rate": rate}
-        emit("download", "progress", elapsed, **fields)
 
 
 def _value(value: Any) -> str:

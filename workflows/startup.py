@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -22,7 +21,6 @@ from workflows import progress, sources
 from workflows.config import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows.errors import StartupError
 
-log = logging.getLogger("workflows.startup")
 _FAILURE_FILE = "INFERNET_STARTUP_FAILURE_FILE"
 
 
@@ -92,7 +90,7 @@ def prepare(settings: ServiceSettings) -> None:
             path = sources.fetch(spec, torch_settings)
             fetched.update(path=str(path), bytes=path.stat().st_size)
         with progress.stage("verify", file=spec.filename) as verified:
-            digest = sources.sha256_of(path)  # hashed once here; the pin check reuses it
+            digest = sources.model_sha256(path, spec, torch_settings)
             sources.check_pin_digest(digest, spec)
             verified.update(sha256=digest, pinned=bool(spec.sha256))
     else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,8 +12,6 @@ from workflows import model_formats, sources, tensors
 from workflows.base import InferenceWorkflow
 from workflows.config import TorchSettings
 from workflows.errors import ModelError, StartupError
-
-log = logging.getLogger("workflows.torch_workflow")
 
 
 class TorchInferenceWorkflow(InferenceWorkflow):
@@ -73,7 +69,6 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         return sources.fetch(self.spec, self.settings)
 
     def setup(self) -> None:
-        started = time.monotonic()
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         self.device = _device(self.device_name)
@@ -88,14 +83,13 @@ class TorchInferenceWorkflow(InferenceWorkflow):
             "repo": self.spec.repo_id or str(self.spec.path),
             "file": self.spec.filename,
             "revision": self.spec.revision,
-            "sha256": sources.sha256_of(path),
+            "sha256": sources.model_sha256(path, self.spec, self.settings),
             "format": kind,
             "dtype": tensors.NAMES.get(self.model_dtype) if self.model_dtype else None,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "cache_dir": str(self.settings.model_cache_dir),
         }
-        log.info("model loaded in %.2fs: %s", time.monotonic() - started, self.info)
 
     def warmup(self) -> bool:
         """One forward pass on ``warmup_input``, so the first request does not pay for lazy initialisation."""

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from workflows.config import TorchSettings
 from workflows.errors import StartupError
-from workflows.sources.cache import sha256_of
+from workflows.sources.cache import ModelCache
 
 SourceName = Literal["local", "huggingface", "arweave"]
 _SOURCE_ALIASES = {
@@ -100,9 +100,10 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
         raise StartupError(f"model {spec.describe()}: {e.strerror or e}") from None
 
 
-def check_pin(path: Path, spec: ModelSpec) -> None:
-    if spec.sha256:
-        check_pin_digest(sha256_of(path), spec)
+def model_sha256(path: Path, spec: ModelSpec, settings: TorchSettings) -> str:
+    """sha256 of a fetched model file, remembered by path, size and mtime in the model cache, so that the pin
+    check, the verify stage and the runner's /info do not each read a large model again."""
+    return ModelCache(settings.model_cache_dir).file_sha256(path, spec.source)
 
 
 def check_pin_digest(actual: str, spec: ModelSpec) -> None:

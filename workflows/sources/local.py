@@ -6,7 +6,7 @@ from pathlib import Path
 
 from workflows.config import TorchSettings
 from workflows.errors import StartupError
-from workflows.sources import ModelSpec, check_pin
+from workflows.sources import ModelSpec, check_pin_digest, model_sha256
 
 
 def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
@@ -15,5 +15,6 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
         raise StartupError("no such file")
     if not spec.path.is_file():
         raise StartupError("not a regular file")
-    check_pin(spec.path, spec)
+    if spec.sha256:
+        check_pin_digest(model_sha256(spec.path, spec, settings), spec)
     return spec.path.resolve()
