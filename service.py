@@ -16,7 +16,7 @@ from bentoml.validators import ContentType
 
 from api import bentoml_fixes
 from api.app import PublicApp
-from api.openapi import DocumentedService
+from api.fast_route import FastRouteService
 from workflows import startup
 from workflows.batching import run_batch
 from workflows.config import ServiceSettings
@@ -105,7 +105,8 @@ class WorkflowRunner:
     tracing={"excluded_urls": ["/service_output"]},
     # BentoML's runner probe waits on a runner that is still loading; __is_ready__ below answers at once.
     runner_probe={"enabled": False},
-    service_class=DocumentedService,  # /docs.json also describes the raw app's routes
+    # POST /service_output skips BentoML's middleware stack (api/fast_route.py); /docs.json describes the raw routes.
+    service_class=FastRouteService,
     # One log line per request was ~17% of an API worker's CPU under load; BentoML cannot skip one path without
     # also dropping its metrics. Re-enable with
     # BENTOML_CONFIG_OPTIONS="services.infernet_torch_service.logging.access.enabled=true".

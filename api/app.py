@@ -62,8 +62,11 @@ class PublicApp:
         self._is_ready = is_ready
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
+        if scope["type"] == "http":
+            await self.serve(scope, receive, send)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Answer one HTTP request; returns the status sent."""
         path, method = scope["path"], scope["method"]
         try:
             if path == "/service_output":
@@ -79,7 +82,7 @@ class PublicApp:
             elif path in _BENTOML_GET_ROUTES or path.startswith(_BENTOML_STATIC):
                 _only_get(method, path)
                 if await self._bentoml_route(scope, receive, send):
-                    return
+                    return 200  # answered by BentoML; the status is only read for /service_output
                 raise RequestError(404, f"no route {path}")
             else:
                 raise RequestError(404, f"no route {path}; the inference route is POST /service_output")
@@ -88,7 +91,7 @@ class PublicApp:
         except Exception as e:
             log.exception("request to %s failed", path)
             status, body = 500, error_body(500, f"internal error: {type(e).__name__}")
-        await _respond(send, status, body)
+        return await _respond(send, status, body)
 
     async def _bentoml_route(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve the request with the first of BentoML's own routes (other than this mount) that matches it."""
@@ -248,7 +251,7 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return b"".join(chunks)
 
 
-async def _respond(send: Send, status: int, body: Any) -> None:
+async def _respond(send: Send, status: int, body: Any) -> int:
     try:
         payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError as e:
@@ -258,3 +261,4 @@ async def _respond(send: Send, status: int, body: Any) -> None:
         headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+    return status

@@ -1,8 +1,8 @@
 """The OpenAPI document (/docs.json, shown by Swagger UI at /) for the routes the raw ASGI app serves.
 
 BentoML documents only its typed ``@bentoml.api`` routes (and mounted FastAPI apps); ``POST /service_output`` is served
-by ``api.app.PublicApp`` for speed, so it would be missing. ``DocumentedService`` is passed to ``@bentoml.service`` as
-``service_class`` and extends BentoML's own document with these routes; requests never go through it.
+by ``api.app.PublicApp`` for speed, so it would be missing. ``DocumentedService`` (the base of the public
+service's ``service_class``, api/fast_route.py) extends BentoML's own document with these routes.
 """
 
 from __future__ import annotations

@@ -167,14 +167,3 @@ def test_info_describes_workflow_model_and_batching(iris_server):
 def test_service_resources(iris_server):
     response = iris_server.get("/service-resources")
     assert response.status_code == 200 and isinstance(response.json(), dict)
-
-
-def test_metrics_count_requests_and_batches(iris_server):
-    iris_server.post(offchain([IRIS_VECTOR]))
-    text = iris_server.get("/metrics").text
-    assert "bentoml_service_adaptive_batch_size_count" in text
-    assert any(
-        line.startswith("bentoml_service_request_total") and 'endpoint="/service_output"' in line
-        for line in text.splitlines()
-    )
-    assert "bentoml_service_request_duration_seconds_bucket" in text
