@@ -1,7 +1,10 @@
 """Load benchmark: our service against the service we replace, plain BentoML and the in-process limit.
 
     make bench                                   # everything (~8 minutes on 2 cores)
-    make bench BENCH_ARGS="--models tiny --concurrency 64 --duration 5"
+    make bench BENCH_ARGS="--models tiny --concurrency 64 --rounds 2"
+
+For each model, every system is started at once; each round then runs every concurrency on every system in
+turn, so a slow spell of a shared machine hits all systems alike. Each cell reports the median over the rounds.
 
 Needs wrk (Debian: apt-get install -y wrk). Loopback only; every run is bounded in time. Prints one table and
 writes the same rows to a JSON file (--out, default build/bench/results.json). See docs/performance.md.
@@ -10,8 +13,10 @@ writes the same rows to a JSON file (--out, default build/bench/results.json). S
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=list(models.SPECS), choices=list(models.SPECS))
     p.add_argument("--systems", nargs="+", default=["ours", *BASELINES], choices=list(servers.SYSTEMS))
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
-    p.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    p.add_argument("--rounds", type=int, default=3, help="runs per cell, interleaved across systems; median kept")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load at c=16 before the runs")
     p.add_argument("--no-inproc", action="store_true", help="skip the in-process limit")
     p.add_argument("--inproc-seconds", type=float, default=3.0)
@@ -56,25 +62,50 @@ def inproc(model: models.BenchModel, seconds: float) -> dict[str, float]:
     return best
 
 
-def bench_system(system: str, model: models.BenchModel, args: argparse.Namespace, work: Path) -> list[dict]:
-    rows = []
-    with servers.serve(system, model.path, work) as server:
-        print(f"# {system} {model.name}: ready in {server.ready_s:.1f}s", flush=True)
+def bench_model(model: models.BenchModel, args: argparse.Namespace, work: Path) -> list[dict]:
+    with contextlib.ExitStack() as stack:
+        running = {}
+        for system in args.systems:  # one at a time: start-up is CPU-heavy and ready_s is reported
+            running[system] = server = stack.enter_context(servers.serve(system, model.path, work))
+            print(f"# {system} {model.name}: ready in {server.ready_s:.1f}s", flush=True)
         if args.warmup > 0:
-            wrk.run(server.url, model.body, 16, args.warmup)
-        for c in args.concurrency:
-            before = servers.batch_totals(server.url) if system == "ours" else None
-            result = wrk.run(server.url, model.body, c, args.duration)
-            row = {"system": system, "model": model.name, "concurrency": c, **result, "ready_s": server.ready_s}
-            if before is not None:
-                after = servers.batch_totals(server.url)
-                calls = after[1] - before[1]
-                row["mean_batch"] = (after[0] - before[0]) / calls if calls else None
-            rows.append(row)
-            print(f"  c={c}: {result['rps']:.0f} rps, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
-                  f"errors {result['errors']}", flush=True)  # fmt: skip
-            time.sleep(0.5)
-    return rows
+            for server in running.values():
+                wrk.run(server.url, model.body, 16, args.warmup)
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for round_ in range(1, args.rounds + 1):
+            for c in args.concurrency:
+                for system, server in running.items():
+                    result = one_run(system, server, model, c, args.duration)
+                    runs.setdefault((system, c), []).append(result)
+                    print(f"  round {round_} {system} c={c}: {result['rps']:.0f} rps, p50 {result['p50_ms']:.2f} ms, "
+                          f"p99 {result['p99_ms']:.2f} ms, errors {result['errors']}", flush=True)  # fmt: skip
+        return [
+            {"system": system, "model": model.name, "concurrency": c, **summarise(results),
+             "ready_s": running[system].ready_s, "runs": results}
+            for (system, c), results in sorted(runs.items(), key=lambda kv: (args.systems.index(kv[0][0]), kv[0][1]))
+        ]  # fmt: skip
+
+
+def one_run(system: str, server: servers.Running, model: models.BenchModel, c: int, seconds: float) -> dict:
+    before = servers.batch_totals(server.url) if system == "ours" else None
+    result = wrk.run(server.url, model.body, c, seconds)
+    if before is not None:
+        after = servers.batch_totals(server.url)
+        calls = after[1] - before[1]
+        result["mean_batch"] = (after[0] - before[0]) / calls if calls else None
+    time.sleep(0.5)
+    return result
+
+
+def summarise(results: list[dict]) -> dict:
+    """Median of each figure over the rounds; errors are summed, so one failing round shows."""
+    out = {}
+    for key in ("rps", "p50_ms", "p99_ms", "mean_batch"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    out["errors"] = sum(r["errors"] for r in results)
+    return out
 
 
 def add_ratios(rows: list[dict], limits: dict[str, dict[str, float]]) -> None:
@@ -129,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# in-process {name}: " + ", ".join(f"b{b} {v:.0f} samples/s" for b, v in limits[name].items()))
         rows: list[dict] = []
         for model in built.values():
-            for system in args.systems:
-                rows += bench_system(system, model, args, work)
+            rows += bench_model(model, args, work)
     add_ratios(rows, limits)
     text = table(rows, limits)
     print(text)

@@ -64,6 +64,17 @@ def test_table_has_ratios_to_each_baseline():
     assert "| ours | tiny | 64 | 5000 |" in text and "12.5" in text and "in-process b32" in text
 
 
+def test_rounds_are_summarised_by_median_and_errors_summed():
+    runs = [
+        {"rps": 900.0, "p50_ms": 3.0, "p99_ms": 9.0, "errors": 0, "mean_batch": 4.0},
+        {"rps": 3000.0, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 2, "mean_batch": 8.0},
+        {"rps": 1000.0, "p50_ms": 2.0, "p99_ms": 5.0, "errors": 0, "mean_batch": None},
+    ]
+    summary = bench.summarise(runs)
+    assert (summary["rps"], summary["p50_ms"], summary["p99_ms"]) == (1000.0, 2.0, 5.0)
+    assert summary["mean_batch"] == 6.0 and summary["errors"] == 2
+
+
 def test_missing_wrk_is_explained(monkeypatch, capsys):
     monkeypatch.setattr(wrk, "find_wrk", lambda: None)
     assert bench.main(["--models", "tiny"]) != 0

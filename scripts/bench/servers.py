@@ -37,7 +37,8 @@ def free_port() -> int:
 
 
 def command(system: str, port: int, model: Path, work: Path) -> tuple[list[str], Path, dict[str, str]]:
-    env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    # Each system its own BentoML home: they run side by side, and the metrics directory lives there.
+    env = {**os.environ, "BENTOML_HOME": str(work / f"bentoml-{system}"), "BENTOML_DO_NOT_TRACK": "True"}
     env["PYTHONUNBUFFERED"] = "1"
     if system == "ours":
         env["CLASSIC_INF_WORKFLOW_KW_ARGS"] = json.dumps({"model_path": str(model)})
