@@ -95,13 +95,15 @@ class FastRoute:
 
     def metrics(self) -> RouteMetrics | None:
         if not self._metrics_found:
-            self._metrics, self._metrics_found = _find_metrics(self.bentoml_app), True
+            stack = getattr(self.bentoml_app, "middleware_stack", None)
+            if stack is None:  # built at the app's first call (the lifespan); not yet
+                return None
+            self._metrics, self._metrics_found = _find_metrics(stack), True
         return self._metrics
 
 
-def _find_metrics(app: Any) -> RouteMetrics | None:
+def _find_metrics(layer: Any) -> RouteMetrics | None:
     """BentoML's metrics middleware in the built stack; None when metrics are switched off."""
-    layer = getattr(app, "middleware_stack", None)
     while layer is not None:
         if isinstance(layer, RunnerTrafficMetricsMiddleware):
             return RouteMetrics(layer)
