@@ -118,7 +118,8 @@ class FastRouteService(DocumentedService):
     def to_asgi(self, is_main: bool = True) -> Any:
         app = super().to_asgi(is_main)  # also applies this service's configuration to BentoML's container
         public = next((mounted for mounted, *_ in self.mount_apps if isinstance(mounted, PublicApp)), None)
-        if public is None:
+        # CORS and middleware added to the service must see every request: then BentoML's stack serves them all.
+        if public is None or self.middlewares or BentoMLContainer.http.cors.enabled.get():
             return app
         access = BentoMLContainer.api_server_config.logging.access.enabled.get()
         return FastRoute(app, public, access_log_enabled=bool(access))

@@ -84,3 +84,22 @@ def test_access_log_can_be_switched_back_on(tmp_path, iris_server):
 
 def access_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "path=/service_output" in line]
+
+
+def test_with_cors_on_every_route_goes_through_bentoml(tmp_path):
+    # BentoML's CORS middleware must see the inference route too (preflight and answer headers).
+    options = "services.infernet_torch_service.http.cors"
+    env = {
+        "BENTOML_CONFIG_OPTIONS": f'{options}.enabled=true {options}.access_control_allow_origins=["http://example.com"]'
+        f' {options}.access_control_allow_methods=["POST","GET"]'
+    }
+    origin = {"Origin": "http://example.com"}
+    with serving(env, tmp_path) as server:
+        preflight = requests.options(
+            f"{server.url}/service_output", headers={**origin, "Access-Control-Request-Method": "POST"}, timeout=30
+        )
+        answer = server.post(GOOD, headers=origin)
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "http://example.com"
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://example.com"
+    assert answer.json()["shape"] == [1, 3]
