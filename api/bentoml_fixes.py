@@ -9,7 +9,7 @@ module attributes is enough.
   when no response has started within the timeout) and cancels its timer when the request ends.
 - The batching dispatcher's ``Optimizer`` holds a lone call back for the average time past calls waited. Under
   load that average is the time calls queued behind a busy model, and each held call then feeds its own hold back
-  into the average, so after one burst every lone request waits for it (c=1 p50 1.6 -> 5 ms, and it stays;
+  into the average, so after one burst every lone request waits for it (c=1 p50 1.6 -> 3-5 ms, and it stays;
   docs/performance.md, section 9). Here the API workers already send what arrived together as one call, so the
   runner never holds: a call goes out as soon as the model is free, and calls that queued while it was busy go out
   together, which is the batching that pays.
