@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from workflows.sources import arweave
 from workflows.sources.arweave import APP_NAME, b64url_decode, b64url_encode, deep_hash
 from workflows.sources.cache import sha256_of
 
@@ -60,7 +61,7 @@ _JWK_FIELDS = ("n", "e", "d", "p", "q", "dp", "dq", "qi")
 
 
 def address_of(owner: str) -> str:
-    return b64url_encode(hashlib.sha256(b64url_decode(owner)).digest())
+    return arweave.address_of(b64url_decode(owner))
 
 
 def model_tags(

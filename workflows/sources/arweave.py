@@ -131,7 +131,8 @@ def find(gateway: Gateway, spec: ModelSpec) -> list[Candidate]:
                 if not _TX_ID.fullmatch(str(node.get("id"))) or owner not in spec.owners:
                     continue
                 height = (node.get("block") or {}).get("height")
-                found[node["id"]] = Candidate(node["id"], owner, None if height is None else int(height), _int(tags))
+                height = None if height is None else int(height)
+                found[node["id"]] = Candidate(node["id"], owner, height, _unix_time(tags))
     except (AttributeError, TypeError, ValueError):
         raise GatewayError(f"gateway {gateway.url}: malformed GraphQL answer") from None
     return list(found.values())
@@ -217,7 +218,7 @@ def verify_header(header: Any, tx_id: str, spec: ModelSpec) -> SignedHeader:
         raise StartupError(
             f"transaction {tx_id}: malformed header from the gateway ({type(e).__name__}: {e})"
         ) from None
-    owner = b64url_encode(hashlib.sha256(owner_key).digest())
+    owner = address_of(owner_key)
     if owner not in spec.owners:
         raise StartupError(f"transaction {tx_id} is signed by {owner}, which is not in ALLOWED_ARWEAVE_OWNERS")
     if b64url_encode(hashlib.sha256(signature).digest()) != tx_id:
@@ -355,6 +356,11 @@ def deep_hash(item: bytes | list) -> bytes:
     return hashlib.sha384(tag + hashlib.sha384(item).digest()).digest()
 
 
+def address_of(owner_key: bytes) -> str:
+    """The wallet address of an RSA owner key (its modulus): base64url of its sha256."""
+    return b64url_encode(hashlib.sha256(owner_key).digest())
+
+
 def b64url_decode(text: str) -> bytes:
     if not isinstance(text, str):
         raise TypeError("expected a base64url string")
@@ -365,7 +371,7 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _int(tags: dict[str, Any]) -> int:
+def _unix_time(tags: dict[str, Any]) -> int:
     try:
         return int(tags.get("Unix-Time") or 0)
     except (TypeError, ValueError):
