@@ -18,7 +18,7 @@ from api import bentoml_fixes
 from api.app import PublicApp
 from api.fast_route import FastRouteService
 from workflows import startup
-from workflows.batching import run_batch
+from workflows.batching import ModelThread, run_batch
 from workflows.config import ServiceSettings
 from workflows.drain import Drain
 
@@ -37,8 +37,7 @@ public_app = PublicApp(SETTINGS)
 RUNNER_TIMEOUT_S = SETTINGS.timeout_s + 5
 PUBLIC_TIMEOUT_S = SETTINGS.timeout_s + 10
 
-# BentoML's own adaptive_batch_size histogram counts runner *calls* merged, and each API worker already sends
-# its waiting requests in one call; this one counts the requests that share a runner batch.
+# Requests per batch of the model thread (each API worker's call may carry several requests).
 batch_size = bentoml.metrics.Histogram(
     name="infernet_batch_size",
     documentation="Requests per runner batch",
@@ -79,6 +78,7 @@ class WorkflowRunner:
         # SIGTERM: keep serving until the API workers have passed on the requests they hold (graceful stop).
         self.drain = Drain(max_s=min(SETTINGS.timeout_s, 30.0))
         self.drain.install()
+        self.model_thread = ModelThread(self.run_batch, SETTINGS.max_batch_size, SETTINGS.max_latency_ms / 1000)
         self.description = {"workflow": startup.qualified_name(self.workflow), "model": self.workflow_info()}
         freeze_heap()
 
@@ -86,11 +86,16 @@ class WorkflowRunner:
         describe = getattr(self.workflow, "describe", None)
         return describe() if callable(describe) else {}
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
-    def infer(self, datas: list[Any]) -> Annotated[list[Any], PICKLED]:
+    def run_batch(self, datas: list[Any]) -> list[Any]:
         batch_size.observe(len(datas))
+        return run_batch(self.workflow, datas)
+
+    # Batches form in the model thread, from the calls of every API worker that queue while the model is busy;
+    # this handler only queues its call there (not BentoML's batchable API: docs/performance.md, section 11).
+    @bentoml.api
+    async def infer(self, datas: list[Any]) -> Annotated[list[Any], PICKLED]:
         with self.drain.working():
-            return run_batch(self.workflow, datas)
+            return await self.model_thread.submit(datas)
 
     @bentoml.api
     def describe(self) -> Annotated[dict[str, Any], PICKLED]:

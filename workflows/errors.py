@@ -21,5 +21,11 @@ class ModelError(ServiceError):
     status = 422
 
 
+class Overloaded(ServiceError):
+    """The request waited longer than MAX_LATENCY_MS for the model; retry later (503)."""
+
+    status = 503
+
+
 class StartupError(Exception):
     """Configuration or model that cannot be used: start-up stops with this one-line message."""
