@@ -36,6 +36,7 @@ NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 _INTEGER = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": np.int32, "long": np.int64}
 _COMPLEX = {"cfloat", "cdouble"}
+_FLOAT = {"float": np.float32, "double": np.float64, "half": np.float16}
 _MAX_DEPTH = 32
 
 
@@ -135,6 +136,12 @@ def _fit(array: np.ndarray, name: str) -> torch.Tensor:
             raise InputError(f"values: {name} values travel as [real, imag] pairs on the innermost axis")
         array = array.astype(np.float64)
         array = array[..., 0] + 1j * array[..., 1]
+    if name in _FLOAT:  # numpy's cast and check cost a few microseconds less per request than torch's
+        with np.errstate(over="ignore"):
+            array = array.astype(_FLOAT[name], copy=False)
+        if not np.isfinite(array).all():
+            raise InputError(f"values: a value overflows {name}")
+        return torch.from_numpy(np.ascontiguousarray(array))
     tensor = torch.from_numpy(np.ascontiguousarray(array)).to(DTYPES[name])
     if not torch.isfinite(tensor).all():
         raise InputError(f"values: a value overflows {name}")
