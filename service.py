@@ -17,6 +17,7 @@ from bentoml.validators import ContentType
 from api import bentoml_fixes
 from api.app import PublicApp
 from api.fast_route import FastRouteService
+from api.runner_route import RunnerService
 from workflows import startup
 from workflows.batching import ModelThread, run_batch
 from workflows.config import ServiceSettings
@@ -70,6 +71,8 @@ def freeze_heap() -> None:
     logging={"access": {"enabled": False}},
     # Internal routes: OpenTelemetry's middleware costs ~20% of the runner's CPU per call even when nothing is sampled.
     tracing={"excluded_urls": ["/infer", "/describe"]},
+    # The API workers' calls to infer skip BentoML's middleware stack and typed endpoint (api/runner_route.py).
+    service_class=RunnerService,
 )
 class WorkflowRunner:
     def __init__(self) -> None:

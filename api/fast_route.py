@@ -1,12 +1,17 @@
-"""POST /service_output straight to the public app, ahead of BentoML's middleware stack.
+"""One busy route straight to its handler, ahead of BentoML's middleware stack.
 
 BentoML wraps every route in ~8 ASGI layers (error handling, metrics, OpenTelemetry, access log, timeout,
-concurrency, exceptions, routing), each with its own ``send`` wrapper. For the inference route, which answers its
-own errors, timeouts (504) and overload (503), those layers cost about half of an API worker's CPU per request
-(docs/performance.md, section 8). ``FastRoute`` sits outside the stack and hands that one route to ``PublicApp``
-directly; every other request goes through BentoML unchanged.
+concurrency, exceptions, routing), each with its own ``send`` wrapper, and its typed endpoints add pydantic IO
+models on top. For the two routes that carry the traffic those layers cost about half of the process's CPU per
+request (docs/performance.md, sections 8 and 12). ``FastRoute`` sits outside the stack and hands one route to its
+handler directly; every other request goes through BentoML unchanged. It is used twice:
 
-What the skipped layers did for this route is kept: the same ``bentoml_service_request_*`` series reach /metrics
+- the public service's ``POST /service_output`` goes to ``PublicApp``, which answers its own errors, timeouts (504)
+  and overload (503);
+- the runner's ``POST /infer``, as the API workers send it through ``bentoml.depends``, goes to the runner's own
+  ``infer`` method (``api/runner_route.py``).
+
+What the skipped layers did for the route is kept: the same ``bentoml_service_request_*`` series reach /metrics
 (recorded into BentoML's own metric objects, with the same labels), and the access log line is written when the
 service's ``logging.access.enabled`` is switched on.
 """
@@ -14,6 +19,7 @@ service's ``logging.access.enabled`` is switched on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from time import perf_counter, time
 from typing import Any
 
@@ -27,11 +33,13 @@ from api.openapi import DocumentedService
 ROUTE = "/service_output"
 access_log = logging.getLogger("bentoml.access")
 
+Handler = Callable[[Scope, Receive, Send], Awaitable[int]]  # answers the request, returns the status it sent
+
 
 class RouteMetrics:
     """The series BentoML's metrics middleware writes for a request, written for the fast route."""
 
-    def __init__(self, middleware: RunnerTrafficMetricsMiddleware) -> None:
+    def __init__(self, middleware: RunnerTrafficMetricsMiddleware, route: str) -> None:
         if not middleware._is_setup:
             middleware._setup()
         self._middleware = middleware
@@ -40,7 +48,8 @@ class RouteMetrics:
             "service_version": server_context.bento_version,
             "runner_name": server_context.service_name,
         }
-        labels = {"endpoint": ROUTE, **self._service}
+        self._route = route
+        labels = {"endpoint": route, **self._service}
         self.in_progress = middleware.metrics_request_in_progress.labels(**labels)
         self._last_request = middleware.metrics_last_request_timestamp.labels(**self._service)
         self._by_status: dict[int, tuple[Any, Any]] = {}  # labels() costs more than the update itself
@@ -51,7 +60,7 @@ class RouteMetrics:
     def finished(self, status: int, seconds: float) -> None:
         series = self._by_status.get(status)
         if series is None:
-            labels = {"endpoint": ROUTE, "http_response_code": status, **self._service}
+            labels = {"endpoint": self._route, "http_response_code": status, **self._service}
             m = self._middleware
             series = self._by_status[status] = (
                 m.metrics_request_total.labels(**labels),
@@ -63,24 +72,33 @@ class RouteMetrics:
 
 
 class FastRoute:
-    def __init__(self, bentoml_app: Any, public_app: PublicApp, access_log_enabled: bool) -> None:
+    def __init__(
+        self,
+        bentoml_app: Any,
+        route: str,
+        handler: Handler,
+        access_log_enabled: bool,
+        accepts: Callable[[Scope], bool] = lambda scope: True,
+    ) -> None:
         self.bentoml_app = bentoml_app
-        self.public_app = public_app
+        self.route = route
+        self.handler = handler
         self.access_log_enabled = access_log_enabled
+        self.accepts = accepts  # requests on the route that the handler does not take go through BentoML
         self._metrics: RouteMetrics | None = None
         self._metrics_found = False  # looked up at the first request: Starlette builds its stack lazily
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != ROUTE:
+        if scope["type"] != "http" or scope["path"] != self.route or not self.accepts(scope):
             return await self.bentoml_app(scope, receive, send)
         metrics = self.metrics()
         started = perf_counter()
         if metrics is None:
-            status = await self.public_app.serve(scope, receive, send)
+            status = await self.handler(scope, receive, send)
         else:
             metrics.started()
             with metrics.in_progress.track_inprogress():
-                status = await self.public_app.serve(scope, receive, send)
+                status = await self.handler(scope, receive, send)
             metrics.finished(status, perf_counter() - started)
         if self.access_log_enabled:
             client = scope.get("client") or ("-", 0)
@@ -88,7 +106,7 @@ class FastRoute:
                 "%s:%s (method=%s,path=%s) (status=%s) %.3fms",
                 *client,
                 scope["method"],
-                ROUTE,
+                self.route,
                 status,
                 (perf_counter() - started) * 1000,
             )
@@ -98,15 +116,15 @@ class FastRoute:
             stack = getattr(self.bentoml_app, "middleware_stack", None)
             if stack is None:  # built at the app's first call (the lifespan); not yet
                 return None
-            self._metrics, self._metrics_found = _find_metrics(stack), True
+            self._metrics, self._metrics_found = _find_metrics(stack, self.route), True
         return self._metrics
 
 
-def _find_metrics(layer: Any) -> RouteMetrics | None:
+def _find_metrics(layer: Any, route: str) -> RouteMetrics | None:
     """BentoML's metrics middleware in the built stack; None when metrics are switched off."""
     while layer is not None:
         if isinstance(layer, RunnerTrafficMetricsMiddleware):
-            return RouteMetrics(layer)
+            return RouteMetrics(layer, route)
         layer = getattr(layer, "app", None)
     return None
 
@@ -121,5 +139,9 @@ class FastRouteService(DocumentedService):
         # CORS and middleware added to the service must see every request: then BentoML's stack serves them all.
         if public is None or self.middlewares or BentoMLContainer.http.cors.enabled.get():
             return app
-        access = BentoMLContainer.api_server_config.logging.access.enabled.get()
-        return FastRoute(app, public, access_log_enabled=bool(access))
+        return FastRoute(app, ROUTE, public.serve, access_log_enabled=access_log_enabled())
+
+
+def access_log_enabled() -> bool:
+    """The service's ``logging.access.enabled``; valid once BentoML has applied the service's configuration."""
+    return bool(BentoMLContainer.api_server_config.logging.access.enabled.get())

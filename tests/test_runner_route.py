@@ -1,0 +1,109 @@
+"""The runner's POST /infer fast path (api/runner_route.py) speaks BentoML's own client format.
+
+In-process: a small BentoML service with ``service_class=RunnerService``; requests are built and answers read with
+the same serde calls BentoML's client makes, so a mismatch with ``bentoml.depends`` shows here. Over HTTP, every
+test that POSTs /service_output goes through this route; the last test checks its calls are still counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import bentoml
+import orjson
+import pytest
+from _bentoml_impl.serde import Payload, PickleSerde
+from _bentoml_sdk.service import set_current_service
+
+from api.fast_route import FastRoute
+from api.runner_route import PICKLE, PickledCall, RunnerService, is_pickled_call
+from tests.test_fast_route import delta, route_series
+
+
+@bentoml.service(service_class=RunnerService)
+class Doubler:
+    @bentoml.api
+    async def infer(self, datas: list[Any]) -> list[Any]:
+        if any(isinstance(value, str) and value == "boom" for value in datas):
+            raise RuntimeError("boom")
+        return [value * 2 for value in datas]
+
+
+def client_request(datas: list[Any]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """What BentoML's client sends for ``client.call("infer", datas)`` with the pickle serde."""
+    payload = PickleSerde().serialize_model(Doubler.apis["infer"].input_spec.from_inputs(datas=datas))
+    headers = [(b"content-type", PICKLE.encode())]
+    headers += [(name.encode(), value.encode()) for name, value in payload.headers.items()]
+    return b"".join(payload.data), headers
+
+
+async def call(handler, body: bytes, headers) -> tuple[int, dict[str, str], bytes]:
+    sent: list[dict] = []
+    # in two parts, as a server may deliver it
+    messages = [
+        {"type": "http.request", "body": body[:7], "more_body": True},
+        {"type": "http.request", "body": body[7:]},
+    ]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/infer", "headers": headers}
+    status = await handler(scope, receive, send)
+    assert sent[0]["status"] == status
+    return status, {k.decode(): v.decode() for k, v in sent[0]["headers"]}, sent[1]["body"]
+
+
+@pytest.fixture
+def doubler():
+    instance = Doubler()
+    set_current_service(instance)
+    yield instance
+    set_current_service(None)
+
+
+def test_a_pickled_call_reaches_the_method_and_answers_in_bentomls_format(doubler):
+    import numpy as np
+
+    datas = [1, 2.5, np.arange(3.0), "ab"]
+    status, headers, body = asyncio.run(call(PickledCall("infer"), *client_request(datas)))
+    assert status == 200 and headers["content-type"] == PICKLE
+    assert int(headers["content-length"]) == len(body)
+    # read back as BentoML's client does
+    answer = PickleSerde().deserialize_model(Payload((body,), headers), Doubler.apis["infer"].output_spec)
+    result = answer.root
+    assert result[:2] == [2, 5.0] and result[3] == "abab"
+    assert np.array_equal(result[2], np.arange(3.0) * 2)
+
+
+def test_a_failing_call_is_a_500_with_a_text_error(doubler):
+    status, headers, body = asyncio.run(call(PickledCall("infer"), *client_request([1, "boom"])))
+    assert status == 500 and headers["content-type"] == "application/json"
+    assert orjson.loads(body) == {"error": "infer failed; see the runner's log"}
+
+
+def test_only_pickled_posts_take_the_fast_path():
+    pickled = [(b"content-type", PICKLE.encode() + b"; charset=binary")]
+    assert is_pickled_call({"method": "POST", "headers": pickled})
+    assert not is_pickled_call({"method": "GET", "headers": pickled})
+    assert not is_pickled_call({"method": "POST", "headers": [(b"content-type", b"application/json")]})
+    assert not is_pickled_call({"method": "POST", "headers": []})
+
+
+def test_the_runner_service_class_puts_the_route_in_front():
+    app = Doubler.to_asgi(is_main=False)
+    assert isinstance(app, FastRoute) and app.route == "/infer"
+
+
+def test_runner_calls_are_still_counted_in_bentomls_series(iris_server):
+    # Sequential requests: each is one runner call to /infer.
+    before = route_series(iris_server, "/infer")
+    for _ in range(4):
+        assert iris_server.post({"source": 1, "data": {"dtype": "double", "values": [[1.0, 0.5, 1.1, 1.7]]}}).ok
+    after = route_series(iris_server, "/infer")
+    assert delta(after, before, "bentoml_service_request_total", "200") == 4
+    assert delta(after, before, "bentoml_service_request_duration_seconds_count", "200") == 4
