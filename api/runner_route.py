@@ -22,6 +22,7 @@ from api.app import Receive, Scope, Send
 from api.fast_route import FastRoute, access_log_enabled
 
 PICKLE = PickleSerde.media_type
+CLIENT_GONE = 499  # for the metrics: the API worker went away before the answer (nginx's code); nothing is sent
 log = logging.getLogger("api.runner_route")
 
 
@@ -55,6 +56,8 @@ class PickledCall:
             headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
             arguments = self.serde.deserialize_value(Payload((body,), metadata=headers))
             payload = self.serde.serialize_value(await method(**arguments))
+        except ConnectionError:
+            return CLIENT_GONE
         except Exception:
             log.exception("runner call %s failed", self.method)
             return await _error(send, 500, f"{self.method} failed; see the runner's log")
@@ -88,10 +91,13 @@ async def _send(send: Send, status: int, media_type: str, body: bytes, headers: 
 
 class RunnerService(bentoml.Service):
     """The runner's class (``service_class`` of ``@bentoml.service``): ``POST /infer`` in BentoML's pickle serde
-    goes to ``PickledCall``; with middleware added to the service, every request goes through BentoML's stack."""
+    goes to ``PickledCall``; with middleware added to the service, every request goes through BentoML's stack.
+
+    Only as a dependency: like BentoML's own endpoint, a service that faces clients (``is_main``) never unpickles
+    what it is sent, since unpickling runs code of the sender's choosing."""
 
     def to_asgi(self, is_main: bool = True) -> Any:
         app = super().to_asgi(is_main)
-        if self.middlewares:
+        if is_main or self.middlewares:
             return app
         return FastRoute(app, "/infer", PickledCall("infer"), access_log_enabled(), accepts=is_pickled_call)

@@ -94,9 +94,25 @@ def test_only_pickled_posts_take_the_fast_path():
     assert not is_pickled_call({"method": "POST", "headers": []})
 
 
-def test_the_runner_service_class_puts_the_route_in_front():
+def test_the_runner_service_class_puts_the_route_in_front_only_as_a_dependency():
     app = Doubler.to_asgi(is_main=False)
     assert isinstance(app, FastRoute) and app.route == "/infer"
+    # A service that faces clients never unpickles what they send (BentoML's endpoint refuses it with 415).
+    assert not isinstance(Doubler.to_asgi(is_main=True), FastRoute)
+
+
+def test_an_api_worker_that_went_away_gets_no_answer(doubler):
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/infer", "headers": client_request([1])[1]}
+    assert asyncio.run(PickledCall("infer")(scope, receive, send)) == 499
+    assert sent == []
 
 
 def test_runner_calls_are_still_counted_in_bentomls_series(iris_server):
