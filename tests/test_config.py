@@ -1,7 +1,10 @@
 """Configuration from the environment: defaults, JSON parsing, and one-line errors naming the variable."""
 
+import os
+
 import pytest
 
+from workflows import config
 from workflows.config import BUILTIN_TORCH_WORKFLOW, EMBEDDED_MODEL, ServiceSettings, TorchSettings
 from workflows.errors import StartupError
 from workflows.sources import spec_from_kwargs
@@ -63,6 +66,19 @@ def test_torch_settings():
     assert settings.hf_token == "hf_secret" and "hf_secret" not in repr(settings)
     assert TorchSettings.from_env({"HF_TOKEN": "a", "HUGGING_FACE_HUB_TOKEN": "b"}).hf_token == "a"
     assert TorchSettings.from_env({"ALLOWED_ARWEAVE_OWNERS": "a, b,"}).allowed_arweave_owners == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "cpus, cpu_max, threads",
+    [(1, None, 1), (2, None, 1), (8, None, 7), (8, "max 100000", 7), (8, "150000 100000", 1), (8, "400000 100000", 3)],
+)
+def test_model_threads_leave_a_core_to_the_http_side(tmp_path, monkeypatch, cpus, cpu_max, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(config, "CGROUP_CPU_MAX", tmp_path / "cpu.max")  # a container's CPU limit, when given
+    if cpu_max:
+        config.CGROUP_CPU_MAX.write_text(cpu_max + "\n")
+    assert TorchSettings.from_env({}).num_threads == threads
+    assert TorchSettings.from_env({"TORCH_NUM_THREADS": "3"}).num_threads == 3
 
 
 @pytest.mark.parametrize(

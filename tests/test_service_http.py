@@ -11,7 +11,7 @@ import torch
 from eth_abi import decode, encode
 
 from api.contract import PROOFS_NOT_SUPPORTED
-from workflows.config import EMBEDDED_MODEL
+from workflows.config import EMBEDDED_MODEL, model_threads
 
 IRIS_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]
 
@@ -159,6 +159,7 @@ def test_info_describes_workflow_model_and_batching(iris_server):
     model = info["model"]
     assert model["source"] == "local" and model["file"] == "model.torch" and model["format"] == "torchscript"
     assert model["dtype"] == "float"
+    assert model["threads"] == model_threads()  # TORCH_NUM_THREADS unset: a core is left to the HTTP side
     assert model["sha256"] == hashlib.sha256(EMBEDDED_MODEL.read_bytes()).hexdigest()
     assert info["batching"]["max_batch_size"] >= 2 and info["batching"]["max_latency_ms"] > 0
     assert info["limits"]["max_request_bytes"] == 32 * 1024 * 1024

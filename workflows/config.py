@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -95,9 +96,34 @@ class TorchSettings:
             arweave_gateway=(env.get("ARWEAVE_GATEWAY", "").strip() or cls.arweave_gateway).rstrip("/"),
             model_cache_dir=Path(env.get("MODEL_CACHE_DIR", "").strip() or cache_root / "infernet-torch-service"),
             hf_token=(env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip() or None,
-            num_threads=integer(env, "TORCH_NUM_THREADS", 0, minimum=1) if threads else None,
+            num_threads=integer(env, "TORCH_NUM_THREADS", 0, minimum=1) if threads else model_threads(),
             max_elements=integer(env, "MAX_REQUEST_ELEMENTS", cls.max_elements, minimum=1),
         )
+
+
+def model_threads() -> int:
+    """TORCH_NUM_THREADS by default: one fewer than the CPUs this process may use, at least 1.
+
+    The spare core is for the HTTP side (API workers, the runner's event loop). When the forward's threads and those
+    processes together want more cores than there are, the forward's threads wait on each other: on 2 cores, 1
+    thread served the heavy benchmark model 15-23 % faster at c=64 than 2 (docs/performance.md, section 13).
+    """
+    return max(1, available_cpus() - 1)
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a container's CPU limit (cgroup v2) when there is one."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def json_value(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
