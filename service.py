@@ -63,7 +63,7 @@ def freeze_heap() -> None:
 
 @bentoml.service(
     workers=1,  # one model copy; batches form across every API worker
-    threads=1,
+    threads=1,  # for describe; the model has a thread of its own (ModelThread)
     # BentoML 1.4.40 recycles the runner connection every 100 requests while calls are in flight,
     # failing ~15% of them under load; never recycling avoids it.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
@@ -81,7 +81,7 @@ class WorkflowRunner:
         # SIGTERM: keep serving until the API workers have passed on the requests they hold (graceful stop).
         self.drain = Drain(max_s=min(SETTINGS.timeout_s, 30.0))
         self.drain.install()
-        self.model_thread = ModelThread(self.run_batch, SETTINGS.max_batch_size, SETTINGS.max_latency_ms / 1000)
+        self.model_thread = ModelThread(self.process_batch, SETTINGS.max_batch_size, SETTINGS.max_latency_ms / 1000)
         self.description = {"workflow": startup.qualified_name(self.workflow), "model": self.workflow_info()}
         freeze_heap()
 
@@ -89,7 +89,8 @@ class WorkflowRunner:
         describe = getattr(self.workflow, "describe", None)
         return describe() if callable(describe) else {}
 
-    def run_batch(self, datas: list[Any]) -> list[Any]:
+    def process_batch(self, datas: list[Any]) -> list[Any]:
+        """On the model thread: one outcome per request (workflows/batching.py)."""
         batch_size.observe(len(datas))
         return run_batch(self.workflow, datas)
 
