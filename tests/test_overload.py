@@ -1,9 +1,12 @@
 """Overload and timeouts: beyond MAX_CONCURRENCY the service answers 503 at once (JSON, Retry-After) instead of
-queueing; a request that outlives REQUEST_TIMEOUT_S gets the contract's JSON 504, never a dropped connection."""
+queueing; a request that waited past MAX_LATENCY_MS for the model gets 503 instead of running late; a request that
+outlives REQUEST_TIMEOUT_S gets the contract's JSON 504, never a dropped connection."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -84,3 +87,18 @@ def test_requests_queued_behind_a_slow_one_time_out_in_json_not_dropped(server):
             assert_contract_error(o.response, 504)
     # The runner cannot abandon a forward pass already started; once it is done the service answers again.
     wait_for(lambda: post(server, row()).status == 200, timeout=30)
+
+
+def test_a_request_that_waited_past_max_latency_for_the_model_gets_json_503(tmp_path):
+    # The model is held for 1.5 s; a request queued behind it waits longer than MAX_LATENCY_MS and is refused
+    # by the runner's model thread instead of being run late.
+    with serving(env(tmp_path, API_WORKERS="1", MAX_LATENCY_MS="300"), tmp_path) as server:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(post, server, sleeping(1.5))
+            time.sleep(0.4)  # the slow request is in the model by now; the next one queues behind it
+            late = post(server, row(1.0, 1.0, 2.0, 3.0))
+            assert slow.result().status == 200
+        body = assert_contract_error(late.response, 503)
+        assert "MAX_LATENCY_MS" in body["description"]
+        assert late.response.headers["retry-after"] == "1"
+        assert post(server, row(1.0, 1.0, 2.0, 3.0)).status == 200  # once the model is free, requests run again
