@@ -178,9 +178,10 @@ class ModelThread:
 
     def _serve(self) -> None:
         while True:
-            ready: list[_Call] = []
+            calls = self._next_batch()
             started = time.monotonic()
-            for call in self._next_batch():
+            ready: list[_Call] = []
+            for call in calls:
                 waited = started - call.queued
                 if waited <= self._max_wait_s:
                     ready.append(call)
