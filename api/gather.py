@@ -3,6 +3,11 @@
 There is no timer: a request is sent on the next turn of the event loop, so a lone request never waits.
 While ``max_inflight`` calls are out, newcomers queue and leave together in the next call, so batches grow
 with load by themselves. One call per group matters: each hop to the runner costs more than a small forward.
+
+Four calls in flight, not two: with two, a worker whose calls were both in the model's batch had none waiting for
+the next one, so the model started it without that worker's requests. With four, every worker keeps a call queued
+behind the running batch: heavy c=64 batches grew from ~23 to ~31 requests and throughput by 8-15 %; eight was no
+better (docs/performance.md, section 14).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ RunnerCall = Callable[[list[Any]], Awaitable[list[Any]]]
 
 
 class Gatherer:
-    def __init__(self, call: RunnerCall, max_items: int, max_inflight: int = 2) -> None:
+    def __init__(self, call: RunnerCall, max_items: int, max_inflight: int = 4) -> None:
         self._call = call
         self._max_items = max_items
         self._max_inflight = max_inflight
