@@ -106,7 +106,7 @@ def model_threads() -> int:
 
     The spare core is for the HTTP side (API workers, the runner's event loop). When the forward's threads and those
     processes together want more cores than there are, the forward's threads wait on each other: on 2 cores, 1
-    thread served the heavy benchmark model 15-23 % faster at c=64 than 2 (docs/performance.md, section 13).
+    thread served the heavy benchmark model 14-24 % faster at c=64 than 2 (docs/performance.md, section 13).
     """
     return max(1, available_cpus() - 1)
 
