@@ -19,7 +19,7 @@ from api.app import PublicApp
 from api.fast_route import FastRouteService
 from api.runner_route import RunnerService
 from workflows import startup
-from workflows.batching import ModelThread, run_batch
+from workflows.batching import ModelThread, finish, prepare, run_prepared
 from workflows.config import ServiceSettings
 from workflows.drain import Drain
 
@@ -89,17 +89,19 @@ class WorkflowRunner:
         describe = getattr(self.workflow, "describe", None)
         return describe() if callable(describe) else {}
 
-    def process_batch(self, datas: list[Any]) -> list[Any]:
-        """On the model thread: one outcome per request (workflows/batching.py)."""
-        batch_size.observe(len(datas))
-        return run_batch(self.workflow, datas)
+    def process_batch(self, prepared: list[Any]) -> list[Any]:
+        """On the model thread: the forward passes of every queued call's requests (workflows/batching.py)."""
+        batch_size.observe(len(prepared))
+        return run_prepared(self.workflow, prepared)
 
-    # Batches form in the model thread, from the calls of every API worker that queue while the model is busy;
-    # this handler only queues its call there (not BentoML's batchable API: docs/performance.md, section 11).
+    # Batches form in the model thread, from the calls of every API worker that queue while the model is busy
+    # (not BentoML's batchable API: docs/performance.md, section 11). Pre- and post-processing run here, on the
+    # event loop, alongside the forward of another batch (section 15).
     @bentoml.api
     async def infer(self, datas: list[Any]) -> Annotated[list[Any], PICKLED]:
         with self.drain.working():
-            return await self.model_thread.submit(datas)
+            results = await self.model_thread.submit(prepare(self.workflow, datas))
+            return finish(self.workflow, results)
 
     @bentoml.api
     def describe(self) -> Annotated[dict[str, Any], PICKLED]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import torch
 
 from tests.models import Affine, save
 from workflows.base import InferenceWorkflow
-from workflows.batching import run_batch
+from workflows.batching import ModelThread, finish, prepare, run_batch, run_prepared
 from workflows.config import TorchSettings
 from workflows.torch_workflow import TorchInferenceWorkflow
 
@@ -129,3 +132,73 @@ def test_base_class_defaults_and_inference():
         {"status": 400, "description": "'x'"},
     ]
     assert workflow.inference({"x": 5}) == 10
+
+
+class Pipelined(InferenceWorkflow):
+    """Records which thread runs each hook; its first forward is held until the test releases it."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, object, str]] = []
+        self.busy, self.release = threading.Event(), threading.Event()
+
+    def _record(self, hook: str, value: object) -> None:
+        self.log.append((hook, value, threading.current_thread().name))
+
+    def preprocess(self, data):
+        self._record("preprocess", data)
+        return data["x"]
+
+    def batch_key(self, item):
+        return "rows"
+
+    def run_model(self, batch):
+        self._record("run_model", list(batch))
+        self.busy.set()
+        self.release.wait(10)
+        return [x * 10 for x in batch]
+
+    def postprocess(self, output):
+        self._record("postprocess", output)
+        return {"y": output}
+
+
+def test_a_call_is_preprocessed_while_the_model_runs_another_batch():
+    """What the runner does (service.py, infer): prepare and finish on the event loop, only the forward on the
+    model thread, so a call's decoding overlaps the batch ahead of it."""
+    workflow = Pipelined()
+    model = ModelThread(lambda prepared: run_prepared(workflow, prepared), max_items=64, max_wait_s=10)
+
+    async def call(datas):
+        return finish(workflow, await model.submit(prepare(workflow, datas)))
+
+    async def scenario():
+        first = asyncio.ensure_future(call([{"x": 1}]))
+        assert await asyncio.to_thread(workflow.busy.wait, 10)
+        second = asyncio.ensure_future(call([{"x": 2}, {"nope": 0}, {"x": 3}]))
+        await asyncio.sleep(0.05)
+        log_while_busy = list(workflow.log)
+        workflow.release.set()
+        return log_while_busy, await first, await second
+
+    loop_thread = threading.current_thread().name
+    log_while_busy, first, second = asyncio.run(scenario())
+    assert log_while_busy == [
+        ("preprocess", {"x": 1}, loop_thread),
+        ("run_model", [1], "model"),
+        ("preprocess", {"x": 2}, loop_thread),
+        ("preprocess", {"nope": 0}, loop_thread),
+        ("preprocess", {"x": 3}, loop_thread),
+    ]
+    assert first == [{"status": 200, "body": {"y": 10}}]
+    assert second == [
+        {"status": 200, "body": {"y": 20}},
+        {"status": 400, "description": "'x'"},
+        {"status": 200, "body": {"y": 30}},
+    ]
+    # after the release the model thread may start the second batch before the loop finishes the first
+    assert sorted(workflow.log[5:], key=str) == [
+        ("postprocess", 10, loop_thread),
+        ("postprocess", 20, loop_thread),
+        ("postprocess", 30, loop_thread),
+        ("run_model", [2, 3], "model"),  # the bad request never reached the model
+    ]

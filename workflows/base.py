@@ -8,6 +8,10 @@
     unbatch(output, items)       split a batch's output back, one entry per item
     postprocess(output) -> JSON  one item's output -> what the client receives
 
+The runner calls ``batch``, ``run_model`` and ``unbatch`` on the model's own thread, one batch after another, and
+``preprocess``, ``batch_key`` and ``postprocess`` on its event loop, alongside the forward of another batch: keep
+those short, and keep them off state that ``run_model`` changes.
+
 ``inference(data)`` chains them for a single request, as the original library's workflows did. Classes
 that only define ``setup()`` and ``inference()`` (no base class) are served too, one request at a time.
 """

@@ -1,8 +1,9 @@
-"""How batches form and run: ``ModelThread`` forms them from the calls that queue, ``run_batch`` runs one through
-a workflow (compatible items share a forward, failures stay with their own item).
+"""How batches form and run: ``ModelThread`` forms them from the calls that queue; ``prepare``, ``run_prepared``
+and ``finish`` (together ``run_batch``) take requests through a workflow: compatible items share a forward,
+failures stay with their own item.
 
-This is the only place that knows how a batch is formed and split; the runner service submits its calls to a
-``ModelThread`` and nothing else.
+This is the only place that knows how a batch is formed and split; the runner service prepares each call, submits
+it to a ``ModelThread`` and finishes what comes back, and nothing else.
 """
 
 from __future__ import annotations
@@ -44,42 +45,76 @@ def _message(error: BaseException) -> str:
 
 def run_batch(workflow: Any, datas: list[Any]) -> list[Outcome]:
     """One outcome per request, in order; one bad request never fails another."""
+    return finish(workflow, run_prepared(workflow, prepare(workflow, datas)))
+
+
+# The three steps of run_batch, split so that only the forward needs the model's thread: the runner prepares and
+# finishes its calls on its event loop while the model thread runs another batch (docs/performance.md, section 15).
+
+
+@dataclass(slots=True)
+class _Item:
+    """A request that passed preprocess: its model input and batch key."""
+
+    value: Any
+    key: Any
+
+
+@dataclass(slots=True)
+class _Output:
+    """A request's share of the model's output, before postprocess."""
+
+    value: Any
+
+
+def prepare(workflow: Any, datas: list[Any]) -> list[Any]:
+    """Per request: an ``_Item`` ready for the model, or the outcome of its failed preprocess."""
     if not isinstance(workflow, InferenceWorkflow):
-        return [_legacy_inference(workflow, data) for data in datas]
-
-    outcomes: list[Outcome | None] = [None] * len(datas)
-    groups: dict[Any, list[int]] = defaultdict(list)
-    items: list[Any] = [None] * len(datas)
-    for i, data in enumerate(datas):
+        return list(datas)  # a legacy workflow's inference() does it all, on the model thread
+    prepared: list[Any] = []
+    for data in datas:
         try:
-            items[i] = workflow.preprocess(data)
-            key = workflow.batch_key(items[i])
+            item = workflow.preprocess(data)
+            prepared.append(_Item(item, workflow.batch_key(item)))
         except ServiceError as e:
-            outcomes[i] = failed(e)
-            continue
+            prepared.append(failed(e))
         except Exception as e:  # a workflow's own validation that raised something generic
-            outcomes[i] = failed(InputError(_message(e)))
-            continue
-        groups[("alone", i) if key is None else ("key", key)].append(i)
+            prepared.append(failed(InputError(_message(e))))
+    return prepared
 
+
+def run_prepared(workflow: Any, prepared: list[Any]) -> list[Any]:
+    """On the model thread: per request, an ``_Output`` or an outcome; items with equal keys share a forward."""
+    if not isinstance(workflow, InferenceWorkflow):
+        return [_legacy_inference(workflow, data) for data in prepared]
+    results = list(prepared)
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for i, entry in enumerate(prepared):
+        if isinstance(entry, _Item):
+            groups[("alone", i) if entry.key is None else ("key", entry.key)].append(i)
     for (kind, _), members in groups.items():
         if kind == "alone":
             i = members[0]
-            outcomes[i] = _run_alone(workflow, items[i])
+            results[i] = _run_alone(workflow, prepared[i].value)
             continue
         try:
-            outputs = _run_group(workflow, [items[i] for i in members])
+            outputs = _run_group(workflow, [prepared[i].value for i in members])
         except Exception as e:
             if len(members) > 1:
                 log.info("batch of %d failed (%s); retrying item by item", len(members), _message(e))
                 for i in members:
-                    outcomes[i] = _run_one_of_group(workflow, items[i])
+                    results[i] = _run_one_of_group(workflow, prepared[i].value)
             else:
-                outcomes[members[0]] = failed(_as_model_error(e))
+                results[members[0]] = failed(_as_model_error(e))
             continue
         for i, output in zip(members, outputs):
-            outcomes[i] = _postprocess(workflow, output)
-    return outcomes  # type: ignore[return-value]
+            results[i] = _Output(output)
+    return results
+
+
+def finish(workflow: Any, results: list[Any]) -> list[Outcome]:
+    """Per request, its outcome: the output postprocessed, or the failure it already is."""
+    return [_postprocess(workflow, r.value) if isinstance(r, _Output) else r for r in results]
 
 
 def _run_group(workflow: InferenceWorkflow, group: list[Any]) -> list[Any]:
@@ -89,20 +124,19 @@ def _run_group(workflow: InferenceWorkflow, group: list[Any]) -> list[Any]:
     return outputs
 
 
-def _run_one_of_group(workflow: InferenceWorkflow, item: Any) -> Outcome:
+def _run_one_of_group(workflow: InferenceWorkflow, item: Any) -> Any:
     try:
         [output] = _run_group(workflow, [item])
     except Exception as e:
         return failed(_as_model_error(e))
-    return _postprocess(workflow, output)
+    return _Output(output)
 
 
-def _run_alone(workflow: InferenceWorkflow, item: Any) -> Outcome:
+def _run_alone(workflow: InferenceWorkflow, item: Any) -> Any:
     try:
-        output = workflow.run_model(item)
+        return _Output(workflow.run_model(item))
     except Exception as e:
         return failed(_as_model_error(e))
-    return _postprocess(workflow, output)
 
 
 def _postprocess(workflow: InferenceWorkflow, output: Any) -> Outcome:
@@ -168,7 +202,7 @@ class ModelThread:
         self._thread.start()
 
     async def submit(self, items: list[Any]) -> list[Outcome]:
-        """One outcome per item, in order (see ``run_batch``)."""
+        """One result per item, in order (see ``run_prepared``)."""
         loop = asyncio.get_running_loop()
         call = _Call(items, loop, loop.create_future())
         with self._queued:
@@ -207,7 +241,7 @@ class ModelThread:
     def _run_calls(self, calls: list[_Call]) -> None:
         try:
             outcomes = self._run([item for call in calls for item in call.items])
-        except BaseException as e:  # run_batch isolates failures; this is a bug, and every caller must hear of it
+        except BaseException as e:  # run_prepared isolates failures; this is a bug, and every caller must hear of it
             log.exception("batch failed")
             for call in calls:
                 call.answer(None, e)
