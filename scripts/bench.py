@@ -3,8 +3,9 @@
     make bench                                   # everything (~11 minutes on 2 cores)
     make bench BENCH_ARGS="--models tiny --concurrency 64 --rounds 2"
 
-For each model, every system is started at once; each round then runs every concurrency on every system in
-turn, so a slow spell of a shared machine hits all systems alike. Each cell reports the median over the rounds.
+For each model, every system is started at once; each round then measures the in-process limit and runs every
+concurrency on every system in turn, so a slow spell of a shared machine hits all systems alike. Each cell
+reports the median over the rounds.
 
 Needs wrk (Debian: apt-get install -y wrk). Loopback only; every run is bounded in time. Prints one table and
 writes the same rows to a JSON file (--out, default build/bench/results.json). See docs/performance.md.
@@ -62,7 +63,8 @@ def inproc(model: models.BenchModel, seconds: float) -> dict[str, float]:
     return best
 
 
-def bench_model(model: models.BenchModel, args: argparse.Namespace, work: Path) -> list[dict]:
+def bench_model(model: models.BenchModel, args: argparse.Namespace, work: Path) -> tuple[list[dict], list[dict]]:
+    """The rows of every system at every concurrency, and each round's in-process limit."""
     with contextlib.ExitStack() as stack:
         running = {}
         for system in args.systems:  # one at a time: start-up is CPU-heavy and ready_s is reported
@@ -72,18 +74,33 @@ def bench_model(model: models.BenchModel, args: argparse.Namespace, work: Path) 
             for server in running.values():
                 wrk.run(server.url, model.body, 16, args.warmup)
         runs: dict[tuple[str, int], list[dict]] = {}
+        limits: list[dict[str, float]] = []
         for round_ in range(1, args.rounds + 1):
+            # In every round too, so that the ratio to it compares figures from the same minutes of a shared box.
+            if not args.no_inproc:
+                limits.append(inproc(model, args.inproc_seconds))
+                print(f"  round {round_} in-process: {_rates(limits[-1])}", flush=True)
             for c in args.concurrency:
                 for system, server in running.items():
                     result = one_run(system, server, model, c, args.duration)
                     runs.setdefault((system, c), []).append(result)
                     print(f"  round {round_} {system} c={c}: {result['rps']:.0f} rps, p50 {result['p50_ms']:.2f} ms, "
                           f"p99 {result['p99_ms']:.2f} ms, errors {result['errors']}", flush=True)  # fmt: skip
-        return [
+        rows = [
             {"system": system, "model": model.name, "concurrency": c, **summarise(results),
              "ready_s": running[system].ready_s, "runs": results}
             for (system, c), results in sorted(runs.items(), key=lambda kv: (args.systems.index(kv[0][0]), kv[0][1]))
         ]  # fmt: skip
+        return rows, limits
+
+
+def median_limit(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per batch size, the median of the rounds' in-process samples/s."""
+    return {batch: statistics.median(r[batch] for r in rounds) for batch in (rounds[0] if rounds else {})}
+
+
+def _rates(limit: dict[str, float]) -> str:
+    return ", ".join(f"b{batch} {rate:.0f} samples/s" for batch, rate in limit.items())
 
 
 def one_run(system: str, server: servers.Running, model: models.BenchModel, c: int, seconds: float) -> dict:
@@ -154,19 +171,21 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         built = {name: models.build(name, work / "models") for name in args.models}
         limits: dict[str, dict[str, float]] = {}
-        if not args.no_inproc:
-            for name, model in built.items():
-                limits[name] = inproc(model, args.inproc_seconds)
-                print(f"# in-process {name}: " + ", ".join(f"b{b} {v:.0f} samples/s" for b, v in limits[name].items()))
+        limit_rounds: dict[str, list[dict[str, float]]] = {}
         rows: list[dict] = []
-        for model in built.values():
-            rows += bench_model(model, args, work)
+        for name, model in built.items():
+            model_rows, limit_rounds[name] = bench_model(model, args, work)
+            rows += model_rows
+            if limit_rounds[name]:
+                limits[name] = median_limit(limit_rounds[name])
+                print(f"# in-process {name} (median of the rounds): {_rates(limits[name])}", flush=True)
     add_ratios(rows, limits)
     text = table(rows, limits)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.write_text(json.dumps({"settings": settings, "rows": rows, "inproc": limits, "table": text}, indent=1))
+    result = {"settings": settings, "rows": rows, "inproc": limits, "inproc_rounds": limit_rounds, "table": text}
+    args.out.write_text(json.dumps(result, indent=1))
     print(f"# written to {args.out}")
     return 0
 

@@ -75,6 +75,12 @@ def test_rounds_are_summarised_by_median_and_errors_summed():
     assert summary["mean_batch"] == 6.0 and summary["errors"] == 2
 
 
+def test_the_in_process_limit_is_the_median_of_its_rounds():
+    rounds = [{"1": 500.0, "32": 7000.0}, {"1": 700.0, "32": 4000.0}, {"1": 600.0, "32": 4500.0}]
+    assert bench.median_limit(rounds) == {"1": 600.0, "32": 4500.0}
+    assert bench.median_limit([]) == {}
+
+
 def test_missing_wrk_is_explained(monkeypatch, capsys):
     monkeypatch.setattr(wrk, "find_wrk", lambda: None)
     assert bench.main(["--models", "tiny"]) != 0
