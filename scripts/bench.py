@@ -1,6 +1,6 @@
 """Load benchmark: our service against the service we replace, plain BentoML and the in-process limit.
 
-    make bench                                   # everything (~11 minutes on 2 cores)
+    make bench                                   # everything (~8 minutes on 2 cores)
     make bench BENCH_ARGS="--models tiny --concurrency 64 --rounds 2"
 
 For each model, every system is started at once; each round then measures the in-process limit and runs every
