@@ -11,7 +11,7 @@ from workflows.batching import ModelThread
 
 
 class Model:
-    """A stand-in for run_batch that records its batches and can be held busy by the test."""
+    """A stand-in for run_prepared that records its batches and can be held busy by the test."""
 
     def __init__(self, hold_first: bool = False, fail_on: object = None) -> None:
         self.batches: list[list[object]] = []
