@@ -17,6 +17,7 @@ from bentoml.validators import ContentType
 from api import bentoml_fixes
 from api.app import PublicApp
 from api.fast_route import FastRouteService
+from api.runner_client import RunnerClient
 from api.runner_route import RunnerService
 from workflows import startup
 from workflows.batching import ModelThread, finish, prepare, run_prepared
@@ -136,8 +137,10 @@ class InfernetService:
 
     def __init__(self) -> None:
         client = self.runner.to_async
+        # The hot call skips BentoML's client (same address, same wire format): api/runner_client.py.
+        infer = RunnerClient(client.url, client.timeout)
         public_app.bind(
-            infer=lambda datas: client.call("infer", datas),
+            infer=lambda datas: infer.call("infer", datas=datas),
             describe=lambda: client.call("describe"),
             is_ready=lambda: client.is_ready(timeout=1),
         )

@@ -1,0 +1,189 @@
+"""The API workers' client for the hot call to the runner, ``POST /infer``, in BentoML's pickle serde.
+
+BentoML's client for ``bentoml.depends`` builds each call through aiohttp, pydantic IO models of the arguments and
+the answer, and OpenTelemetry context propagation: ~40 % of an API worker's busy time per runner call, more than our
+own parsing and answer (docs/performance.md, section 18). This client sends the same bytes to the same address
+(the runner's URL from ``bentoml.depends``) over kept-alive connections, one call per connection at a time, and
+reads the answer with httptools (uvicorn's parser). ``describe`` and the readiness probe stay on BentoML's client:
+they are rare. On the runner, ``api/runner_route.py`` answers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import httptools
+from _bentoml_impl.serde import Payload, PickleSerde
+
+PICKLE = PickleSerde.media_type
+
+
+class RunnerCallError(Exception):
+    """The runner answered with an error status (``error_code``, as BentoML's client errors carry it)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"the runner answered {status}: {message}")
+        self.error_code = status
+
+
+class ConnectionLost(ConnectionError):
+    def __init__(self, answered: bool) -> None:
+        super().__init__("the runner closed the connection" + (" mid-answer" if answered else " before answering"))
+
+
+class RunnerClient:
+    """Calls the runner's API methods; at most ``max_idle`` connections are kept open between calls, each for at most
+    ``max_idle_s`` seconds."""
+
+    def __init__(self, url: str, timeout: float, max_idle: int = 8, max_idle_s: float = 0.5) -> None:
+        self._address = _address(url)
+        self.timeout = timeout
+        self.max_idle_s = max_idle_s
+        self._max_idle = max_idle
+        self._idle: list[_Connection] = []
+        self._serde = PickleSerde()
+
+    async def call(self, method: str, **arguments: Any) -> Any:
+        payload = self._serde.serialize_value(arguments)
+        body = b"".join(payload.data)
+        head = (
+            f"POST /{method} HTTP/1.1\r\nhost: runner\r\ncontent-type: {PICKLE}\r\n"
+            f"content-length: {len(body)}\r\nbuffer-lengths: {payload.metadata['buffer-lengths']}\r\n\r\n"
+        ).encode("latin-1")
+        self._drop_stale()
+        async with asyncio.timeout(self.timeout):
+            status, headers, answer = await self._exchange(head + body)
+        if status != 200:
+            raise RunnerCallError(status, answer.decode("utf-8", "replace")[:500])
+        return self._serde.deserialize_value(Payload((answer,), metadata=headers))
+
+    async def _exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
+        connection = self._idle.pop() if self._idle else await self._open()
+        try:
+            reply = await connection.send(request)
+        except BaseException:  # also cancelled or timed out mid-call: this connection's next bytes are this call's
+            connection.close()
+            raise
+        if connection.reusable and len(self._idle) < self._max_idle:
+            connection.idle_since = time.monotonic()
+            self._idle.append(connection)
+        else:
+            connection.close()
+        return reply
+
+    def _drop_stale(self) -> None:
+        """Close the connections that idled longer than ``max_idle_s``.
+
+        A call is never retried (the runner may have died running it, and a call that crashed it must not crash it
+        twice), so a call must not go out on a connection the runner is closing: uvicorn closes one after 5 s idle
+        (``--timeout-keep-alive``). Opening a Unix socket connection again costs ~0.1 ms, only when traffic is slow.
+        """
+        deadline = time.monotonic() - self.max_idle_s
+        fresh = []
+        for connection in self._idle:
+            if connection.reusable and connection.idle_since > deadline:
+                fresh.append(connection)
+            else:
+                connection.close()
+        self._idle = fresh
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        kind, where = self._address
+        if kind == "unix":
+            _, connection = await loop.create_unix_connection(_Connection, where)
+        else:
+            host, port = where
+            _, connection = await loop.create_connection(_Connection, host, port)
+        return connection
+
+    def close(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+
+def _address(url: str) -> tuple[str, Any]:
+    """The runner's address from the URL BentoML gives ``bentoml.depends``: ``file://`` for a Unix socket (what
+    ``bentoml serve`` uses), ``tcp://`` or ``http://`` for a port."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("file", "unix"):
+        return "unix", unquote(parsed.path)
+    if parsed.scheme in ("tcp", "http") and parsed.hostname and parsed.port:
+        return "tcp", (parsed.hostname, parsed.port)
+    raise ValueError(f"unsupported runner address {url!r}")
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection to the runner, one exchange at a time."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reply: asyncio.Future[tuple[int, dict[str, str], bytes]] | None = None
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._answered = False
+        self._keep_alive = True
+        self.closed = False
+        self.idle_since = 0.0
+
+    @property
+    def reusable(self) -> bool:
+        return not self.closed and self._keep_alive and self._reply is None
+
+    def send(self, request: bytes) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
+        assert self._transport is not None and self._reply is None
+        if self.closed:
+            raise ConnectionLost(answered=False)
+        self._reply = asyncio.get_running_loop().create_future()
+        self._headers, self._body, self._answered = {}, [], False
+        self._transport.write(request)
+        return self._reply
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(ConnectionLost(self._answered))
+
+    def data_received(self, data: bytes) -> None:
+        if self._reply is None:  # nothing was asked: the connection is out of step
+            self.close()
+            return
+        self._answered = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self._fail(ConnectionError(f"unreadable answer from the runner: {e}"))
+            self.close()
+
+    # httptools.HttpResponseParser
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._keep_alive = self._parser.should_keep_alive()
+        reply, self._reply = self._reply, None
+        if reply is not None and not reply.done():
+            reply.set_result((self._parser.get_status_code(), self._headers, b"".join(self._body)))
+        if not self._keep_alive:
+            self.close()
+
+    def _fail(self, error: Exception) -> None:
+        reply, self._reply = self._reply, None
+        if reply is not None and not reply.done():
+            reply.set_exception(error)
