@@ -8,7 +8,7 @@ handler directly; every other request goes through BentoML unchanged. It is used
 
 - the public service's ``POST /service_output`` goes to ``PublicApp``, which answers its own errors, timeouts (504)
   and overload (503);
-- the runner's ``POST /infer``, as the API workers send it through ``bentoml.depends``, goes to the runner's own
+- the runner's ``POST /infer``, as the API workers send it (``api/runner_client.py``), goes to the runner's own
   ``infer`` method (``api/runner_route.py``).
 
 What the skipped layers did for the route is kept: the same ``bentoml_service_request_*`` series reach /metrics

@@ -1,11 +1,11 @@
 """The runner's ``POST /infer``, as the API workers send it, straight to the runner's ``infer`` (via ``FastRoute``).
 
-The API workers reach the runner through ``bentoml.depends``, whose client sends the call's arguments in BentoML's
-pickle serde (one body: protocol-5 pickle plus its out-of-band buffers, and a ``buffer-lengths`` header) and reads
-the answer the same way. BentoML's stack and typed endpoint around that call cost more of the runner's CPU than a
-small model's forward (docs/performance.md, section 12). ``PickledCall`` answers it with BentoML's own
-``PickleSerde``, so the client side is unchanged; a request in any other form (JSON from a person, another route)
-goes through BentoML as before.
+The API workers send the call's arguments in BentoML's pickle serde, as the client of ``bentoml.depends`` does (one
+body: protocol-5 pickle plus its out-of-band buffers, and a ``buffer-lengths`` header), and read the answer the same
+way; ``api/runner_client.py`` is their side. BentoML's stack and typed endpoint around that call cost more of the
+runner's CPU than a small model's forward (docs/performance.md, section 12). ``PickledCall`` answers it with
+BentoML's own ``PickleSerde``, so BentoML's client works here too; a request in any other form (JSON from a
+person, another route) goes through BentoML as before.
 """
 
 from __future__ import annotations
