@@ -2,10 +2,10 @@
 
 BentoML's client for ``bentoml.depends`` builds each call through aiohttp, pydantic IO models of the arguments and
 the answer, and OpenTelemetry context propagation: 40 % of a busy API worker's time with lone requests, more than
-our own parsing and answer, all of it on each request's path (docs/performance.md, section 18). This client sends the same bytes to the same address
-(the runner's URL from ``bentoml.depends``) over kept-alive connections, one call per connection at a time, and
-reads the answer with httptools (uvicorn's parser). ``describe`` and the readiness probe stay on BentoML's client:
-they are rare. On the runner, ``api/runner_route.py`` answers it.
+our own parsing and answer, all of it on each request's path (docs/performance.md, section 18). This client sends
+the same bytes to the same address (the runner's URL from ``bentoml.depends``) over kept-alive connections, one
+call per connection at a time, and reads the answer with httptools (uvicorn's parser). ``describe`` and the
+readiness probe stay on BentoML's client: they are rare. On the runner, ``api/runner_route.py`` answers it.
 """
 
 from __future__ import annotations

@@ -171,31 +171,22 @@ def test_a_connection_idle_longer_than_max_idle_s_is_not_used_again(tmp_path: Pa
     asyncio.run(main())
 
 
-def test_a_runner_that_dies_before_answering_fails_the_call_without_a_retry(tmp_path: Path):
+@pytest.mark.parametrize(
+    "sent, error",
+    [(b"", "before answering"), (pickled(["x" * 1000])[:60], "mid-answer")],
+    ids=["before the answer", "mid-answer"],
+)
+def test_a_runner_that_dies_during_a_call_fails_it_without_a_retry(tmp_path: Path, sent: bytes, error: str):
     # The runner may have died running it: a call that crashed the runner must not crash it twice.
     async def script(n, reader, writer):
         await read_request(reader)
-
-    async def main() -> None:
-        async with scripted_server(tmp_path / "s.sock", script) as accepted:
-            client = RunnerClient(f"file://{tmp_path / 's.sock'}", timeout=5)
-            with pytest.raises(ConnectionLost, match="before answering"):
-                await client.call("infer", datas=[1])
-            assert accepted() == 1
-
-    asyncio.run(main())
-
-
-def test_a_runner_that_dies_mid_answer_fails_the_call_without_a_retry(tmp_path: Path):
-    async def script(n, reader, writer):
-        await read_request(reader)
-        writer.write(pickled(["x" * 1000])[:60])  # part of the answer, then the process is gone
+        writer.write(sent)  # nothing or part of the answer, then the process is gone
         await writer.drain()
 
     async def main() -> None:
         async with scripted_server(tmp_path / "s.sock", script) as accepted:
             client = RunnerClient(f"file://{tmp_path / 's.sock'}", timeout=5)
-            with pytest.raises(ConnectionLost, match="mid-answer"):
+            with pytest.raises(ConnectionLost, match=error):
                 await client.call("infer", datas=[1])
             assert accepted() == 1
 
