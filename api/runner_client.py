@@ -114,7 +114,9 @@ def _address(url: str) -> tuple[str, Any]:
         return "unix", unquote(parsed.path)
     if parsed.scheme in ("tcp", "http") and parsed.hostname and parsed.port:
         return "tcp", (parsed.hostname, parsed.port)
-    raise ValueError(f"unsupported runner address {url!r}")
+    raise ValueError(
+        f"unsupported runner address {url!r}: the API workers reach the runner at file://, tcp:// or http://"
+    )
 
 
 class _Connection(asyncio.Protocol):
