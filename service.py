@@ -18,7 +18,7 @@ from api import bentoml_fixes
 from api.app import PublicApp
 from api.fast_route import FastRouteService
 from api.runner_client import RunnerClient
-from api.runner_route import RunnerService
+from api.runner_route import PICKLE, RunnerService
 from workflows import startup
 from workflows.batching import ModelThread, finish, prepare, run_prepared
 from workflows.config import ServiceSettings
@@ -48,7 +48,7 @@ batch_size = bentoml.metrics.Histogram(
 
 # A fixed content type for the runner's answers: without one, BentoML rebuilds the output's JSON schema for every
 # response just to pick a media type (~22% of the runner's CPU per call). Callers decode by their own serde anyway.
-PICKLED = ContentType("application/vnd.bentoml+pickle")
+PICKLED = ContentType(PICKLE)
 
 
 def freeze_heap() -> None:
@@ -138,9 +138,9 @@ class InfernetService:
     def __init__(self) -> None:
         client = self.runner.to_async
         # The hot call skips BentoML's client (same address, same wire format): api/runner_client.py.
-        infer = RunnerClient(client.url, client.timeout)
+        runner_client = RunnerClient(client.url, client.timeout)
         public_app.bind(
-            infer=lambda datas: infer.call("infer", datas=datas),
+            infer=lambda datas: runner_client.call("infer", datas=datas),
             describe=lambda: client.call("describe"),
             is_ready=lambda: client.is_ready(timeout=1),
         )

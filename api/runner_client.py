@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 import httptools
 from _bentoml_impl.serde import Payload, PickleSerde
 
-PICKLE = PickleSerde.media_type
+from api.runner_route import PICKLE
 
 
 class RunnerCallError(Exception):
