@@ -12,6 +12,12 @@ The runner calls ``batch``, ``run_model`` and ``unbatch`` on the model's own thr
 ``preprocess``, ``batch_key`` and ``postprocess`` on its event loop, alongside the forward of another batch: keep
 those short, and keep them off state that ``run_model`` changes.
 
+The rule batching keeps: a request's answer is the same whether it ran alone or in a batch. ``batch_key`` must
+therefore return None unless the item's leading axis is a batch axis by construction (the torch workflow: rank >= 2,
+equal dtype and trailing shape), and ``run_model`` must treat the rows of a batch independently; the default key
+(None) never batches. A workflow may also define ``warmup()`` (run once at start-up, after ``setup``) and report in
+``describe()["batching"]`` whether batching is on and why (the torch workflow checks a batch of two there).
+
 ``inference(data)`` chains them for a single request, as the original library's workflows did. Classes
 that only define ``setup()`` and ``inference()`` (no base class) are served too, one request at a time.
 """
@@ -30,6 +36,7 @@ class InferenceWorkflow:
         return data
 
     def batch_key(self, item: Any) -> Hashable | None:
+        """None (the default): the item runs alone. A key only for items whose leading axis is a batch axis."""
         return None
 
     def batch(self, items: Sequence[Any]) -> Any:

@@ -124,6 +124,26 @@ def _run_group(workflow: InferenceWorkflow, group: list[Any]) -> list[Any]:
     return outputs
 
 
+def check_batch_of_two(workflow: InferenceWorkflow, item: Any, differ: Callable[[Any, Any], str | None]) -> str | None:
+    """At start-up, in the runner process: why ``item`` (preprocessed, with a batch key) batched with a copy of itself
+    does not get the answer it gets alone, or None when both copies do.
+
+    A batch must never change an answer; a model that mixes the rows of a batch (a norm over dim 0, a sum over
+    everything) or cannot take two rows fails this check. ``differ(alone, batched)`` says how two outputs differ
+    (None: they agree). The solo run's errors propagate; the batch's become the reason.
+    """
+    [alone] = _run_group(workflow, [item])
+    try:
+        batched = _run_group(workflow, [item, item])
+    except Exception as e:
+        return f"the model failed on a batch of two copies of the warm-up input ({type(e).__name__}: {_message(e)})"
+    for output in batched:
+        difference = differ(alone, output)
+        if difference is not None:
+            return f"a batch of two copies of the warm-up input answered differently from one alone ({difference})"
+    return None
+
+
 def _run_one_of_group(workflow: InferenceWorkflow, item: Any) -> Any:
     try:
         [output] = _run_group(workflow, [item])

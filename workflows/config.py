@@ -14,6 +14,8 @@ from workflows.errors import StartupError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "models" / "iris" / "model.torch"
+# The README's iris row: warms the embedded model up and checks that batching it keeps its answers.
+EMBEDDED_WARMUP_INPUT = {"dtype": "double", "values": [[1.0380048, 0.5586108, 1.1037828, 1.712096]]}
 BUILTIN_TORCH_WORKFLOW = "workflows.torch_workflow.TorchInferenceWorkflow"
 # Class paths of the original infernet-ml library; an old env file keeps working without it.
 LEGACY_CLASS_PATHS = {

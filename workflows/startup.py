@@ -121,6 +121,11 @@ def build(settings: ServiceSettings) -> Any:
         warmup = getattr(workflow, "warmup", None)
         if not (callable(warmup) and warmup()):
             warmed.update(status="skipped", reason="no warm-up input (KW_ARGS warmup_input)")
+        info = described() if callable(described) else None
+        batching = info.get("batching") if isinstance(info, dict) else None
+        if isinstance(batching, dict) and "enabled" in batching:
+            # The warm-up may have found that a batch changes answers and turned batching off: say so where it happened.
+            warmed.update(batching="on" if batching["enabled"] else "off", batching_reason=batching.get("reason"))
     progress.emit("ready", seconds=progress.since_start(), workflow=qualified_name(workflow))
     return workflow
 

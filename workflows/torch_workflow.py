@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from workflows import batching as batches
 from workflows import model_formats, sources, tensors
 from workflows.base import InferenceWorkflow
-from workflows.config import TorchSettings
+from workflows.config import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
 from workflows.errors import ModelError, StartupError
 
 
@@ -19,9 +20,11 @@ class TorchInferenceWorkflow(InferenceWorkflow):
 
     model selection: ``model_path`` | ``model_name`` | ``model_source`` + ``model_args``; optional ``revision``,
     ``sha256`` (pin). Loading: ``use_jit``, ``device`` ("auto", "cpu", "cuda", ...), ``num_threads``.
-    Batching: ``batching`` (concatenate requests of equal trailing shape; default true), ``cast_inputs``
-    (cast inputs to a floating model's parameter dtype; default true), ``max_elements`` per request.
-    Start-up: ``warmup_input``, a request's OFFCHAIN data run once before the service reports ready.
+    Batching: ``batching`` (concatenate requests of rank >= 2 and equal dtype and trailing shape along dim 0;
+    default true), ``cast_inputs`` (cast inputs to a floating model's parameter dtype; default true),
+    ``max_elements`` per request.
+    Start-up: ``warmup_input``, a request's OFFCHAIN data run once before the service reports ready, alone and as a
+    batch of two; batching is turned off when the two answers differ (the embedded model has one built in).
     """
 
     def __init__(
@@ -57,9 +60,13 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         self.use_jit = self.settings.use_jit if use_jit is None else bool(use_jit)
         self.device_name = device
         self.num_threads = num_threads or self.settings.num_threads
+        if not isinstance(batching, bool):
+            raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: batching: expected true or false, got {batching!r}")
         self.batching = batching
         self.cast_inputs = cast_inputs
         self.max_elements = max_elements or self.settings.max_elements
+        if warmup_input is None and self.spec.path is not None and _same_file(self.spec.path, EMBEDDED_MODEL):
+            warmup_input = EMBEDDED_WARMUP_INPUT
         self.warmup_input = warmup_input
         self.model: Any = None
         self.info: dict[str, Any] = {}
@@ -89,16 +96,38 @@ class TorchInferenceWorkflow(InferenceWorkflow):
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "cache_dir": str(self.settings.model_cache_dir),
+            "batching": {"enabled": self.batching, "checked": False, "reason": _NOT_CHECKED},
         }
+        if not self.batching:
+            self.info["batching"]["reason"] = "turned off by CLASSIC_INF_WORKFLOW_KW_ARGS batching=false"
 
     def warmup(self) -> bool:
-        """One forward pass on ``warmup_input``, so the first request does not pay for lazy initialisation."""
+        """In the runner process, after ``setup``: ``warmup_input`` alone, so the first request does not pay for lazy
+        initialisation, then (batching on) as a batch of two, which must give each copy the solo answer; when it
+        does not, or the model cannot take the batch, batching is turned off and ``describe()`` says why.
+        Raises StartupError when the model fails on the input alone."""
         if self.warmup_input is None:
             return False
         try:
-            self.run_model(self.preprocess(self.warmup_input))
+            item = self.preprocess(self.warmup_input)
+            if self.batch_key(item) is None:
+                self.run_model(item)
+                problem = None
+            else:
+                problem = batches.check_batch_of_two(self, item, _difference)
         except Exception as e:
             raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
+        if not self.batching:
+            return True
+        if self.batch_key(item) is None:
+            reason = f"not checked: warmup_input has rank {item.dim()}, and requests of rank < 2 always run alone"
+            self.info["batching"] = {"enabled": True, "checked": False, "reason": reason}
+        elif problem is None:
+            reason = "a batch of two copies of warmup_input gave each the answer it gets alone"
+            self.info["batching"] = {"enabled": True, "checked": True, "reason": reason}
+        else:
+            self.batching = False
+            self.info["batching"] = {"enabled": False, "checked": True, "reason": f"{problem}; each request runs alone"}
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -112,7 +141,9 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         return tensor
 
     def batch_key(self, item: torch.Tensor) -> Any:
-        if not self.batching or item.dim() == 0:
+        # Only a leading axis that is a batch axis by construction may be concatenated: a rank-1 request's only axis
+        # is its features (softmax over [1, 2, 3] must not become softmax over two requests' values).
+        if not self.batching or item.dim() < 2:
             return None
         return (item.dtype, tuple(item.shape[1:]))
 
@@ -134,6 +165,54 @@ class TorchInferenceWorkflow(InferenceWorkflow):
 
     def postprocess(self, output: Any) -> Any:
         return tensors.encode_output(output)
+
+
+_NOT_CHECKED = "not checked: no warmup_input (CLASSIC_INF_WORKFLOW_KW_ARGS) to compare a batch with"
+
+# (rtol, atol) for "the same answer": CPU and GPU kernels pick other blockings for 1 row than for 2, so a batched
+# float32 answer may differ from the solo one in its last bits (~1e-7); rows that a batch mixes differ far more.
+_TOLERANCES = {
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (5e-2, 1e-2),
+    torch.float32: (1e-4, 1e-5),
+    torch.float64: (1e-7, 1e-9),
+    torch.complex64: (1e-4, 1e-5),
+    torch.complex128: (1e-7, 1e-9),
+}
+
+
+def _difference(alone: Any, batched: Any) -> str | None:
+    """How a batched item's output differs from its solo output, or None when they agree within float tolerance."""
+    if type(alone) is not type(batched):
+        return f"a {type(batched).__name__} instead of a {type(alone).__name__}"
+    if isinstance(alone, (list, tuple)):
+        if len(alone) != len(batched):
+            return f"{len(batched)} outputs instead of {len(alone)}"
+        return next(filter(None, map(_difference, alone, batched)), None)
+    if isinstance(alone, dict):
+        if alone.keys() != batched.keys():
+            return f"keys {sorted(batched)} instead of {sorted(alone)}"
+        return next(filter(None, (_difference(alone[k], batched[k]) for k in alone)), None)
+    if not isinstance(alone, torch.Tensor):
+        return None if alone == batched else f"{batched!r} instead of {alone!r}"
+    if alone.shape != batched.shape or alone.dtype != batched.dtype:
+        return f"shape {list(batched.shape)} {batched.dtype} instead of {list(alone.shape)} {alone.dtype}"
+    rtol, atol = _TOLERANCES.get(alone.dtype, (0.0, 0.0))
+    alone, batched = alone.detach().cpu(), batched.detach().cpu()
+    if torch.allclose(batched, alone, rtol=rtol, atol=atol, equal_nan=True):
+        return None
+    if alone.dtype == torch.bool:
+        return "boolean values differ"
+    gap = (batched.to(torch.complex128 if alone.is_complex() else torch.float64) - alone).abs()
+    gap = gap.nan_to_num(nan=float("inf")).masked_fill(alone.isnan() & batched.isnan(), 0.0)
+    return f"largest difference {gap.max().item():.3g}"
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    try:
+        return path.resolve() == other.resolve()
+    except OSError:
+        return False
 
 
 def _device(name: str) -> torch.device:
