@@ -1,0 +1,266 @@
+"""Batching never changes an answer: a request gets the same answer alone or in a batch.
+
+Requests share a forward only when their leading axis is a batch axis (rank >= 2, equal dtype and trailing shape);
+a model that mixes the rows of a batch is caught at start-up by running its warm-up input alone and as a batch of
+two, and then serves every request alone. The models here break naive batching in different ways.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures.server import serving
+from tests.models import Affine, save
+from tests.test_batching_http import batch_histogram, batches_larger_than_one, fire_together
+from tests.test_startup_progress import startup_lines
+from workflows import startup
+from workflows.batching import run_batch
+from workflows.config import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, ServiceSettings, TorchSettings
+from workflows.errors import StartupError
+from workflows.torch_workflow import TorchInferenceWorkflow
+
+
+class SoftmaxLast(torch.nn.Module):
+    """The reported model: softmax over the last (for a rank-1 request, the only) axis."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, dim=-1)
+
+
+class SumEverywhere(torch.nn.Module):
+    """Every element becomes the sum of all elements: a batch would sum its neighbours' values too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x) + x.sum()
+
+
+class SumScalar(torch.nn.Module):
+    """One number for the whole input: a batch's output cannot be split back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum()
+
+
+class NormaliseDim0(torch.nn.Module):
+    """Each column divided by its sum over the rows: a batch's rows change every row's answer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.sum(0)
+
+
+class BatchNoise(torch.nn.Module):
+    """Adds ``scale`` per row of the batch: a stand-in for kernels that round differently for 1 and 2 rows."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * x.shape[0]
+
+
+class Counting(torch.nn.Module):
+    """Wraps a loaded model and records the input shape of each forward."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, x):
+        self.calls.append(tuple(x.shape))
+        return self.inner(x)
+
+
+# The reported mix: alone, [1, 2, 3] -> [0.0900, 0.2447, 0.6652] and [1, 1, 1, 1, 1] -> [0.2] * 5.
+RANK_1 = [{"dtype": "float", "values": [1, 2, 3]}, {"dtype": "float", "values": [1, 1, 1, 1, 1]}] * 4
+ROWS_WARMUP = {"dtype": "float", "values": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]}
+
+
+def rows(caller: int) -> dict:
+    return {"dtype": "float", "values": [[caller + 1.0, 2.0, 3.0], [4.0, caller + 5.0, 6.0]][: 1 + caller % 2]}
+
+
+def model_file(tmp_path, model: torch.nn.Module) -> str:
+    path = tmp_path / f"{type(model).__name__.lower()}.torch"
+    return str(save(model, path, "torchscript", torch.zeros(1, 3)))
+
+
+def workflow_for(tmp_path, model: torch.nn.Module, **kwargs) -> TorchInferenceWorkflow:
+    workflow = TorchInferenceWorkflow(
+        model_path=model_file(tmp_path, model), settings=TorchSettings(model_cache_dir=tmp_path), **kwargs
+    )
+    workflow.setup()
+    workflow.warmup()
+    return workflow
+
+
+def values(outcome: dict) -> torch.Tensor:
+    assert outcome["status"] == 200, outcome
+    return torch.as_tensor(np.asarray(outcome["body"]["values"]))
+
+
+def assert_solo_answers(workflow, datas: list[dict]) -> None:
+    """Every request's answer in one batch equals the answer it gets when it runs by itself."""
+    together = run_batch(workflow, datas)
+    for data, outcome in zip(datas, together, strict=True):
+        [alone] = run_batch(workflow, [data])
+        assert outcome["body"]["shape"] == alone["body"]["shape"]
+        assert torch.allclose(values(outcome), values(alone), rtol=1e-5, atol=1e-6), (data, outcome, alone)
+
+
+@pytest.mark.parametrize("model", [SoftmaxLast(), SumEverywhere()], ids=["softmax-last-axis", "sum-everywhere"])
+def test_rank_1_requests_are_never_concatenated(tmp_path, model):
+    workflow = workflow_for(tmp_path, model)
+    assert_solo_answers(workflow, RANK_1)
+    if isinstance(model, SoftmaxLast):
+        [short, long] = run_batch(workflow, RANK_1[:2])
+        assert torch.allclose(values(short), torch.tensor([0.0900, 0.2447, 0.6652]), atol=1e-4)
+        assert torch.allclose(values(long), torch.full((5,), 0.2))
+
+
+def test_rank_1_requests_each_run_their_own_forward(tmp_path):
+    workflow = workflow_for(tmp_path, SoftmaxLast())
+    counting = Counting(workflow.model)
+    workflow.model = counting
+    run_batch(workflow, [{"dtype": "float", "values": [1, 2, 3]}] * 3)
+    assert counting.calls == [(3,), (3,), (3,)]
+
+
+def test_a_model_that_mixes_rows_gets_batching_off_at_warmup(tmp_path):
+    workflow = workflow_for(tmp_path, NormaliseDim0(), warmup_input=ROWS_WARMUP)
+    batching = workflow.describe()["batching"]
+    assert batching["enabled"] is False and batching["checked"] is True
+    assert "answered differently from one alone" in batching["reason"]
+    counting = Counting(workflow.model)
+    workflow.model = counting
+    assert_solo_answers(workflow, [rows(caller) for caller in range(6)])
+    assert len(counting.calls) == 6 + 6  # each request alone, in the batch and then by itself
+
+
+def test_a_model_that_cannot_split_a_batch_gets_batching_off_at_warmup(tmp_path):
+    workflow = workflow_for(tmp_path, SumScalar(), warmup_input=ROWS_WARMUP)
+    batching = workflow.describe()["batching"]
+    assert batching["enabled"] is False
+    assert "the model failed on a batch of two copies of the warm-up input" in batching["reason"]
+    assert "does not split into 2 items" in batching["reason"]
+    assert_solo_answers(workflow, [rows(caller) for caller in range(4)])
+
+
+def test_a_row_wise_model_keeps_batching_and_shares_forwards(tmp_path):
+    workflow = workflow_for(tmp_path, Affine(features=3), warmup_input=ROWS_WARMUP)
+    assert workflow.describe()["batching"] == {
+        "enabled": True,
+        "checked": True,
+        "reason": "a batch of two copies of warmup_input gave each the answer it gets alone",
+    }
+    counting = Counting(workflow.model)
+    workflow.model = counting
+    datas = [rows(caller) for caller in range(6)]
+    assert_solo_answers(workflow, datas)
+    assert counting.calls[0] == (9, 3)  # the batch: 1 + 2 + 1 + 2 + 1 + 2 rows in one forward
+
+
+@pytest.mark.parametrize(("scale", "enabled"), [(1e-7, True), (1e-2, False)], ids=["rounding-noise", "real-difference"])
+def test_float_rounding_is_not_a_different_answer(tmp_path, scale, enabled):
+    workflow = workflow_for(tmp_path, BatchNoise(scale), warmup_input=ROWS_WARMUP)
+    assert workflow.describe()["batching"]["enabled"] is enabled
+
+
+def test_a_rank_1_warmup_input_cannot_check_batching(tmp_path):
+    workflow = workflow_for(tmp_path, SoftmaxLast(), warmup_input={"dtype": "float", "values": [1, 2, 3]})
+    batching = workflow.describe()["batching"]
+    assert batching["enabled"] is True and batching["checked"] is False
+    assert "rank 1" in batching["reason"]
+
+
+def test_batching_false_turns_it_off_and_says_so(tmp_path):
+    workflow = workflow_for(tmp_path, Affine(features=3), batching=False, warmup_input=ROWS_WARMUP)
+    assert workflow.describe()["batching"] == {
+        "enabled": False,
+        "checked": False,
+        "reason": "turned off by CLASSIC_INF_WORKFLOW_KW_ARGS batching=false",
+    }
+    counting = Counting(workflow.model)
+    workflow.model = counting
+    run_batch(workflow, [rows(caller) for caller in range(3)])
+    assert counting.calls == [(1, 3), (2, 3), (1, 3)]
+
+
+def test_batching_must_be_a_json_boolean(tmp_path):
+    with pytest.raises(StartupError, match="batching: expected true or false, got 'false'"):
+        TorchInferenceWorkflow(model_path=model_file(tmp_path, Affine(features=3)), batching="false")
+
+
+def test_the_embedded_model_checks_batching_with_a_built_in_warmup_input():
+    workflow = TorchInferenceWorkflow(model_path=str(EMBEDDED_MODEL))
+    assert workflow.warmup_input == EMBEDDED_WARMUP_INPUT
+    workflow.setup()
+    assert workflow.warmup() is True
+    assert workflow.describe()["batching"]["enabled"] is True
+    assert workflow.describe()["batching"]["checked"] is True
+
+
+def test_the_start_up_log_says_batching_is_off_and_why(tmp_path, capsys):
+    kwargs = {"model_path": model_file(tmp_path, NormaliseDim0()), "warmup_input": ROWS_WARMUP}
+    startup.build(ServiceSettings(workflow_kwargs=kwargs))
+    [warmup] = [line for line in startup_lines(capsys.readouterr().err) if line[1] == "warmup"]
+    assert warmup[2] == "ok"
+    assert " batching=off batching_reason=" in warmup[4]
+    assert "answered differently from one alone" in warmup[4]
+
+
+# --- over HTTP, against the real server --------------------------------------------------------------------------
+
+
+def kw_args(path: str, **extra) -> dict[str, str]:
+    return {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": path, **extra})}
+
+
+def assert_concurrent_answers_are_solo_answers(server, datas: list[dict], rounds: int = 3) -> None:
+    bodies = [{"source": 1, "data": data} for data in datas]
+    solo = {}
+    for body in bodies:
+        key = json.dumps(body)
+        if key not in solo:
+            response = server.post(body)
+            assert response.status_code == 200, response.text
+            solo[key] = response.json()
+    for _ in range(rounds):  # several rounds: each one that forms a batch could expose a mix-up
+        for body, response in zip(bodies, fire_together(server, bodies), strict=True):
+            assert response.status_code == 200, response.text
+            answer, expected = response.json(), solo[json.dumps(body)]
+            assert answer["shape"] == expected["shape"]
+            assert np.allclose(answer["values"], expected["values"], rtol=1e-5, atol=1e-6), (body, answer, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [SoftmaxLast(), SumEverywhere()], ids=["softmax-last-axis", "sum-everywhere"])
+def test_concurrent_rank_1_requests_get_their_solo_answers_over_http(tmp_path, model):
+    with serving(kw_args(model_file(tmp_path, model)), tmp_path) as server:
+        assert_concurrent_answers_are_solo_answers(server, RANK_1 * 4)
+
+
+@pytest.mark.slow
+def test_a_model_that_mixes_rows_serves_every_request_alone_over_http(tmp_path):
+    env = kw_args(model_file(tmp_path, NormaliseDim0()), warmup_input=ROWS_WARMUP)
+    with serving(env, tmp_path) as server:
+        batching = server.get("/info").json()["model"]["batching"]
+        assert batching["enabled"] is False
+        assert "answered differently from one alone" in batching["reason"]
+        assert "batching=off" in server.log()
+        assert_concurrent_answers_are_solo_answers(server, [rows(caller) for caller in range(32)])
+
+
+@pytest.mark.slow
+def test_the_embedded_model_still_batches_over_http(iris_server):
+    batching = iris_server.get("/info").json()["model"]["batching"]
+    assert batching["enabled"] is True and batching["checked"] is True
+    before = batch_histogram(iris_server)
+    datas = [{"dtype": "float", "values": [[c / 10, -c / 20, (c % 7) / 3, 0.5]] * (1 + c % 3)} for c in range(32)]
+    assert_concurrent_answers_are_solo_answers(iris_server, datas)
+    assert batches_larger_than_one(before, batch_histogram(iris_server)) >= 1
