@@ -80,7 +80,7 @@ class WorkflowRunner:
         with startup.exit_on_error("workflow", worker=True):
             self.workflow = startup.build(SETTINGS)
         # SIGTERM: keep serving until the API workers have passed on the requests they hold (graceful stop).
-        self.drain = Drain(max_s=min(SETTINGS.timeout_s, 30.0))
+        self.drain = Drain(max_s=min(SETTINGS.timeout_s, SETTINGS.shutdown_timeout_s))
         self.drain.install()
         self.model_thread = ModelThread(self.process_batch, SETTINGS.max_batch_size, SETTINGS.max_latency_ms / 1000)
         self.description = {"workflow": startup.qualified_name(self.workflow), "model": self.workflow_info()}
@@ -144,6 +144,8 @@ class InfernetService:
             describe=lambda: client.call("describe"),
             is_ready=lambda: client.is_ready(timeout=1),
         )
+        # SIGTERM: requests still running after SHUTDOWN_TIMEOUT_S get a JSON 503 (api/shutdown.py).
+        public_app.shutdown.install(SETTINGS.shutdown_timeout_s)
         freeze_heap()
 
     async def __is_ready__(self) -> bool:

@@ -20,9 +20,10 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from api import SERVICE_NAME, __version__, chain, resources
+from api import SERVICE_NAME, __version__, auth, chain, resources
 from api.contract import Destination, RequestError, Source, error_body, parse_input
 from api.gather import Gatherer
+from api.shutdown import ShutdownBound
 from workflows.config import ServiceSettings
 
 log = logging.getLogger("api.app")
@@ -41,6 +42,8 @@ _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 class PublicApp:
+    paths = frozenset({"/service_output", "/info", "/service-resources"})  # its own routes (metrics label them)
+
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self._gather: Gatherer | None = None
@@ -49,6 +52,8 @@ class PublicApp:
         self._is_ready: Callable[[], Awaitable[bool]] | None = None
         self._runner_seen_ready = False
         self._in_progress = 0  # /service_output requests this worker is answering
+        self._bearer = settings.bearer_token.encode() if settings.bearer_token else None
+        self.shutdown = ShutdownBound()  # installed by the BentoML service in each API worker
 
     def bind(
         self,
@@ -68,6 +73,10 @@ class PublicApp:
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer one HTTP request; returns the status sent."""
         path, method = scope["path"], scope["method"]
+        if self._bearer is not None and path in auth.PROTECTED:
+            refused = auth.refusal(scope, self._bearer)
+            if refused is not None:
+                return await auth.refuse(send, *refused)
         try:
             if path == "/service_output":
                 if method != "POST":
@@ -118,8 +127,9 @@ class PublicApp:
         timeout = self.settings.timeout_s
         try:
             # BentoML's own timeouts are set longer (service.py), so this JSON answer is the one a client sees.
-            # asyncio.timeout, unlike wait_for, runs the request in this task instead of a new one.
-            async with asyncio.timeout(timeout):
+            # asyncio.timeout, unlike wait_for, runs the request in this task instead of a new one. After SIGTERM
+            # the deadline is also SHUTDOWN_TIMEOUT_S (a JSON 503; api/shutdown.py).
+            async with self.shutdown.bounded(timeout):
                 return await self.service_output(scope, receive)
         except TimeoutError:
             raise RequestError(504, f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)") from None

@@ -38,6 +38,8 @@ def test_original_library_class_path_resolves_to_builtin():
         ({"MAX_BATCH_SIZE": "1"}, "MAX_BATCH_SIZE: expected an integer >= 2, got 1"),
         ({"MAX_REQUEST_BYTES": "-5"}, "MAX_REQUEST_BYTES: expected an integer"),
         ({"REQUEST_TIMEOUT_S": "soon"}, "REQUEST_TIMEOUT_S: expected a number"),
+        ({"SHUTDOWN_TIMEOUT_S": "soon"}, "SHUTDOWN_TIMEOUT_S: expected a number"),
+        ({"SHUTDOWN_TIMEOUT_S": "0"}, "SHUTDOWN_TIMEOUT_S: expected a number >= 0.1"),
     ],
 )
 def test_service_settings_errors_name_the_variable(env, message):

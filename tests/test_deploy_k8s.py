@@ -63,12 +63,27 @@ def test_probes_port_and_resources(manifests):
 def test_env_comes_from_the_configmap_and_the_token_from_the_secret(manifests):
     service = container(manifests)
     assert service["envFrom"] == [{"configMapRef": {"name": manifests["ConfigMap"]["metadata"]["name"]}}]
-    (token,) = service["env"]
-    ref = token["valueFrom"]["secretKeyRef"]
-    assert token["name"] == ref["key"] == "HUGGING_FACE_HUB_TOKEN"
-    assert ref["name"] == manifests["Secret"]["metadata"]["name"]
-    assert ref["key"] in manifests["Secret"]["stringData"] and manifests["Secret"]["stringData"][ref["key"]] == ""
+    assert [token["name"] for token in service["env"]] == ["HUGGING_FACE_HUB_TOKEN", "BEARER_TOKEN"]
+    for token in service["env"]:
+        ref = token["valueFrom"]["secretKeyRef"]
+        assert token["name"] == ref["key"] and ref["optional"] is True
+        assert ref["name"] == manifests["Secret"]["metadata"]["name"]
+        assert ref["key"] in manifests["Secret"]["stringData"] and manifests["Secret"]["stringData"][ref["key"]] == ""
     assert not [key for key in manifests["ConfigMap"]["data"] if "TOKEN" in key]
+    # The example Secret, applied as is, leaves the routes open rather than failing the start-up.
+    assert ServiceSettings.from_env(manifests["Secret"]["stringData"]).bearer_token is None
+
+
+# Seconds the processes take to exit after requests still running got their 503 (tests/test_shutdown.py measures
+# ~1.5 s on a busy 2-core machine); the grace period must cover both before Kubernetes sends SIGKILL.
+EXIT_MARGIN_S = 5
+
+
+def test_grace_period_exceeds_the_shutdown_bound(manifests):
+    grace_s = manifests["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    configured = ServiceSettings.from_env(manifests["ConfigMap"]["data"]).shutdown_timeout_s
+    assert grace_s >= configured + EXIT_MARGIN_S
+    assert grace_s >= ServiceSettings().shutdown_timeout_s + EXIT_MARGIN_S
 
 
 def test_configmap_is_a_valid_service_environment(manifests):

@@ -3,10 +3,14 @@ running them, and every process is gone within a bound."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
+import subprocess
 import threading
 import time
+from urllib.parse import urlparse
 
 import pytest
 
@@ -66,3 +70,48 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+SHUTDOWN_S = 3.0
+# Generous on a busy machine; without the bound the processes live until REQUEST_TIMEOUT_S (60 s) expires.
+SHUTDOWN_MARGIN_S = 15.0
+
+
+def test_sigterm_exits_within_shutdown_timeout_despite_a_stalled_upload_and_a_long_request(tmp_path):
+    with serving(env(tmp_path, REQUEST_TIMEOUT_S="60", SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_S)), tmp_path) as server:
+        every_pid = [p.pid for group in processes(server).values() for p in group]
+        url = urlparse(server.url)
+        stalled = socket.create_connection((url.hostname, url.port), timeout=60)
+        stalled.sendall(
+            b"POST /service_output HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"source":'
+        )
+        running: list[Outcome] = []
+        caller = threading.Thread(target=lambda: running.append(post(server, sleeping(40.0), timeout=90)))
+        caller.start()
+        time.sleep(1.5)  # both requests have reached an API worker; the model sleeps 40 s
+        os.kill(server.process.pid, signal.SIGTERM)
+        terminated = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(SHUTDOWN_S + SHUTDOWN_MARGIN_S)
+        exited_after = time.monotonic() - terminated
+        left = [pid for pid in every_pid if _alive(pid)]
+        caller.join(30)
+        stalled.settimeout(5)
+        try:
+            cut = stalled.recv(65536)
+        except OSError as e:  # reset: also cut, not left hanging
+            cut = repr(e).encode()
+        stalled.close()
+
+    assert server.process.returncode is not None, f"still running {exited_after:.1f} s after SIGTERM"
+    assert not left, f"processes left {exited_after:.1f} s after SIGTERM: {left}"
+    # The request that was running gets the contract's 503 (or, at worst, its answer), not a reset.
+    assert len(running) == 1
+    assert running[0].status is not None, running[0].error
+    if running[0].status != 200:
+        assert_contract_error(running[0].response, 503)
+        assert "SHUTDOWN_TIMEOUT_S" in running[0].response.json()["description"]
+    # The stalled upload was cut: a 503 answer, or the connection closed.
+    assert cut == b"" or cut.startswith(b"HTTP/1.1 503") or b"Connection" in cut, cut[:200]
+    figure("shutdown_bound", exited_after_s=round(exited_after, 2), running=running[0].status, cut=cut[:12].decode())

@@ -39,6 +39,11 @@ class ServiceSettings:
     timeout_s: float = 60.0
     # Requests in progress across the service before new ones get 503; split evenly over the API workers.
     max_concurrency: int = 256
+    # After SIGTERM, requests still running get a JSON 503 this long after it; the processes exit shortly after.
+    # Below Kubernetes' terminationGracePeriodSeconds (30 s by default), so nothing is killed mid-answer.
+    shutdown_timeout_s: float = 20.0
+    # BEARER_TOKEN / BEARER_TOKEN_FILE: when set, the inference and information routes need it (api/auth.py).
+    bearer_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -58,6 +63,8 @@ class ServiceSettings:
             api_workers=integer(env, "API_WORKERS", cls.api_workers, minimum=1),
             timeout_s=number(env, "REQUEST_TIMEOUT_S", cls.timeout_s, minimum=0.1),
             max_concurrency=integer(env, "MAX_CONCURRENCY", cls.max_concurrency, minimum=1),
+            shutdown_timeout_s=number(env, "SHUTDOWN_TIMEOUT_S", cls.shutdown_timeout_s, minimum=0.1),
+            bearer_token=bearer_token(env),
         )
 
     @property
@@ -175,6 +182,30 @@ def number(env: Mapping[str, str], name: str, default: float, minimum: float) ->
         raise StartupError(f"{name}: expected a number >= {minimum}, got {raw!r}") from None
     if not value >= minimum:
         raise StartupError(f"{name}: expected a number >= {minimum}, got {raw!r}")
+    return value
+
+
+def bearer_token(env: Mapping[str, str]) -> str | None:
+    """BEARER_TOKEN, or the content of the file BEARER_TOKEN_FILE names (a mounted Kubernetes Secret); None when
+    neither is set. Errors name the variable and never include the token."""
+    value, file_name = env.get("BEARER_TOKEN", "").strip(), env.get("BEARER_TOKEN_FILE", "").strip()
+    if value and file_name:
+        raise StartupError("BEARER_TOKEN and BEARER_TOKEN_FILE: set one of them, not both")
+    name = "BEARER_TOKEN"
+    if file_name:
+        name = "BEARER_TOKEN_FILE"
+        try:
+            value = Path(file_name).read_text(encoding="utf-8").strip()  # files end with a newline more often than not
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise StartupError(f"BEARER_TOKEN_FILE: cannot read {file_name}: {reason}") from None
+        if not value:
+            raise StartupError(f"BEARER_TOKEN_FILE: {file_name} is empty")
+    if not value:
+        return None
+    # A token a client cannot put into an HTTP header would lock every client out.
+    if not all("!" <= c <= "~" for c in value):
+        raise StartupError(f"{name}: expected printable ASCII characters without spaces")
     return value
 
 

@@ -3,7 +3,8 @@
 BentoML's process manager sends SIGTERM to every worker at once. The runner's server would stop accepting
 connections at once, so requests that an API worker had received but not yet passed on would fail with 503
 although the operator asked for a graceful stop. Instead the runner hands the signal on to its server only once
-no call is running and none has arrived for ``idle_s``, or after ``max_s`` at most.
+no call is running and none has arrived for ``idle_s``, or after ``max_s`` at most; calls still running by then are
+cancelled (SHUTDOWN_TIMEOUT_S bounds the whole shutdown, docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -57,4 +58,17 @@ class Drain:
             if idle:
                 break
             time.sleep(0.05)
+        # A call that arrived just before the hand-over still gets the rest of the bound, and no more.
+        bound_uvicorn(handler, max(1.0, deadline - time.monotonic()))
         handler(signum, frame)  # uvicorn's handler only sets flags its main loop polls
+
+
+def bound_uvicorn(handler: Any, seconds: float) -> None:
+    """Make the uvicorn server whose SIGTERM handler ``handler`` is cancel the requests left ``seconds`` after its
+    shutdown starts (``timeout_graceful_shutdown``; BentoML sets it only from ``bentoml serve
+    --timeout-graceful-shutdown``, and by default uvicorn waits for ever). uvicorn reads it when its shutdown starts,
+    after the handler has run. Any thread; does nothing for another handler."""
+    config = getattr(getattr(handler, "__self__", None), "config", None)
+    if config is not None and hasattr(config, "timeout_graceful_shutdown"):
+        current = config.timeout_graceful_shutdown
+        config.timeout_graceful_shutdown = seconds if current is None else min(current, seconds)
