@@ -4,7 +4,8 @@ A node's ``GET /resources`` calls every container's ``/service-resources`` and r
 container id; with ``?model_id=X`` it asks instead whether the container serves that model. The shape is Ritual's
 ``ServiceResources`` (infernet-ml ``utils/spec.py``; the node documents it as ``ContainerToResourcesMap``):
 ``service_id``, ``compute_capability`` (id "ml", type "torch", the models) and ``hardware_capabilities``
-(capability "base": OS, CPU, disks; "gpu" when nvidia-smi sees one), and ``{"supported": bool}`` for a model query.
+(capability "base": OS, CPU, disks; "gpu": every GPU nvidia-smi sees, or without nvidia-smi the model's GPU as the
+runner measured it when the model became ready), and ``{"supported": bool}`` for a model query.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def resources(service_id: str, info: dict[str, Any], cache_dir: Path | None = No
                 "inference_engine_version": _version("torch"),
             }
         ],
-        "hardware_capabilities": hardware(cache_dir),
+        "hardware_capabilities": hardware(cache_dir, model.get("gpu")),
         "workflow": info.get("workflow"),
     }
 
@@ -89,7 +90,7 @@ def supports(model_id: str, info: dict[str, Any]) -> bool:
     return base in names - {None, ""}
 
 
-def hardware(cache_dir: Path | None) -> list[dict[str, Any]]:
+def hardware(cache_dir: Path | None, model_gpu: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     capabilities: list[dict[str, Any]] = [
         {
             "capability_id": "base",
@@ -98,7 +99,7 @@ def hardware(cache_dir: Path | None) -> list[dict[str, Any]]:
             "disk_info": _disks([Path("/"), *([cache_dir] if cache_dir else [])]),
         }
     ]
-    gpu = _gpu()
+    gpu = _gpu() or _model_gpu(model_gpu)
     if gpu:
         capabilities.append(gpu)
     return capabilities
@@ -179,6 +180,26 @@ def _gpu() -> dict[str, Any] | None:
                 "cuda_device_id": _int(gpu.findtext("minor_number")),
             }
             for gpu in root.findall("gpu")
+        ],
+    }
+
+
+def _model_gpu(gpu: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The runner's own figures for the model's GPU (workflows/devices.py ``gpu_info``, torch's cudaMemGetInfo), for
+    images without nvidia-smi: the API workers never import torch, so they come with /info's model description."""
+    if not isinstance(gpu, dict):
+        return None
+    return {
+        "capability_id": "gpu",
+        "driver_version": "N/A",  # torch does not report the driver's version
+        "cuda_version": gpu.get("cuda_version") or "N/A",
+        "gpu_info": [
+            {
+                "name": gpu.get("name") or "N/A",
+                "memory_total": int(gpu.get("memory_total_bytes") or 0),
+                "memory_used": int(gpu.get("memory_used_bytes") or 0),
+                "cuda_device_id": int(gpu["index"]) if isinstance(gpu.get("index"), int) else -1,
+            }
         ],
     }
 

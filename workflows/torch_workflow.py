@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from workflows import batching as batches
-from workflows import model_formats, sources, tensors
+from workflows import devices, model_formats, sources, tensors
 from workflows.base import InferenceWorkflow
 from workflows.config import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
 from workflows.errors import ModelError, StartupError
@@ -25,6 +25,9 @@ class TorchInferenceWorkflow(InferenceWorkflow):
     ``max_elements`` per request.
     Start-up: ``warmup_input``, a request's OFFCHAIN data run once before the service reports ready, alone and as a
     batch of two; batching is turned off when the two answers differ (the embedded model has one built in).
+    Precision: ``precision`` ("float32", "float16", "bfloat16", "float64"; default: the model's own) converts the
+    floating parameters at load and float inputs before the forward; floating outputs come back in the model's own
+    dtype (workflows/devices.py).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         sha256: str | None = None,
         use_jit: bool | None = None,
         device: str = "auto",
+        precision: str | None = None,
         num_threads: int | None = None,
         batching: bool = True,
         cast_inputs: bool = True,
@@ -59,6 +63,7 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         )
         self.use_jit = self.settings.use_jit if use_jit is None else bool(use_jit)
         self.device_name = device
+        self.precision_name = precision
         self.num_threads = num_threads or self.settings.num_threads
         if not isinstance(batching, bool):
             raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: batching: expected true or false, got {batching!r}")
@@ -78,13 +83,20 @@ class TorchInferenceWorkflow(InferenceWorkflow):
     def setup(self) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        self.device = _device(self.device_name)
+        self.device = devices.resolve(self.device_name)
+        precision = devices.parse_precision(self.precision_name)
         path = self.fetch()
         try:
             self.model, kind = model_formats.load(path, self.use_jit, self.device)
         except StartupError as e:
             raise StartupError(f"model {self.spec.describe()}: {e}") from None
         self.model_dtype = model_formats.parameter_dtype(self.model)
+        # model_dtype stays the model's own: requests are cast to it and answers come back in it, whatever the
+        # precision the forward runs in (docs/contract.md, "Precision").
+        self.compute_dtype = self.model_dtype
+        if precision is not None:
+            self.model = devices.convert(self.model, self.model_dtype, precision)
+            self.compute_dtype = precision
         self.info = {
             "source": self.spec.source,
             "repo": self.spec.repo_id or str(self.spec.path),
@@ -94,6 +106,8 @@ class TorchInferenceWorkflow(InferenceWorkflow):
             "format": kind,
             "dtype": tensors.NAMES.get(self.model_dtype) if self.model_dtype else None,
             "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "precision": devices.precision_name(self.compute_dtype),
             "threads": torch.get_num_threads(),
             "cache_dir": str(self.settings.model_cache_dir),
             "batching": {"enabled": self.batching, "checked": False, "reason": _NOT_CHECKED},
@@ -131,7 +145,9 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         return True
 
     def describe(self) -> dict[str, Any]:
-        return self.info
+        """In the runner process. ``gpu`` (None on a CPU) is measured at each call: the runner asks once, when the
+        model is ready."""
+        return {**self.info, "gpu": devices.gpu_info(self.device)} if self.info else self.info
 
     def preprocess(self, data: Any) -> torch.Tensor:
         tensor = tensors.decode(data, self.max_elements)
@@ -151,8 +167,15 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         return items[0] if len(items) == 1 else torch.cat(list(items))
 
     def run_model(self, batch: torch.Tensor) -> Any:
+        """On the model thread: the batch to the device once, the forward, the whole output back to the CPU once
+        (floating outputs in a lowered precision cast back to the model's own dtype first)."""
         with torch.inference_mode():
-            return self.model(batch.to(self.device))
+            batch = devices.to_device(batch, self.device)
+            compute, own = self.compute_dtype, self.model_dtype
+            if compute != own and batch.is_floating_point():
+                batch = batch.to(compute)  # on the device: a GPU casts faster than the model thread would
+            output = self.model(batch)
+            return devices.to_host(output, {compute: own} if compute != own else None)
 
     def unbatch(self, output: Any, items: Sequence[torch.Tensor]) -> list[Any]:
         if len(items) == 1:
@@ -214,14 +237,3 @@ def _same_file(path: Path, other: Path) -> bool:
     except OSError:
         return False
 
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise StartupError(f"device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StartupError(f"device: {name} requested but CUDA is not available")
-    return device
