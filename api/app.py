@@ -20,7 +20,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from api import SERVICE_NAME, __version__, chain, resources
+from api import SERVICE_NAME, __version__, chain, open_inference, resources
 from api.contract import Destination, RequestError, Source, error_body, parse_input
 from api.gather import Gatherer
 from workflows.config import ServiceSettings
@@ -73,6 +73,8 @@ class PublicApp:
                 if method != "POST":
                     raise RequestError(405, "use POST for /service_output")
                 status, body = await self.limited_service_output(scope, receive)
+            elif path == "/v2" or path.startswith("/v2/"):
+                return await open_inference.serve(self, scope, receive, send)  # answers its own errors
             elif path == "/info":
                 _only_get(method, path)
                 status, body = 200, await self.info()
