@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test lint bench soak model clean browser arlocal
+.PHONY: serve test lint bench soak model clean browser arlocal kserve-venv
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,16 @@ $(VENV)/.runtime: requirements.txt
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
+
+# The KServe SDK for tests/test_open_inference.py, in a venv of its own: its pins (psutil<6, fastapi, grpcio,
+# protobuf) must not touch the service's environment (requirements-kserve.txt).
+KSERVE_VENV := .venv-kserve
+$(KSERVE_VENV)/.installed: requirements-kserve.txt
+	test -x $(KSERVE_VENV)/bin/python || $(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install -q -r requirements-kserve.txt
+	touch $@
+
+kserve-venv: $(KSERVE_VENV)/.installed
 
 serve: $(VENV)/.runtime
 	$(VENV)/bin/bentoml serve service:InfernetService --host $(HOST) --port $(PORT)
@@ -40,7 +50,7 @@ $(ARLOCAL): tools/arlocal/package.json tools/arlocal/package-lock.json
 
 arlocal: $(ARLOCAL)
 
-test: $(VENV)/.dev lint browser $(ARLOCAL)
+test: $(VENV)/.dev lint browser $(ARLOCAL) $(KSERVE_VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev
@@ -55,4 +65,4 @@ model: $(VENV)/.dev
 	$(PY) scripts/train_iris.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(KSERVE_VENV) .pytest_cache .ruff_cache

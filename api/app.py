@@ -20,7 +20,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from api import SERVICE_NAME, __version__, auth, chain, resources
+from api import SERVICE_NAME, __version__, auth, chain, open_inference, resources
 from api.contract import Destination, RequestError, Source, error_body, parse_input
 from api.gather import Gatherer
 from api.shutdown import ShutdownBound
@@ -73,7 +73,7 @@ class PublicApp:
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer one HTTP request; returns the status sent."""
         path, method = scope["path"], scope["method"]
-        if self._bearer is not None and path in auth.PROTECTED:
+        if self._bearer is not None and auth.protects(path):
             refused = auth.refusal(scope, self._bearer)
             if refused is not None:
                 return await auth.refuse(send, *refused)
@@ -82,6 +82,8 @@ class PublicApp:
                 if method != "POST":
                     raise RequestError(405, "use POST for /service_output")
                 status, body = await self.limited_service_output(scope, receive)
+            elif path == "/v2" or path.startswith("/v2/"):
+                return await open_inference.serve(self, scope, receive, send)  # answers its own errors
             elif path == "/info":
                 _only_get(method, path)
                 status, body = 200, await self.info()

@@ -16,6 +16,14 @@ from api.contract import error_body
 PROTECTED = frozenset({"/service_output", "/info", "/service-resources"})
 
 
+def protects(path: str) -> bool:
+    """Whether ``path`` needs the token: the routes above and the Open Inference Protocol's model and server
+    routes (inference and metadata); its health routes stay open, like /livez and /readyz."""
+    if path in PROTECTED:
+        return True
+    return (path == "/v2" or path.startswith("/v2/")) and not path.startswith("/v2/health/")
+
+
 def refusal(scope: dict, token: bytes) -> tuple[bytes, str] | None:
     """The ``WWW-Authenticate`` challenge and the description of a 401 when the request lacks ``token``; None when
     it carries it. Runs on an API worker's event loop; raises nothing."""

@@ -81,7 +81,10 @@ def call(app: PublicApp, path: str, headers: list[tuple[bytes, bytes]], method: 
     return sent[0], received
 
 
-@pytest.mark.parametrize("path", ["/service_output", "/info", "/service-resources"])
+PROTECTED_PATHS = ["/service_output", "/info", "/service-resources", "/v2", "/v2/models/model/infer", "/v2/models/m"]
+
+
+@pytest.mark.parametrize("path", PROTECTED_PATHS)
 @pytest.mark.parametrize(
     "authorization, challenge",
     [
@@ -95,13 +98,20 @@ def call(app: PublicApp, path: str, headers: list[tuple[bytes, bytes]], method: 
 def test_protected_routes_refuse_without_the_token_before_reading_the_body(path, authorization, challenge):
     app = PublicApp(ServiceSettings(bearer_token=TOKEN))
     headers = [(b"authorization", authorization)] if authorization is not None else []
-    start, received = call(app, path, headers, "POST" if path == "/service_output" else "GET")
+    start, received = call(app, path, headers, "POST" if path.endswith(("/service_output", "/infer")) else "GET")
     assert start["status"] == 401
     answer = dict(start["headers"])
     assert answer[b"www-authenticate"] == challenge
     assert answer[b"connection"] == b"close"
     assert answer[b"content-type"] == b"application/json"
     assert received == []  # refused before the body was read
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/livez", "/readyz"])
+def test_health_routes_need_no_token(path):
+    # Not bound to a runner: the v2 health routes answer 200 (live) or 503 (not ready), BentoML's routes 404 here.
+    start, _ = call(PublicApp(ServiceSettings(bearer_token=TOKEN)), path, [])
+    assert start["status"] != 401
 
 
 def test_the_right_token_passes_the_check():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ class ServiceSettings:
     shutdown_timeout_s: float = 20.0
     # BEARER_TOKEN / BEARER_TOKEN_FILE: when set, the inference and information routes need it (api/auth.py).
     bearer_token: str | None = field(default=None, repr=False)
+    # The model's name in the Open Inference Protocol's routes (/v2/models/NAME/...).
+    model_name: str = "model"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -65,6 +68,7 @@ class ServiceSettings:
             max_concurrency=integer(env, "MAX_CONCURRENCY", cls.max_concurrency, minimum=1),
             shutdown_timeout_s=number(env, "SHUTDOWN_TIMEOUT_S", cls.shutdown_timeout_s, minimum=0.1),
             bearer_token=bearer_token(env),
+            model_name=url_name(env, "MODEL_NAME", cls.model_name),
         )
 
     @property
@@ -146,6 +150,21 @@ def json_value(env: Mapping[str, str], name: str, default: Any, kind: type) -> A
     if not isinstance(value, kind):
         raise StartupError(f"{name}: expected a JSON {_kind(kind)}, got {type(value).__name__}")
     return value
+
+
+_URL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def url_name(env: Mapping[str, str], name: str, default: str) -> str:
+    """A name that stands as one URL path segment as it is (no quoting by clients)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not _URL_NAME.match(raw):
+        raise StartupError(
+            f"{name}: expected up to 128 letters, digits, '_', '.' or '-' starting with a letter or digit, got {raw!r}"
+        )
+    return raw
 
 
 def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:

@@ -1,0 +1,435 @@
+"""The Open Inference Protocol (KServe's v2 protocol, Triton's HTTP API) beside /service_output, on the same model.
+
+Runs in each API worker's event loop: ``PublicApp.serve`` hands every path under ``/v2`` to ``serve``. An infer
+request's one input tensor becomes the contract's OFFCHAIN data (``{"dtype", "shape", "values"}``) and takes the same
+way as ``/service_output``'s data: the Gatherer, the runner's batches, the same limits. The answer's tensors come back
+as the protocol's outputs, flat in row-major order. Errors are the protocol's ``{"error": "..."}`` bodies.
+
+Triton's binary tensor data extension works both ways, since tritonclient uses it by default: input bytes after a
+JSON header of ``Inference-Header-Content-Length`` bytes, and output bytes when asked for with ``binary_data_output``
+or an output's ``binary_data``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from api import SERVICE_NAME, __version__
+from api import app as public
+from api.contract import DTYPE_NAMES, RequestError
+
+log = logging.getLogger("api.open_inference")
+
+# The protocol's tensor datatypes -> the contract's dtype names. The protocol's UINT16/32/64 and BYTES have no
+# counterpart among the contract's dtypes; the contract's complex dtypes have none among the protocol's.
+DATATYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "INT8": "int8",
+    "INT16": "short",
+    "INT32": "int",
+    "INT64": "long",
+    "FP16": "half",
+    "BF16": "bfloat16",
+    "FP32": "float",
+    "FP64": "double",
+}
+CONTRACT_DATATYPES: dict[str, str] = {dtype: datatype for datatype, dtype in DATATYPES.items()}
+assert set(DATATYPES.values()) <= set(DTYPE_NAMES)
+# Binary tensor data is little-endian, row-major, without padding. BF16 travels as the top 16 bits of a float32.
+_WIRE: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("u1"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+# The service has one model and no versions of it; "1" is what Triton calls the only version of a model.
+MODEL_VERSION = "1"
+INPUT_NAME = "input_0"
+PLATFORMS = {"torchscript": "pytorch_torchscript", "torch.export": "pytorch_torch_export", "pickle": "pytorch"}
+EXTENSIONS = ["binary_tensor_data"]
+_HEADER_LENGTH = b"inference-header-content-length"
+_JSON = (b"content-type", b"application/json")
+_OCTETS = (b"content-type", b"application/octet-stream")
+
+
+class ProtocolError(RequestError):
+    """A v2 request refused; ``allow`` lists the methods of the route when the method was wrong."""
+
+    def __init__(self, status: int, description: str, allow: str | None = None) -> None:
+        super().__init__(status, description)
+        self.allow = allow
+
+
+@dataclass
+class InferRequest:
+    """One infer request, read: the contract's data for the runner and how the client wants the answer."""
+
+    data: dict[str, Any]
+    id: str | None = None
+    outputs: list[str] | None = None  # names asked for, in order; None: every output
+    binary_outputs: set[str] = field(default_factory=set)  # names whose data travels as bytes
+    binary_by_default: bool = False  # binary_data_output: every output not named otherwise
+
+
+async def serve(app: public.PublicApp, scope: public.Scope, receive: public.Receive, send: public.Send) -> int:
+    """Answer one request under /v2 in the API worker's event loop; returns the status sent. Never raises for a bad
+    request: every refusal is answered as ``{"error": ...}`` with its status."""
+    path, method = scope["path"], scope["method"]
+    headers: list[tuple[bytes, bytes]] = []
+    binary = None
+    try:
+        status, body, binary = await _route(app, path, method, scope, receive)
+    except RequestError as e:
+        status, body = e.status, {"error": e.description}
+        if getattr(e, "allow", None):
+            headers.append((b"allow", e.allow.encode()))
+    except Exception as e:
+        log.exception("request to %s failed", path)
+        status, body = 500, {"error": f"internal error: {type(e).__name__}"}
+    return await _respond(send, status, body, binary, headers)
+
+
+async def _route(
+    app: public.PublicApp, path: str, method: str, scope: public.Scope, receive: public.Receive
+) -> tuple[int, Any, bytes | None]:
+    parts = path.rstrip("/").split("/")[2:]  # "", "v2", ...
+    if not parts:
+        _only(method, "GET")
+        return 200, {"name": SERVICE_NAME, "version": __version__, "extensions": EXTENSIONS}, None
+    if parts == ["health", "live"]:
+        _only(method, "GET")
+        return 200, {"live": True}, None
+    if parts == ["health", "ready"]:
+        _only(method, "GET")
+        return await _readiness(app, {})
+    if parts[0] != "models" or len(parts) < 2:
+        raise ProtocolError(404, f"no route {path}; the model's routes are under /v2/models/{app.settings.model_name}")
+    name, rest, version = parts[1], parts[2:], None
+    if rest[:1] == ["versions"]:
+        if len(rest) < 2:
+            raise ProtocolError(404, f"no route {path}")
+        version, rest = rest[1], rest[2:]
+    if rest not in ([], ["ready"], ["infer"]):
+        raise ProtocolError(404, f"no route {path}")
+    _only(method, "POST" if rest == ["infer"] else "GET")
+    _check_model(app, name, version)
+    if rest == ["ready"]:
+        return await _readiness(app, {"name": name})
+    if rest == ["infer"]:
+        body, binary = await _limited_infer(app, scope, receive)
+        return 200, body, binary
+    return 200, await model_metadata(app), None
+
+
+def _only(method: str, allowed: str) -> None:
+    methods = "GET, HEAD" if allowed == "GET" else allowed
+    if method not in methods.split(", "):
+        raise ProtocolError(405, f"use {allowed} for this route", allow=methods)
+
+
+def _check_model(app: public.PublicApp, name: str, version: str | None) -> None:
+    served = app.settings.model_name
+    if name != served:
+        raise ProtocolError(404, f"unknown model {name!r}; this service serves {served!r} (MODEL_NAME)")
+    if version is not None and version != MODEL_VERSION:
+        raise ProtocolError(404, f"model {served!r} has no version {version!r}; its only version is {MODEL_VERSION!r}")
+
+
+async def _readiness(app: public.PublicApp, body: dict[str, Any]) -> tuple[int, Any, None]:
+    if await app.runner_ready():
+        return 200, {**body, "ready": True}, None
+    return 503, {**body, "ready": False, "error": "the model is still loading; retry shortly"}, None
+
+
+async def model_metadata(app: public.PublicApp) -> dict[str, Any]:
+    """The model's metadata from the runner's description (GET /info); 503 while the model loads."""
+    info = await app.info()
+    model = info.get("model") or {}
+    datatype = CONTRACT_DATATYPES.get(model.get("dtype") or "")
+    # The model's input rank is not known here: [-1] says that every dimension is the client's to choose. Inputs are
+    # cast to the datatype of the model's parameters; outputs are known only from an answer.
+    inputs = [{"name": INPUT_NAME, "datatype": datatype, "shape": [-1]}] if datatype else []
+    return {
+        "name": app.settings.model_name,
+        "versions": [MODEL_VERSION],
+        "platform": PLATFORMS.get(model.get("format"), "python"),
+        "inputs": inputs,
+        "outputs": [],
+    }
+
+
+async def _limited_infer(
+    app: public.PublicApp, scope: public.Scope, receive: public.Receive
+) -> tuple[dict[str, Any], bytes | None]:
+    # The same per-worker budget and deadline as /service_output (api/app.py), counted together with its requests.
+    limit = app.settings.max_concurrency_per_worker
+    if app._in_progress >= limit:
+        raise ProtocolError(503, f"overloaded: {limit} requests in progress in this worker (MAX_CONCURRENCY); retry")
+    app._in_progress += 1
+    timeout = app.settings.timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            return await _infer(app, scope, receive)
+    except TimeoutError:
+        raise ProtocolError(504, f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
+    finally:
+        app._in_progress -= 1
+
+
+async def _infer(
+    app: public.PublicApp, scope: public.Scope, receive: public.Receive
+) -> tuple[dict[str, Any], bytes | None]:
+    headers = dict(scope["headers"])
+    encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+    if encoding != "identity":
+        raise ProtocolError(415, f"Content-Encoding {encoding} is not supported; send the body uncompressed")
+    raw = await public._read_body(scope, receive, app.settings.max_request_bytes)
+    header, binary = split_body(raw, headers.get(_HEADER_LENGTH))
+    try:
+        obj = orjson.loads(header)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(400, f"body is not valid JSON: {e}") from None
+    if public._nesting_depth(header) > public.MAX_JSON_DEPTH:
+        raise ProtocolError(400, f"body is nested deeper than {public.MAX_JSON_DEPTH} levels")
+    request = read_request(obj, binary, app.settings.max_elements)
+    outcome = await app._run(request.data)
+    if outcome["status"] != 200:
+        raise ProtocolError(outcome["status"], in_protocol_terms(outcome["description"]))
+    return answer(outcome["body"], request, app.settings.model_name)
+
+
+def split_body(raw: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor data) of a request body; without the header length, the body is all JSON."""
+    if header_length is None:
+        return raw, b""
+    text = header_length.decode("latin-1").strip()
+    if not text.isdigit() or int(text) > len(raw):
+        raise ProtocolError(
+            400, f"Inference-Header-Content-Length: expected a byte count up to the body's {len(raw)}, got {text!r}"
+        )
+    return raw[: int(text)], raw[int(text) :]
+
+
+def read_request(obj: Any, binary: bytes, max_elements: int) -> InferRequest:
+    """An infer request's JSON (and its binary tensor data) -> the contract's data. Raises ProtocolError (400)."""
+    if not isinstance(obj, dict):
+        raise ProtocolError(400, f"body must be a JSON object, got {_json_type(obj)}")
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError(400, "inputs: expected a list of one input tensor")
+    if len(inputs) != 1:
+        raise ProtocolError(400, f"inputs: this model takes one input tensor, got {len(inputs)}")
+    request_id = obj.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(400, "id: expected a string")
+    parameters = _parameters(obj, "parameters")
+    request = InferRequest(
+        data=_contract_data(inputs[0], binary, max_elements),
+        id=request_id,
+        binary_by_default=_flag(parameters, "binary_data_output", "parameters"),
+    )
+    outputs = obj.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+        ):
+            raise ProtocolError(400, "outputs: expected a list of objects with a 'name'")
+        request.outputs = []
+        for index, output in enumerate(outputs):
+            where = f"outputs[{index}].parameters"
+            output_parameters = _parameters(output, "parameters", where)
+            if "classification" in output_parameters:
+                raise ProtocolError(400, f"{where}.classification: the classification extension is not supported")
+            binary_data = output_parameters.get("binary_data", request.binary_by_default)
+            if not isinstance(binary_data, bool):
+                raise ProtocolError(400, f"{where}.binary_data: expected true or false")
+            request.outputs.append(output["name"])
+            if binary_data:
+                request.binary_outputs.add(output["name"])
+    return request
+
+
+def _contract_data(tensor: Any, binary: bytes, max_elements: int) -> dict[str, Any]:
+    if not isinstance(tensor, dict):
+        raise ProtocolError(400, "inputs[0]: expected an object with 'name', 'shape', 'datatype' and 'data'")
+    if not isinstance(tensor.get("name"), str):
+        raise ProtocolError(400, "inputs[0].name: expected a string")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ProtocolError(400, "inputs[0].shape: expected a list of non-negative integers")
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise ProtocolError(
+            400, f"inputs[0].datatype: {datatype!r} is not supported; expected one of {', '.join(DATATYPES)}"
+        )
+    count = math.prod(shape)
+    if count > max_elements:
+        raise ProtocolError(
+            400,
+            f"inputs[0].shape: {count} elements exceed the limit of {max_elements} per request (MAX_REQUEST_ELEMENTS)",
+        )
+    parameters = _parameters(tensor, "parameters", "inputs[0].parameters")
+    if "shared_memory_region" in parameters:
+        raise ProtocolError(400, "inputs[0].parameters.shared_memory_region: shared memory is not supported")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if "data" in tensor:
+            raise ProtocolError(400, "inputs[0]: give either 'data' or parameters.binary_data_size, not both")
+        values = _from_bytes(binary, size, datatype, shape)
+    else:
+        if binary:
+            raise ProtocolError(400, f"{len(binary)} bytes of binary data follow the JSON but no input claims them")
+        if "data" not in tensor:
+            raise ProtocolError(400, "inputs[0].data: missing")
+        values = tensor["data"]
+        if not isinstance(values, list):
+            values = [values]  # a scalar tensor's one element may be given bare
+    return {"dtype": DATATYPES[datatype], "shape": shape, "values": values}
+
+
+def _from_bytes(binary: bytes, size: Any, datatype: str, shape: list[int]) -> list[Any]:
+    where = "inputs[0].parameters.binary_data_size"
+    if type(size) is not int or size < 0:
+        raise ProtocolError(400, f"{where}: expected a non-negative integer")
+    if size != len(binary):
+        raise ProtocolError(400, f"{where}: {size} bytes claimed, {len(binary)} bytes follow the JSON header")
+    wire = _WIRE[datatype]
+    expected = math.prod(shape) * wire.itemsize
+    if size != expected:
+        raise ProtocolError(400, f"{where}: shape {shape} of {datatype} takes {expected} bytes, got {size}")
+    array = np.frombuffer(binary, dtype=wire)
+    if datatype == "BF16":
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    # The contract's data is JSON-like; the runner decodes and checks it as it does /service_output's.
+    return array.tolist()
+
+
+def answer(body: Any, request: InferRequest, model_name: str) -> tuple[dict[str, Any], bytes | None]:
+    """The runner's answer (a contract tensor, or tensors in dicts and lists) -> the protocol's response JSON and the
+    binary data that follows it. Raises ProtocolError: 400 for an unknown requested output, 500 for an answer the
+    protocol cannot carry."""
+    tensors = dict(output_tensors(body))
+    names = request.outputs if request.outputs is not None else list(tensors)
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name in names:
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise ProtocolError(400, f"outputs: unknown output {name!r}; this model's outputs are {', '.join(tensors)}")
+        output, chunk = _output(
+            name,
+            tensor,
+            binary=name in request.binary_outputs or (request.outputs is None and request.binary_by_default),
+        )
+        outputs.append(output)
+        if chunk is not None:
+            chunks.append(chunk)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION}
+    if request.id is not None:
+        response["id"] = request.id
+    response["outputs"] = outputs
+    return response, b"".join(chunks) if chunks else None
+
+
+def output_tensors(body: Any, name: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(name, contract tensor) for every tensor of an answer: "output_0" for a lone tensor or a list's items, the
+    key for a dict's, joined with "." when nested."""
+    if isinstance(body, dict) and isinstance(body.get("dtype"), str) and "values" in body and "shape" in body:
+        return [(name or "output_0", body)]
+    if isinstance(body, dict):
+        items = [(f"{name}.{key}" if name else str(key), value) for key, value in body.items()]
+    elif isinstance(body, list):
+        items = [(f"{name}.{index}" if name else f"output_{index}", value) for index, value in enumerate(body)]
+    else:
+        raise ProtocolError(
+            500, f"the model's output {name or 'output_0'} is {type(body).__name__}, not a tensor; use /service_output"
+        )
+    return [found for item_name, value in items for found in output_tensors(value, item_name)]
+
+
+def _output(name: str, tensor: dict[str, Any], binary: bool) -> tuple[dict[str, Any], bytes | None]:
+    datatype = CONTRACT_DATATYPES.get(tensor["dtype"])
+    if datatype is None:
+        raise ProtocolError(
+            500, f"output {name}: the protocol has no datatype for {tensor['dtype']}; use /service_output"
+        )
+    shape = [int(n) for n in tensor["shape"]]
+    values = np.asarray(tensor["values"]).reshape(-1)
+    output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    if not binary:
+        output["data"] = np.ascontiguousarray(values)
+        return output, None
+    if datatype == "BF16":  # the contract carries bfloat16 values as float32, which holds each one exactly
+        chunk = (values.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+    else:
+        chunk = values.astype(_WIRE[datatype]).tobytes()
+    output["parameters"] = {"binary_data_size": len(chunk)}
+    return output, chunk
+
+
+def in_protocol_terms(description: str) -> str:
+    """The runner's message about the contract's data, in the words of the protocol's request."""
+    for contract, protocol in (
+        ("values", "inputs[0].data"),
+        ("shape", "inputs[0].shape"),
+        ("dtype", "inputs[0].datatype"),
+    ):
+        if description.startswith(contract):
+            description = protocol + description[len(contract) :]
+            break
+    return description.replace(" values ", " data ")
+
+
+def _parameters(obj: dict[str, Any], key: str, where: str | None = None) -> dict[str, Any]:
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(400, f"{where or key}: expected an object")
+    return value
+
+
+def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(400, f"{where}.{key}: expected true or false")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
+
+
+async def _respond(
+    send: public.Send, status: int, body: Any, binary: bytes | None, headers: list[tuple[bytes, bytes]]
+) -> int:
+    try:
+        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as e:
+        status, binary = 500, None
+        payload = orjson.dumps({"error": f"the model's output is not JSON-serialisable: {e}"})
+    if binary is None:
+        headers = [*headers, _JSON]
+    else:
+        headers = [*headers, _OCTETS, (_HEADER_LENGTH, str(len(payload)).encode())]
+        payload += binary
+    headers.append((b"content-length", str(len(payload)).encode()))
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+    return status

@@ -1,0 +1,456 @@
+"""The Open Inference Protocol (KServe v2) routes: the datatype mapping and the request/answer conversion in-process,
+then the real clients users run (tritonclient's HTTP client, the KServe SDK's REST client) against `bentoml serve`.
+
+The KServe SDK runs in its own venv (.venv-kserve, `make kserve-venv`), driven through tests/kserve_support.py in a
+subprocess: its pins (psutil<6, its own fastapi, grpcio and protobuf) would change the service's environment.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import orjson
+import pytest
+import requests
+import torch
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from api import open_inference as oip
+from api.open_inference import ProtocolError, answer, read_request, split_body
+from tests.kserve_support import IRIS_ROW, run_in_kserve_venv
+from workflows import tensors
+from workflows.config import ServiceSettings
+from workflows.errors import StartupError
+
+MAX_ELEMENTS = 1000
+EXPECTED_DATATYPES = {
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+    "FP16": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "UINT8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SAMPLES = {
+    "FP32": [1.5, -2.25, 3.0, 0.125],
+    "FP64": [1.0380048, 0.5586108, 1.1037828, 1.712096],
+    "FP16": [0.5, -1.0, 2048.0, 0.099975586],
+    "BF16": [1.0, -0.5, 3.140625, 256.0],
+    "INT8": [-128, 0, 5, 127],
+    "INT16": [-32768, 1, 2, 32767],
+    "INT32": [-(2**31), 7, 8, 2**31 - 1],
+    "INT64": [-(2**63), 9, 10, 2**63 - 1],
+    "UINT8": [0, 1, 200, 255],
+    "BOOL": [True, False, False, True],
+}
+
+
+def request(datatype: str = "FP32", data=None, shape=(2, 2), **extra) -> dict:
+    tensor = {"name": "input_0", "shape": list(shape), "datatype": datatype, "data": data or SAMPLES[datatype]}
+    return {"inputs": [tensor], **extra}
+
+
+def as_torch(values: list, datatype: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=EXPECTED_DATATYPES[datatype])
+
+
+def wire_bytes(values: list, datatype: str) -> bytes:
+    if datatype == "BF16":
+        return as_torch(values, datatype).view(torch.int16).numpy().astype("<i2").tobytes()
+    return np.array(values, dtype=oip._WIRE[datatype]).tobytes()
+
+
+def contract_answer(values, dtype: str = "float") -> dict:
+    array = np.asarray(values)
+    return {"dtype": dtype, "shape": list(array.shape), "values": array}
+
+
+# --- datatypes and requests -------------------------------------------------------------------------------------
+
+
+def test_each_protocol_datatype_becomes_the_contract_dtype_of_the_same_tensor_type():
+    assert set(oip.DATATYPES) == set(EXPECTED_DATATYPES)
+    for datatype, torch_dtype in EXPECTED_DATATYPES.items():
+        assert tensors.DTYPES[oip.DATATYPES[datatype]] == torch_dtype, datatype
+        assert oip.CONTRACT_DATATYPES[oip.DATATYPES[datatype]] == datatype
+
+
+@pytest.mark.parametrize("datatype", ["BYTES", "UINT16", "UINT32", "UINT64", "fp32", None])
+def test_other_datatypes_are_refused_naming_the_supported_ones(datatype):
+    with pytest.raises(ProtocolError) as refused:
+        read_request(request("FP32") | {"inputs": [{"name": "x", "shape": [1], "datatype": datatype, "data": [1]}]},
+                     b"", MAX_ELEMENTS)  # fmt: skip
+    assert refused.value.status == 400
+    assert f"inputs[0].datatype: {datatype!r} is not supported" in refused.value.description
+    assert "FP32" in refused.value.description and "INT64" in refused.value.description
+
+
+@pytest.mark.parametrize("datatype", list(EXPECTED_DATATYPES))
+def test_json_data_decodes_to_the_tensor_sent(datatype):
+    read = read_request(request(datatype, id="req-1"), b"", MAX_ELEMENTS)
+    assert read.id == "req-1" and read.outputs is None and not read.binary_by_default
+    assert read.data["dtype"] == oip.DATATYPES[datatype]
+    decoded = tensors.decode(read.data)
+    assert torch.equal(decoded, as_torch(SAMPLES[datatype], datatype).reshape(2, 2))
+
+
+def test_nested_json_data_is_taken_in_row_major_order():
+    read = read_request(request("INT32", data=[[1, 2], [3, 4]], shape=(2, 2)), b"", MAX_ELEMENTS)
+    assert tensors.decode(read.data).tolist() == [[1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("datatype", list(EXPECTED_DATATYPES))
+def test_binary_data_decodes_to_the_tensor_sent(datatype):
+    values = SAMPLES[datatype]
+    binary = wire_bytes(values, datatype)
+    tensor = {"name": "in", "shape": [4, 1], "datatype": datatype, "parameters": {"binary_data_size": len(binary)}}
+    read = read_request({"inputs": [tensor]}, binary, MAX_ELEMENTS)
+    assert torch.equal(tensors.decode(read.data), as_torch(values, datatype).reshape(4, 1))
+
+
+def test_tritonclients_binary_request_body_is_read():
+    x = np.array([IRIS_ROW], dtype=np.float32)
+    tensor = triton.InferInput("input_0", [1, 4], "FP32")
+    tensor.set_data_from_numpy(x)  # binary by default
+    body, header_length = triton.InferenceServerClient.generate_request_body([tensor], request_id="t-1")
+    header, binary = split_body(body, str(header_length).encode())
+    read = read_request(orjson.loads(header), binary, MAX_ELEMENTS)
+    assert read.id == "t-1" and read.binary_by_default  # tritonclient asks for binary outputs when it names none
+    assert torch.equal(tensors.decode(read.data), torch.from_numpy(x))
+
+
+@pytest.mark.parametrize(
+    "body, binary, message",
+    [
+        ([1], b"", "body must be a JSON object, got a list"),
+        ({"inputs": []}, b"", "inputs: expected a list of one input tensor"),
+        ({"inputs": [{}, {}]}, b"", "inputs: this model takes one input tensor, got 2"),
+        (request(shape=(2, -1)), b"", "inputs[0].shape: expected a list of non-negative integers"),
+        (request(shape=(100, 100)), b"", "10000 elements exceed the limit of 1000"),
+        (request() | {"id": 5}, b"", "id: expected a string"),
+        (request() | {"parameters": {"binary_data_output": "yes"}}, b"", "binary_data_output: expected true or false"),
+        (request(), b"\x00\x01", "2 bytes of binary data follow the JSON but no input claims them"),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}, b"", "inputs[0].data: missing"),
+        (
+            {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
+            b"\x00" * 4,
+            "8 bytes claimed, 4 bytes follow",
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
+            b"\x00" * 8,
+            "shape [3] of FP32 takes 12 bytes, got 8",
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]},
+            b"",
+            "shared memory is not supported",
+        ),
+        (request() | {"outputs": [{"nom": "y"}]}, b"", "outputs: expected a list of objects with a 'name'"),
+        (
+            request() | {"outputs": [{"name": "output_0", "parameters": {"classification": 2}}]},
+            b"",
+            "the classification extension is not supported",
+        ),
+    ],
+)
+def test_malformed_requests_are_refused_with_the_place_named(body, binary, message):
+    with pytest.raises(ProtocolError) as refused:
+        read_request(body, binary, MAX_ELEMENTS)
+    assert refused.value.status == 400
+    assert message in refused.value.description
+
+
+@pytest.mark.parametrize("length, expected", [(None, (b"ab", b"")), (b"1", (b"a", b"b")), (b"2", (b"ab", b""))])
+def test_the_header_length_splits_json_from_binary_data(length, expected):
+    assert split_body(b"ab", length) == expected
+
+
+@pytest.mark.parametrize("length", [b"3", b"-1", b"x"])
+def test_a_bad_header_length_is_refused(length):
+    with pytest.raises(ProtocolError, match="Inference-Header-Content-Length"):
+        split_body(b"ab", length)
+
+
+def test_runner_messages_speak_of_the_protocols_fields():
+    assert oip.in_protocol_terms("shape: [1, 4] holds 4 elements but values has 3") == (
+        "inputs[0].shape: [1, 4] holds 4 elements but data has 3"
+    )
+    assert (
+        oip.in_protocol_terms("values[1]: expected a number, got null")
+        == "inputs[0].data[1]: expected a number, got null"
+    )
+    assert oip.in_protocol_terms("model failed: RuntimeError") == "model failed: RuntimeError"
+
+
+@pytest.mark.parametrize("name", ["iris", "Iris-v1.2_b", "m" * 128])
+def test_model_name_setting(name):
+    assert ServiceSettings.from_env({}).model_name == "model"
+    assert ServiceSettings.from_env({"MODEL_NAME": name}).model_name == name
+
+
+@pytest.mark.parametrize("name", ["a/b", "-x", "with space", "{{.Name}}", "m" * 129])
+def test_a_model_name_that_is_no_url_segment_is_refused(name):
+    with pytest.raises(StartupError, match=r"^MODEL_NAME: expected up to 128 letters"):
+        ServiceSettings.from_env({"MODEL_NAME": name})
+
+
+# --- answers ----------------------------------------------------------------------------------------------------
+
+
+def test_a_lone_tensor_answers_as_output_0_with_flat_data():
+    read = read_request(request(id="a-1"), b"", MAX_ELEMENTS)
+    response, binary = answer(contract_answer([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), read, "iris")
+    assert binary is None
+    assert response["model_name"] == "iris" and response["model_version"] == "1" and response["id"] == "a-1"
+    (output,) = response["outputs"]
+    assert output["name"] == "output_0" and output["datatype"] == "FP32" and output["shape"] == [2, 3]
+    assert output["data"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+def test_outputs_in_dicts_and_lists_are_named_by_their_place():
+    body = {"logits": contract_answer([1.0]), "extra": [contract_answer([1], "long"), contract_answer([True], "bool")]}
+    assert [name for name, _ in oip.output_tensors(body)] == ["logits", "extra.0", "extra.1"]
+    assert [name for name, _ in oip.output_tensors([contract_answer([1.0]), contract_answer([2.0])])] == [
+        "output_0",
+        "output_1",
+    ]
+    response, _ = answer(body, read_request(request(), b"", MAX_ELEMENTS), "m")
+    assert [(o["name"], o["datatype"]) for o in response["outputs"]] == [
+        ("logits", "FP32"),
+        ("extra.0", "INT64"),
+        ("extra.1", "BOOL"),
+    ]
+
+
+def test_requested_outputs_come_in_the_order_asked_and_unknown_ones_are_refused():
+    body = {"a": contract_answer([1.0]), "b": contract_answer([2.0])}
+    asked = read_request(request(outputs=[{"name": "b"}]), b"", MAX_ELEMENTS)
+    response, _ = answer(body, asked, "m")
+    assert [o["name"] for o in response["outputs"]] == ["b"]
+    with pytest.raises(ProtocolError) as refused:
+        answer(body, read_request(request(outputs=[{"name": "c"}]), b"", MAX_ELEMENTS), "m")
+    assert refused.value.status == 400 and "unknown output 'c'; this model's outputs are a, b" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "contract_dtype, values",
+    [("float", [[0.5, -1.5]]), ("double", [[1e-300, 2.0]]), ("half", [[0.5, 2048.0]]), ("long", [[-(2**62), 3]]),
+     ("int", [[5, -6]]), ("short", [[7, 8]]), ("int8", [[-1, 1]]), ("uint8", [[0, 255]]), ("bool", [[True, False]])],
+)  # fmt: skip
+def test_binary_answers_read_back_with_tritonclient(contract_dtype, values):
+    array = tensors.encode(torch.tensor(values, dtype=tensors.DTYPES[contract_dtype]))
+    read = read_request(request(parameters={"binary_data_output": True}), b"", MAX_ELEMENTS)
+    response, binary = answer(array, read, "m")
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    result = triton.InferResult.from_response_body(header + binary, header_length=len(header))
+    assert result.get_output("output_0")["parameters"]["binary_data_size"] == len(binary)
+    np.testing.assert_array_equal(result.as_numpy("output_0"), np.array(values))
+
+
+def test_bfloat16_answers_as_bf16_in_json_and_binary():
+    array = tensors.encode(torch.tensor([1.0, -0.5, 3.140625], dtype=torch.bfloat16))
+    response, _ = answer(array, read_request(request(), b"", MAX_ELEMENTS), "m")
+    assert response["outputs"][0]["datatype"] == "BF16" and response["outputs"][0]["data"].tolist() == [
+        1.0,
+        -0.5,
+        3.140625,
+    ]
+    response, binary = answer(
+        array, read_request(request(parameters={"binary_data_output": True}), b"", MAX_ELEMENTS), "m"
+    )
+    assert binary == wire_bytes([1.0, -0.5, 3.140625], "BF16")
+
+
+def test_an_output_binary_data_false_overrides_binary_data_output():
+    body = {"a": contract_answer([1.0]), "b": contract_answer([2.0])}
+    read = read_request(
+        request(
+            parameters={"binary_data_output": True},
+            outputs=[{"name": "a", "parameters": {"binary_data": False}}, {"name": "b"}],
+        ),
+        b"",
+        MAX_ELEMENTS,
+    )
+    response, binary = answer(body, read, "m")
+    assert response["outputs"][0]["data"].tolist() == [1.0] and "data" not in response["outputs"][1]
+    assert binary == np.float32(2.0).tobytes()
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (tensors.encode(torch.tensor([1 + 2j])), "the protocol has no datatype for cfloat"),
+        ({"label": "setosa"}, "the model's output label is str, not a tensor"),
+    ],
+)
+def test_answers_the_protocol_cannot_carry_are_server_errors(body, message):
+    with pytest.raises(ProtocolError) as refused:
+        answer(body, read_request(request(), b"", MAX_ELEMENTS), "m")
+    assert refused.value.status == 500 and message in refused.value.description
+
+
+# --- the real service, with the real clients --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_client(iris_server):
+    client = triton.InferenceServerClient(iris_server.url.removeprefix("http://"))
+    yield client
+    client.close()
+
+
+@pytest.mark.slow
+def test_tritonclient_sees_a_live_ready_server_and_the_models_metadata(iris_server, triton_client):
+    assert triton_client.is_server_live() and triton_client.is_server_ready()
+    assert triton_client.is_model_ready("model") and triton_client.is_model_ready("model", model_version="1")
+    assert not triton_client.is_model_ready("iris") and not triton_client.is_model_ready("model", model_version="2")
+    server = triton_client.get_server_metadata()
+    assert server["name"] == "infernet-torch-service" and "binary_tensor_data" in server["extensions"]
+    metadata = triton_client.get_model_metadata("model")
+    assert metadata == {
+        "name": "model",
+        "versions": ["1"],
+        "platform": "pytorch_torchscript",
+        "inputs": [{"name": "input_0", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [],
+    }
+    assert iris_server.get("/v2/health/live").json() == {"live": True}
+    assert iris_server.get("/v2/health/ready").json() == {"ready": True}
+    assert iris_server.get("/v2/models/model/ready").json() == {"name": "model", "ready": True}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_infers_the_iris_class(iris_server, triton_client, datatype, binary):
+    rows = np.array([IRIS_ROW, IRIS_ROW], dtype=np.float32 if datatype == "FP32" else np.float64)
+    tensor = triton.InferInput("input_0", list(rows.shape), datatype)
+    tensor.set_data_from_numpy(rows, binary_data=binary)
+    outputs = [triton.InferRequestedOutput("output_0", binary_data=binary)]
+    result = triton_client.infer("model", [tensor], outputs=outputs, request_id="iris-1")
+    response = result.get_response()
+    assert response["model_name"] == "model" and response["id"] == "iris-1"
+    probabilities = result.as_numpy("output_0")
+    assert probabilities.shape == (2, 3) and probabilities.dtype == np.float32
+    assert probabilities.argmax(axis=1).tolist() == [2, 2]
+    same = iris_server.post({"source": 1, "data": {"dtype": "float", "values": [IRIS_ROW]}}).json()
+    np.testing.assert_allclose(probabilities[0], same["values"][0], atol=1e-6)  # batch sizes differ
+
+
+@pytest.mark.slow
+def test_tritonclient_defaults_and_versioned_routes(triton_client):
+    tensor = triton.InferInput("input_0", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.array([IRIS_ROW], dtype=np.float32))  # binary in, binary out: the client's defaults
+    result = triton_client.infer("model", [tensor], model_version="1")
+    assert result.as_numpy("output_0").argmax() == 2
+    with pytest.raises(InferenceServerException) as refused:
+        triton_client.infer("model", [tensor], model_version="2")
+    assert refused.value.status() == "404" and "has no version '2'" in refused.value.message()
+    with pytest.raises(InferenceServerException) as refused:
+        triton_client.infer("resnet", [tensor])
+    assert refused.value.status() == "404" and "unknown model 'resnet'" in refused.value.message()
+
+
+@pytest.mark.slow
+def test_tritonclient_hears_why_a_request_is_refused(triton_client):
+    tensor = triton.InferInput("input_0", [1, 3], "FP32")
+    tensor.set_data_from_numpy(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), binary_data=False)
+    with pytest.raises(InferenceServerException) as refused:
+        triton_client.infer("model", [tensor])
+    assert refused.value.status() == "422" and "mat1 and mat2 shapes cannot be multiplied" in refused.value.message()
+    tensor = triton.InferInput("input_0", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"setosa"], dtype=np.object_), binary_data=False)
+    with pytest.raises(InferenceServerException) as refused:
+        triton_client.infer("model", [tensor])
+    assert refused.value.status() == "400" and "'BYTES' is not supported" in refused.value.message()
+
+
+@pytest.mark.slow
+def test_kserve_sdk_rest_client(iris_server):
+    seen = run_in_kserve_venv("client", iris_server.url, "model")
+    assert seen["live"] is True and seen["ready"] is True
+    assert seen["model_ready"] is True and seen["unknown_model_ready"] is False
+    for key, rows in (("json", 1), ("binary", 2)):
+        answer = seen[key]
+        assert answer["id"] == f"kserve-{key}" and answer["model_name"] == "model"
+        assert (answer["name"], answer["datatype"], answer["shape"]) == ("output_0", "FP32", [rows, 3])
+        assert np.argmax(answer["values"], axis=1).tolist() == [2] * rows
+    assert (
+        seen["unknown_model"]["status"] == 404 and "unknown model 'no-such-model'" in seen["unknown_model"]["message"]
+    )
+
+
+@pytest.mark.slow
+def test_v2_errors_are_the_protocols_json(iris_server):
+    url = f"{iris_server.url}/v2/models/model/infer"
+    cases = [
+        (requests.post(url, data=b"{not json", timeout=30), 400, "body is not valid JSON"),
+        (requests.get(url, timeout=30), 405, "use POST"),
+        (requests.post(f"{iris_server.url}/v2/models/model", timeout=30), 405, "use GET"),
+        (requests.get(f"{iris_server.url}/v2/repository/index", timeout=30), 404, "no route /v2/repository/index"),
+        (requests.get(f"{iris_server.url}/v2/models/other", timeout=30), 404, "unknown model 'other'"),
+        (
+            requests.post(url, json=request("FP64", data=[1.0, 2.0, 3.0], shape=(1, 4)), timeout=30),
+            400,
+            "inputs[0].shape: [1, 4] holds 4 elements but data has 3",
+        ),
+        (
+            requests.post(url, data=b"{}", headers={"Content-Encoding": "gzip"}, timeout=30),
+            415,
+            "Content-Encoding gzip is not supported",
+        ),
+    ]
+    for response, status, message in cases:
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert set(response.json()) == {"error"} and message in response.json()["error"]
+    assert cases[1][0].headers["allow"] == "POST" and cases[2][0].headers["allow"] == "GET, HEAD"
+
+
+@pytest.mark.slow
+def test_v2_and_service_output_share_the_model(iris_server):
+    v2_body = request("FP64", data=IRIS_ROW, shape=(1, 4))
+
+    def both(_):
+        v2 = requests.post(f"{iris_server.url}/v2/models/model/infer", json=v2_body, timeout=60)
+        contract = iris_server.post({"source": 1, "data": {"dtype": "double", "values": [IRIS_ROW]}}, timeout=60)
+        return v2.json()["outputs"][0]["data"], contract.json()["values"][0]
+
+    with ThreadPoolExecutor(8) as pool:
+        for v2_values, contract_values in pool.map(both, range(16)):
+            np.testing.assert_allclose(v2_values, contract_values, atol=1e-6)
+            assert int(np.argmax(v2_values)) == 2
+
+
+@pytest.fixture(scope="module")
+def named_server(tmp_path_factory):
+    from tests.fixtures.server import serving
+
+    env = {"MODEL_NAME": "iris", "MAX_REQUEST_BYTES": "4096"}
+    with serving(env, tmp_path_factory.mktemp("named-v2-server")) as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_model_name_and_body_limit_settings(named_server):
+    client = triton.InferenceServerClient(named_server.url.removeprefix("http://"))
+    try:
+        assert client.is_model_ready("iris") and not client.is_model_ready("model")
+        assert client.get_model_metadata("iris")["name"] == "iris"
+        tensor = triton.InferInput("input_0", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array([IRIS_ROW], dtype=np.float32))
+        assert client.infer("iris", [tensor]).as_numpy("output_0").argmax() == 2
+        big = triton.InferInput("input_0", [300, 4], "FP32")
+        big.set_data_from_numpy(np.tile(np.float32(IRIS_ROW), (300, 1)), binary_data=False)
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("iris", [big])
+        assert refused.value.status() == "413" and "MAX_REQUEST_BYTES" in refused.value.message()
+    finally:
+        client.close()
