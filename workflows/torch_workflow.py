@@ -236,4 +236,3 @@ def _same_file(path: Path, other: Path) -> bool:
         return path.resolve() == other.resolve()
     except OSError:
         return False
-
