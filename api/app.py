@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,19 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _BENTOML_GET_ROUTES = {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
 _BENTOML_STATIC = "/static_content/"
 _JSON = [(b"content-type", b"application/json")]
+_GET = ("GET", "HEAD")
+# Every route served and its methods: a 405 names them in Allow, OPTIONS answers with them (RFC 9110, 15.5.6).
+ROUTE_METHODS: dict[str, tuple[str, ...]] = {
+    "/service_output": ("POST",),
+    "/info": _GET,
+    "/service-resources": _GET,
+    **dict.fromkeys(_BENTOML_GET_ROUTES, _GET),
+}
+# Set in the scope once the whole body has been received. An answer sent before then closes the connection: the
+# unread body (or, after `Expect: 100-continue`, the next request) would otherwise be read as what follows.
+_BODY_READ = "infernet.body_read"
+_CLOSE = (b"connection", b"close")
+_CODINGS = "gzip, identity"  # request Content-Encodings decoded; others get 415
 # Deeper bodies are refused: the hop to the runner pickles the data, and pickling ~1000 levels raises
 # RecursionError, which would fail every request sent with it. Tensor values nest at most 32 levels.
 MAX_JSON_DEPTH = 64
@@ -68,6 +82,8 @@ class PublicApp:
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer one HTTP request; returns the status sent."""
         path, method = scope["path"], scope["method"]
+        if method == "OPTIONS":
+            return await _options(scope, send)
         try:
             if path == "/service_output":
                 if method != "POST":
@@ -91,7 +107,9 @@ class PublicApp:
         except Exception as e:
             log.exception("request to %s failed", path)
             status, body = 500, error_body(500, f"internal error: {type(e).__name__}")
-        return await _respond(send, status, body)
+        if status == 200 and scope.get(_BODY_READ):
+            return await _respond(send, status, body)
+        return await _respond(send, status, body, _extra_headers(scope, status))
 
     async def _bentoml_route(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve the request with the first of BentoML's own routes (other than this mount) that matches it."""
@@ -122,6 +140,8 @@ class PublicApp:
             async with asyncio.timeout(timeout):
                 return await self.service_output(scope, receive)
         except TimeoutError:
+            if not scope.get(_BODY_READ) and _has_body(scope):
+                raise RequestError(408, f"the body was not received within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
             raise RequestError(504, f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
         finally:
             self._in_progress -= 1
@@ -206,8 +226,53 @@ class PublicApp:
 
 
 def _only_get(method: str, path: str) -> None:
-    if method not in ("GET", "HEAD"):
+    if method not in _GET:
         raise RequestError(405, f"use GET for {path}")
+
+
+def allowed_methods(path: str) -> tuple[str, ...] | None:
+    """The methods served on a path (OPTIONS aside); None for a path with no route."""
+    methods = ROUTE_METHODS.get(path)
+    if methods is None and path.startswith(_BENTOML_STATIC):
+        return _GET
+    return methods
+
+
+def _allow(methods: tuple[str, ...]) -> tuple[bytes, bytes]:
+    return b"allow", ", ".join((*methods, "OPTIONS")).encode()
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
+            return True
+    return False
+
+
+def _extra_headers(scope: Scope, status: int) -> list[tuple[bytes, bytes]]:
+    headers = []
+    if status == 405 and (methods := allowed_methods(scope["path"])) is not None:
+        headers.append(_allow(methods))
+    elif status == 415:
+        headers.append((b"accept-encoding", _CODINGS.encode()))
+    if not scope.get(_BODY_READ) and _has_body(scope):
+        headers.append(_CLOSE)
+    return headers
+
+
+async def _options(scope: Scope, send: Send) -> int:
+    """OPTIONS on a route: 204 with its methods in Allow; ``OPTIONS *`` names every method served."""
+    path = scope["path"]
+    methods = ("GET", "HEAD", "POST") if path == "*" else allowed_methods(path)
+    if methods is None:
+        body = error_body(404, f"no route {path}; the inference route is POST /service_output")
+        return await _respond(send, 404, body, _extra_headers(scope, 404))
+    headers = [_allow(methods)]  # no Content-Length on a 204 (RFC 9110, 8.6)
+    if _has_body(scope):
+        headers.append(_CLOSE)
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+    return 204
 
 
 def _runner_failure(error: Exception) -> RequestError:
@@ -233,9 +298,13 @@ def _nesting_depth(raw: bytes) -> int:
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request's body, decoded from its Content-Encoding; at most ``limit`` bytes, before and after decoding."""
+    gzipped = 0
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise RequestError(413, f"body of {int(value)} bytes exceeds the limit of {limit} (MAX_REQUEST_BYTES)")
+        if name == b"content-encoding":
+            gzipped += _gzip_layers(value)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -248,10 +317,49 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise RequestError(413, f"body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            scope[_BODY_READ] = True
+            raw = b"".join(chunks)
+            for _ in range(gzipped):
+                raw = _gunzip(raw, limit)
+            return raw
 
 
-async def _respond(send: Send, status: int, body: Any) -> int:
+def _gzip_layers(value: bytes) -> int:
+    """How many times a Content-Encoding says the body was gzipped; 415 for a coding not decoded here."""
+    layers = 0
+    for token in value.split(b","):
+        coding = token.strip().lower()
+        if coding in (b"gzip", b"x-gzip"):
+            layers += 1
+        elif coding not in (b"identity", b""):
+            name = coding.decode("latin-1")
+            raise RequestError(415, f"Content-Encoding {name!r} is not supported; send one of: {_CODINGS}")
+    return layers
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """Decode a gzip body (one or more members) without ever holding more than ``limit`` + 1 decoded bytes: a small
+    compressed body can expand a thousandfold."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            part = decoder.decompress(data, limit + 1 - size)
+        except zlib.error as e:
+            raise RequestError(400, f"body is not valid gzip (Content-Encoding: gzip): {e}") from None
+        size += len(part)
+        if size > limit:
+            raise RequestError(413, f"decompressed body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)")
+        if not decoder.eof:
+            raise RequestError(400, "gzip body is truncated (Content-Encoding: gzip)")
+        parts.append(part)
+        data = decoder.unused_data
+        if not data:
+            return b"".join(parts)
+
+
+async def _respond(send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None) -> int:
     try:
         payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError as e:
@@ -259,6 +367,8 @@ async def _respond(send: Send, status: int, body: Any) -> int:
     headers = [*_JSON, (b"content-length", str(len(payload)).encode())]
     if status == 503:
         headers.append((b"retry-after", b"1"))
+    if extra:
+        headers += extra
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
     return status

@@ -37,6 +37,12 @@ class ServiceSettings:
     timeout_s: float = 60.0
     # Requests in progress across the service before new ones get 503; split evenly over the API workers.
     max_concurrency: int = 256
+    # Idle keep-alive connections live longer than the clients' pools (aiohttp 15 s, load balancers 60 s): a request
+    # sent on a connection the server is closing at that moment is lost (docs/reliability.md, "HTTP edges").
+    keep_alive_timeout_s: float = 75.0
+    # Time to receive a request's head, and then its body; a slower client gets 408 and its connection is closed.
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -56,6 +62,9 @@ class ServiceSettings:
             api_workers=integer(env, "API_WORKERS", cls.api_workers, minimum=1),
             timeout_s=number(env, "REQUEST_TIMEOUT_S", cls.timeout_s, minimum=0.1),
             max_concurrency=integer(env, "MAX_CONCURRENCY", cls.max_concurrency, minimum=1),
+            keep_alive_timeout_s=number(env, "KEEP_ALIVE_TIMEOUT_S", cls.keep_alive_timeout_s, minimum=1),
+            body_timeout_s=number(env, "BODY_TIMEOUT_S", cls.body_timeout_s, minimum=0.1),
+            max_header_bytes=integer(env, "MAX_HEADER_BYTES", cls.max_header_bytes, minimum=1024),
         )
 
     @property
