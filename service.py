@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from api import bentoml_fixes
+from api import bentoml_fixes, http_protocol
 from api.app import PublicApp
 from api.fast_route import FastRouteService
 from api.runner_client import RunnerClient
@@ -32,6 +32,9 @@ bentoml_fixes.apply()
 
 with startup.exit_on_error("configuration"):
     SETTINGS = ServiceSettings.from_env()
+
+# Keep-alive, request-head size and read timeouts of every uvicorn worker (api/http_protocol.py).
+http_protocol.install(SETTINGS)
 
 public_app = PublicApp(SETTINGS)
 # The public app answers a request that outlives REQUEST_TIMEOUT_S with the contract's JSON 504; BentoML's own

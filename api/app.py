@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import numpy as np
@@ -27,6 +28,7 @@ from api.shutdown import ShutdownBound
 from workflows.config import ServiceSettings
 
 log = logging.getLogger("api.app")
+T = TypeVar("T")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -35,6 +37,19 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 _BENTOML_GET_ROUTES = {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
 _BENTOML_STATIC = "/static_content/"
 _JSON = [(b"content-type", b"application/json")]
+_GET = ("GET", "HEAD")
+# Every route served and its methods: a 405 names them in Allow, OPTIONS answers with them (RFC 9110, 15.5.6).
+ROUTE_METHODS: dict[str, tuple[str, ...]] = {
+    "/service_output": ("POST",),
+    "/info": _GET,
+    "/service-resources": _GET,
+    **dict.fromkeys(_BENTOML_GET_ROUTES, _GET),
+}
+# Set in the scope once the whole body has been received. An answer sent before then closes the connection: the
+# unread body (or, after `Expect: 100-continue`, the next request) would otherwise be read as what follows.
+_BODY_READ = "infernet.body_read"
+_CLOSE = (b"connection", b"close")
+_CODINGS = "gzip, identity"  # request Content-Encodings decoded; others get 415
 # Deeper bodies are refused: the hop to the runner pickles the data, and pickling ~1000 levels raises
 # RecursionError, which would fail every request sent with it. Tensor values nest at most 32 levels.
 MAX_JSON_DEPTH = 64
@@ -73,6 +88,8 @@ class PublicApp:
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> int:
         """Answer one HTTP request; returns the status sent."""
         path, method = scope["path"], scope["method"]
+        if method == "OPTIONS":
+            return await _options(scope, send)
         if self._bearer is not None and auth.protects(path):
             refused = auth.refusal(scope, self._bearer)
             if refused is not None:
@@ -102,7 +119,9 @@ class PublicApp:
         except Exception as e:
             log.exception("request to %s failed", path)
             status, body = 500, error_body(500, f"internal error: {type(e).__name__}")
-        return await _respond(send, status, body)
+        if status == 200 and scope.get(_BODY_READ):
+            return await _respond(send, status, body)
+        return await _respond(send, status, body, extra_headers(scope, status))
 
     async def _bentoml_route(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve the request with the first of BentoML's own routes (other than this mount) that matches it."""
@@ -120,6 +139,12 @@ class PublicApp:
         return False
 
     async def limited_service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
+        return await self.limited(scope, receive, self.service_output)
+
+    async def limited(self, scope: Scope, receive: Receive, handler: Callable[[Scope, Receive], Awaitable[T]]) -> T:
+        """Run an inference request's ``handler`` within this worker's budget (MAX_CONCURRENCY) and deadline
+        (REQUEST_TIMEOUT_S, or SHUTDOWN_TIMEOUT_S after SIGTERM). On the API worker's event loop. Raises
+        RequestError: 503 overloaded, 408 body not received in time, 504 no answer in time."""
         # Refuse at once rather than queue: a queued request would only time out later, holding its body in memory.
         # Checked before the body is read, so an overloaded worker spends almost nothing on the refusal.
         limit = self.settings.max_concurrency_per_worker
@@ -132,8 +157,10 @@ class PublicApp:
             # asyncio.timeout, unlike wait_for, runs the request in this task instead of a new one. After SIGTERM
             # the deadline is also SHUTDOWN_TIMEOUT_S (a JSON 503; api/shutdown.py).
             async with self.shutdown.bounded(timeout):
-                return await self.service_output(scope, receive)
+                return await handler(scope, receive)
         except TimeoutError:
+            if not scope.get(_BODY_READ) and _has_body(scope):
+                raise RequestError(408, f"the body was not received within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
             raise RequestError(504, f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
         finally:
             self._in_progress -= 1
@@ -218,8 +245,55 @@ class PublicApp:
 
 
 def _only_get(method: str, path: str) -> None:
-    if method not in ("GET", "HEAD"):
+    if method not in _GET:
         raise RequestError(405, f"use GET for {path}")
+
+
+def allowed_methods(path: str) -> tuple[str, ...] | None:
+    """The methods served on a path (OPTIONS aside); None for a path with no route."""
+    methods = ROUTE_METHODS.get(path)
+    if methods is None and path.startswith(_BENTOML_STATIC):
+        return _GET
+    if methods is None and (path == "/v2" or path.startswith("/v2/")):  # the Open Inference Protocol's routes
+        return ("POST",) if path.endswith("/infer") else _GET
+    return methods
+
+
+def _allow(methods: tuple[str, ...]) -> tuple[bytes, bytes]:
+    return b"allow", ", ".join((*methods, "OPTIONS")).encode()
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
+            return True
+    return False
+
+
+def extra_headers(scope: Scope, status: int) -> list[tuple[bytes, bytes]]:
+    headers = []
+    if status == 405 and (methods := allowed_methods(scope["path"])) is not None:
+        headers.append(_allow(methods))
+    elif status == 415:
+        headers.append((b"accept-encoding", _CODINGS.encode()))
+    if not scope.get(_BODY_READ) and _has_body(scope):
+        headers.append(_CLOSE)
+    return headers
+
+
+async def _options(scope: Scope, send: Send) -> int:
+    """OPTIONS on a route: 204 with its methods in Allow; ``OPTIONS *`` names every method served."""
+    path = scope["path"]
+    methods = ("GET", "HEAD", "POST") if path == "*" else allowed_methods(path)
+    if methods is None:
+        body = error_body(404, f"no route {path}; the inference route is POST /service_output")
+        return await _respond(send, 404, body, extra_headers(scope, 404))
+    headers = [_allow(methods)]  # no Content-Length on a 204 (RFC 9110, 8.6)
+    if _has_body(scope):
+        headers.append(_CLOSE)
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+    return 204
 
 
 def _runner_failure(error: Exception) -> RequestError:
@@ -245,9 +319,13 @@ def _nesting_depth(raw: bytes) -> int:
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request's body, decoded from its Content-Encoding; at most ``limit`` bytes, before and after decoding."""
+    gzipped = 0
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise RequestError(413, f"body of {int(value)} bytes exceeds the limit of {limit} (MAX_REQUEST_BYTES)")
+        if name == b"content-encoding":
+            gzipped += _gzip_layers(value)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -260,10 +338,49 @@ async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise RequestError(413, f"body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            scope[_BODY_READ] = True
+            raw = b"".join(chunks)
+            for _ in range(gzipped):
+                raw = _gunzip(raw, limit)
+            return raw
 
 
-async def _respond(send: Send, status: int, body: Any) -> int:
+def _gzip_layers(value: bytes) -> int:
+    """How many times a Content-Encoding says the body was gzipped; 415 for a coding not decoded here."""
+    layers = 0
+    for token in value.split(b","):
+        coding = token.strip().lower()
+        if coding in (b"gzip", b"x-gzip"):
+            layers += 1
+        elif coding not in (b"identity", b""):
+            name = coding.decode("latin-1")
+            raise RequestError(415, f"Content-Encoding {name!r} is not supported; send one of: {_CODINGS}")
+    return layers
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """Decode a gzip body (one or more members) without ever holding more than ``limit`` + 1 decoded bytes: a small
+    compressed body can expand a thousandfold."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            part = decoder.decompress(data, limit + 1 - size)
+        except zlib.error as e:
+            raise RequestError(400, f"body is not valid gzip (Content-Encoding: gzip): {e}") from None
+        size += len(part)
+        if size > limit:
+            raise RequestError(413, f"decompressed body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)")
+        if not decoder.eof:
+            raise RequestError(400, "gzip body is truncated (Content-Encoding: gzip)")
+        parts.append(part)
+        data = decoder.unused_data
+        if not data:
+            return b"".join(parts)
+
+
+async def _respond(send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None) -> int:
     try:
         payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError as e:
@@ -271,6 +388,8 @@ async def _respond(send: Send, status: int, body: Any) -> int:
     headers = [*_JSON, (b"content-length", str(len(payload)).encode())]
     if status == 503:
         headers.append((b"retry-after", b"1"))
+    if extra:
+        headers += extra
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
     return status

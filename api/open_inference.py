@@ -12,7 +12,7 @@ or an output's ``binary_data``.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -100,6 +100,9 @@ async def serve(app: public.PublicApp, scope: public.Scope, receive: public.Rece
     except Exception as e:
         log.exception("request to %s failed", path)
         status, body = 500, {"error": f"internal error: {type(e).__name__}"}
+    # Allow (405), Accept-Encoding (415), and Connection: close when answering before the body was read.
+    named = {name for name, _ in headers}
+    headers += [h for h in public.extra_headers(scope, status) if h[0] not in named]
     return await _respond(send, status, body, binary, headers)
 
 
@@ -175,28 +178,14 @@ async def model_metadata(app: public.PublicApp) -> dict[str, Any]:
 async def _limited_infer(
     app: public.PublicApp, scope: public.Scope, receive: public.Receive
 ) -> tuple[dict[str, Any], bytes | None]:
-    # The same per-worker budget and deadline as /service_output (api/app.py), counted together with its requests.
-    limit = app.settings.max_concurrency_per_worker
-    if app._in_progress >= limit:
-        raise ProtocolError(503, f"overloaded: {limit} requests in progress in this worker (MAX_CONCURRENCY); retry")
-    app._in_progress += 1
-    timeout = app.settings.timeout_s
-    try:
-        async with asyncio.timeout(timeout):
-            return await _infer(app, scope, receive)
-    except TimeoutError:
-        raise ProtocolError(504, f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
-    finally:
-        app._in_progress -= 1
+    # The same per-worker budget and deadlines as /service_output, counted together with its requests.
+    return await app.limited(scope, receive, functools.partial(_infer, app))
 
 
 async def _infer(
     app: public.PublicApp, scope: public.Scope, receive: public.Receive
 ) -> tuple[dict[str, Any], bytes | None]:
     headers = dict(scope["headers"])
-    encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-    if encoding != "identity":
-        raise ProtocolError(415, f"Content-Encoding {encoding} is not supported; send the body uncompressed")
     raw = await public._read_body(scope, receive, app.settings.max_request_bytes)
     header, binary = split_body(raw, headers.get(_HEADER_LENGTH))
     try:

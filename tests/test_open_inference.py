@@ -7,6 +7,8 @@ subprocess: its pins (psutil<6, its own fastapi, grpcio and protobuf) would chan
 
 from __future__ import annotations
 
+import gzip
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -402,9 +404,14 @@ def test_v2_errors_are_the_protocols_json(iris_server):
             "inputs[0].shape: [1, 4] holds 4 elements but data has 3",
         ),
         (
-            requests.post(url, data=b"{}", headers={"Content-Encoding": "gzip"}, timeout=30),
+            requests.post(url, data=b"{}", headers={"Content-Encoding": "br"}, timeout=30),
             415,
-            "Content-Encoding gzip is not supported",
+            "Content-Encoding",
+        ),
+        (
+            requests.post(url, data=b"{}", headers={"Content-Encoding": "gzip"}, timeout=30),
+            400,
+            "body is not valid gzip",
         ),
     ]
     for response, status, message in cases:
@@ -454,3 +461,28 @@ def test_model_name_and_body_limit_settings(named_server):
         assert refused.value.status() == "413" and "MAX_REQUEST_BYTES" in refused.value.message()
     finally:
         client.close()
+
+
+def test_v2_takes_a_gzipped_body_like_service_output(iris_server):
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": IRIS_ROW}]})
+    response = requests.post(
+        f"{iris_server.url}/v2/models/model/infer",
+        data=gzip.compress(body),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    [output] = response.json()["outputs"]
+    assert int(np.argmax(output["data"])) == 2
+
+
+def test_v2_refusal_before_the_body_is_read_closes_the_connection(iris_server):
+    # An unknown model's infer is refused before its body is read: the unread body must not be taken for a request.
+    host, port = iris_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+        answer_bytes = b""
+        while chunk := sock.recv(65536):
+            answer_bytes += chunk
+    head = answer_bytes.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 404") and b"connection: close" in head

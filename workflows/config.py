@@ -47,6 +47,12 @@ class ServiceSettings:
     bearer_token: str | None = field(default=None, repr=False)
     # The model's name in the Open Inference Protocol's routes (/v2/models/NAME/...).
     model_name: str = "model"
+    # Idle keep-alive connections live longer than the clients' pools (aiohttp 15 s, load balancers 60 s): a request
+    # sent on a connection the server is closing at that moment is lost (docs/reliability.md, "HTTP edges").
+    keep_alive_timeout_s: float = 75.0
+    # Time to receive a request's head, and then its body; a slower client gets 408 and its connection is closed.
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -69,6 +75,9 @@ class ServiceSettings:
             shutdown_timeout_s=number(env, "SHUTDOWN_TIMEOUT_S", cls.shutdown_timeout_s, minimum=0.1),
             bearer_token=bearer_token(env),
             model_name=url_name(env, "MODEL_NAME", cls.model_name),
+            keep_alive_timeout_s=number(env, "KEEP_ALIVE_TIMEOUT_S", cls.keep_alive_timeout_s, minimum=1),
+            body_timeout_s=number(env, "BODY_TIMEOUT_S", cls.body_timeout_s, minimum=0.1),
+            max_header_bytes=integer(env, "MAX_HEADER_BYTES", cls.max_header_bytes, minimum=1024),
         )
 
     @property

@@ -1,0 +1,141 @@
+"""The HTTP/1.1 connection handling of every uvicorn worker of the service: uvicorn's httptools protocol with the
+limits it lacks.
+
+BentoML builds each worker's ``uvicorn.Config`` itself (``_bentoml_impl/worker/service.py``) and its service
+configuration has none of these; they are set here, where every way of starting the service (``bentoml serve``,
+``make serve``, the image, Kubernetes) loads them with service.py:
+
+- keep-alive: idle connections are closed after ``KEEP_ALIVE_TIMEOUT_S`` instead of uvicorn's 5 s, which is shorter
+  than the clients' pools (aiohttp 15 s, load balancers 60 s and more): a request sent on a connection the server is
+  closing at that moment is lost. ``bentoml serve --timeout-keep-alive`` is overridden.
+- the request head: httptools buffers each header whole before uvicorn sees it, with no limit (an 8 MiB header was
+  answered 200). Bytes received while a head is incomplete are counted as they arrive; past ``MAX_HEADER_BYTES`` the
+  answer is 431 and the connection is closed, having read at most one read buffer (256 KiB) beyond the limit.
+- slow senders: uvicorn waits forever for the rest of a head or body once its first byte has come. A head, and then
+  a body, not received within ``BODY_TIMEOUT_S`` gets 408 and the connection is closed. The timer is only set when a
+  request does not arrive whole in one read, so the usual small request pays nothing.
+
+uvicorn internals: the subclass relies on ``HttpToolsProtocol``'s parser callbacks, ``data_received``, and its
+``transport``, ``cycle``, ``loop``, ``server_state`` and ``timeout_keep_alive`` attributes, and is registered through
+``uvicorn.config.HTTP_PROTOCOLS``. uvicorn is pinned (requirements.txt) to the version this was written against;
+another version logs a warning at start-up. tests/test_http_edges.py checks each behaviour over real sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+from asyncio import TimerHandle
+from typing import Any
+
+import orjson
+import uvicorn
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from api.contract import error_body
+from workflows.config import ServiceSettings
+
+TESTED_UVICORN = "0.54.0"
+log = logging.getLogger("api.http_protocol")
+_settings = ServiceSettings()  # install() sets the service's own
+
+
+class Protocol(HttpToolsProtocol):
+    """One client connection, on the worker's event loop (uvicorn creates one per accepted socket)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout_keep_alive = _settings.keep_alive_timeout_s
+        self._in_message = False  # from a request's first byte to the end of its body
+        self._in_head = False  # from a request's first byte to the end of its head
+        self._begun = 0  # requests begun on this connection
+        self._head_bytes = 0
+        self._read_timer: TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        was_in_head, was_in_message, begun = self._in_head, self._in_message, self._begun
+        super().data_received(data)
+        if not self._in_message or self.transport.is_closing():
+            return
+        # Count only bytes certain to be this head's: a read that also ended an earlier request is left out (pipelined
+        # requests only), so a head may pass the limit by one more read before it is refused.
+        if self._in_head and (
+            (was_in_head and begun == self._begun) or (not was_in_message and begun + 1 == self._begun)
+        ):
+            self._head_bytes += len(data)
+            if self._head_bytes > _settings.max_header_bytes:
+                limit = _settings.max_header_bytes
+                self._refuse(431, f"request head exceeds the limit of {limit} bytes (MAX_HEADER_BYTES)")
+                return
+        if self._read_timer is None:
+            self._read_timer = self.loop.call_later(_settings.body_timeout_s, self._read_timed_out)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_message = self._in_head = True
+        self._head_bytes = 0
+        self._begun += 1
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_read_timer()  # the body has a time of its own
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._cancel_read_timer()
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_timer()
+        super().connection_lost(exc)
+
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self._in_message and not self.transport.is_closing():
+            part = "head" if self._in_head else "body"
+            self._refuse(408, f"request {part} not received within {_settings.body_timeout_s:g} s (BODY_TIMEOUT_S)")
+
+    def _refuse(self, status: int, description: str) -> None:
+        """Answer ``status`` in the contract's JSON and close the connection; only the close when another answer
+        has begun on it (that request's or an earlier pipelined one's)."""
+        cycle = self.cycle
+        mine = cycle is not None and not self._in_head  # the cycle is this request's (its head was complete)
+        if cycle is None or cycle.response_complete or (mine and not cycle.response_started):
+            if mine and not cycle.response_complete:
+                # The application sees a disconnect and its answer, if any, is dropped (as uvicorn does on a lost
+                # connection).
+                cycle.disconnected = True
+                cycle.message_event.set()
+            log.info("%s:%s %s: %s", *(self.client or ("-", 0)), status, description)
+            payload = orjson.dumps(error_body(status, description))
+            head = [STATUS_LINE[status]]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head.append(
+                b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(payload)
+            )
+            self.transport.write(b"".join(head) + payload)
+        self.transport.close()
+
+
+def install(settings: ServiceSettings) -> None:
+    """Make ``Protocol`` the HTTP protocol of every uvicorn server this process starts afterwards.
+
+    Runs at import of service.py, in every process that loads it, before BentoML's worker builds its
+    ``uvicorn.Config`` (which resolves ``http="auto"`` through ``HTTP_PROTOCOLS`` when it loads).
+    """
+    global _settings
+    _settings = settings
+    if uvicorn.__version__ != TESTED_UVICORN:
+        log.warning(
+            "uvicorn %s, not %s: the HTTP limits of api/http_protocol.py are untested with it",
+            uvicorn.__version__,
+            TESTED_UVICORN,
+        )
+    HTTP_PROTOCOLS["auto"] = HTTP_PROTOCOLS["httptools"] = f"{__name__}:Protocol"
