@@ -30,12 +30,20 @@ def encode_output(body: Any) -> dict[str, str]:
     """A tensor output -> the five-key CHAIN response, ``raw_output`` = ABI int256[] in 18-decimal fixed point."""
     values = body.get("values") if isinstance(body, dict) and "dtype" in body else body
     try:
-        flat = np.asarray(values, dtype=np.float64).ravel()
+        exact = np.asarray(values)
     except (TypeError, ValueError):
-        raise RequestError(500, "the workflow's output is not numeric; it cannot be encoded as int256[]") from None
-    if not np.isfinite(flat).all():
-        raise RequestError(422, "the model's output has non-finite values; they cannot be encoded as int256[]")
-    fixed = [int(Decimal(repr(float(v))).scaleb(18).to_integral_value()) for v in flat]
+        exact = None  # ragged: the float conversion below says so
+    if exact is not None and _integral(exact):
+        # Integers as Python ints: through float64 a long beyond 2**53 would come out rounded.
+        fixed = [int(v) * SCALE for v in exact.ravel().tolist()]
+    else:
+        try:
+            flat = np.asarray(values, dtype=np.float64).ravel()
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(500, "the workflow's output is not numeric; it cannot be encoded as int256[]") from None
+        if not np.isfinite(flat).all():
+            raise RequestError(422, "the model's output has non-finite values; they cannot be encoded as int256[]")
+        fixed = [int(Decimal(repr(float(v))).scaleb(18).to_integral_value()) for v in flat]
     if fixed and (min(fixed) < _INT256[0] or max(fixed) > _INT256[1]):
         raise RequestError(422, "the model's output does not fit int256 in 18-decimal fixed point")
     return {
@@ -45,3 +53,10 @@ def encode_output(body: Any) -> dict[str, str]:
         "processed_output": "",
         "proof": "",
     }
+
+
+def _integral(array: np.ndarray) -> bool:
+    """Whether every value is an integer type (or bool): numpy integers, or Python ints an object array holds."""
+    if array.dtype.kind in "iub":
+        return True
+    return array.dtype.kind == "O" and all(isinstance(v, int) for v in array.flat)

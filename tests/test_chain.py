@@ -46,3 +46,17 @@ def test_non_numeric_output_cannot_go_on_chain():
     with pytest.raises(RequestError) as refused:
         encode_output({"label": "cat"})
     assert refused.value.status == 500
+
+
+def test_integer_outputs_encode_exactly():
+    # Through float64, 2**53 + 1 would come out as 2**53 and int64's bounds as 2**63.
+    longs = [2**53 + 1, 2**63 - 1, -(2**63), -3]
+    outputs = [
+        ({"dtype": "long", "shape": [1, 4], "values": np.array([longs], dtype=np.int64)}, longs),
+        ({"dtype": "uint8", "shape": [2], "values": np.array([255, 0], dtype=np.uint8)}, [255, 0]),
+        ({"dtype": "bool", "shape": [2], "values": np.array([True, False])}, [1, 0]),
+        ([[2**53 + 1], [2**70]], [2**53 + 1, 2**70]),  # a workflow's own JSON: Python ints
+    ]
+    for body, expected in outputs:
+        (numbers,) = decode(["int256[]"], bytes.fromhex(encode_output(body)["raw_output"]))
+        assert list(numbers) == [n * 10**18 for n in expected]

@@ -112,7 +112,7 @@ def test_offchain_in_chain_out(iris_server):
         (b'{"source": 1, "data": {"dtype": "float", "values": [1,2,3], "shape": [1,4]}}', 400, "shape: [1, 4] holds 4"),
         (b'{"source": 1, "data": {"dtype": "int", "values": [[1.5,2,3,4]]}}', 400, "int expects integers"),
         (b'{"source": 1, "data": {"dtype": "uint8", "values": [[300,2,3,4]]}}', 400, "300 is out of range for uint8"),
-        (b'{"source": 1, "data": {"dtype": "half", "values": [[1e6,2,3,4]]}}', 400, "a value overflows half"),
+        (b'{"source": 1, "data": {"dtype": "half", "values": [[1e6,2,3,4]]}}', 400, "1000000.0 overflows half"),
         (b'{"source": 1, "data": {"dtype": "float", "values": [[NaN,2,3,4]]}}', 400, "body is not valid JSON"),
         (b'{"source": 1, "data": {"dtype": "float", "values": [[Infinity,2,3,4]]}}', 400, "body is not valid JSON"),
         (b'{"source": 1, "data": {"dtype": "float", "values": []}}', 400, "values: empty"),

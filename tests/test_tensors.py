@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from api.contract import DTYPE_NAMES
-from workflows.errors import InputError
-from workflows.tensors import DTYPES, decode, encode, encode_output
+from workflows.errors import InputError, ModelError
+from workflows.tensors import DTYPES, cast_to_model, decode, encode, encode_output
 
 SAMPLES = {
     "float": [[1.5, -2.0], [0.25, 3.0]],
@@ -66,20 +66,20 @@ def test_complex_pairs_become_complex_numbers():
         ({"dtype": "double"}, "values: missing"),
         ({"dtype": "quad", "values": [1]}, "dtype: unknown dtype 'quad'"),
         ({"values": [1]}, "dtype: unknown dtype None"),
-        ({"dtype": "int", "values": [1.5]}, "int expects integers, got a fraction"),
-        ({"dtype": "int", "values": [2**31]}, "2147483648 is out of range for int"),
+        ({"dtype": "int", "values": [1.5]}, "values[0]: int expects integers, got 1.5"),
+        ({"dtype": "int", "values": [2**31]}, "values[0]: 2147483648 is out of range for int"),
         ({"dtype": "uint8", "values": [256]}, "256 is out of range for uint8"),
         ({"dtype": "uint8", "values": [-1]}, "-1 is out of range for uint8"),
         ({"dtype": "int8", "values": [-129]}, "-129 is out of range for int8"),
         ({"dtype": "short", "values": [40000]}, "40000 is out of range for short"),
-        ({"dtype": "long", "values": [2**64 + 1]}, "out of range"),
-        ({"dtype": "long", "values": [True, False]}, "long expects numbers, got true/false"),
-        ({"dtype": "float", "values": [True]}, "float expects numbers, got true/false"),
-        ({"dtype": "bool", "values": [2]}, "bool accepts only true/false or 0/1"),
-        ({"dtype": "bool", "values": [0.5]}, "bool accepts only true/false or 0/1"),
-        ({"dtype": "half", "values": [70000.0]}, "a value overflows half"),
-        ({"dtype": "float", "values": [1e39]}, "a value overflows float"),
-        ({"dtype": "bfloat16", "values": [1e39]}, "a value overflows bfloat16"),
+        ({"dtype": "long", "values": [2**64 + 1]}, "values[0]: 18446744073709551617 is out of range for long"),
+        ({"dtype": "long", "values": [True, False]}, "values[0]: long expects numbers, got true"),
+        ({"dtype": "float", "values": [True]}, "values[0]: float expects numbers, got true"),
+        ({"dtype": "bool", "values": [2]}, "values[0]: bool accepts only true/false or 0/1, got 2"),
+        ({"dtype": "bool", "values": [0.5]}, "values[0]: bool accepts only true/false or 0/1, got 0.5"),
+        ({"dtype": "half", "values": [70000.0]}, "values[0]: 70000.0 overflows half"),
+        ({"dtype": "float", "values": [1e39]}, "values[0]: 1e+39 overflows float"),
+        ({"dtype": "bfloat16", "values": [1e39]}, "values[0]: 1e+39 overflows bfloat16"),
         ({"dtype": "cfloat", "values": [1.0, 2.0, 3.0]}, "[real, imag] pairs"),
         ({"dtype": "cfloat", "values": [[1.0, 2.0, 3.0]]}, "[real, imag] pairs"),
         ({"dtype": "float", "values": [1, 2, 3], "shape": [2, 2]}, "shape: [2, 2] holds 4 elements but values has 3"),
@@ -124,7 +124,7 @@ def test_flat_complex_values_with_shape_are_pairs():
 
 def test_integral_floats_fit_integer_dtypes_and_bool_accepts_0_and_1():
     assert decode({"dtype": "long", "values": [1.0, -2.0]}).tolist() == [1, -2]
-    assert decode({"dtype": "bool", "values": [0, 1, 1]}).tolist() == [False, True, True]
+    assert decode({"dtype": "bool", "values": [0, 1, True, False]}).tolist() == [False, True, True, False]
 
 
 def test_extra_keys_are_ignored():
@@ -147,3 +147,95 @@ def test_structured_outputs_encode_each_tensor():
     out = encode_output({"logits": torch.tensor([[1.0]]), "labels": ["a"], "pair": (torch.tensor([1]), 2)})
     assert out["logits"]["dtype"] == "float" and out["labels"] == ["a"]
     assert out["pair"][0]["dtype"] == "long" and out["pair"][1] == 2
+
+
+# --- numbers arrive exactly as sent, or are refused -------------------------------------------------------------
+
+INTEGER_BOUNDS = {"uint8": (0, 255), "int8": (-128, 127), "short": (-(2**15), 2**15 - 1),
+                  "int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}  # fmt: skip
+NUMERIC = [name for name in DTYPE_NAMES if name != "bool"]
+
+
+def test_integers_stay_exact_whatever_literals_share_the_row():
+    # np.array turns a row with one float literal into float64, which rounds integers beyond 2**53.
+    for name, (low, high) in INTEGER_BOUNDS.items():
+        assert decode({"dtype": name, "values": [[low, high, 2.0, 2e0]]}).tolist() == [[low, high, 2, 2]], name
+    assert decode({"dtype": "long", "values": [[9007199254740993, 2.0]]}).tolist() == [[9007199254740993, 2]]
+    assert decode({"dtype": "long", "values": [[1.0], [-(2**53) - 1]]}).tolist() == [[1], [-(2**53) - 1]]
+    assert decode({"dtype": "long", "values": [2**63 - 1, 1.0], "shape": [2, 1]}).tolist() == [[2**63 - 1], [1]]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"dtype": "long", "values": [[2**63, 1.0]]}, "values[0][0]: 9223372036854775808 is out of range for long"),
+        ({"dtype": "long", "values": [[2**63 + 1, 1.0]]}, "values[0][0]: 9223372036854775809 is out of range"),
+        ({"dtype": "long", "values": [[0.5, -(2**63) - 1]]}, "values[0][0]: long expects integers, got 0.5"),
+        ({"dtype": "long", "values": [[1.0, -(2**63) - 1]]}, "values[0][1]: -9223372036854775809 is out of range"),
+        ({"dtype": "long", "values": [[1e19, 1]]}, "values[0][0]: 1e+19 is out of range for long"),
+        # What orjson makes of the JSON integer -9223372036854775809 (and of the 1023 below it).
+        ({"dtype": "long", "values": [[-9.223372036854775808e18, 1]]}, "values[0][0]: -9.223372036854776e+18 is out"),
+        ({"dtype": "long", "values": [[1, 2**70]]}, "values[0][1]: 1180591620717411303424 is out of range for long"),
+        ({"dtype": "long", "values": [[1, 2.5]]}, "values[0][1]: long expects integers, got 2.5"),
+        ({"dtype": "uint8", "values": [[1.0, 256]]}, "values[0][1]: 256 is out of range for uint8 [0, 255]"),
+        ({"dtype": "int8", "values": [[1.0], [-129]]}, "values[1][0]: -129 is out of range for int8"),
+        ({"dtype": "short", "values": [[2**15, 1.0]]}, "values[0][0]: 32768 is out of range for short"),
+        ({"dtype": "int", "values": [[1.0, -(2**31) - 1]]}, "values[0][1]: -2147483649 is out of range for int"),
+        ({"dtype": "half", "values": [[1, 70000]]}, "values[0][1]: 70000 overflows half"),
+        # The float64 array holds 9007199254740992 here; the message names what was sent.
+        ({"dtype": "half", "values": [[2**53 + 1, 0.5]]}, "values[0][0]: 9007199254740993 overflows half"),
+        ({"dtype": "cfloat", "values": [1.0, 2.0, 3.0, 1e39], "shape": [2]}, "values[3]: 1e+39 overflows cfloat"),
+        ({"dtype": "bool", "values": [[1, 0, 2]]}, "values[0][2]: bool accepts only true/false or 0/1, got 2"),
+    ],
+)
+def test_values_that_do_not_fit_are_named_as_sent(data, message):
+    with pytest.raises(InputError) as refused:
+        decode(data)
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_booleans_are_refused_for_every_numeric_dtype_wherever_they_are(name):
+    wide = [[float(i % 3) for i in range(200)]]  # past the small-request scan; many 0.0 and 1.0 among them
+    wide[0][150] = True
+    placed = [
+        ([[True, 0.5586108, 1.1037828, 1.712096]], "values[0][0]", "true"),
+        ([[5, True]], "values[0][1]", "true"),
+        ([[[1.0], [2.0]], [[3.0], [False]]], "values[1][1][0]", "false"),
+        ([[True, False]], "values[0][0]", "true"),
+        ([[2**70, False]], "values[0][1]", "false"),
+        (wide, "values[0][150]", "true"),
+    ]
+    for values, place, literal in placed:
+        with pytest.raises(InputError) as refused:
+            decode({"dtype": name, "values": values})
+        assert f"{place}: {name} expects numbers, got {literal}" in str(refused.value), values
+    # Numbers equal to 1 and 0 are numbers.
+    assert decode({"dtype": name, "values": [[1, 0]] * 100}).numel() == (100 if name in ("cfloat", "cdouble") else 200)
+
+
+@pytest.mark.parametrize(
+    "sent, values, model, named, fits",
+    [
+        ("double", [[1e308, 1.0]], torch.float32, "values[0][0]: 1e+308 does not fit float", [[3.4e38, 0.1]]),
+        ("double", [[1.0, 70000.0]], torch.float16, "values[0][1]: 70000.0 does not fit half", [[65504.0, -1.5]]),
+        ("long", [[70000, 1]], torch.float16, "values[0][0]: 70000 does not fit half", [[65504, -65504]]),
+        ("float", [[1.0, 3.4e38]], torch.bfloat16, "values[0][1]: 3.4e+38 does not fit bfloat16", [[3.3e38, 1.0]]),
+        ("double", [1.0, 1e39], torch.float32, "values[1]: 1e+39 does not fit float", [1.0, -1e38]),
+        ("long", [[300, 1]], torch.int8, "values[0][0]: 300 does not fit int8", [[127, -128]]),
+        ("double", [[1.0, 1.5]], torch.int32, "values[0][1]: 1.5 does not fit int", [[1.0, -2.0]]),
+    ],
+)
+def test_casts_to_the_model_dtype_refuse_values_that_do_not_fit(sent, values, model, named, fits):
+    with pytest.raises(InputError) as refused:
+        cast_to_model(decode({"dtype": sent, "values": values}), model, values)
+    assert str(refused.value) == f"{named} (the model's dtype), cast from {sent}" and refused.value.status == 400
+    cast = cast_to_model(decode({"dtype": sent, "values": fits}), model, fits)
+    assert cast.dtype == model and cast.tolist() == torch.tensor(fits, dtype=model).tolist()
+
+
+def test_unsigned_outputs_beyond_long_are_refused_not_wrapped():
+    fits = torch.from_numpy(np.array([2**63 - 1], dtype=np.uint64))
+    assert encode(fits)["values"].tolist() == [2**63 - 1]
+    with pytest.raises(ModelError, match=r"9223372036854775808 \(torch.uint64\) does not fit long"):
+        encode(torch.from_numpy(np.array([1, 2**63], dtype=np.uint64)))

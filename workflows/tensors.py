@@ -8,14 +8,16 @@ floats as ``null``.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
 from api.contract import DTYPE_NAMES
-from workflows.errors import InputError
+from workflows.errors import InputError, ModelError
 
 DTYPES: dict[str, torch.dtype] = {
     "float": torch.float32,
@@ -33,11 +35,20 @@ DTYPES: dict[str, torch.dtype] = {
 }
 assert tuple(DTYPES) == DTYPE_NAMES
 NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+_LARGEST: dict[torch.dtype, float] = {
+    dtype: 1 if dtype == torch.bool else (torch.finfo if dtype.is_floating_point else torch.iinfo)(dtype).max
+    for dtype in DTYPES.values()
+    if not dtype.is_complex
+}
 
 _INTEGER = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": np.int32, "long": np.int64}
 _COMPLEX = {"cfloat", "cdouble"}
 _FLOAT = {"float": np.float32, "double": np.float64, "half": np.float16}
 _MAX_DEPTH = 32
+# Below this magnitude float64 holds every integer exactly, so a float64 array of such values lost nothing.
+_EXACT_IN_DOUBLE = 2**53
+_LONG_MAX = 2**63 - 1
+_SCAN_AT_MOST = 100  # values; measured on the development box: about where a type scan costs a numpy call
 
 
 def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
@@ -49,13 +60,16 @@ def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
         raise InputError(f"dtype: unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
     if "values" not in data:
         raise InputError("values: missing")
-    array = _numeric_array(data["values"], max_elements)
+    values = data["values"]
+    array = _numeric_array(values, max_elements)
     if array.size == 0:
         raise InputError("values: empty")
+    if name != "bool":
+        _refuse_booleans(array, values, name)
     shaped = data.get("shape") is not None
     if shaped and name in _COMPLEX and array.ndim == 1 and array.size % 2 == 0:
         array = array.reshape(-1, 2)  # flat complex values: real, imag, real, imag, ...
-    tensor = _fit(array, name)
+    tensor = _fit(array, name, values)
     if shaped:
         tensor = _reshape(tensor, data["shape"], complex_pairs=name in _COMPLEX)
     if tensor.numel() == 0:
@@ -63,9 +77,45 @@ def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
     return tensor
 
 
+def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torch.Tensor:
+    """A decoded input as the model's ``dtype``; ``values`` is what it was decoded from, to name a value as sent.
+
+    Runs where the workflow's preprocess runs (the runner's event loop). Raises InputError naming the first value
+    the cast does not keep (it overflows a floating dtype, or does not come back from an integer one), with its place
+    and both dtypes.
+    """
+    cast = tensor.to(dtype)
+    if dtype.is_floating_point:
+        if _largest(tensor.dtype) <= _largest(dtype):
+            return cast
+        # decode lets only finite values through, so a non-finite one here is an overflow of the cast;
+        # numpy's check costs a few microseconds less than torch's (no bfloat16 in numpy, though).
+        if dtype == torch.bfloat16:
+            bad = ~torch.isfinite(cast)
+        else:
+            finite = np.isfinite(cast.numpy())
+            if finite.all():
+                return cast
+            bad = torch.from_numpy(~finite)
+    else:
+        bad = cast.to(tensor.dtype) != tensor
+    if not bad.any():
+        return cast
+    place, sent = _sent_at(values, int(bad.flatten().nonzero()[0]))
+    target = NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    raise InputError(
+        f"{place}: {_number(sent)} does not fit {target} (the model's dtype), cast from {NAMES[tensor.dtype]}"
+    )
+
+
 def encode(tensor: torch.Tensor) -> dict[str, Any]:
+    """A tensor in the contract's vocabulary. Raises ModelError for an unsigned value beyond ``long``."""
     tensor = tensor.detach().cpu()
     name = NAMES.get(tensor.dtype) or _nearest_name(tensor.dtype)
+    if name == "long" and not tensor.is_signed() and tensor.numel():
+        largest = tensor.numpy().max()  # uint64 would wrap to a negative long
+        if largest > _LONG_MAX:
+            raise ModelError(f"output: {largest} ({tensor.dtype}) does not fit long, the widest integer dtype")
     tensor = tensor.to(DTYPES[name])
     if name == "bfloat16":
         array = tensor.float().numpy()  # numpy has no bfloat16; float32 holds every value exactly
@@ -102,7 +152,9 @@ def _numeric_array(values: Any, max_elements: int | None) -> np.ndarray:
         array = np.array(values)
     except (ValueError, OverflowError):
         raise InputError(_describe_irregular(values)) from None
-    if array.dtype.kind not in "biuf":
+    kind = array.dtype.kind
+    # An object array of numbers holds integers beyond 64 bits; the dtype decides whether they fit.
+    if kind not in "biuf" and not (kind == "O" and all(isinstance(x, (int, float)) for x in array.flat)):
         raise InputError(_describe_irregular(values))
     if array.ndim > _MAX_DEPTH:
         raise InputError(f"values: nested deeper than {_MAX_DEPTH} levels")
@@ -111,41 +163,195 @@ def _numeric_array(values: Any, max_elements: int | None) -> np.ndarray:
     return array
 
 
-def _fit(array: np.ndarray, name: str) -> torch.Tensor:
+def _refuse_booleans(array: np.ndarray, values: list, name: str) -> None:
+    """Refuse true/false anywhere in ``values`` for a numeric dtype ``name``."""
+    kind = array.dtype.kind
+    if kind == "b":
+        index: int | None = 0
+    elif kind == "O":
+        index = next((i for i, x in enumerate(array.flat) if isinstance(x, bool)), None)
+    elif array.size <= _SCAN_AT_MOST:
+        # np.array reads true/false among numbers as 1/0 and keeps no trace of them. For a few values, looking
+        # at their types costs less than one numpy call.
+        index = _first_boolean_in_rows(_innermost_lists(values, array.ndim), range(array.size // array.shape[-1]))
+    else:
+        # Looking at every value's type costs as much as np.array itself. Only a value that decoded to exactly 0
+        # or 1 can have been a boolean, so one vectorised comparison clears the usual request, and only the rows
+        # holding such values are looked at in the lists as sent.
+        if kind == "f":
+            maybe = (array == 0) | (array == 1)
+            if not maybe.any():
+                return
+        else:
+            halves = array >> 1  # 0 for 0 and 1 only: one operation fewer than two comparisons
+            if halves.all():
+                return
+            maybe = halves == 0
+        index = _first_boolean(values, maybe)
+    if index is not None:
+        place, sent = _sent_at(values, index)
+        raise InputError(f"{place}: {name} expects numbers, got {_json_type(sent)}")
+
+
+def _first_boolean(values: list, maybe: np.ndarray) -> int | None:
+    """C-order index of the first true/false in ``values`` among the places ``maybe`` marks, or None."""
+    width = maybe.shape[-1]
+    rows = _innermost_lists(values, maybe.ndim)
+    marked = np.flatnonzero(maybe).tolist()
+    if len(marked) * 8 > maybe.size:  # many marks: scanning whole rows at C speed costs less than a look at each
+        return _first_boolean_in_rows(rows, range(len(rows)))
+    for index in marked:
+        r, column = divmod(index, width)
+        if type(rows[r][column]) is bool:
+            return index
+    return None
+
+
+def _first_boolean_in_rows(rows: list[list], numbers: Iterable[int]) -> int | None:
+    """C-order index of the first true/false in the rows ``numbers`` of equally long ``rows``, or None."""
+    for r in numbers:
+        row = rows[r]
+        if bool in map(type, row):
+            return r * len(row) + next(j for j, x in enumerate(row) if type(x) is bool)
+    return None
+
+
+def _fit(array: np.ndarray, name: str, values: list) -> torch.Tensor:
     kind = array.dtype.kind
     if name == "bool":
         if kind != "b":
-            if not np.isin(array, (0, 1)).all():
-                raise InputError("values: bool accepts only true/false or 0/1")
+            fits = (array == 0) | (array == 1)
+            if not fits.all():
+                place, sent = _sent_at(values, int(np.flatnonzero(~fits)[0]))
+                raise InputError(f"{place}: bool accepts only true/false or 0/1, got {_number(sent)}")
             array = array.astype(np.bool_)
         return torch.from_numpy(array)
-    if kind == "b":
-        raise InputError(f"values: {name} expects numbers, got true/false")
     if name in _INTEGER:
-        if kind == "f" and not (np.isfinite(array).all() and (array == np.trunc(array)).all()):
-            raise InputError(f"values: {name} expects integers, got a fraction")
-        info = np.iinfo(_INTEGER[name])
-        # Compared as Python ints: as floats, 2**63 equals int64's maximum and would wrap to its minimum.
-        low, high = int(array.min()), int(array.max())
-        if low < info.min or high > info.max:
-            bad = low if low < info.min else high
-            raise InputError(f"values: {_number(bad)} is out of range for {name} [{info.min}, {info.max}]")
-        return torch.from_numpy(array.astype(_INTEGER[name]))
+        return torch.from_numpy(_integers(array, name, values))
+    if kind == "O":
+        array = _doubles(array, name, values)
     if name in _COMPLEX:
         if array.ndim == 0 or array.shape[-1] != 2:
             raise InputError(f"values: {name} values travel as [real, imag] pairs on the innermost axis")
-        array = array.astype(np.float64)
-        array = array[..., 0] + 1j * array[..., 1]
+        parts = _floats(array, np.float32 if name == "cfloat" else np.float64, name, values)
+        return torch.from_numpy(np.ascontiguousarray(parts[..., 0] + 1j * parts[..., 1]))
     if name in _FLOAT:  # numpy's cast and check cost a few microseconds less per request than torch's
-        with np.errstate(over="ignore"):
-            array = array.astype(_FLOAT[name], copy=False)
-        if not np.isfinite(array).all():
-            raise InputError(f"values: a value overflows {name}")
-        return torch.from_numpy(np.ascontiguousarray(array))
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(DTYPES[name])
-    if not torch.isfinite(tensor).all():
-        raise InputError(f"values: a value overflows {name}")
+        return torch.from_numpy(np.ascontiguousarray(_floats(array, _FLOAT[name], name, values)))
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(DTYPES[name])  # numpy has no bfloat16
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        raise InputError(_overflow(*_sent_at(values, int(bad.flatten().nonzero()[0])), name))
     return tensor
+
+
+def _integers(array: np.ndarray, name: str, values: list) -> np.ndarray:
+    kind = array.dtype.kind
+    if kind == "f":
+        whole = np.isfinite(array) & (array == np.trunc(array))
+        if not whole.all():
+            place, sent = _sent_at(values, int(np.flatnonzero(~whole)[0]))
+            raise InputError(f"{place}: {name} expects integers, got {_number(sent)}")
+    if kind == "O":
+        return _exact_integers(values, array.shape, name)
+    low, high = array.min(), array.max()
+    if kind == "f" and (low <= -_EXACT_IN_DOUBLE or high >= _EXACT_IN_DOUBLE):
+        # A float literal among integers makes np.array round every integer to float64, and beyond 2**53 that
+        # loses some: read such values again from the lists as sent, as Python ints.
+        return _exact_integers(values, array.shape, name)
+    info = np.iinfo(_INTEGER[name])
+    # Compared as Python ints: exact for int64 and uint64 arrays, and for float64 below 2**53.
+    if int(low) < info.min or int(high) > info.max:
+        index = int(np.argmin(array)) if int(low) < info.min else int(np.argmax(array))
+        place, sent = _sent_at(values, index)
+        raise InputError(f"{place}: {_number(sent)} is out of range for {name} [{info.min}, {info.max}]")
+    return array.astype(_INTEGER[name])
+
+
+def _exact_integers(values: list, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """The slow path of ``_integers``: every value as sent, as a Python int."""
+    info = np.iinfo(_INTEGER[name])
+    exact = []
+    for index, sent in enumerate(_flatten(values, len(shape))):
+        if isinstance(sent, float) and not sent.is_integer():
+            raise InputError(f"{_place(index, shape)}: {name} expects integers, got {_number(sent)}")
+        number = int(sent)
+        if number == info.min == -(2**63) and isinstance(sent, float):
+            # orjson reads a JSON integer below -2**63 as a float, and the 1024 next to it round to exactly
+            # -2**63: taken as long's minimum, they would arrive as a value nobody sent.
+            raise InputError(
+                f"{_place(index, shape)}: {_number(sent)} is out of range for long: JSON integers below {info.min} "
+                f"are read as this float; send {info.min} as an integer"
+            )
+        if number < info.min or number > info.max:
+            place = _place(index, shape)
+            raise InputError(f"{place}: {_number(sent)} is out of range for {name} [{info.min}, {info.max}]")
+        exact.append(number)
+    return np.array(exact, dtype=_INTEGER[name]).reshape(shape)
+
+
+def _doubles(array: np.ndarray, name: str, values: list) -> np.ndarray:
+    """An object array of Python numbers as float64, refusing integers beyond it."""
+    try:
+        return array.astype(np.float64)
+    except OverflowError:
+        for index, sent in enumerate(array.flat):
+            try:
+                float(sent)
+            except OverflowError:
+                raise InputError(f"{_place(index, array.shape)}: {_number(sent)} overflows {name}") from None
+        raise
+
+
+def _floats(array: np.ndarray, dtype: type, name: str, values: list) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        cast = array.astype(dtype, copy=False)
+    finite = np.isfinite(cast)
+    if not finite.all():
+        raise InputError(_overflow(*_sent_at(values, int(np.flatnonzero(~finite)[0])), name))
+    return cast
+
+
+def _overflow(place: str, sent: Any, name: str) -> str:
+    try:
+        finite = math.isfinite(sent)
+    except OverflowError:  # an integer beyond float64
+        finite = True
+    return f"{place}: {_number(sent)} {'overflows' if finite else 'is not a finite number for'} {name}"
+
+
+def _largest(dtype: torch.dtype) -> float:
+    largest = _LARGEST.get(dtype)
+    if largest is None:
+        largest = (torch.finfo if dtype.is_floating_point else torch.iinfo)(dtype).max
+    return largest
+
+
+def _innermost_lists(values: list, ndim: int) -> list:
+    rows = [values]
+    for _ in range(ndim - 1):
+        rows = list(itertools.chain.from_iterable(rows))
+    return rows
+
+
+def _flatten(values: list, ndim: int) -> list:
+    return list(itertools.chain.from_iterable(_innermost_lists(values, ndim)))
+
+
+def _place(index: int, shape: tuple[int, ...]) -> str:
+    return "values" + "".join(f"[{i}]" for i in np.unravel_index(index, shape))
+
+
+def _sent_at(values: list, index: int) -> tuple[str, Any]:
+    """The place and the value as sent of element ``index`` (C order) of rectangular ``values``."""
+    shape = []
+    item: Any = values
+    while isinstance(item, list) and item:
+        shape.append(len(item))
+        item = item[0]
+    item = values
+    for i in np.unravel_index(index, shape):
+        item = item[i]
+    return _place(index, tuple(shape)), item
 
 
 def _reshape(tensor: torch.Tensor, shape: Any, complex_pairs: bool) -> torch.Tensor:
@@ -176,11 +382,8 @@ def _describe_irregular(values: list) -> str:
                 return f"{path}: has {len(v)} elements, expected {width}"
         level = [(f"{path}[{i}]", item) for path, v in lists for i, item in enumerate(v)]
         for path, item in level:
-            if not isinstance(item, (list, int, float)) or (isinstance(item, int) and abs(item) >= 2**64):
-                if isinstance(item, int) and not isinstance(item, bool):
-                    return f"{path}: {item} is out of range"
-                if not isinstance(item, bool):
-                    return f"{path}: expected a number, got {_json_type(item)}"
+            if not isinstance(item, (list, int, float)):
+                return f"{path}: expected a number, got {_json_type(item)}"
     else:
         return f"values: nested deeper than {_MAX_DEPTH} levels"
     return "values: not a rectangular array of numbers"
@@ -190,7 +393,7 @@ def _json_type(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "true/false"
+        return "true" if value else "false"
     if isinstance(value, str):
         return f"a string ({value[:20]!r})"
     if isinstance(value, dict):
@@ -201,4 +404,9 @@ def _json_type(value: Any) -> str:
 
 
 def _number(value: Any) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+    """A number as the request wrote it: an integer exactly, a float as the shortest text that reads back as it."""
+    if isinstance(value, (int, np.integer)):
+        value = int(value)
+        # Python refuses to write integers of more than 4300 digits, and nobody reads them in a message.
+        return str(value) if value.bit_length() <= 256 else f"an integer of {value.bit_length()} bits"
+    return repr(float(value))

@@ -153,7 +153,7 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         tensor = tensors.decode(data, self.max_elements)
         dtype = self.model_dtype
         if self.cast_inputs and dtype is not None and tensor.dtype != dtype and not tensor.is_complex():
-            tensor = tensor.to(dtype)
+            tensor = tensors.cast_to_model(tensor, dtype, data["values"])
         return tensor
 
     def batch_key(self, item: torch.Tensor) -> Any:

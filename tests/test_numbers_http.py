@@ -1,0 +1,141 @@
+"""Numbers over HTTP arrive exactly as sent, or are refused with a 400 that names them (docs/contract.md).
+
+Against real ``bentoml serve`` processes: the embedded float iris model, a TorchScript model that returns its
+integer input unchanged, and one with half-precision parameters; all built here, none mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import requests
+import torch
+from eth_abi import decode, encode
+
+from tests.fixtures.server import Server, serving
+from tests.reliability_support import assert_contract_error
+
+INTEGER_BOUNDS = {"uint8": (0, 255), "int8": (-128, 127), "short": (-(2**15), 2**15 - 1),
+                  "int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}  # fmt: skip
+
+
+class Same(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0  # keeps the integer dtype
+
+
+class HalfScale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def serve(model: torch.nn.Module, tmp, **kw_args) -> contextlib.AbstractContextManager[Server]:
+    path = tmp / "model.pt"
+    torch.jit.save(torch.jit.script(model.eval()), str(path))
+    return serving({"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(path), **kw_args})}, tmp)
+
+
+@pytest.fixture(scope="module")
+def integer_server(tmp_path_factory):
+    with serve(Same(), tmp_path_factory.mktemp("integers"), cast_inputs=False) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def half_server(tmp_path_factory):
+    with serve(HalfScale(), tmp_path_factory.mktemp("half")) as server:
+        yield server
+
+
+def post_raw(server: Server, body: str) -> requests.Response:
+    """Posts JSON text as written, so literals like ``2e0``, ``true`` and 64-bit integers reach the service as is."""
+    headers = {"content-type": "application/json"}
+    return requests.post(f"{server.url}/service_output", data=body.encode(), headers=headers, timeout=30)
+
+
+def offchain(dtype: str, values: str, destination: int = 1) -> str:
+    return f'{{"source": 1, "destination": {destination}, "data": {{"dtype": "{dtype}", "values": {values}}}}}'
+
+
+def refused(response: requests.Response, description: str) -> None:
+    body = assert_contract_error(response, 400)
+    assert description in body["description"], body
+
+
+def test_integers_come_back_exactly_whatever_literals_share_the_row(integer_server):
+    for name, (low, high) in INTEGER_BOUNDS.items():
+        response = post_raw(integer_server, offchain(name, f"[[{low}, {high}, 2.0, 2e0]]"))
+        assert response.status_code == 200, response.text
+        assert f'"values":[[{low},{high},2,2]]' in response.text  # written exactly, not through a float
+        assert response.json()["dtype"] == name
+    response = post_raw(integer_server, offchain("long", "[[9007199254740993, 2.0]]"))
+    assert response.status_code == 200 and response.json()["values"] == [[9007199254740993, 2]], response.text
+
+
+@pytest.mark.parametrize(
+    "dtype, values, description",
+    [
+        ("long", "[[9223372036854775808, 1.0]]", "values[0][0]: 9223372036854775808 is out of range for long"),
+        ("long", "[[9223372036854775809, 1.0]]", "values[0][0]: 9223372036854775809 is out of range for long"),
+        ("long", "[[1, 1e19]]", "values[0][1]: 1e+19 is out of range for long"),
+        ("long", "[[-9223372036854775809, 1]]", "values[0][0]: -9.223372036854776e+18 is out of range for long"),
+        ("uint8", "[[2.0, 256]]", "values[0][1]: 256 is out of range for uint8 [0, 255]"),
+        ("int8", "[[-129, 2.0]]", "values[0][0]: -129 is out of range for int8"),
+        ("long", "[[true, 5]]", "values[0][0]: long expects numbers, got true"),
+        ("int", "[[1, 2], [3, false]]", "values[1][1]: int expects numbers, got false"),
+    ],
+)
+def test_integers_that_do_not_fit_are_refused_naming_what_was_sent(integer_server, dtype, values, description):
+    refused(post_raw(integer_server, offchain(dtype, values)), description)
+
+
+def test_integer_outputs_go_on_chain_exactly(integer_server):
+    response = post_raw(integer_server, offchain("long", "[[9007199254740993, -9223372036854775808, 2.0]]", 0))
+    assert response.status_code == 200, response.text
+    (numbers,) = decode(["int256[]"], bytes.fromhex(response.json()["raw_output"]))
+    assert list(numbers) == [9007199254740993 * 10**18, -(2**63) * 10**18, 2 * 10**18]
+
+
+@pytest.mark.parametrize(
+    "dtype, values, description",
+    [
+        ("double", "[[true, 0.5586108, 1.1037828, 1.712096]]", "values[0][0]: double expects numbers, got true"),
+        ("long", "[[true, 5, 1, 1]]", "values[0][0]: long expects numbers, got true"),
+        ("float", "[[1.0, 0.5, 1.1, 1.7], [1.0, 0.5, 1.1, false]]", "values[1][3]: float expects numbers, got false"),
+        ("double", "[[true, false, true, true]]", "values[0][0]: double expects numbers, got true"),
+    ],
+)
+def test_booleans_are_refused_for_numeric_dtypes(iris_server, dtype, values, description):
+    refused(post_raw(iris_server, offchain(dtype, values)), description)
+
+
+def test_a_value_the_cast_to_the_model_dtype_would_overflow_is_refused(iris_server):
+    response = post_raw(iris_server, offchain("double", "[[1e308, 1e308, 1e308, 1e308]]"))
+    refused(response, "values[0][0]: 1e+308 does not fit float (the model's dtype), cast from double")
+
+
+@pytest.mark.parametrize("destination", [0, 1])
+def test_chain_input_beyond_the_model_dtype_is_refused(iris_server, destination):
+    largest = 2**255 - 1  # int256's maximum: 5.8e58 in 18-decimal fixed point, beyond float's 3.4e38
+    data = encode(["int256[]"], [[largest, 10**18, 10**18, 10**18]]).hex()
+    response = iris_server.post({"source": 0, "data": data, "destination": destination})
+    refused(response, f"values[0]: {largest / 10**18!r} does not fit float (the model's dtype), cast from double")
+
+
+def test_half_models_refuse_what_half_cannot_hold(half_server):
+    refused(
+        post_raw(half_server, offchain("double", "[[1.5, 70000.0]]")),
+        "values[0][1]: 70000.0 does not fit half (the model's dtype), cast from double",
+    )
+    refused(
+        post_raw(half_server, offchain("long", "[[70000, 1]]")),
+        "values[0][0]: 70000 does not fit half (the model's dtype), cast from long",
+    )
+    response = post_raw(half_server, offchain("double", "[[65504.0, -1.5]]"))
+    assert response.status_code == 200 and response.json()["values"] == [[65504.0, -1.5]], response.text
