@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test lint bench soak model clean browser arlocal kserve-venv
+.PHONY: serve test lint bench soak model clean browser arlocal kserve-venv image image-tools
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +50,18 @@ $(ARLOCAL): tools/arlocal/package.json tools/arlocal/package-lock.json
 
 arlocal: $(ARLOCAL)
 
-test: $(VENV)/.dev lint browser $(ARLOCAL) $(KSERVE_VENV)/.installed
+# The image builder: a running Docker engine, else podman and buildah from Debian's packages, installed when missing
+# (with runc, which starts containers where crun cannot, and debootstrap for scripts/image.py's base-image stand-in).
+image-tools:
+	@docker info >/dev/null 2>&1 || { command -v podman && command -v buildah && command -v runc && command -v debootstrap; } >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap; }
+
+# The bento and its OCI image (`bentoml build` + `bentoml containerize`; docs/deploy.md). Prints the name and size.
+IMAGE ?= infernet-torch-service:latest
+BENTOFILE ?= bentofile.yaml
+image: $(VENV)/.runtime image-tools
+	$(PY) scripts/image.py --bentofile $(BENTOFILE) --tag $(IMAGE)
+
+test: $(VENV)/.dev lint browser $(ARLOCAL) $(KSERVE_VENV)/.installed image-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev

@@ -82,7 +82,9 @@ def test_image_is_python_311_serving_the_bento_on_port_3000(cpu_bento):
     info = yaml.safe_load((cpu_bento / "bento.yaml").read_text())
     assert info["service"] == "service:InfernetService"
     assert info["entry_service"] == "infernet_torch_service"
-    assert info["image"]["python_version"] == "3.11"
+    # A bento with a dockerfile_template keeps BentoML's docker options (the CUDA bento has an "image" section).
+    assert info["docker"]["python_version"] == "3.11"
+    assert "uv venv -p 3.11 /app/.venv" in dockerfile(cpu_bento)
 
 
 def test_image_runs_as_a_non_root_user(cpu_bento):
@@ -96,13 +98,24 @@ def test_image_runs_as_a_non_root_user(cpu_bento):
 
 def test_cpu_image_pins_the_cpu_build_of_torch(cpu_bento):
     reqs = requirements(cpu_bento)
-    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in reqs
+    # The index is an argument of the bento's install script, which the Dockerfile runs on requirements.txt.
+    install = (cpu_bento / "env" / "python" / "install.sh").read_text()
+    assert "PIP_ARGS=(--extra-index-url https://download.pytorch.org/whl/cpu)" in install
+    assert "bash -euxo pipefail /home/bentoml/bento/env/python/install.sh" in dockerfile(cpu_bento)
     assert [r for r in reqs if r.startswith("torch")] == ["torch==2.13.0+cpu"]
     assert not [r for r in reqs if r.startswith("nvidia")]
     # Not locked: a lock made against PyPI would pin the CUDA wheels.
-    assert "pip install -r $BENTO_PATH/env/python/requirements.txt" in dockerfile(cpu_bento)
+    assert not (cpu_bento / "env" / "python" / "requirements.lock.txt").exists()
     assert not [r for r in reqs if "--hash" in r]
     assert image_env(cpu_bento)["UV_INDEX_STRATEGY"] == "unsafe-best-match"
+
+
+def test_cpu_image_installs_no_compiler_toolchain_or_git(cpu_bento, cuda_bento):
+    # Every package is a wheel: nothing is compiled in the image, so the CPU image has no apt step at all.
+    text = dockerfile(cpu_bento)
+    assert "apt-get" not in text and "build-essential" not in text and " git" not in text
+    assert "ENV UV_NO_CACHE=1" in text  # no uv cache left in the install layer
+    assert "build-essential git" in dockerfile(cuda_bento)  # BentoML's default, left as it is for CUDA
 
 
 def test_image_requirements_are_the_runtime_pins(cpu_bento, cuda_bento):
@@ -123,8 +136,15 @@ def test_cuda_image_takes_torch_from_pypi(cuda_bento):
 def test_cuda_bentofile_differs_only_in_torch(cpu_bento, cuda_bento):
     cpu = yaml.safe_load((REPO / "bentofile.yaml").read_text())
     cuda = yaml.safe_load((REPO / "bentofile.cuda.yaml").read_text())
-    for key in ("service", "include", "exclude", "docker"):
+    for key in ("service", "include", "exclude"):
         assert cpu[key] == cuda[key], key
+    # The CPU image is the official Python image as it is; the CUDA image keeps BentoML's default Debian setup.
+    assert cpu["docker"] == {
+        "base_image": "python:3.11-slim",
+        "python_version": "3.11",
+        "dockerfile_template": "deploy/image/Dockerfile.template",
+    }
+    assert cuda["docker"] == {"distro": "debian", "python_version": "3.11"}
     assert [e for e in cpu["envs"] if e["name"] != "UV_INDEX_STRATEGY"] == cuda["envs"]
 
 
@@ -139,6 +159,8 @@ def test_env_defaults_match_the_service_defaults(cpu_bento, cuda_bento):
     assert env["ARWEAVE_GATEWAY"] == torch.arweave_gateway
     assert env["USE_JIT"] == env["USE_ARWEAVE"] == "false"
     assert env["MODEL_CACHE_DIR"].startswith("/home/bentoml/")  # writable by the image's user
+    # Hugging Face downloads land in the model cache too: one volume keeps them across containers.
+    assert env["HF_HOME"].startswith(env["MODEL_CACHE_DIR"] + "/")
     cuda = image_env(cuda_bento)
     assert all(cuda.get(name, value) == value for name, value in env.items())
     # Setting any workflow variable would replace the embedded model; they are left to the operator.
