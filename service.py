@@ -1,8 +1,8 @@
 """Infernet torch service: POST /service_output in front of one batched copy of the model.
 
 Two BentoML services: ``WorkflowRunner`` holds the workflow (the only process that imports torch) and batches
-requests adaptively; ``InfernetService`` is the public HTTP side, reaching the runner through
-``bentoml.depends``. Configuration comes from the environment (see README and docs).
+requests adaptively; ``InfernetService`` is the public HTTP side, reaching the runner through ``bentoml.depends``.
+Configuration comes from the environment (core/settings.py, README). The request's path: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -14,26 +14,29 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from api import bentoml_fixes, http_protocol
-from api.app import PublicApp
-from api.fast_route import FastRouteService
-from api.runner_client import RunnerClient
-from api.runner_route import PICKLE, RunnerService
+from core import bentoml_seam
+from core.settings import ServiceSettings
+from public import http_protocol
+from public.app import PublicApp
+from public.openapi import DocumentedService, FastRouteService
+from public.runner_client import RunnerClient
+from runner.batch_runner import BatchRunner
+from runner.drain import Drain
+from runner.route import RunnerService
 from workflows import startup
-from workflows.batching import ModelThread, finish, prepare, run_prepared
-from workflows.config import ServiceSettings
-from workflows.drain import Drain
 
 # OpenMP threads that spin while waiting steal the cores the API workers need; on a busy box a 2-thread forward
 # then runs up to 5x slower than a 1-thread one (docs/performance.md). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-bentoml_fixes.apply()
-
 with startup.exit_on_error("configuration"):
     SETTINGS = ServiceSettings.from_env()
 
-# Keep-alive, request-head size and read timeouts of every uvicorn worker (api/http_protocol.py).
+# BentoML 1.4.40 with INFERNET_FAST_PATH on (the default): the two busy routes skip BentoML's middleware and typed
+# endpoint, and BentoML's fixes apply. Otherwise BentoML's public path serves, and one log line says why.
+FAST_PATH = bentoml_seam.fast_path(SETTINGS.fast_path)
+
+# Keep-alive, request-head size and read timeouts of every uvicorn worker (public/http_protocol.py).
 http_protocol.install(SETTINGS)
 
 public_app = PublicApp(SETTINGS)
@@ -51,7 +54,7 @@ batch_size = bentoml.metrics.Histogram(
 
 # A fixed content type for the runner's answers: without one, BentoML rebuilds the output's JSON schema for every
 # response just to pick a media type (~22% of the runner's CPU per call). Callers decode by their own serde anyway.
-PICKLED = ContentType(PICKLE)
+PICKLED = ContentType(bentoml_seam.PICKLE)
 
 
 def freeze_heap() -> None:
@@ -67,7 +70,7 @@ def freeze_heap() -> None:
 
 @bentoml.service(
     workers=1,  # one model copy; batches form across every API worker
-    threads=1,  # for describe; the model has a thread of its own (ModelThread)
+    threads=1,  # for describe; the model has a thread of its own (runner/batch_runner.py)
     # BentoML 1.4.40 recycles the runner connection every 100 requests while calls are in flight,
     # failing ~15% of them under load; never recycling avoids it.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
@@ -75,37 +78,30 @@ def freeze_heap() -> None:
     logging={"access": {"enabled": False}},
     # Internal routes: OpenTelemetry's middleware costs ~20% of the runner's CPU per call even when nothing is sampled.
     tracing={"excluded_urls": ["/infer", "/describe"]},
-    # The API workers' calls to infer skip BentoML's middleware stack and typed endpoint (api/runner_route.py).
-    service_class=RunnerService,
+    # Fast path: the API workers' calls to infer skip BentoML's middleware stack and typed endpoint (runner/route.py).
+    service_class=RunnerService if FAST_PATH else bentoml.Service,
 )
 class WorkflowRunner:
     def __init__(self) -> None:
         with startup.exit_on_error("workflow", worker=True):
-            self.workflow = startup.build(SETTINGS)
+            workflow = startup.build(SETTINGS)
         # SIGTERM: keep serving until the API workers have passed on the requests they hold (graceful stop).
         self.drain = Drain(max_s=min(SETTINGS.timeout_s, SETTINGS.shutdown_timeout_s))
         self.drain.install()
-        self.model_thread = ModelThread(self.process_batch, SETTINGS.max_batch_size, SETTINGS.max_latency_ms / 1000)
-        self.description = {"workflow": startup.qualified_name(self.workflow), "model": self.workflow_info()}
+        self.batches = BatchRunner(
+            workflow, SETTINGS.max_batch_size, SETTINGS.max_latency_ms / 1000, on_batch=batch_size.observe
+        )
+        self.description = {"workflow": startup.qualified_name(workflow), "model": startup.describe(workflow)}
         freeze_heap()
-
-    def workflow_info(self) -> dict[str, Any]:
-        describe = getattr(self.workflow, "describe", None)
-        return describe() if callable(describe) else {}
-
-    def process_batch(self, prepared: list[Any]) -> list[Any]:
-        """On the model thread: the forward passes of every queued call's requests (workflows/batching.py)."""
-        batch_size.observe(len(prepared))
-        return run_prepared(self.workflow, prepared)
 
     # Batches form in the model thread, from the calls of every API worker that queue while the model is busy
     # (not BentoML's batchable API: docs/performance.md, section 11). Pre- and post-processing run here, on the
     # event loop, alongside the forward of another batch (section 15).
     @bentoml.api
-    async def infer(self, datas: list[Any]) -> Annotated[list[Any], PICKLED]:
+    async def infer(self, requests: list[Any]) -> Annotated[list[Any], PICKLED]:  # one Outcome per request
         with self.drain.working():
-            results = await self.model_thread.submit(prepare(self.workflow, datas))
-            return finish(self.workflow, results)
+            batches = self.batches
+            return batches.postprocess(await batches.submit(batches.preprocess(requests)))
 
     @bentoml.api
     def describe(self) -> Annotated[dict[str, Any], PICKLED]:
@@ -120,8 +116,8 @@ class WorkflowRunner:
     tracing={"excluded_urls": ["/service_output"]},
     # BentoML's runner probe waits on a runner that is still loading; __is_ready__ below answers at once.
     runner_probe={"enabled": False},
-    # POST /service_output skips BentoML's middleware stack (api/fast_route.py); /docs.json describes the raw routes.
-    service_class=FastRouteService,
+    # Fast path: POST /service_output skips BentoML's middleware stack; /docs.json describes the raw routes.
+    service_class=FastRouteService if FAST_PATH else DocumentedService,
     # One log line per request was ~17% of an API worker's CPU under load; BentoML cannot skip one path without
     # also dropping its metrics. Re-enable with
     # BENTOML_CONFIG_OPTIONS="services.infernet_torch_service.logging.access.enabled=true".
@@ -140,14 +136,15 @@ class InfernetService:
 
     def __init__(self) -> None:
         client = self.runner.to_async
-        # The hot call skips BentoML's client (same address, same wire format): api/runner_client.py.
-        runner_client = RunnerClient(client.url, client.timeout)
+        if FAST_PATH:  # the hot call skips BentoML's client (same address, same wire format): public/runner_client.py
+            runner_client = RunnerClient(client.url, client.timeout)
+            infer = lambda requests: runner_client.call("infer", requests=requests)  # noqa: E731
+        else:
+            infer = lambda requests: client.call("infer", requests=requests)  # noqa: E731
         public_app.bind(
-            infer=lambda datas: runner_client.call("infer", datas=datas),
-            describe=lambda: client.call("describe"),
-            is_ready=lambda: client.is_ready(timeout=1),
+            infer=infer, describe=lambda: client.call("describe"), is_ready=lambda: client.is_ready(timeout=1)
         )
-        # SIGTERM: requests still running after SHUTDOWN_TIMEOUT_S get a JSON 503 (api/shutdown.py).
+        # SIGTERM: requests still running after SHUTDOWN_TIMEOUT_S get a JSON 503 (public/shutdown.py).
         public_app.shutdown.install(SETTINGS.shutdown_timeout_s)
         freeze_heap()
 

@@ -7,7 +7,7 @@ For the bench models (scripts/bench/models.py: tiny, heavy) and the embedded iri
 - on CUDA the model answers what it answers on the CPU, in the model's own precision;
 - run in float16 and bfloat16 (KW_ARG ``precision``), on each device, it answers within tolerance of that, in the
   model's own dtype;
-and it measures samples/s of the model thread's work (``run_prepared``: batch, copy to the device, forward, copy
+and it measures samples/s of the model thread's work (``forward_all``: batch, copy to the device, forward, copy
 back, split; not the JSON decoding and encoding, which run beside it on the event loop) at batch 1, 32 and 256, the
 batch made of that many one-row requests as the service forms it. Prints two markdown tables; exits 1 when an
 answer is off. On a machine without CUDA the CUDA rows are skipped with a message.
@@ -58,9 +58,9 @@ _stand_in_for_pydantic()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from core.settings import EMBEDDED_MODEL, TorchSettings  # noqa: E402
 from scripts.bench import models as bench_models  # noqa: E402
-from workflows.batching import prepare, run_batch, run_prepared  # noqa: E402
-from workflows.config import EMBEDDED_MODEL, TorchSettings  # noqa: E402
+from workflows.batch import forward_all, preprocess_all, run_batch  # noqa: E402
 from workflows.torch_workflow import TorchInferenceWorkflow  # noqa: E402
 
 BATCHES = (1, 32, 256)
@@ -103,21 +103,21 @@ def requests_for(model: Model, rows: int, seed: int) -> list[dict]:
 
 def answers(flow, datas: list[dict]) -> tuple[np.ndarray, str]:
     outcomes = run_batch(flow, datas)
-    bad = [o for o in outcomes if o["status"] != 200]
+    bad = [o for o in outcomes if o.status != 200]
     if bad:
         raise RuntimeError(f"the workflow refused a request: {bad[0]}")
-    dtypes = {o["body"]["dtype"] for o in outcomes}
-    values = np.concatenate([np.asarray(o["body"]["values"], dtype=np.float64) for o in outcomes])
+    dtypes = {o.body["dtype"] for o in outcomes}
+    values = np.concatenate([np.asarray(o.body["values"], dtype=np.float64) for o in outcomes])
     return values, ",".join(sorted(dtypes))
 
 
 def samples_per_second(flow, model: Model, batch: int, seconds: float) -> float:
-    prepared = prepare(flow, requests_for(model, batch, seed=batch))
+    prepared = preprocess_all(flow, requests_for(model, batch, seed=batch))
     for _ in range(2):  # warm-up: CUDA context and kernels, TorchScript's profiling runs
-        run_prepared(flow, prepared)
+        forward_all(flow, prepared)
     done, started = 0, time.perf_counter()
     while True:
-        run_prepared(flow, prepared)  # ends after the copy back to the CPU: the GPU's work is done and counted
+        forward_all(flow, prepared)  # ends after the copy back to the CPU: the GPU's work is done and counted
         done += batch
         elapsed = time.perf_counter() - started
         if elapsed >= seconds:

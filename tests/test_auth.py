@@ -12,11 +12,11 @@ import orjson
 import pytest
 import requests
 
-from api.app import PublicApp
+from core.errors import StartupError
+from core.settings import ServiceSettings
+from public.app import PublicApp
 from tests.fixtures.server import serving
 from tests.reliability_support import assert_contract_error
-from workflows.config import ServiceSettings
-from workflows.errors import StartupError
 
 TOKEN = "tok_" + secrets.token_urlsafe(24)
 IRIS = {"source": 1, "data": {"dtype": "float", "values": [[1.0380048, 0.5586108, 1.1037828, 1.712096]]}}

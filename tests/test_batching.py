@@ -7,10 +7,12 @@ import threading
 
 import torch
 
+from core.outcome import Outcome
+from core.settings import TorchSettings
+from runner.batch_runner import BatchRunner
 from tests.models import Affine, save
 from workflows.base import InferenceWorkflow
-from workflows.batching import ModelThread, finish, prepare, run_batch, run_prepared
-from workflows.config import TorchSettings
+from workflows.batch import run_batch
 from workflows.torch_workflow import TorchInferenceWorkflow
 
 
@@ -41,9 +43,9 @@ def test_equal_trailing_shapes_share_one_forward_and_split_back(tmp_path):
     assert counting.calls == [7]  # one forward for 5 single rows and one 2-row item
     for r, outcome in zip(rows, outcomes, strict=True):
         expected = Affine()(torch.tensor(r)).tolist()
-        assert outcome["status"] == 200
-        assert outcome["body"]["shape"] == [len(r), 3]
-        assert torch.allclose(torch.tensor(outcome["body"]["values"]), torch.tensor(expected))
+        assert outcome.status == 200
+        assert outcome.body["shape"] == [len(r), 3]
+        assert torch.allclose(torch.tensor(outcome.body["values"]), torch.tensor(expected))
 
 
 def test_different_dtypes_or_shapes_form_their_own_groups(tmp_path):
@@ -58,7 +60,7 @@ def test_different_dtypes_or_shapes_form_their_own_groups(tmp_path):
     ]
     outcomes = run_batch(workflow, datas)
     assert sorted(counting.calls) == [1, 2]
-    assert [o["status"] for o in outcomes] == [200, 200, 200]
+    assert [o.status for o in outcomes] == [200, 200, 200]
 
 
 def test_one_bad_item_never_fails_its_neighbours(tmp_path):
@@ -67,11 +69,11 @@ def test_one_bad_item_never_fails_its_neighbours(tmp_path):
     datas[2] = {"dtype": "double", "values": [[1, 2, 3]]}  # wrong feature count: the model raises
     datas[4] = {"dtype": "double", "values": [[1, 2], [3]]}  # ragged: refused before the model
     outcomes = run_batch(workflow, datas)
-    assert [o["status"] for o in outcomes] == [200, 200, 422, 200, 400, 200]
-    assert "mat1 and mat2 shapes cannot be multiplied" in outcomes[2]["description"]
-    assert "row 1 has 1 elements, expected 2" in outcomes[4]["description"]
+    assert [o.status for o in outcomes] == [200, 200, 422, 200, 400, 200]
+    assert "mat1 and mat2 shapes cannot be multiplied" in outcomes[2].description
+    assert "row 1 has 1 elements, expected 2" in outcomes[4].description
     expected = Affine()(torch.tensor([[1.0, 2, 3, 4]])).tolist()
-    assert torch.allclose(torch.tensor(outcomes[0]["body"]["values"]), torch.tensor(expected))
+    assert torch.allclose(torch.tensor(outcomes[0].body["values"]), torch.tensor(expected))
 
 
 class MeanOverBatch(torch.nn.Module):
@@ -84,14 +86,14 @@ class MeanOverBatch(torch.nn.Module):
 def test_output_that_does_not_split_is_retried_item_by_item(tmp_path):
     workflow = torch_workflow(tmp_path, MeanOverBatch())
     outcomes = run_batch(workflow, [{"dtype": "float", "values": [[float(i)] * 4]} for i in range(3)])
-    assert [o["status"] for o in outcomes] == [200, 200, 200]
-    assert [o["body"]["values"].tolist() for o in outcomes] == [[[0.0] * 4], [[1.0] * 4], [[2.0] * 4]]
+    assert [o.status for o in outcomes] == [200, 200, 200]
+    assert [o.body["values"].tolist() for o in outcomes] == [[[0.0] * 4], [[1.0] * 4], [[2.0] * 4]]
 
 
 def test_inputs_are_cast_to_the_model_dtype(tmp_path):
     workflow = torch_workflow(tmp_path)
     [outcome] = run_batch(workflow, [{"dtype": "long", "values": [[1, 2, 3, 4]]}])
-    assert outcome["status"] == 200 and outcome["body"]["dtype"] == "float"
+    assert outcome.status == 200 and outcome.body["dtype"] == "float"
 
 
 class OriginalStyle:
@@ -110,9 +112,9 @@ def test_workflows_with_only_setup_and_inference_run_item_by_item():
     workflow = OriginalStyle()
     workflow.setup()
     outcomes = run_batch(workflow, [{"a": 1}, {"boom": 1}, {"b": 2}])
-    assert outcomes[0] == {"status": 200, "body": {"echo": {"a": 1}, "ready": True}}
-    assert outcomes[1]["status"] == 422 and "boom requested" in outcomes[1]["description"]
-    assert outcomes[2]["body"]["echo"] == {"b": 2}
+    assert outcomes[0] == Outcome(200, {"echo": {"a": 1}, "ready": True})
+    assert outcomes[1].status == 422 and "boom requested" in outcomes[1].description
+    assert outcomes[2].body["echo"] == {"b": 2}
 
 
 class Doubler(InferenceWorkflow):
@@ -128,8 +130,8 @@ class Doubler(InferenceWorkflow):
 def test_base_class_defaults_and_inference():
     workflow = Doubler()
     assert run_batch(workflow, [{"x": 2}, {"y": 1}]) == [
-        {"status": 200, "body": 4},
-        {"status": 400, "description": "'x'"},
+        Outcome(200, 4),
+        Outcome(400, None, "'x'"),
     ]
     assert workflow.inference({"x": 5}) == 10
 
@@ -163,13 +165,13 @@ class Pipelined(InferenceWorkflow):
 
 
 def test_a_call_is_preprocessed_while_the_model_runs_another_batch():
-    """What the runner does (service.py, infer): prepare and finish on the event loop, only the forward on the
+    """What the runner does (service.py, infer): preprocess and postprocess on the event loop, only the forward on the
     model thread, so a call's decoding overlaps the batch ahead of it."""
     workflow = Pipelined()
-    model = ModelThread(lambda prepared: run_prepared(workflow, prepared), max_items=64, max_wait_s=10)
+    runner = BatchRunner(workflow, max_items=64, max_wait_s=10)
 
-    async def call(datas):
-        return finish(workflow, await model.submit(prepare(workflow, datas)))
+    async def call(requests):
+        return runner.postprocess(await runner.submit(runner.preprocess(requests)))
 
     async def scenario():
         first = asyncio.ensure_future(call([{"x": 1}]))
@@ -189,11 +191,11 @@ def test_a_call_is_preprocessed_while_the_model_runs_another_batch():
         ("preprocess", {"nope": 0}, loop_thread),
         ("preprocess", {"x": 3}, loop_thread),
     ]
-    assert first == [{"status": 200, "body": {"y": 10}}]
+    assert first == [Outcome(200, {"y": 10})]
     assert second == [
-        {"status": 200, "body": {"y": 20}},
-        {"status": 400, "description": "'x'"},
-        {"status": 200, "body": {"y": 30}},
+        Outcome(200, {"y": 20}),
+        Outcome(400, None, "'x'"),
+        Outcome(200, {"y": 30}),
     ]
     # after the release the model thread may start the second batch before the loop finishes the first
     assert sorted(workflow.log[5:], key=str) == [

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 import torch
 
-from workflows.config import EMBEDDED_MODEL
+from core.settings import EMBEDDED_MODEL
 
 CALLERS = 40
 

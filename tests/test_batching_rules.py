@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import StartupError
+from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, ServiceSettings, TorchSettings
 from tests.fixtures.server import serving
 from tests.models import Affine, save
 from tests.test_batching_http import batch_histogram, batches_larger_than_one, fire_together
 from tests.test_startup_progress import startup_lines
 from workflows import startup
-from workflows.batching import run_batch
-from workflows.config import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, ServiceSettings, TorchSettings
-from workflows.errors import StartupError
+from workflows.batch import run_batch
 from workflows.torch_workflow import TorchInferenceWorkflow
 
 
@@ -100,8 +100,8 @@ def workflow_for(tmp_path, model: torch.nn.Module, **kwargs) -> TorchInferenceWo
 
 
 def values(outcome: dict) -> torch.Tensor:
-    assert outcome["status"] == 200, outcome
-    return torch.as_tensor(np.asarray(outcome["body"]["values"]))
+    assert outcome.status == 200, outcome
+    return torch.as_tensor(np.asarray(outcome.body["values"]))
 
 
 def assert_solo_answers(workflow, datas: list[dict]) -> None:
@@ -109,7 +109,7 @@ def assert_solo_answers(workflow, datas: list[dict]) -> None:
     together = run_batch(workflow, datas)
     for data, outcome in zip(datas, together, strict=True):
         [alone] = run_batch(workflow, [data])
-        assert outcome["body"]["shape"] == alone["body"]["shape"]
+        assert outcome.body["shape"] == alone.body["shape"]
         assert torch.allclose(values(outcome), values(alone), rtol=1e-5, atol=1e-6), (data, outcome, alone)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.config import ServiceSettings, TorchSettings
+from core.settings import ServiceSettings, TorchSettings
 
 REPO = Path(__file__).resolve().parents[1]
 BENTOML = Path(sys.executable).with_name("bentoml")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from eth_abi import decode, encode
 
-from api.chain import decode_input, encode_output
-from api.contract import RequestError
+from core.errors import RequestError
+from public.chain import decode_input, encode_output
 
 
 def test_decode_input_gives_a_double_row():

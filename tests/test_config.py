@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from workflows import config
-from workflows.config import BUILTIN_TORCH_WORKFLOW, EMBEDDED_MODEL, ServiceSettings, TorchSettings
-from workflows.errors import StartupError
+from core import settings as config
+from core.errors import StartupError
+from core.settings import BUILTIN_TORCH_WORKFLOW, EMBEDDED_MODEL, ServiceSettings, TorchSettings
 from workflows.sources import spec_from_kwargs
 
 

@@ -17,8 +17,8 @@ import requests
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
+from core.settings import ServiceSettings, TorchSettings
 from tests.fixtures.server import REPO, serving
-from workflows.config import ServiceSettings, TorchSettings
 from workflows.sources import spec_from_kwargs
 
 ENTRY_PATH = REPO / "deploy" / "infernet" / "container.json"

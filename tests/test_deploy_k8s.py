@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from workflows.config import ServiceSettings, TorchSettings
+from core.settings import ServiceSettings, TorchSettings
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33.0"

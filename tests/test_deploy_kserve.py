@@ -10,9 +10,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from core.settings import ServiceSettings
 from tests.kserve_support import run_in_kserve_venv
 from tests.test_deploy_k8s import KUBERNETES_VERSION
-from workflows.config import ServiceSettings
 
 MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "kserve" / "inferenceservice.yaml"
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from api import resources
+from core.errors import StartupError
+from core.settings import EMBEDDED_MODEL, TorchSettings
+from public import resources
 from tests.fixtures.server import REPO, run_to_exit, serving
 from tests.models import save
 from workflows import devices
-from workflows.batching import run_batch
-from workflows.config import EMBEDDED_MODEL, TorchSettings
-from workflows.errors import StartupError
+from workflows.batch import run_batch
 from workflows.torch_workflow import TorchInferenceWorkflow
 
 TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}  # of the largest |answer|: 11 and 8 significant bits
@@ -66,8 +66,8 @@ def built(tmp_path: Path, model: torch.nn.Module, kind: str = "torchscript", **k
 
 def answer(flow: TorchInferenceWorkflow, rows=ROWS) -> list[dict]:
     outcomes = run_batch(flow, [{"dtype": "float", "values": [row]} for row in rows])  # one batch of len(rows)
-    assert [o["status"] for o in outcomes] == [200] * len(rows), outcomes
-    return [o["body"] for o in outcomes]
+    assert [o.status for o in outcomes] == [200] * len(rows), outcomes
+    return [o.body for o in outcomes]
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "pickle", "export"])
@@ -87,7 +87,7 @@ def test_lowered_precision_answers_float_within_tolerance(tmp_path, precision, k
 def test_only_floating_outputs_are_cast_back_in_nested_outputs(tmp_path):
     flow = built(tmp_path, Labelled(), "pickle", device="cpu", precision="bfloat16", batching=False)
     [outcome] = run_batch(flow, [{"dtype": "float", "values": ROWS}])
-    body = outcome["body"]
+    body = outcome.body
     assert [t["dtype"] for t in body["scores"]] == ["float", "float"]
     assert body["label"][0]["dtype"] == "long" and body["label"][0]["shape"] == [3]
 

@@ -21,12 +21,13 @@ import torch
 from eth_abi import encode
 from hypothesis import HealthCheck, example, given, settings
 
-from api import chain
-from api.contract import DTYPE_NAMES, InfernetInput, RequestError, error_body, parse_input
+from core.errors import InputError, RequestError
+from core.terms import DTYPE_NAMES, error_body
+from public import chain
+from public.infernet_request import InfernetInput, parse_input
 from tests.fixtures.server import serving
 from tests.reliability_support import assert_contract_error, figure, processes
 from workflows import tensors
-from workflows.errors import InputError
 
 MAX_BYTES = 64 * 1024
 MAX_ELEMENTS = 1000

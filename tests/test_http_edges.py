@@ -19,10 +19,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from api.app import ROUTE_METHODS, RequestError, _gunzip, _gzip_layers, allowed_methods
+from core.errors import RequestError, StartupError
+from core.settings import ServiceSettings
+from public.app import ROUTE_METHODS, allowed_methods
+from public.request_body import gunzip as _gunzip
+from public.request_body import gzip_layers as _gzip_layers
 from tests.fixtures.server import serving
-from workflows.config import ServiceSettings
-from workflows.errors import StartupError
 
 GOOD = json.dumps({"source": 1, "data": {"dtype": "float", "values": [[5.1, 3.5, 1.4, 0.2]]}}).encode()
 

@@ -13,11 +13,11 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from api import bentoml_fixes
-from api.app import PublicApp
-from api.bentoml_fixes import UNMATCHED, endpoint_label
+from core import bentoml_seam as bentoml_fixes
+from core.bentoml_seam import UNMATCHED, endpoint_label
+from core.settings import ServiceSettings
+from public.app import PublicApp
 from tests.fixtures.server import serving
-from workflows.config import ServiceSettings
 
 IRIS = {"source": 1, "data": {"dtype": "float", "values": [[1.0380048, 0.5586108, 1.1037828, 1.712096]]}}
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD")

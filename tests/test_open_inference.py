@@ -19,12 +19,12 @@ import torch
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from api import open_inference as oip
-from api.open_inference import ProtocolError, answer, read_request, split_body
+from core.errors import StartupError
+from core.settings import ServiceSettings
+from public import open_inference as oip
+from public.open_inference import ProtocolError, answer, read_request, split_body
 from tests.kserve_support import IRIS_ROW, run_in_kserve_venv
 from workflows import tensors
-from workflows.config import ServiceSettings
-from workflows.errors import StartupError
 
 MAX_ELEMENTS = 1000
 EXPECTED_DATATYPES = {

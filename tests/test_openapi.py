@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from api.contract import DTYPE_NAMES, InfernetInput
+from core.terms import DTYPE_NAMES
+from public.infernet_request import InfernetInput
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import EMBEDDED_MODEL
 from tests.fixtures.arlocal import PUBLISH, Arlocal, LyingGateway, new_wallet
 from tests.fixtures.hub import TOKEN
 from tests.fixtures.server import run_to_exit, serving
 from tests.hubserver import Hub
-from workflows.config import EMBEDDED_MODEL
 
 pytestmark = pytest.mark.slow
 

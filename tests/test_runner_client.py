@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 from _bentoml_sdk.service import set_current_service
 
-from api.runner_client import ConnectionLost, RunnerCallError, RunnerClient, _address
+from public.runner_client import ConnectionLost, RunnerCallError, RunnerClient, _address
 from tests.test_runner_route import Doubler
 
 

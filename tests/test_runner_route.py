@@ -16,8 +16,8 @@ import pytest
 from _bentoml_impl.serde import Payload, PickleSerde
 from _bentoml_sdk.service import set_current_service
 
-from api.fast_route import FastRoute
-from api.runner_route import PICKLE, PickledCall, RunnerService, is_pickled_call
+from core.bentoml_seam import FastRoute
+from runner.route import PICKLE, PickledCall, RunnerService, is_pickled_call
 from tests.test_fast_route import delta, route_series
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from core.errors import StartupError
+from core.settings import TorchSettings
 from tests.fixtures.server import REPO, run_to_exit, server_env, serving
 from workflows import sources
-from workflows.config import TorchSettings
-from workflows.errors import StartupError
 
 BENTOML = Path(sys.executable).with_name("bentoml")
 HF_TOKEN = "hf_" + secrets.token_hex(16)

@@ -10,8 +10,8 @@ import requests
 import torch
 from eth_abi import decode, encode
 
-from api.contract import PROOFS_NOT_SUPPORTED
-from workflows.config import EMBEDDED_MODEL, model_threads
+from core.settings import EMBEDDED_MODEL, model_threads
+from core.terms import PROOFS_NOT_SUPPORTED
 
 IRIS_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import StartupError
+from core.settings import EMBEDDED_MODEL, TorchSettings
 from tests.fixtures.arlocal import PUBLISH, REPO, Arlocal, LyingGateway, new_wallet, publish_tool
 from workflows import sources
-from workflows.config import EMBEDDED_MODEL, TorchSettings
-from workflows.errors import StartupError
 from workflows.sources import arweave
 from workflows.sources.cache import ModelCache
 
@@ -241,7 +241,7 @@ def test_two_processes_starting_at_once_share_one_download(
     settings: TorchSettings, gateway_proxy: LyingGateway, uploads: Uploads
 ):
     program = (
-        "import logging, sys; from workflows import sources; from workflows.config import TorchSettings\n"
+        "import logging, sys; from workflows import sources; from core.settings import TorchSettings\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "s = TorchSettings.from_env(); spec = sources.spec_from_kwargs({'model_name': 'testorg/big'}, s)\n"
         "print(sources.fetch(spec, s))\n"

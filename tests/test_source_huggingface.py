@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
+from core.errors import StartupError
+from core.settings import TorchSettings
 from tests.fixtures.hub import IRIS, TOKEN
 from tests.hubserver import Hub
 from workflows import sources
-from workflows.config import TorchSettings
-from workflows.errors import StartupError
 
 IRIS_SHA = hashlib.sha256(IRIS).hexdigest()
 

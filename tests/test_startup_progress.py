@@ -7,10 +7,10 @@ import re
 
 import pytest
 
+from core.errors import StartupError
+from core.settings import EMBEDDED_MODEL, ServiceSettings
 from tests.fixtures.server import run_to_exit
 from workflows import progress, startup
-from workflows.config import EMBEDDED_MODEL, ServiceSettings
-from workflows.errors import StartupError
 
 STAGES = ["config", "source", "download", "verify", "load", "warmup", "ready"]
 LINE = re.compile(r"^\S+ \[(INFO|ERROR)\] \[startup\] stage=(\w+) status=(\w+)(?: seconds=(\d+\.\d{3}))?(.*)$")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from api.contract import DTYPE_NAMES
-from workflows.errors import InputError, ModelError
+from core.errors import InputError, ModelError
+from core.terms import DTYPE_NAMES
 from workflows.tensors import DTYPES, cast_to_model, decode, encode, encode_output
 
 SAMPLES = {

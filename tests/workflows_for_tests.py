@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from core.errors import InputError
 from workflows.base import InferenceWorkflow
-from workflows.errors import InputError
 
 
 class Toolbox(InferenceWorkflow):

@@ -3,7 +3,7 @@
 Importing this package does not import torch; ``workflows.torch_workflow`` does.
 """
 
+from core.errors import InputError, ModelError, ServiceError, StartupError
 from workflows.base import InferenceWorkflow
-from workflows.errors import InputError, ModelError, ServiceError, StartupError
 
 __all__ = ["InferenceWorkflow", "InputError", "ModelError", "ServiceError", "StartupError"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from workflows.errors import StartupError
+from core.errors import StartupError
 
 # The ``precision`` keyword's vocabulary: torch's own names, so that ``float16`` reads as what the GPU runs.
 PRECISIONS: dict[str, torch.dtype] = {

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from workflows.errors import StartupError
+from core.errors import StartupError
 
 log = logging.getLogger("workflows.model_formats")
 

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from core.errors import StartupError
+from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows import progress, sources
-from workflows.config import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
-from workflows.errors import StartupError
 
 _FAILURE_FILE = "INFERNET_STARTUP_FAILURE_FILE"
 
@@ -133,3 +133,9 @@ def build(settings: ServiceSettings) -> Any:
 def qualified_name(workflow: Any) -> str:
     cls = type(workflow)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def describe(workflow: Any) -> dict[str, Any]:
+    """What ``GET /info`` reports about the workflow's model: its ``describe()``, if it has one."""
+    describe = getattr(workflow, "describe", None)
+    return describe() if callable(describe) else {}

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from api.contract import DTYPE_NAMES
-from workflows.errors import InputError, ModelError
+from core.errors import InputError, ModelError
+from core.terms import DTYPE_NAMES
 
 DTYPES: dict[str, torch.dtype] = {
     "float": torch.float32,

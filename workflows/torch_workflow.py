@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from workflows import batching as batches
+from core.errors import ModelError, StartupError
+from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
+from workflows import batch as batches
 from workflows import devices, model_formats, sources, tensors
 from workflows.base import InferenceWorkflow
-from workflows.config import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
-from workflows.errors import ModelError, StartupError
 
 
 class TorchInferenceWorkflow(InferenceWorkflow):

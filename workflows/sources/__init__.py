@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from workflows.config import TorchSettings
-from workflows.errors import StartupError
+from core.errors import StartupError
+from core.settings import TorchSettings
 from workflows.sources.cache import ModelCache
 
 SourceName = Literal["local", "huggingface", "arweave"]

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tqdm import tqdm
 
-from workflows.config import TorchSettings
-from workflows.errors import StartupError
+from core.errors import StartupError
+from core.settings import TorchSettings
 from workflows.sources import ModelSpec, check_pin_digest
 from workflows.sources.cache import ModelCache
 

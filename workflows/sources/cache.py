@@ -27,7 +27,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from workflows.errors import StartupError
+from core.errors import StartupError
 
 log = logging.getLogger("workflows.sources.cache")
 

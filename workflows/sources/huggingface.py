@@ -13,8 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from workflows.config import TorchSettings
-from workflows.errors import StartupError
+from core.errors import StartupError
+from core.settings import TorchSettings
 from workflows.sources import ModelSpec, check_pin_digest
 from workflows.sources.cache import ModelCache
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workflows.config import TorchSettings
-from workflows.errors import StartupError
+from core.errors import StartupError
+from core.settings import TorchSettings
 from workflows.sources import ModelSpec, check_pin_digest, model_sha256
 
 

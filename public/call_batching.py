@@ -16,10 +16,16 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-RunnerCall = Callable[[list[Any]], Awaitable[list[Any]]]
+from core.outcome import Outcome
+
+# Sends the data of several requests to the runner in one call; one outcome per request, in order.
+RunnerCall = Callable[[list[Any]], Awaitable[list[Outcome]]]
 
 
-class Gatherer:
+class RunnerCallBatcher:
+    """One API worker's requests, sent to the runner in groups of at most ``max_items``, at most ``max_inflight``
+    calls at a time. On the worker's event loop; a failed call fails every request of its group with its error."""
+
     def __init__(self, call: RunnerCall, max_items: int, max_inflight: int = 4) -> None:
         self._call = call
         self._max_items = max_items
@@ -29,7 +35,8 @@ class Gatherer:
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
-    async def submit(self, item: Any) -> Any:
+    async def submit(self, item: Any) -> Outcome:
+        """The outcome of one request's ``item`` (its data), sent with the others waiting now."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((item, future))

@@ -5,7 +5,7 @@ the answer, and OpenTelemetry context propagation: 40 % of a busy API worker's t
 our own parsing and answer, all of it on each request's path (docs/performance.md, section 18). This client sends
 the same bytes to the same address (the runner's URL from ``bentoml.depends``) over kept-alive connections, one
 call per connection at a time, and reads the answer with httptools (uvicorn's parser). ``describe`` and the
-readiness probe stay on BentoML's client: they are rare. On the runner, ``api/runner_route.py`` answers it.
+readiness probe stay on BentoML's client: they are rare. On the runner, ``runner/route.py`` answers it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httptools
-from _bentoml_impl.serde import Payload, PickleSerde
 
-from api.runner_route import PICKLE
+from core import bentoml_seam
+from core.bentoml_seam import PICKLE
 
 
 class RunnerCallError(Exception):
@@ -44,7 +44,7 @@ class RunnerClient:
         self.max_idle_s = max_idle_s
         self._max_idle = max_idle
         self._idle: list[_Connection] = []
-        self._serde = PickleSerde()
+        self._serde = bentoml_seam.PickleSerde()
 
     async def call(self, method: str, **arguments: Any) -> Any:
         payload = self._serde.serialize_value(arguments)
@@ -58,7 +58,7 @@ class RunnerClient:
             status, headers, answer = await self._exchange(head + body)
         if status != 200:
             raise RunnerCallError(status, answer.decode("utf-8", "replace")[:500])
-        return self._serde.deserialize_value(Payload((answer,), metadata=headers))
+        return self._serde.deserialize_value(bentoml_seam.Payload((answer,), metadata=headers))
 
     async def _exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
         connection = self._idle.pop() if self._idle else await self._open()

@@ -32,11 +32,11 @@ import uvicorn
 from uvicorn.config import HTTP_PROTOCOLS
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from api.contract import error_body
-from workflows.config import ServiceSettings
+from core.settings import ServiceSettings
+from core.terms import error_body
 
 TESTED_UVICORN = "0.54.0"
-log = logging.getLogger("api.http_protocol")
+log = logging.getLogger("public.http_protocol")
 _settings = ServiceSettings()  # install() sets the service's own
 
 

@@ -2,7 +2,7 @@
 
 Runs in each API worker's event loop: ``PublicApp.serve`` hands every path under ``/v2`` to ``serve``. An infer
 request's one input tensor becomes the contract's OFFCHAIN data (``{"dtype", "shape", "values"}``) and takes the same
-way as ``/service_output``'s data: the Gatherer, the runner's batches, the same limits. The answer's tensors come back
+way as ``/service_output``'s data: call batching, the runner's batches, the same limits. The answer's tensors come back
 as the protocol's outputs, flat in row-major order. Errors are the protocol's ``{"error": "..."}`` bodies.
 
 Triton's binary tensor data extension works both ways, since tritonclient uses it by default: input bytes after a
@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from api import SERVICE_NAME, __version__
-from api import app as public
-from api.contract import DTYPE_NAMES, RequestError
+from core.asgi import Receive, Scope, Send
+from core.errors import RequestError
+from core.terms import DTYPE_NAMES
+from public import SERVICE_NAME, __version__, request_body
+from public import app as public
 
-log = logging.getLogger("api.open_inference")
+log = logging.getLogger("public.open_inference")
 
 # The protocol's tensor datatypes -> the contract's dtype names. The protocol's UINT16/32/64 and BYTES have no
 # counterpart among the contract's dtypes; the contract's complex dtypes have none among the protocol's.
@@ -85,7 +87,7 @@ class InferRequest:
     binary_by_default: bool = False  # binary_data_output: every output not named otherwise
 
 
-async def serve(app: public.PublicApp, scope: public.Scope, receive: public.Receive, send: public.Send) -> int:
+async def serve(app: public.PublicApp, scope: Scope, receive: Receive, send: Send) -> int:
     """Answer one request under /v2 in the API worker's event loop; returns the status sent. Never raises for a bad
     request: every refusal is answered as ``{"error": ...}`` with its status."""
     path, method = scope["path"], scope["method"]
@@ -107,7 +109,7 @@ async def serve(app: public.PublicApp, scope: public.Scope, receive: public.Rece
 
 
 async def _route(
-    app: public.PublicApp, path: str, method: str, scope: public.Scope, receive: public.Receive
+    app: public.PublicApp, path: str, method: str, scope: Scope, receive: Receive
 ) -> tuple[int, Any, bytes | None]:
     parts = path.rstrip("/").split("/")[2:]  # "", "v2", ...
     if not parts:
@@ -175,30 +177,26 @@ async def model_metadata(app: public.PublicApp) -> dict[str, Any]:
     }
 
 
-async def _limited_infer(
-    app: public.PublicApp, scope: public.Scope, receive: public.Receive
-) -> tuple[dict[str, Any], bytes | None]:
+async def _limited_infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple[dict[str, Any], bytes | None]:
     # The same per-worker budget and deadlines as /service_output, counted together with its requests.
     return await app.limited(scope, receive, functools.partial(_infer, app))
 
 
-async def _infer(
-    app: public.PublicApp, scope: public.Scope, receive: public.Receive
-) -> tuple[dict[str, Any], bytes | None]:
+async def _infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple[dict[str, Any], bytes | None]:
     headers = dict(scope["headers"])
-    raw = await public._read_body(scope, receive, app.settings.max_request_bytes)
+    raw = await request_body.read(scope, receive, app.settings.max_request_bytes)
     header, binary = split_body(raw, headers.get(_HEADER_LENGTH))
     try:
         obj = orjson.loads(header)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(400, f"body is not valid JSON: {e}") from None
-    if public._nesting_depth(header) > public.MAX_JSON_DEPTH:
-        raise ProtocolError(400, f"body is nested deeper than {public.MAX_JSON_DEPTH} levels")
+    if request_body.nesting_depth(header) > request_body.MAX_JSON_DEPTH:
+        raise ProtocolError(400, f"body is nested deeper than {request_body.MAX_JSON_DEPTH} levels")
     request = read_request(obj, binary, app.settings.max_elements)
-    outcome = await app._run(request.data)
-    if outcome["status"] != 200:
-        raise ProtocolError(outcome["status"], in_protocol_terms(outcome["description"]))
-    return answer(outcome["body"], request, app.settings.model_name)
+    outcome = await app.infer(request.data)
+    if outcome.status != 200:
+        raise ProtocolError(outcome.status, in_protocol_terms(outcome.description))
+    return answer(outcome.body, request, app.settings.model_name)
 
 
 def split_body(raw: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
@@ -403,9 +401,7 @@ def _json_type(value: Any) -> str:
     return {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
 
 
-async def _respond(
-    send: public.Send, status: int, body: Any, binary: bytes | None, headers: list[tuple[bytes, bytes]]
-) -> int:
+async def _respond(send: Send, status: int, body: Any, binary: bytes | None, headers: list[tuple[bytes, bytes]]) -> int:
     try:
         payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError as e:

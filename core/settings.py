@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workflows.errors import StartupError
+from core.errors import StartupError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "models" / "iris" / "model.torch"
@@ -23,6 +23,18 @@ LEGACY_CLASS_PATHS = {
     "infernet_ml.workflows.inference.torch_inference_workflow.TorchInferenceWorkflow": BUILTIN_TORCH_WORKFLOW,
 }
 MiB = 1024 * 1024
+# Every variable the service reads: its own (below), and the Hugging Face library's that it honours
+# (workflows/sources/huggingface.py). Test servers clear them all, so a developer's shell cannot leak into them;
+# tests/test_config.py checks that the list is complete.
+VARIABLES = (
+    "CLASSIC_INF_WORKFLOW_CLASS", "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS", "CLASSIC_INF_WORKFLOW_KW_ARGS",
+    "MAX_BATCH_SIZE", "MAX_LATENCY_MS", "MAX_REQUEST_BYTES", "MAX_REQUEST_ELEMENTS", "API_WORKERS",
+    "REQUEST_TIMEOUT_S", "MAX_CONCURRENCY", "SHUTDOWN_TIMEOUT_S", "BEARER_TOKEN", "BEARER_TOKEN_FILE", "MODEL_NAME",
+    "KEEP_ALIVE_TIMEOUT_S", "BODY_TIMEOUT_S", "MAX_HEADER_BYTES", "INFERNET_FAST_PATH",
+    "TORCH_MODEL_FILE_NAME", "USE_JIT", "USE_ARWEAVE", "ALLOWED_ARWEAVE_OWNERS", "ARWEAVE_GATEWAY", "MODEL_CACHE_DIR",
+    "TORCH_NUM_THREADS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+    "HF_ENDPOINT", "HF_HUB_OFFLINE",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,9 @@ class ServiceSettings:
     # Time to receive a request's head, and then its body; a slower client gets 408 and its connection is closed.
     body_timeout_s: float = 30.0
     max_header_bytes: int = 64 * 1024
+    # INFERNET_FAST_PATH: the busy routes skip BentoML's middleware (core/bentoml_seam.py); off, BentoML's public
+    # path serves (slower; for another BentoML version, it is off by itself).
+    fast_path: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -78,6 +93,7 @@ class ServiceSettings:
             keep_alive_timeout_s=number(env, "KEEP_ALIVE_TIMEOUT_S", cls.keep_alive_timeout_s, minimum=1),
             body_timeout_s=number(env, "BODY_TIMEOUT_S", cls.body_timeout_s, minimum=0.1),
             max_header_bytes=integer(env, "MAX_HEADER_BYTES", cls.max_header_bytes, minimum=1024),
+            fast_path=boolean(env, "INFERNET_FAST_PATH", cls.fast_path),
         )
 
     @property

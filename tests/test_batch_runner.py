@@ -1,4 +1,4 @@
-"""ModelThread: how runner calls become batches (no server: the thread is driven from an event loop here)."""
+"""BatchRunner's model thread: how runner calls become batches (no server: an event loop here drives it)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import threading
 
 import pytest
 
-from workflows.batching import ModelThread
+from runner.batch_runner import BatchRunner
+
+
+def ModelThread(model, max_items: int, max_wait_s: float) -> BatchRunner:
+    """A BatchRunner whose forward is ``model`` (no workflow): the model thread's batching alone."""
+    runner = BatchRunner(None, max_items=max_items, max_wait_s=max_wait_s)
+    runner.forward = model  # read by the model thread at each batch; no call has been submitted yet
+    return runner
 
 
 class Model:
-    """A stand-in for run_prepared that records its batches and can be held busy by the test."""
+    """A stand-in for the workflow's forward that records its batches and can be held busy by the test."""
 
     def __init__(self, hold_first: bool = False, fail_on: object = None) -> None:
         self.batches: list[list[object]] = []
@@ -95,8 +102,8 @@ def test_a_call_that_waited_past_max_wait_is_answered_503_and_not_run():
     batches, first, late = asyncio.run(scenario())
     assert first == [("out", "first")]  # already running when its wait ended
     assert batches == [["first"]]
-    assert [outcome["status"] for outcome in late] == [503, 503]
-    assert "MAX_LATENCY_MS" in late[0]["description"]
+    assert [outcome.status for outcome in late] == [503, 503]
+    assert "MAX_LATENCY_MS" in late[0].description
 
 
 def test_a_caller_that_gave_up_is_not_run():

@@ -2,7 +2,9 @@
 
 import pytest
 
-from api.contract import PROOFS_NOT_SUPPORTED, Destination, RequestError, Source, error_body, parse_input
+from core.errors import RequestError
+from core.terms import PROOFS_NOT_SUPPORTED, Destination, Source, error_body
+from public.infernet_request import parse_input
 
 
 def test_offchain_and_chain_inputs_parse():

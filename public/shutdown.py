@@ -16,8 +16,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from api.contract import RequestError
-from workflows.drain import bound_uvicorn
+from core.asgi import bound_uvicorn
+from core.errors import RequestError
 
 BACKSTOP_S = 1.0  # after the bound, uvicorn cancels whatever is left
 

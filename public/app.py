@@ -10,33 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
-import numpy as np
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from api import SERVICE_NAME, __version__, auth, chain, open_inference, resources
-from api.contract import Destination, RequestError, Source, error_body, parse_input
-from api.gather import Gatherer
-from api.shutdown import ShutdownBound
-from workflows.config import ServiceSettings
+from core.asgi import Receive, Scope, Send
+from core.errors import RequestError
+from core.outcome import Outcome
+from core.settings import ServiceSettings
+from core.terms import Destination, Source, error_body
+from public import SERVICE_NAME, __version__, auth, chain, open_inference, request_body, resources
+from public.answers import respond, runner_failure
+from public.call_batching import RunnerCall, RunnerCallBatcher
+from public.infernet_request import parse_input
+from public.request_body import BODY_READ, CODINGS, MAX_JSON_DEPTH, has_body, nesting_depth
+from public.shutdown import ShutdownBound
 
-log = logging.getLogger("api.app")
+log = logging.getLogger("public.app")
 T = TypeVar("T")
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _BENTOML_GET_ROUTES = {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
 _BENTOML_STATIC = "/static_content/"
-_JSON = [(b"content-type", b"application/json")]
 _GET = ("GET", "HEAD")
 # Every route served and its methods: a 405 names them in Allow, OPTIONS answers with them (RFC 9110, 15.5.6).
 ROUTE_METHODS: dict[str, tuple[str, ...]] = {
@@ -45,15 +45,7 @@ ROUTE_METHODS: dict[str, tuple[str, ...]] = {
     "/service-resources": _GET,
     **dict.fromkeys(_BENTOML_GET_ROUTES, _GET),
 }
-# Set in the scope once the whole body has been received. An answer sent before then closes the connection: the
-# unread body (or, after `Expect: 100-continue`, the next request) would otherwise be read as what follows.
-_BODY_READ = "infernet.body_read"
 _CLOSE = (b"connection", b"close")
-_CODINGS = "gzip, identity"  # request Content-Encodings decoded; others get 415
-# Deeper bodies are refused: the hop to the runner pickles the data, and pickling ~1000 levels raises
-# RecursionError, which would fail every request sent with it. Tensor values nest at most 32 levels.
-MAX_JSON_DEPTH = 64
-_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 class PublicApp:
@@ -61,7 +53,7 @@ class PublicApp:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self._gather: Gatherer | None = None
+        self._calls: RunnerCallBatcher | None = None
         self._describe: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self._info: dict[str, Any] | None = None
         self._is_ready: Callable[[], Awaitable[bool]] | None = None
@@ -72,12 +64,13 @@ class PublicApp:
 
     def bind(
         self,
-        infer: Callable[[list[Any]], Awaitable[list[Any]]],
+        infer: RunnerCall,
         describe: Callable[[], Awaitable[Any]],
         is_ready: Callable[[], Awaitable[bool]],
     ) -> None:
-        """Connect to the runner; called by the BentoML service in each API worker."""
-        self._gather = Gatherer(infer, max_items=self.settings.max_batch_size)
+        """Connect to the runner; called by the BentoML service in each API worker. ``infer`` sends a list of
+        requests' data to the runner and returns their ``Outcome``s, in order (one call per group: call_batching)."""
+        self._calls = RunnerCallBatcher(infer, max_items=self.settings.max_batch_size)
         self._describe = describe
         self._is_ready = is_ready
 
@@ -119,9 +112,9 @@ class PublicApp:
         except Exception as e:
             log.exception("request to %s failed", path)
             status, body = 500, error_body(500, f"internal error: {type(e).__name__}")
-        if status == 200 and scope.get(_BODY_READ):
-            return await _respond(send, status, body)
-        return await _respond(send, status, body, extra_headers(scope, status))
+        if status == 200 and scope.get(BODY_READ):
+            return await respond(send, status, body)
+        return await respond(send, status, body, extra_headers(scope, status))
 
     async def _bentoml_route(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Serve the request with the first of BentoML's own routes (other than this mount) that matches it."""
@@ -159,40 +152,42 @@ class PublicApp:
             async with self.shutdown.bounded(timeout):
                 return await handler(scope, receive)
         except TimeoutError:
-            if not scope.get(_BODY_READ) and _has_body(scope):
+            if not scope.get(BODY_READ) and has_body(scope):
                 raise RequestError(408, f"the body was not received within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
             raise RequestError(504, f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
         finally:
             self._in_progress -= 1
 
     async def service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
-        raw = await _read_body(scope, receive, self.settings.max_request_bytes)
+        raw = await request_body.read(scope, receive, self.settings.max_request_bytes)
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
             raise RequestError(400, f"body is not valid JSON: {e}") from None
-        if _nesting_depth(raw) > MAX_JSON_DEPTH:
+        if nesting_depth(raw) > MAX_JSON_DEPTH:
             raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels")
         request = parse_input(obj)
         data = chain.decode_input(request.data) if request.source == Source.CHAIN else request.data
-        outcome = await self._run(data)
-        if outcome["status"] != 200:
-            raise RequestError(outcome["status"], outcome["description"])
+        outcome = await self.infer(data)
+        if outcome.status != 200:
+            raise RequestError(outcome.status, outcome.description)
         if request.destination == Destination.CHAIN:
-            return 200, chain.encode_output(outcome["body"])
-        return 200, outcome["body"]
+            return 200, chain.encode_output(outcome.body)
+        return 200, outcome.body
 
-    async def _run(self, data: Any) -> dict[str, Any]:
+    async def infer(self, data: Any) -> Outcome:
+        """One request's data through the runner (with the others this worker holds now); its outcome. On the
+        event loop. Raises RequestError 503 while the runner loads or is unreachable, 500 when it fails the call."""
         await self._check_runner_ready()
         try:
-            return await self._gather.submit(data)
+            return await self._calls.submit(data)
         except Exception as e:
             self._runner_seen_ready = False  # probe again: /readyz must show an outage
-            raise _runner_failure(e) from None
+            raise runner_failure(e) from None
 
     async def _check_runner_ready(self) -> None:
         """Until the runner has answered once, ask it first: a request must not queue behind a loading model."""
-        if self._gather is None:
+        if self._calls is None:
             raise RequestError(503, "the service is starting; the model runner is not connected yet")
         if not await self.runner_ready():
             raise RequestError(503, "the model is still loading; retry shortly")
@@ -215,7 +210,7 @@ class PublicApp:
             try:
                 runner = await self._describe()
             except Exception as e:
-                raise _runner_failure(e) from None
+                raise runner_failure(e) from None
             self._info = {
                 "service": SERVICE_NAME,
                 "version": __version__,
@@ -263,20 +258,13 @@ def _allow(methods: tuple[str, ...]) -> tuple[bytes, bytes]:
     return b"allow", ", ".join((*methods, "OPTIONS")).encode()
 
 
-def _has_body(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
-            return True
-    return False
-
-
 def extra_headers(scope: Scope, status: int) -> list[tuple[bytes, bytes]]:
     headers = []
     if status == 405 and (methods := allowed_methods(scope["path"])) is not None:
         headers.append(_allow(methods))
     elif status == 415:
-        headers.append((b"accept-encoding", _CODINGS.encode()))
-    if not scope.get(_BODY_READ) and _has_body(scope):
+        headers.append((b"accept-encoding", CODINGS.encode()))
+    if not scope.get(BODY_READ) and has_body(scope):
         headers.append(_CLOSE)
     return headers
 
@@ -287,109 +275,10 @@ async def _options(scope: Scope, send: Send) -> int:
     methods = ("GET", "HEAD", "POST") if path == "*" else allowed_methods(path)
     if methods is None:
         body = error_body(404, f"no route {path}; the inference route is POST /service_output")
-        return await _respond(send, 404, body, extra_headers(scope, 404))
+        return await respond(send, 404, body, extra_headers(scope, 404))
     headers = [_allow(methods)]  # no Content-Length on a 204 (RFC 9110, 8.6)
-    if _has_body(scope):
+    if has_body(scope):
         headers.append(_CLOSE)
     await send({"type": "http.response.start", "status": 204, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
     return 204
-
-
-def _runner_failure(error: Exception) -> RequestError:
-    code = getattr(error, "error_code", None)
-    if code is not None and int(code) == 503:
-        return RequestError(503, "the model runner is overloaded; retry later")
-    if code is not None and int(code) < 500:
-        return RequestError(500, f"the model runner refused the call ({int(code)})")
-    if code is None:
-        log.warning("model runner unreachable: %s: %s", type(error).__name__, error)
-        return RequestError(503, f"the model runner is unreachable ({type(error).__name__}); retry later")
-    return RequestError(500, f"the model runner failed ({int(code)})")
-
-
-def _nesting_depth(raw: bytes) -> int:
-    """Deepest bracket nesting of a JSON text, counted at C speed. Brackets inside strings count too, so this
-    may overestimate, never underestimate."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
-        return 0
-    brackets = np.frombuffer(raw.translate(None, _NOT_BRACKETS), np.uint8)
-    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
-    return int(steps.cumsum().max())
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request's body, decoded from its Content-Encoding; at most ``limit`` bytes, before and after decoding."""
-    gzipped = 0
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise RequestError(413, f"body of {int(value)} bytes exceeds the limit of {limit} (MAX_REQUEST_BYTES)")
-        if name == b"content-encoding":
-            gzipped += _gzip_layers(value)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise RequestError(400, "client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            scope[_BODY_READ] = True
-            raw = b"".join(chunks)
-            for _ in range(gzipped):
-                raw = _gunzip(raw, limit)
-            return raw
-
-
-def _gzip_layers(value: bytes) -> int:
-    """How many times a Content-Encoding says the body was gzipped; 415 for a coding not decoded here."""
-    layers = 0
-    for token in value.split(b","):
-        coding = token.strip().lower()
-        if coding in (b"gzip", b"x-gzip"):
-            layers += 1
-        elif coding not in (b"identity", b""):
-            name = coding.decode("latin-1")
-            raise RequestError(415, f"Content-Encoding {name!r} is not supported; send one of: {_CODINGS}")
-    return layers
-
-
-def _gunzip(data: bytes, limit: int) -> bytes:
-    """Decode a gzip body (one or more members) without ever holding more than ``limit`` + 1 decoded bytes: a small
-    compressed body can expand a thousandfold."""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            part = decoder.decompress(data, limit + 1 - size)
-        except zlib.error as e:
-            raise RequestError(400, f"body is not valid gzip (Content-Encoding: gzip): {e}") from None
-        size += len(part)
-        if size > limit:
-            raise RequestError(413, f"decompressed body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)")
-        if not decoder.eof:
-            raise RequestError(400, "gzip body is truncated (Content-Encoding: gzip)")
-        parts.append(part)
-        data = decoder.unused_data
-        if not data:
-            return b"".join(parts)
-
-
-async def _respond(send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None) -> int:
-    try:
-        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-    except TypeError as e:
-        status, payload = 500, orjson.dumps(error_body(500, f"the workflow's output is not JSON-serialisable: {e}"))
-    headers = [*_JSON, (b"content-length", str(len(payload)).encode())]
-    if status == 503:
-        headers.append((b"retry-after", b"1"))
-    if extra:
-        headers += extra
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-    return status

@@ -1,4 +1,4 @@
-"""Gatherer: how an API worker groups its waiting requests into runner calls (in-process, a stand-in runner)."""
+"""RunnerCallBatcher: how an API worker groups its waiting requests into runner calls (a stand-in runner)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from api.gather import Gatherer
+from public.call_batching import RunnerCallBatcher
 
 
 class Runner:
@@ -34,7 +34,7 @@ async def settle() -> None:
 def test_a_lone_request_goes_out_at_once_as_its_own_call():
     async def scenario():
         runner = Runner()
-        gather = Gatherer(runner, max_items=64)
+        gather = RunnerCallBatcher(runner, max_items=64)
         return await gather.submit("a"), runner.calls
 
     assert asyncio.run(scenario()) == ("out a", [["a"]])
@@ -43,7 +43,7 @@ def test_a_lone_request_goes_out_at_once_as_its_own_call():
 def test_requests_arriving_together_share_one_call():
     async def scenario():
         runner = Runner()
-        gather = Gatherer(runner, max_items=64)
+        gather = RunnerCallBatcher(runner, max_items=64)
         results = await asyncio.gather(*(gather.submit(i) for i in range(5)))
         return results, runner.calls
 
@@ -55,7 +55,7 @@ def test_requests_arriving_together_share_one_call():
 def test_with_every_slot_busy_newcomers_wait_and_leave_together():
     async def scenario():
         runner = Runner(hold=True)
-        gather = Gatherer(runner, max_items=64, max_inflight=2)
+        gather = RunnerCallBatcher(runner, max_items=64, max_inflight=2)
         first = [asyncio.ensure_future(gather.submit("a"))]
         await settle()
         first.append(asyncio.ensure_future(gather.submit("b")))
@@ -75,7 +75,7 @@ def test_with_every_slot_busy_newcomers_wait_and_leave_together():
 def test_four_calls_in_flight_by_default():
     async def scenario():
         runner = Runner(hold=True)
-        gather = Gatherer(runner, max_items=64)
+        gather = RunnerCallBatcher(runner, max_items=64)
         tasks = []
         for item in range(6):
             tasks.append(asyncio.ensure_future(gather.submit(item)))
@@ -93,7 +93,7 @@ def test_four_calls_in_flight_by_default():
 def test_a_call_never_carries_more_than_max_items():
     async def scenario():
         runner = Runner()
-        gather = Gatherer(runner, max_items=3, max_inflight=4)
+        gather = RunnerCallBatcher(runner, max_items=3, max_inflight=4)
         await asyncio.gather(*(gather.submit(i) for i in range(7)))
         return runner.calls
 
@@ -103,7 +103,7 @@ def test_a_call_never_carries_more_than_max_items():
 def test_a_failed_call_fails_each_of_its_requests_and_the_next_call_works():
     async def scenario():
         runner = Runner()
-        gather = Gatherer(runner, max_items=64)
+        gather = RunnerCallBatcher(runner, max_items=64)
         failed = await asyncio.gather(gather.submit("x"), gather.submit("boom"), return_exceptions=True)
         return failed, await gather.submit("y")
 
@@ -115,7 +115,7 @@ def test_a_failed_call_fails_each_of_its_requests_and_the_next_call_works():
 def test_a_caller_that_gave_up_is_not_sent():
     async def scenario():
         runner = Runner(hold=True)
-        gather = Gatherer(runner, max_items=64, max_inflight=1)
+        gather = RunnerCallBatcher(runner, max_items=64, max_inflight=1)
         first = asyncio.ensure_future(gather.submit("a"))
         await settle()
         gone = asyncio.ensure_future(gather.submit("gone"))

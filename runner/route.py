@@ -2,7 +2,7 @@
 
 The API workers send the call's arguments in BentoML's pickle serde, as the client of ``bentoml.depends`` does (one
 body: protocol-5 pickle plus its out-of-band buffers, and a ``buffer-lengths`` header), and read the answer the same
-way; ``api/runner_client.py`` is their side. BentoML's stack and typed endpoint around that call cost more of the
+way; ``public/runner_client.py`` is their side. BentoML's stack and typed endpoint around that call cost more of the
 runner's CPU than a small model's forward (docs/performance.md, section 12). ``PickledCall`` answers it with
 BentoML's own ``PickleSerde``, so BentoML's client works here too; a request in any other form (JSON from a
 person, another route) goes through BentoML as before.
@@ -15,15 +15,14 @@ from typing import Any
 
 import bentoml
 import orjson
-from _bentoml_impl.serde import Payload, PickleSerde
 from bentoml.exceptions import BentoMLException
 
-from api.app import Receive, Scope, Send
-from api.fast_route import FastRoute, access_log_enabled
+from core import bentoml_seam
+from core.asgi import Receive, Scope, Send, read_body
+from core.bentoml_seam import PICKLE, FastRoute, access_log_enabled
 
-PICKLE = PickleSerde.media_type
 CLIENT_GONE = 499  # for the metrics: the API worker went away before the answer (nginx's code); nothing is sent
-log = logging.getLogger("api.runner_route")
+log = logging.getLogger("runner.route")
 
 
 def is_pickled_call(scope: Scope) -> bool:
@@ -40,7 +39,7 @@ class PickledCall:
 
     def __init__(self, method: str) -> None:
         self.method = method
-        self.serde = PickleSerde()
+        self.serde = bentoml_seam.PickleSerde()
         self._bound: Any = None  # looked up once: BentoML builds a new wrapper (with its signature) per lookup
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> int:
@@ -52,11 +51,11 @@ class PickledCall:
                 return await _error(send, 503, "the runner is starting")
         method = self._bound
         try:
-            body = await _read_body(receive)
+            body = await read_body(receive)
             headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
-            arguments = self.serde.deserialize_value(Payload((body,), metadata=headers))
+            arguments = self.serde.deserialize_value(bentoml_seam.Payload((body,), metadata=headers))
             payload = self.serde.serialize_value(await method(**arguments))
-        except ConnectionError:
+        except ConnectionError:  # ClientDisconnected, or the answer could not be sent
             return CLIENT_GONE
         except Exception:
             log.exception("runner call %s failed", self.method)
@@ -64,17 +63,6 @@ class PickledCall:
         body = b"".join(payload.data)
         headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in payload.metadata.items()]
         return await _send(send, 200, PICKLE, body, headers)
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ConnectionError("the API worker disconnected")
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _error(send: Send, status: int, message: str) -> int:
@@ -91,7 +79,8 @@ async def _send(send: Send, status: int, media_type: str, body: bytes, headers: 
 
 class RunnerService(bentoml.Service):
     """The runner's class (``service_class`` of ``@bentoml.service``): ``POST /infer`` in BentoML's pickle serde
-    goes to ``PickledCall``; with middleware added to the service, every request goes through BentoML's stack.
+    goes to ``PickledCall`` (fast path only); with middleware added to the service, every request goes through BentoML's
+    stack.
 
     Only as a dependency: like BentoML's own endpoint, a service that faces clients (``is_main``) never unpickles
     what it is sent, since unpickling runs code of the sender's choosing."""

@@ -11,7 +11,7 @@ import hmac
 
 import orjson
 
-from api.contract import error_body
+from core.terms import error_body
 
 PROTECTED = frozenset({"/service_output", "/info", "/service-resources"})
 

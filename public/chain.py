@@ -9,7 +9,7 @@ import numpy as np
 from eth_abi import decode, encode
 from eth_abi.exceptions import DecodingError
 
-from api.contract import RequestError
+from core.errors import RequestError
 
 SCALE = 10**18
 _INT256 = (-(2**255), 2**255 - 1)

@@ -1,33 +1,18 @@
-"""The service contract's vocabulary: request model, dtype names, error bodies. Imported by service and tests."""
+"""The body of ``POST /service_output`` as Infernet nodes send it: ``InfernetInput`` and its parser.
+
+The contract's vocabulary it uses (Source, Destination, dtype names, error bodies) lives in core/terms.py."""
 
 from __future__ import annotations
 
 import re
-from enum import IntEnum
-from http import HTTPStatus
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-DTYPE_NAMES = (
-    "float", "double", "cfloat", "cdouble", "half", "bfloat16",
-    "uint8", "int8", "short", "int", "long", "bool",
-)  # fmt: skip
-
-PROOFS_NOT_SUPPORTED = "Proofs are not supported by this service"
+from core.errors import RequestError
+from core.terms import PROOFS_NOT_SUPPORTED, Destination, Source
 
 _HEX = re.compile(r"^[a-fA-F0-9]+$")
-
-
-class Source(IntEnum):
-    CHAIN = 0
-    OFFCHAIN = 1
-
-
-class Destination(IntEnum):
-    CHAIN = 0
-    OFFCHAIN = 1
-    STREAM = 2
 
 
 class InfernetInput(BaseModel):
@@ -74,23 +59,6 @@ class InfernetInput(BaseModel):
         if self.destination == Destination.STREAM:
             raise ValueError("destination: STREAM (2) is not supported; use 0 (CHAIN) or 1 (OFFCHAIN)")
         return self
-
-
-class RequestError(Exception):
-    """A request rejected before it reaches the model."""
-
-    def __init__(self, status: int, description: str, errors: list[dict[str, Any]] | None = None):
-        super().__init__(description)
-        self.status = status
-        self.description = description
-        self.errors = errors
-
-
-def error_body(status: int, description: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": str(status), "name": HTTPStatus(status).phrase, "description": description}
-    if errors:
-        body["errors"] = errors
-    return body
 
 
 def parse_input(obj: Any) -> InfernetInput:

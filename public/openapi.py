@@ -1,8 +1,8 @@
 """The OpenAPI document (/docs.json, shown by Swagger UI at /) for the routes the raw ASGI app serves.
 
 BentoML documents only its typed ``@bentoml.api`` routes (and mounted FastAPI apps); ``POST /service_output`` is served
-by ``api.app.PublicApp`` for speed, so it would be missing. ``DocumentedService`` (the base of the public
-service's ``service_class``, api/fast_route.py) extends BentoML's own document with these routes.
+by ``public.app.PublicApp`` for speed, so it would be missing. ``DocumentedService`` (the base of the public
+service's ``service_class`` on the fast path, ``FastRouteService``) extends BentoML's own document with these routes.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from typing import Any
 
 import attrs
 import bentoml
-from bentoml._internal.service.openapi.specification import PathItem
 
-from api import SERVICE_NAME, __version__
-from api.contract import DTYPE_NAMES, InfernetInput, error_body
+from core import bentoml_seam
+from core.terms import DTYPE_NAMES, error_body
+from public import SERVICE_NAME, __version__
+from public.app import PublicApp
+from public.infernet_request import InfernetInput
 
 REF = "#/components/schemas/{model}"
 
@@ -202,7 +204,7 @@ def extend(spec: Any) -> Any:
         description="PyTorch models for Infernet nodes. Try POST /service_output with the iris example: "
         "Try it out, then Execute.",
     )
-    ours = {path: PathItem(**item) for path, item in paths().items()}
+    ours = {path: bentoml_seam.path_item(item) for path, item in paths().items()}
     return attrs.evolve(spec, info=info, paths={**spec.paths, **ours}, components=components)
 
 
@@ -212,3 +214,19 @@ class DocumentedService(bentoml.Service):
     @property
     def openapi_spec(self) -> Any:
         return extend(super().openapi_spec)
+
+
+class FastRouteService(DocumentedService):
+    """The public service's class on the fast path (``service_class`` of ``@bentoml.service``): its ASGI app is
+    ``FastRoute`` (core/bentoml_seam.py) in front of BentoML's, handing ``POST /service_output`` straight to
+    ``PublicApp.serve``, and its OpenAPI document covers the raw routes (``DocumentedService``)."""
+
+    def to_asgi(self, is_main: bool = True) -> Any:
+        app = super().to_asgi(is_main)  # also applies this service's configuration to BentoML's container
+        public = next((mounted for mounted, *_ in self.mount_apps if isinstance(mounted, PublicApp)), None)
+        # CORS and middleware added to the service must see every request: then BentoML's stack serves them all.
+        if public is None or self.middlewares or bentoml_seam.cors_enabled():
+            return app
+        return bentoml_seam.FastRoute(
+            app, "/service_output", public.serve, access_log_enabled=bentoml_seam.access_log_enabled()
+        )

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from core.asgi import bound_uvicorn
+
 
 class Drain:
     def __init__(self, idle_s: float = 0.5, max_s: float = 30.0) -> None:
@@ -61,14 +63,3 @@ class Drain:
         # A call that arrived just before the hand-over still gets the rest of the bound, and no more.
         bound_uvicorn(handler, max(1.0, deadline - time.monotonic()))
         handler(signum, frame)  # uvicorn's handler only sets flags its main loop polls
-
-
-def bound_uvicorn(handler: Any, seconds: float) -> None:
-    """Make the uvicorn server whose SIGTERM handler ``handler`` is cancel the requests left ``seconds`` after its
-    shutdown starts (``timeout_graceful_shutdown``; BentoML sets it only from ``bentoml serve
-    --timeout-graceful-shutdown``, and by default uvicorn waits for ever). uvicorn reads it when its shutdown starts,
-    after the handler has run. Any thread; does nothing for another handler."""
-    config = getattr(getattr(handler, "__self__", None), "config", None)
-    if config is not None and hasattr(config, "timeout_graceful_shutdown"):
-        current = config.timeout_graceful_shutdown
-        config.timeout_graceful_shutdown = seconds if current is None else min(current, seconds)

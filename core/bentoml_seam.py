@@ -1,0 +1,296 @@
+"""The only module that touches BentoML below its public API, written for BentoML 1.4.40; the fast path.
+
+What it holds, each used only when the fast path is on (``fast_path()``):
+
+- ``FastRoute``: one busy route straight to its handler, ahead of BentoML's middleware stack. BentoML wraps every
+  route in ~8 ASGI layers (error handling, metrics, OpenTelemetry, access log, timeout, concurrency, exceptions,
+  routing), each with its own ``send`` wrapper, and its typed endpoints add pydantic IO models on top; for the two
+  routes that carry the traffic (the public ``POST /service_output``, the runner's ``POST /infer``) those layers
+  cost about half of the process's CPU per request (docs/performance.md, sections 8 and 12). What the skipped
+  layers did for the route is kept: the same ``bentoml_service_request_*`` series reach /metrics (recorded into
+  BentoML's own metric objects, with the same labels), and the access log line when access logging is on.
+- BentoML's pickle serde (``PickleSerde``, ``Payload``), which the runner's client and route speak
+  (public/runner_client.py, runner/route.py).
+- ``path_item``: BentoML's OpenAPI path object, for the raw routes' documentation (public/openapi.py).
+- Fixes of BentoML 1.4.40, applied by ``fast_path()``. BentoML looks the classes up in their modules each time it
+  builds an app, so replacing the module attributes is enough.
+
+  - ``TimeoutMiddleware`` schedules a timer per request and never cancels it, so every request leaves a
+    TimerHandle, a Future and a Context alive for the whole timeout: ~1 KB each, which at 3k requests/s and a 70 s
+    timeout holds ~200 MB per worker (docs/reliability.md, "Soak"). The replacement behaves the same (a JSON 504
+    when no response has started within the timeout) and cancels its timer when the request ends.
+  - ``RunnerTrafficMetricsMiddleware`` labels each request's series with its path, so every unknown path any client
+    sends adds ~20 lines to /metrics for good (docs/reliability.md, "Metrics labels"). The replacement labels a
+    request with the route that serves it (its template for a mount, e.g. ``/static_content``) and every path no
+    route serves as one ``<unmatched>``; the app still sees the request's own path.
+  - ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so a second server on the
+    same host and ``BENTOML_HOME`` deletes the metric files of the first, which from then on reports the second's
+    numbers. Each server gets a directory of its own instead, removed when it exits (``own_metrics_directory``).
+
+On another BentoML version, or with ``INFERNET_FAST_PATH=0``, none of this is used: the service runs on BentoML's
+public path (its typed ``@bentoml.api`` route for the runner call, the ``bentoml.depends`` client, BentoML's own
+middleware), and one log line says that the fast path is off and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Awaitable, Callable
+from importlib import metadata
+from pathlib import Path
+from time import perf_counter, time
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.routing import Match
+
+from core.asgi import Receive, Scope, Send
+from core.terms import error_body
+
+WRITTEN_FOR = "1.4.40"  # the BentoML version whose internals this module uses
+PICKLE = "application/vnd.bentoml+pickle"  # BentoML's pickle serde's media type (PickleSerde.media_type)
+log = logging.getLogger("core.bentoml_seam")
+
+try:
+    from _bentoml_impl.serde import Payload, PickleSerde  # noqa: F401  (used by the runner's client and route)
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.context import server_context
+    from bentoml._internal.server.http import instruments, traffic
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as _MetricsMiddleware
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware as _TimeoutMiddleware
+    from bentoml._internal.service.openapi.specification import PathItem
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as e:  # another BentoML: fast_path() says why it is off; nothing below is used
+    _IMPORT_ERROR = e
+    _MetricsMiddleware = _TimeoutMiddleware = object  # type: ignore[misc,assignment]
+
+
+def installed_bentoml() -> str:
+    return metadata.version("bentoml")
+
+
+def why_not_fast(wanted: bool, version: str) -> str | None:
+    """Why the fast path cannot be on (None: it can): switched off, another BentoML version, or its internals
+    missing."""
+    if not wanted:
+        return "INFERNET_FAST_PATH is off"
+    if version != WRITTEN_FOR:
+        return f"BentoML {version} is installed; the fast path is written for {WRITTEN_FOR}"
+    if _IMPORT_ERROR is not None:
+        return f"BentoML's internals cannot be imported ({_IMPORT_ERROR})"
+    return None
+
+
+def fast_path(wanted: bool) -> bool:
+    """At import of service.py, in every process: whether the fast path is on. On, BentoML 1.4.40's fixes are
+    applied (once per process); off, one line says why and BentoML is left as it is."""
+    reason = why_not_fast(wanted, installed_bentoml())
+    if reason is not None:
+        log.warning("fast path off (%s): serving through BentoML's public API", reason)
+        return False
+    traffic.TimeoutMiddleware = TimeoutMiddleware  # type: ignore[misc]
+    instruments.RunnerTrafficMetricsMiddleware = RunnerTrafficMetricsMiddleware  # type: ignore[misc]
+    own_metrics_directory()
+    return True
+
+
+def path_item(item: dict[str, Any]) -> Any:
+    """BentoML's OpenAPI path object for one path of the document."""
+    return PathItem(**item)
+
+
+access_log = logging.getLogger("bentoml.access")
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[int]]  # answers the request, returns the status it sent
+
+
+class RouteMetrics:
+    """The series BentoML's metrics middleware writes for a request, written for the fast route."""
+
+    def __init__(self, middleware: Any, route: str) -> None:
+        if not middleware._is_setup:
+            middleware._setup()
+        self._middleware = middleware
+        self._service = {
+            "service_name": server_context.bento_name,
+            "service_version": server_context.bento_version,
+            "runner_name": server_context.service_name,
+        }
+        self._route = route
+        labels = {"endpoint": route, **self._service}
+        self.in_progress = middleware.metrics_request_in_progress.labels(**labels)
+        self._last_request = middleware.metrics_last_request_timestamp.labels(**self._service)
+        self._by_status: dict[int, tuple[Any, Any]] = {}  # labels() costs more than the update itself
+
+    def started(self) -> None:
+        self._last_request.set(time())
+
+    def finished(self, status: int, seconds: float) -> None:
+        series = self._by_status.get(status)
+        if series is None:
+            labels = {"endpoint": self._route, "http_response_code": status, **self._service}
+            m = self._middleware
+            series = self._by_status[status] = (
+                m.metrics_request_total.labels(**labels),
+                m.metrics_request_duration.labels(**labels),
+            )
+        total, duration = series
+        total.inc()
+        duration.observe(seconds)
+
+
+class FastRoute:
+    def __init__(
+        self,
+        bentoml_app: Any,
+        route: str,
+        handler: Handler,
+        access_log_enabled: bool,
+        accepts: Callable[[Scope], bool] = lambda scope: True,
+    ) -> None:
+        self.bentoml_app = bentoml_app
+        self.route = route
+        self.handler = handler
+        self.access_log_enabled = access_log_enabled
+        self.accepts = accepts  # requests on the route that the handler does not take go through BentoML
+        self._metrics: RouteMetrics | None = None
+        self._metrics_found = False  # looked up at the first request: Starlette builds its stack lazily
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.route or not self.accepts(scope):
+            return await self.bentoml_app(scope, receive, send)
+        metrics = self.metrics()
+        started = perf_counter()
+        if metrics is None:
+            status = await self.handler(scope, receive, send)
+        else:
+            metrics.started()
+            with metrics.in_progress.track_inprogress():
+                status = await self.handler(scope, receive, send)
+            metrics.finished(status, perf_counter() - started)
+        if self.access_log_enabled:
+            client = scope.get("client") or ("-", 0)
+            access_log.info(
+                "%s:%s (method=%s,path=%s) (status=%s) %.3fms",
+                *client,
+                scope["method"],
+                self.route,
+                status,
+                (perf_counter() - started) * 1000,
+            )
+
+    def metrics(self) -> RouteMetrics | None:
+        if not self._metrics_found:
+            stack = getattr(self.bentoml_app, "middleware_stack", None)
+            if stack is None:  # built at the app's first call (the lifespan); not yet
+                return None
+            self._metrics, self._metrics_found = _find_metrics(stack, self.route), True
+        return self._metrics
+
+
+def _find_metrics(layer: Any, route: str) -> RouteMetrics | None:
+    """BentoML's metrics middleware in the built stack; None when metrics are switched off."""
+    while layer is not None:
+        if isinstance(layer, _MetricsMiddleware):
+            return RouteMetrics(layer, route)
+        layer = getattr(layer, "app", None)
+    return None
+
+
+def cors_enabled() -> bool:
+    """Whether BentoML's CORS middleware is switched on (then every request must go through BentoML's stack)."""
+    return bool(BentoMLContainer.http.cors.enabled.get())
+
+
+def access_log_enabled() -> bool:
+    """The service's ``logging.access.enabled``; valid once BentoML has applied the service's configuration."""
+    return bool(BentoMLContainer.api_server_config.logging.access.enabled.get())
+
+
+class TimeoutMiddleware(_TimeoutMiddleware):
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, started)
+
+        async def send_and_mark(message: Any) -> None:
+            if not started.done():
+                started.set_result(None)
+            await send(message)
+
+        app = asyncio.ensure_future(self.app(scope, receive, send_and_mark))
+        try:
+            await started
+        except TimeoutError:
+            if app.cancel():
+                body = error_body(504, f"no response within {self.timeout:g} s")
+                await JSONResponse(body, status_code=504)(scope, receive, send)
+            return
+        finally:
+            timer.cancel()
+        await app
+
+
+UNMATCHED = "<unmatched>"  # the endpoint label of every request no route serves
+_OWN_PATH = "infernet.own_path"  # scope key: the request's path while the metrics middleware sees its label
+
+
+class RunnerTrafficMetricsMiddleware(_MetricsMiddleware):
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(_with_own_path(app), *args, **kwargs)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and scope["path"] != "/metrics":
+            label = endpoint_label(scope)
+            if label != scope["path"]:
+                scope = {**scope, "path": label, _OWN_PATH: scope["path"]}
+        await super().__call__(scope, receive, send)
+
+
+def endpoint_label(scope: Any) -> str:
+    """The route serving the request, from the app's own router: a route's path (a mount's prefix), a path that an
+    app mounted at "/" declares in its ``paths``, else ``UNMATCHED``. Any method: a wrong one still names the route."""
+    path = scope["path"]
+    routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
+    catch_all = []
+    for route in routes:
+        template = getattr(route, "path", "")
+        if not template:  # mounted at "/": matches every path
+            catch_all.append(route)
+        elif route.matches(scope)[0] != Match.NONE:
+            return template
+    if any(path in getattr(getattr(route, "app", None), "paths", ()) for route in catch_all):
+        return path
+    return UNMATCHED
+
+
+def _with_own_path(app: Any) -> Any:
+    async def own_path(scope: Any, receive: Any, send: Any) -> None:
+        if _OWN_PATH in scope:
+            scope = {**scope, "path": scope[_OWN_PATH]}
+            del scope[_OWN_PATH]
+        await app(scope, receive, send)
+
+    return own_path
+
+
+def own_metrics_directory() -> Path | None:
+    """In the ``bentoml serve`` process, before BentoML prepares the directory: point BentoML's multiprocess
+    metrics directory at one of this server's own, removed at exit. Workers inherit it as PROMETHEUS_MULTIPROC_DIR
+    and leave it alone. Returns the directory, or None in a worker."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None  # a worker: its server chose the directory
+    # Host and pid: two servers sharing BENTOML_HOME (a volume shared by containers, too) never pick the same one.
+    name = f"prometheus_multiproc_dir.{socket.gethostname()}.{os.getpid()}"
+    directory = Path(BentoMLContainer.bentoml_home.get()) / name
+    BentoMLContainer.prometheus_multiproc_dir.set(str(directory))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory

@@ -1,0 +1,161 @@
+"""The runner's batch runner: requests in, one ``Outcome`` each out; batches form from the calls that queue.
+
+Read top to bottom, a call's path through it:
+
+    infer(requests)        event loop   the whole path of one API worker's call (service.py's ``infer`` spells it out)
+      preprocess           event loop   per request: the model's input and batch key, or its failure
+      submit               event loop   queue the call for the model thread; wait for its share of the batch
+        _serve             model thread one batch after another
+        _form_batch        model thread every call that queued meanwhile, up to ``max_items`` requests
+        _run_batch         model thread forward (equal keys share one; failures isolated per item), then unbatch
+                                        back to the calls
+      postprocess          event loop   per request: its ``Outcome``
+
+Pre- and postprocessing run on the event loop alongside the forward of another batch (docs/performance.md,
+section 15); only the forward needs the model's thread. A lone call starts at once; calls that arrive while the
+model is busy queue and form the next batch, which the thread takes the moment the previous one ends: nothing
+waits for the event loop between batches, which with BentoML's dispatcher left the model idle for 2.5-4.6 ms per
+batch (section 11). The steps themselves are the workflow's (workflows/batch.py), shared with ``run_batch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import Overloaded
+from core.outcome import Outcome, failure
+from workflows.batch import forward_all, postprocess_all, preprocess_all
+
+log = logging.getLogger("runner.batch_runner")
+
+
+class BatchRunner:
+    """One workflow behind one model thread. ``max_items``: requests per batch (MAX_BATCH_SIZE); a call that waited
+    longer than ``max_wait_s`` (MAX_LATENCY_MS) for the model is answered 503 instead of run; ``on_batch(n)`` is told
+    each batch's size, on the model thread."""
+
+    def __init__(
+        self,
+        workflow: Any,
+        max_items: int,
+        max_wait_s: float,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.workflow = workflow
+        self._max_items = max_items
+        self._max_wait_s = max_wait_s
+        self._on_batch = on_batch
+        self._calls: deque[_Call] = deque()
+        self._queued = threading.Condition()
+        self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
+        self._thread.start()
+
+    # The event loop's side.
+
+    async def infer(self, requests: list[Any]) -> list[Outcome]:
+        """One ``Outcome`` per request's data, in order; one bad request never fails another."""
+        return self.postprocess(await self.submit(self.preprocess(requests)))
+
+    def preprocess(self, requests: list[Any]) -> list[Any]:
+        """On the event loop: per request, its model input and batch key, or the ``Outcome`` of its failure."""
+        return preprocess_all(self.workflow, requests)
+
+    async def submit(self, prepared: list[Any]) -> list[Any]:
+        """On the event loop: queue ``prepared`` for the model thread and wait for its share of the batch it ran in
+        (per entry: the model's output, or an ``Outcome``)."""
+        loop = asyncio.get_running_loop()
+        call = _Call(prepared, loop, loop.create_future())
+        with self._queued:
+            self._calls.append(call)
+            self._queued.notify()
+        return await call.future
+
+    def postprocess(self, forwarded: list[Any]) -> list[Outcome]:
+        """On the event loop: per request, its ``Outcome``."""
+        return postprocess_all(self.workflow, forwarded)
+
+    # The model thread's side.
+
+    def forward(self, prepared: list[Any]) -> list[Any]:
+        """On the model thread: one batch's forward passes (workflows/batch.py ``forward_all``)."""
+        return forward_all(self.workflow, prepared)
+
+    def _serve(self) -> None:
+        while True:
+            calls = self._form_batch()
+            started = time.monotonic()
+            ready: list[_Call] = []
+            for call in calls:
+                waited = started - call.queued
+                if waited <= self._max_wait_s:
+                    ready.append(call)
+                    continue
+                error = Overloaded(f"the model is overloaded: waited {waited:.1f} s for it (MAX_LATENCY_MS); retry")
+                call.answer([failure(error)] * len(call.items))
+            if ready:
+                self._run_batch(ready)
+
+    def _form_batch(self) -> list[_Call]:
+        """Wait for a call; take it and every call queued behind it, up to ``max_items`` requests in all."""
+        with self._queued:
+            while not self._calls:
+                self._queued.wait()
+            calls: list[_Call] = []
+            size = 0
+            while self._calls and (not calls or size + len(self._calls[0].items) <= self._max_items):
+                call = self._calls.popleft()
+                if not call.future.done():  # a caller that gave up is not run
+                    calls.append(call)
+                    size += len(call.items)
+        return calls
+
+    def _run_batch(self, calls: list[_Call]) -> None:
+        """The forward of every request of ``calls`` as one batch; each call gets its share back, in order."""
+        try:
+            items = [item for call in calls for item in call.items]
+            if self._on_batch is not None:
+                self._on_batch(len(items))
+            outcomes = self.forward(items)
+        except (
+            BaseException
+        ) as e:  # forward isolates failures per item; this is a bug, and every caller must hear of it
+            log.exception("batch failed")
+            for call in calls:
+                call.answer(None, e)
+            return
+        start = 0
+        for call in calls:
+            call.answer(outcomes[start : start + len(call.items)])
+            start += len(call.items)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One API worker's call, queued for the model thread."""
+
+    items: list[Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[Any]]
+    queued: float = field(default_factory=time.monotonic)
+
+    def answer(self, outcomes: list[Any] | None, error: BaseException | None = None) -> None:
+        """From the model thread: settle the caller's future on its own loop."""
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server is stopping and nobody waits
+            self.loop.call_soon_threadsafe(_settle, self.future, outcomes, error)
+
+
+def _settle(future: asyncio.Future[list[Any]], outcomes: list[Any] | None, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up (timeout, disconnect)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(outcomes)
