@@ -19,7 +19,7 @@ from core.settings import ServiceSettings
 from public import http_protocol
 from public.app import PublicApp
 from public.openapi import DocumentedService, FastRouteService
-from public.runner_client import RunnerClient
+from public.runner_client import RunnerClient, through_bentoml
 from runner.batch_runner import BatchRunner
 from runner.drain import Drain
 from runner.route import RunnerService
@@ -140,7 +140,7 @@ class InfernetService:
             runner_client = RunnerClient(client.url, client.timeout)
             infer = lambda requests: runner_client.call("infer", requests=requests)  # noqa: E731
         else:
-            infer = lambda requests: client.call("infer", requests=requests)  # noqa: E731
+            infer = through_bentoml(client)
         public_app.bind(
             infer=infer, describe=lambda: client.call("describe"), is_ready=lambda: client.is_ready(timeout=1)
         )

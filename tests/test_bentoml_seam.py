@@ -53,3 +53,24 @@ def test_timeout_middleware_still_answers_504():
     sent, _ = asyncio.run(through_timeout_middleware(slow_app, timeout=0.05, requests=1))
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 504
     assert b'"code":"504"' in sent[1]["body"].replace(b" ", b"")
+
+
+def test_another_bentoml_version_turns_the_fast_path_off():
+    assert bentoml_fixes.why_not_fast(True, bentoml_fixes.WRITTEN_FOR) is None
+    reason = bentoml_fixes.why_not_fast(True, "1.5.0")
+    assert reason == "BentoML 1.5.0 is installed; the fast path is written for 1.4.40"
+    assert bentoml_fixes.why_not_fast(False, bentoml_fixes.WRITTEN_FOR) == "INFERNET_FAST_PATH is off"
+
+
+def test_fast_path_off_applies_no_fix(monkeypatch, caplog):
+    from bentoml._internal.server.http import traffic
+
+    original = traffic.TimeoutMiddleware
+    monkeypatch.setattr(bentoml_fixes, "installed_bentoml", lambda: "9.9.9")
+    with caplog.at_level("WARNING", logger="core.bentoml_seam"):
+        assert bentoml_fixes.fast_path(True) is False
+    assert traffic.TimeoutMiddleware is original
+    assert [r.getMessage() for r in caplog.records] == [
+        "fast path off (BentoML 9.9.9 is installed; the fast path is written for 1.4.40): "
+        "serving through BentoML's public API"
+    ]

@@ -16,6 +16,20 @@ from core.terms import PROOFS_NOT_SUPPORTED
 IRIS_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]
 
 
+@pytest.fixture(params=["fast path", "public path"])
+def iris_server(request, iris_server):
+    """Every contract test runs once per path: BentoML's fast path (core/bentoml_seam.py) and its public path
+    (INFERNET_FAST_PATH=0, as on another BentoML version)."""
+    return iris_server if request.param == "fast path" else request.getfixturevalue("public_path_server")
+
+
+def test_public_path_says_why_the_fast_path_is_off(public_path_server):
+    assert "fast path off (INFERNET_FAST_PATH is off)" in public_path_server.log()
+    response = public_path_server.post({"source": 1, "data": {"dtype": "double", "values": [IRIS_VECTOR] * 2}})
+    assert response.status_code == 200, response.text
+    assert response.json()["shape"] == [2, 3]
+
+
 def offchain(values, dtype="double", **data):
     return {"source": 1, "data": {"dtype": dtype, "values": values, **data}}
 
