@@ -1,9 +1,14 @@
-"""Inference workflows: the base class, the batch runner and the built-in torch workflow.
+"""Inference workflows, what a user extends: the base class, ``run_batch`` (a batch in-process, for unit tests)
+and the built-in torch workflow.
 
 Importing this package does not import torch; ``workflows.torch_workflow`` does.
 """
 
 from core.errors import InputError, ModelError, ServiceError, StartupError
+from core.outcome import Outcome
 from workflows.base import InferenceWorkflow
+from workflows.batch import run_batch
 
-__all__ = ["InferenceWorkflow", "InputError", "ModelError", "ServiceError", "StartupError"]
+__all__ = [
+    "InferenceWorkflow", "InputError", "ModelError", "Outcome", "ServiceError", "StartupError", "run_batch",
+]  # fmt: skip
