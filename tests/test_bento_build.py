@@ -181,7 +181,14 @@ def test_no_secret_reaches_the_bento(cpu_bento, cuda_bento):
 
 def test_bento_holds_the_service_and_the_embedded_model_only(cpu_bento):
     files = {p.relative_to(cpu_bento / "src").as_posix() for p in (cpu_bento / "src").rglob("*") if p.is_file()}
-    assert {"service.py", "api/app.py", "workflows/torch_workflow.py", "models/iris/model.torch"} <= files
+    assert {
+        "service.py",
+        "public/app.py",
+        "runner/batch_runner.py",
+        "core/bentoml_seam.py",
+        "workflows/torch_workflow.py",
+        "models/iris/model.torch",
+    } <= files
     assert not [f for f in files if f.startswith(("tests/", ".venv/", "node_modules/")) or "__pycache__" in f]
     assert (cpu_bento / "src" / "models" / "iris" / "model.torch").read_bytes() == (
         REPO / "models" / "iris" / "model.torch"
