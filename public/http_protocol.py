@@ -1,7 +1,7 @@
 """The HTTP/1.1 connection handling of every uvicorn worker of the service: uvicorn's httptools protocol with the
 limits it lacks.
 
-BentoML builds each worker's ``uvicorn.Config`` itself (``_bentoml_impl/worker/service.py``) and its service
+BentoML builds each worker's ``uvicorn.Config`` itself (in its worker module) and its service
 configuration has none of these; they are set here, where every way of starting the service (``bentoml serve``,
 ``make serve``, the image, Kubernetes) loads them with service.py:
 
