@@ -6,7 +6,7 @@ PORT ?= 3000
 HOST ?= 0.0.0.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test lint bench soak model clean browser arlocal kserve-venv image image-tools
+.PHONY: serve test lint bench soak model clean browser arlocal kserve-venv image image-tools peers-venv wrk
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ $(KSERVE_VENV)/.installed: requirements-kserve.txt
 	touch $@
 
 kserve-venv: $(KSERVE_VENV)/.installed
+
+# LitServe, a peer in the load benchmark, in a venv of its own (requirements-peers.txt): it brings fastapi and
+# websockets, and websockets would change the WebSocket implementation uvicorn picks in the service's venv. The .pth
+# file lets it import torch and numpy from .venv, after its own packages, instead of installing them again.
+PEERS_VENV := .venv-peers
+$(PEERS_VENV)/.installed: $(VENV)/.runtime requirements-peers.txt
+	test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(PEERS_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_service_venv.pth"
+	$(PEERS_VENV)/bin/python -m pip install -q -r requirements-peers.txt
+	touch $@
+
+peers-venv: $(PEERS_VENV)/.installed
+
+# wrk drives the load benchmark (and its smoke test); from Debian, installed only when missing.
+wrk:
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
 serve: $(VENV)/.runtime
 	$(VENV)/bin/bentoml serve service:InfernetService --host $(HOST) --port $(PORT)
@@ -61,10 +78,10 @@ BENTOFILE ?= bentofile.yaml
 image: $(VENV)/.runtime image-tools
 	$(PY) scripts/image.py --bentofile $(BENTOFILE) --tag $(IMAGE)
 
-test: $(VENV)/.dev lint browser $(ARLOCAL) $(KSERVE_VENV)/.installed image-tools
+test: $(VENV)/.dev lint browser wrk $(ARLOCAL) $(KSERVE_VENV)/.installed $(PEERS_VENV)/.installed image-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev $(PEERS_VENV)/.installed wrk
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 # Bounded soak at concurrency 64 (scripts/soak.py; docs/reliability.md). CI runs SOAK_SECONDS=30 inside `make test`.
@@ -76,4 +93,4 @@ model: $(VENV)/.dev
 	$(PY) scripts/train_iris.py
 
 clean:
-	rm -rf $(VENV) $(KSERVE_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(KSERVE_VENV) $(PEERS_VENV) .pytest_cache .ruff_cache

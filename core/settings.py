@@ -21,6 +21,9 @@ BUILTIN_TORCH_WORKFLOW = "workflows.torch_workflow.TorchInferenceWorkflow"
 # Class paths of the original infernet-ml library; an old env file keeps working without it.
 LEGACY_CLASS_PATHS = {
     "infernet_ml.workflows.inference.torch_inference_workflow.TorchInferenceWorkflow": BUILTIN_TORCH_WORKFLOW,
+    "infernet_ml.workflows.inference.onnx_inference_workflow.ONNXInferenceWorkflow": (
+        "workflows.onnx_workflow.ONNXInferenceWorkflow"
+    ),
 }
 MiB = 1024 * 1024
 # Every variable the service reads: its own (below), and the Hugging Face library's that it honours

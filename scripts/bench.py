@@ -1,14 +1,17 @@
-"""Load benchmark: our service against the service we replace, plain BentoML and the in-process limit.
+"""Load benchmark: our service against the service we replace, plain BentoML, mosec, LitServe and the in-process
+limit.
 
-    make bench                                   # everything (~8 minutes on 2 cores)
+    make bench                                   # everything (~20 minutes on 2 cores)
     make bench BENCH_ARGS="--models tiny --concurrency 64 --rounds 2"
 
-For each model, every system is started at once; each round then measures the in-process limit and runs every
-concurrency on every system in turn, so a slow spell of a shared machine hits all systems alike. Each cell
-reports the median over the rounds.
+For each model, every system is started at once and must answer the model's request as the model itself does
+(the bench fails otherwise); each round then measures the in-process limit and runs every concurrency on every
+system in turn, so a slow spell of a shared machine hits all systems alike. Each cell reports the median over the
+rounds.
 
-Needs wrk (Debian: apt-get install -y wrk). Loopback only; every run is bounded in time. Prints one table and
-writes the same rows to a JSON file (--out, default build/bench/results.json). See docs/performance.md.
+Needs wrk (Debian: apt-get install -y wrk) and, for litserve, .venv-peers (`make peers-venv`). Loopback only;
+every run is bounded in time. Prints one table and writes the same rows to a JSON file (--out, default
+build/bench/results.json). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -29,13 +32,20 @@ sys.path.insert(0, str(REPO))
 
 from scripts.bench import models, servers, wrk  # noqa: E402
 
-BASELINES = ("original", "bentoml")
+BASELINES = ("original", "bentoml", "mosec", "litserve")
+# Largest difference from the model's own answer, as a fraction of the answer's scale: batched forwards may round
+# differently from a lone one.
+ANSWER_TOLERANCE = 1e-4
+
+
+class AnswerMismatch(RuntimeError):
+    """A system answered the model's request differently from the model itself."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(models.SPECS), choices=list(models.SPECS))
-    p.add_argument("--systems", nargs="+", default=["ours", *BASELINES], choices=list(servers.SYSTEMS))
+    p.add_argument("--systems", nargs="+", default=list(servers.SYSTEMS), choices=list(servers.SYSTEMS))
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     p.add_argument("--rounds", type=int, default=3, help="runs per cell, interleaved across systems; median kept")
@@ -48,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def inproc(model: models.BenchModel, seconds: float) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "scripts.bench.inproc", str(model.path), "--features", str(model.features)]
-    cmd += ["--dtype", model.dtype, "--threads", "2", "--batch", "1", "32", "--seconds", str(seconds)]
+    cmd = [sys.executable, "-m", "scripts.bench.inproc", str(model.path), "--shape", *map(str, model.shape)]
+    cmd += ["--body", str(model.body), "--dtype", model.dtype, "--threads", "2", "--batch", "1", "32"]
+    cmd += ["--seconds", str(seconds)]
     best: dict[str, float] = {}
     # Spinning OpenMP threads (ACTIVE) win on an idle box and collapse when another process takes a core;
     # the limit is the better of the two policies, so it is never understated.
@@ -68,11 +79,12 @@ def bench_model(model: models.BenchModel, args: argparse.Namespace, work: Path) 
     with contextlib.ExitStack() as stack:
         running = {}
         for system in args.systems:  # one at a time: start-up is CPU-heavy and ready_s is reported
-            running[system] = server = stack.enter_context(servers.serve(system, model.path, work))
+            running[system] = server = stack.enter_context(servers.serve(system, model.path, model.body, work))
             print(f"# {system} {model.name}: ready in {server.ready_s:.1f}s", flush=True)
+        check_answers(running, model)
         if args.warmup > 0:
             for server in running.values():
-                wrk.run(server.url, model.body, 16, args.warmup)
+                wrk.run(server.endpoint, model.body, 16, args.warmup)
         runs: dict[tuple[str, int], list[dict]] = {}
         limits: list[dict[str, float]] = []
         for round_ in range(1, args.rounds + 1):
@@ -94,18 +106,70 @@ def bench_model(model: models.BenchModel, args: argparse.Namespace, work: Path) 
         return rows, limits
 
 
+def expected_answer(model: models.BenchModel) -> dict:
+    """The model's own forward on its request body, in this process, in the contract's answer shape."""
+    import torch
+
+    body = json.loads(model.body.read_text())
+    x = torch.tensor(body["data"]["values"], dtype={"float": torch.float32, "double": torch.float64}[model.dtype])
+    with torch.inference_mode():
+        out = torch.jit.load(str(model.path)).eval()(x)
+    return {"dtype": model.dtype, "shape": list(out.shape), "values": out.tolist()}
+
+
+def answer_mismatch(answer: object, expected: dict) -> str | None:
+    """Why ``answer`` is not ``expected`` (dtype, shape, values within ANSWER_TOLERANCE), or None."""
+    import numpy as np
+
+    if not isinstance(answer, dict) or not {"dtype", "shape", "values"} <= answer.keys():
+        return f"not a {{dtype, shape, values}} object: {str(answer)[:200]}"
+    for key in ("dtype", "shape"):
+        if answer[key] != expected[key]:
+            return f"{key} {answer[key]!r}, expected {expected[key]!r}"
+    try:
+        got = np.asarray(answer["values"], dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return f"values are not numbers of the answer's shape: {str(answer['values'])[:200]}"
+    want = np.asarray(expected["values"], dtype=np.float64).reshape(-1)
+    if got.shape != want.shape:
+        return f"{got.size} values, expected {want.size}"
+    worst = float(np.max(np.abs(got - want)))
+    if worst > ANSWER_TOLERANCE * max(1.0, float(np.max(np.abs(want)))):
+        return f"values differ from the model's own by up to {worst:.3g}"
+    return None
+
+
+def check_answers(running: dict[str, servers.Running], model: models.BenchModel) -> None:
+    """Every system answers the model's request as the model itself does, so all answer alike; raises AnswerMismatch."""
+    expected, body, problems = expected_answer(model), model.body.read_bytes(), []
+    for system, server in running.items():
+        status, raw = servers.post(server.endpoint, body)
+        try:
+            why = f"status {status}: {raw[:200]!r}" if status != 200 else answer_mismatch(json.loads(raw), expected)
+        except ValueError:
+            why = f"not JSON: {raw[:200]!r}"
+        if why:
+            problems.append(f"{system} {model.name} at {server.endpoint}: {why}")
+    if problems:
+        raise AnswerMismatch("answers differ:\n" + "\n".join(problems))
+    print(f"# {model.name}: {', '.join(running)} answer alike", flush=True)
+
+
 def median_limit(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Per batch size, the median of the rounds' in-process samples/s."""
     return {batch: statistics.median(r[batch] for r in rounds) for batch in (rounds[0] if rounds else {})}
 
 
 def _rates(limit: dict[str, float]) -> str:
-    return ", ".join(f"b{batch} {rate:.0f} samples/s" for batch, rate in limit.items())
+    return ", ".join(
+        f"JSON → tensor {rate:.0f} req/s" if batch == "decode" else f"b{batch} {rate:.0f} samples/s"
+        for batch, rate in limit.items()
+    )
 
 
 def one_run(system: str, server: servers.Running, model: models.BenchModel, c: int, seconds: float) -> dict:
     before = servers.batch_totals(server.url) if system == "ours" else None
-    result = wrk.run(server.url, model.body, c, seconds)
+    result = wrk.run(server.endpoint, model.body, c, seconds)
     if before is not None:
         after = servers.batch_totals(server.url)
         calls = after[1] - before[1]
@@ -140,8 +204,11 @@ def add_ratios(rows: list[dict], limits: dict[str, dict[str, float]]) -> None:
 
 
 def table(rows: list[dict], limits: dict[str, dict[str, float]]) -> str:
-    head = "| system | model | c | req/s | p50 ms | p99 ms | errors | mean batch | ×original | ×bentoml | ×inproc b32 |"
-    lines = [head, "|" + "---|" * 3 + "---:|" * 8]
+    ratios = [*(f"x_{base}" for base in BASELINES), "x_inproc32"]
+    head = "| system | model | c | req/s | p50 ms | p99 ms | errors | mean batch | "
+    head += " | ".join(f"×{base}" for base in BASELINES) + " | ×inproc b32 |"
+    lines = [head, "|" + "---|" * 3 + "---:|" * (5 + len(ratios))]
+    blank = " | –" * len(ratios) + " |"
 
     def num(value, fmt):
         return "–" if value is None else format(value, fmt)
@@ -150,13 +217,17 @@ def table(rows: list[dict], limits: dict[str, dict[str, float]]) -> str:
         lines.append(
             f"| {r['system']} | {r['model']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
             f"{r['p99_ms']:.2f} | {r['errors']} | {num(r.get('mean_batch'), '.1f')} | "
-            + " | ".join(num(r.get(k), ".2f") for k in ("x_original", "x_bentoml", "x_inproc32"))
+            + " | ".join(num(r.get(k), ".2f") for k in ratios)
             + " |"
         )
     for name, limit in limits.items():
-        for batch, sps in limit.items():
-            cells = [f"in-process b{batch} (2 threads)", name, "–", f"{sps:.0f} samples/s", "–", "–", "–", batch]
-            lines.append("| " + " | ".join(map(str, cells)) + " | – | – | – |")
+        for batch, rate in limit.items():
+            if batch == "decode":  # one request's orjson.loads + workflows.tensors.decode, one thread
+                per_request = f"{rate:.0f} req/s ({1e6 / rate:.0f} µs)"
+                cells = ["in-process JSON → tensor", name, "–", per_request, "–", "–", "–", 1]
+            else:
+                cells = [f"in-process b{batch} (2 threads)", name, "–", f"{rate:.0f} samples/s", "–", "–", "–", batch]
+            lines.append("| " + " | ".join(map(str, cells)) + blank)
     return "\n".join(lines)
 
 
@@ -174,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         limit_rounds: dict[str, list[dict[str, float]]] = {}
         rows: list[dict] = []
         for name, model in built.items():
-            model_rows, limit_rounds[name] = bench_model(model, args, work)
+            try:
+                model_rows, limit_rounds[name] = bench_model(model, args, work)
+            except AnswerMismatch as e:
+                print(e, file=sys.stderr)
+                return 1
             rows += model_rows
             if limit_rounds[name]:
                 limits[name] = median_limit(limit_rounds[name])

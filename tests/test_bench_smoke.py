@@ -1,22 +1,25 @@
-"""The load benchmark's pieces, run minimally: no servers, no load, no timing assertions."""
+"""The load benchmark's pieces, run minimally, then one short run of every system on the image model (slow: it
+starts every server and needs wrk and .venv-peers, which `make test` provides). No timing assertions."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from scripts.bench import inproc, models, wrk
+from scripts.bench import inproc, models, servers, wrk
 
 # scripts/bench.py shares its name with the scripts/bench/ package, so load the entry point by path.
 _spec = importlib.util.spec_from_file_location("bench_main", Path(__file__).parents[1] / "scripts" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 DTYPES = {"double": torch.float64, "float": torch.float32}
+REPO = Path(__file__).parents[1]
 
 WRK_SAMPLE = """Running 5s test @ http://127.0.0.1:3000/service_output
   1 threads and 64 connections
@@ -27,21 +30,43 @@ BENCH_JSON {"requests": 20000, "duration_us": 5000000, "bytes": 1, "connect": 0,
 
 
 def test_models_build_and_answer_their_body(tmp_path):
-    for name, out_features in (("tiny", 2), ("heavy", 10)):
+    for name, out_features in (("tiny", 2), ("heavy", 10), ("image", 10)):
         model = models.build(name, tmp_path)
         body = json.loads(model.body.read_text())
         assert body["source"] == 1 and body["data"]["dtype"] == model.dtype
-        values = torch.tensor(
-            body["data"]["values"], dtype={"double": torch.float64, "float": torch.float32}[model.dtype]
-        )
+        values = torch.tensor(body["data"]["values"], dtype=DTYPES[model.dtype])
+        assert tuple(values.shape) == (1, *model.shape)
         out = torch.jit.load(str(model.path))(values)
         assert tuple(out.shape) == (1, out_features)
 
 
+def test_the_image_model_takes_large_requests(tmp_path):
+    model = models.build("image", tmp_path)
+    assert model.shape == (3, 64, 64) and model.dtype == "float"
+    assert model.body.stat().st_size > 100_000  # 12,288 values of JSON
+    again = models.build("image", tmp_path / "again")  # fixed seeds: the same weights and body every time
+    assert again.body.read_bytes() == model.body.read_bytes()
+    x = torch.tensor(json.loads(model.body.read_text())["data"]["values"])
+    assert torch.equal(torch.jit.load(str(model.path))(x), torch.jit.load(str(again.path))(x))
+
+
 def test_in_process_limit_runs(tmp_path):
-    model = models.build("tiny", tmp_path)
-    rate = inproc.samples_per_second(str(model.path), 32, 0.2, 1, model.features, model.dtype)
-    assert rate > 0
+    for name in ("tiny", "image"):
+        model = models.build(name, tmp_path)
+        rate = inproc.samples_per_second(str(model.path), 32, 0.2, 1, model.shape, model.dtype)
+        assert rate > 0
+
+
+def test_json_to_tensor_is_measured_with_the_services_decode(tmp_path):
+    model = models.build("image", tmp_path)
+    assert inproc.decodes_per_second(str(model.body), 0.2) > 0
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.bench.inproc", str(model.path), "--shape", "3", "64", "64", "--batch", "1",
+         "--seconds", "0.2", "--body", str(model.body)],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    rates = json.loads(done.stdout.splitlines()[-1])
+    assert set(rates) == {"1", "decode"} and rates["decode"] > 0
 
 
 def test_wrk_summary_is_parsed():
@@ -54,14 +79,34 @@ def test_wrk_summary_is_parsed():
 def test_table_has_ratios_to_each_baseline():
     rows = [
         {"system": s, "model": "tiny", "concurrency": 64, "rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0}
-        for s, rps in (("ours", 5000.0), ("original", 1000.0), ("bentoml", 500.0))
-    ]
+        for s, rps in (("ours", 5000.0), ("original", 1000.0), ("bentoml", 500.0), ("mosec", 2000.0),
+                       ("litserve", 2500.0))
+    ]  # fmt: skip
     rows[0]["mean_batch"] = 12.5
-    limits = {"tiny": {"1": 10000.0, "32": 100000.0}}
+    limits = {"tiny": {"1": 10000.0, "32": 100000.0, "decode": 20000.0}}
     bench.add_ratios(rows, limits)
     assert (rows[0]["x_original"], rows[0]["x_bentoml"], rows[0]["x_inproc32"]) == (5.0, 10.0, 0.05)
+    assert (rows[0]["x_mosec"], rows[0]["x_litserve"]) == (2.5, 2.0)
     text = bench.table(rows, limits)
     assert "| ours | tiny | 64 | 5000 |" in text and "12.5" in text and "in-process b32" in text
+    assert "| ×original | ×bentoml | ×mosec | ×litserve | ×inproc b32 |" in text
+    assert "| 5.00 | 10.00 | 2.50 | 2.00 | 0.05 |" in text
+    assert "| in-process JSON → tensor | tiny | – | 20000 req/s (50 µs) |" in text
+    assert {line.count("|") for line in text.splitlines()} == {14}  # every row has every column
+
+
+def test_answers_are_checked_against_the_models_own(tmp_path):
+    model = models.build("tiny", tmp_path)
+    expected = bench.expected_answer(model)
+    assert expected["dtype"] == "double" and expected["shape"] == [1, 2]
+    assert bench.answer_mismatch(json.loads(json.dumps(expected)), expected) is None
+    close = {**expected, "values": [[v * (1 + 1e-7) for v in expected["values"][0]]]}
+    assert bench.answer_mismatch(close, expected) is None  # a batched forward may round differently
+    off = {**expected, "values": [[v + 0.01 for v in expected["values"][0]]]}
+    assert "differ" in bench.answer_mismatch(off, expected)
+    assert "shape" in bench.answer_mismatch({**expected, "shape": [2]}, expected)
+    assert "dtype" in bench.answer_mismatch({**expected, "dtype": "float"}, expected)
+    assert "object" in bench.answer_mismatch({"output": expected["values"]}, expected)
 
 
 def test_rounds_are_summarised_by_median_and_errors_summed():
@@ -85,6 +130,39 @@ def test_missing_wrk_is_explained(monkeypatch, capsys):
     monkeypatch.setattr(wrk, "find_wrk", lambda: None)
     assert bench.main(["--models", "tiny"]) != 0
     assert "apt-get install -y wrk" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_system_serves_the_image_model_and_answers_alike(tmp_path):
+    if wrk.find_wrk() is None:
+        pytest.fail(wrk.INSTALL_HINT + " (make test does)")
+    if not servers.PEERS_PYTHON.exists():
+        pytest.fail(f"{servers.PEERS_PYTHON} is missing: run `make peers-venv` (make test does)")
+    out = tmp_path / "results.json"
+    argv = ["--models", "image", "--concurrency", "4", "--duration", "1", "--rounds", "1", "--warmup", "0"]
+    argv += ["--inproc-seconds", "0.2", "--workdir", str(tmp_path), "--out", str(out)]
+    assert bench.main(argv) == 0  # it returns 1 when a system answers differently from the model
+    result = json.loads(out.read_text())
+    rows = {row["system"]: row for row in result["rows"]}
+    assert set(rows) == {"ours", "original", "bentoml", "mosec", "litserve"}
+    for row in rows.values():
+        assert row["model"] == "image" and row["errors"] == 0 and row["rps"] > 0
+    assert rows["ours"]["x_mosec"] > 0 and rows["ours"]["x_litserve"] > 0
+    assert set(result["inproc"]["image"]) == {"1", "32", "decode"}
+    assert "×mosec" in result["table"] and "in-process JSON → tensor | image" in result["table"]
+
+
+def test_a_peer_that_answers_differently_fails_the_bench(tmp_path):
+    # A real mosec serving a different model stands in for a peer that decodes or encodes wrongly.
+    model = models.build("tiny", tmp_path / "models")
+    wrong = tmp_path / "wrong.torch"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(69, 2).double()), str(wrong))
+    mismatch = r"mosec tiny at http://127\.0\.0\.1:\d+/inference: values differ"
+    with (
+        servers.serve("mosec", wrong, model.body, tmp_path) as server,
+        pytest.raises(bench.AnswerMismatch, match=mismatch),
+    ):
+        bench.check_answers({"mosec": server}, model)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/infernet-torch-service:test"
-# Measured 2026-11-30 (docs/deploy.md "Image size"): 1.37 GB on the stand-in base; BentoML's default made 1.88 GB.
-MAX_IMAGE_BYTES = 1_450_000_000
+# Measured 2026-11-30 (docs/deploy.md "Image size"): 1.37 GB on the stand-in base, 1.45 GB with onnxruntime;
+# BentoML's default made 1.88 GB without it.
+MAX_IMAGE_BYTES = 1_520_000_000
 BUILD_TIMEOUT_S = 2400  # a cold build on a busy 2-core machine: base image, ~1 GB of wheels
 READY_TIMEOUT_S = 240
 STOP_GRACE_S = 60

@@ -18,7 +18,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BENCH_DIR = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-SYSTEMS = ("ours", "original", "bentoml")
+# LitServe's own venv (`make peers-venv`, requirements-peers.txt): it would add fastapi and websockets to ours.
+PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
+SYSTEMS = ("ours", "original", "bentoml", "mosec", "litserve")
+# Where each system takes the request body.
+PATHS = {"mosec": "/inference", "litserve": "/predict"}
+# The peers batch like ours: the same largest batch (the service's MAX_BATCH_SIZE, which ours reads from the
+# environment it inherits) and a short wait to fill a batch, where ours forms one from whatever is queued.
+MAX_WAIT_MS = 5
 
 
 @dataclass
@@ -28,6 +35,22 @@ class Running:
     process: subprocess.Popen
     ready_s: float
     log: Path
+
+    @property
+    def endpoint(self) -> str:
+        """The URL the request body is POSTed to."""
+        return self.url + path(self.name)
+
+
+def path(system: str) -> str:
+    return PATHS.get(system, "/service_output")
+
+
+def max_batch_size() -> int:
+    sys.path.insert(0, str(REPO))
+    from workflows.config import ServiceSettings
+
+    return ServiceSettings.from_env(os.environ).max_batch_size
 
 
 def free_port() -> int:
@@ -52,6 +75,15 @@ def command(system: str, port: int, model: Path, work: Path) -> tuple[list[str],
     if system == "bentoml":
         cmd = [str(BIN / "bentoml"), "serve", "plain_bentoml:PlainService", "--host", "127.0.0.1", "--port", str(port)]
         return cmd, BENCH_DIR, env
+    env["BENCH_MAX_BATCH_SIZE"] = str(max_batch_size())
+    env["BENCH_MAX_WAIT_MS"] = str(MAX_WAIT_MS)
+    if system == "mosec":
+        cmd = [sys.executable, "mosec_app.py", "--address", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        return cmd, BENCH_DIR, env
+    if system == "litserve":
+        if not PEERS_PYTHON.exists():
+            raise RuntimeError(f"litserve needs {PEERS_PYTHON.parent.parent}: run `make peers-venv`")
+        return [str(PEERS_PYTHON), "litserve_app.py", "--port", str(port)], BENCH_DIR, env
     raise ValueError(system)
 
 
@@ -63,8 +95,24 @@ def get(url: str, timeout: float = 2.0) -> tuple[int, str]:
         return e.code, ""
 
 
+def post(url: str, body: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def ready(system: str, url: str, body: Path) -> bool:
+    if system == "mosec":  # its HTTP front answers before the workers have loaded the model: ask the model
+        return post(url + path(system), body.read_bytes(), timeout=5)[0] == 200
+    return get(url + ("/health" if system == "litserve" else "/readyz"))[0] == 200
+
+
 @contextlib.contextmanager
-def serve(system: str, model: Path, work: Path, timeout: float = 120) -> Iterator[Running]:
+def serve(system: str, model: Path, body: Path, work: Path, timeout: float = 120) -> Iterator[Running]:
+    """Start ``system`` serving ``model`` and wait until it is ready (``body`` is a request it must answer)."""
     port = free_port()
     cmd, cwd, env = command(system, port, model, work)
     log = work / f"{system}-{model.stem}.log"
@@ -79,7 +127,7 @@ def serve(system: str, model: Path, work: Path, timeout: float = 120) -> Iterato
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{system} not ready after {timeout}s; see {log}")
             with contextlib.suppress(OSError):
-                if get(f"{url}/readyz")[0] == 200:
+                if ready(system, url, body):
                     break
             time.sleep(0.1)
         yield Running(system, url, process, time.monotonic() - started, log)

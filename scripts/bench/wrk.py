@@ -38,8 +38,10 @@ def parse(output: str) -> dict[str, float]:
 
 
 def run(url: str, body: Path, connections: int, seconds: float, wrk: str = "wrk") -> dict[str, float]:
+    """POST ``body`` to ``url`` (the system's route) from ``connections`` connections for ``seconds``."""
     # One client thread: it keeps up with every system here and leaves the 2 cores to the servers.
-    cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(POST_LUA)]
-    cmd += [f"{url}/service_output", "--", str(body)]
+    # wrk takes whole seconds only.
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(POST_LUA)]
+    cmd += [url, "--", str(body)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=True)
     return parse(done.stdout)

@@ -1,0 +1,409 @@
+"""The built-in ONNX workflow: real ONNX models built here with onnx.helper, run by onnxruntime, in process through
+the workflow's hooks and through the real ``bentoml serve``.
+
+torch.onnx.export is not used: torch 2.13's exporter needs onnxscript, which is not installed; the iris graph is
+written node by node from the TorchScript weights of models/iris/model.torch instead (Linear-ReLU-Linear-ReLU-Linear,
+softmax over classes), so it answers what the torch model answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import requests
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.fixtures.server import serving
+from workflows.config import EMBEDDED_MODEL, ServiceSettings, TorchSettings
+from workflows.errors import InputError, StartupError
+from workflows.onnx_workflow import ONNXInferenceWorkflow, is_onnx
+
+IRIS_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]
+LEGACY_ONNX_CLASS = "infernet_ml.workflows.inference.onnx_inference_workflow.ONNXInferenceWorkflow"
+ONNX_CLASS = "workflows.onnx_workflow.ONNXInferenceWorkflow"
+CALLERS = 40
+
+
+def save(graph: onnx.GraphProto, path: Path) -> Path:
+    # Opset 17 and IR 8: what onnxruntime of any recent version runs; onnx's newest defaults may be ahead of it.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def iris_onnx(path: Path, batch: str | int = "batch") -> Path:
+    """The embedded iris model as ONNX: input "input" [batch, 4] float, output "output" [batch, 3] (probabilities)."""
+    weights = torch.jit.load(str(EMBEDDED_MODEL)).state_dict()
+    initializers, nodes, current = [], [], "input"
+    for i, layer in enumerate((0, 2, 4)):
+        w, b = f"w{i}", f"b{i}"
+        initializers.append(numpy_helper.from_array(weights[f"layers.{layer}.weight"].numpy(), w))
+        initializers.append(numpy_helper.from_array(weights[f"layers.{layer}.bias"].numpy(), b))
+        nodes.append(helper.make_node("Gemm", [current, w, b], [f"linear{i}"], transB=1))
+        current = f"linear{i}"
+        if layer != 4:
+            nodes.append(helper.make_node("Relu", [current], [f"relu{i}"]))
+            current = f"relu{i}"
+    nodes.append(helper.make_node("Softmax", [current], ["output"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "iris",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, 3])],
+        initializers,
+    )
+    return save(graph, path)
+
+
+def two_input_onnx(path: Path) -> Path:
+    """a [n, 3] float and b [n, 3] long -> "sum" = a + b (float), "count" = b summed per row (long, [n, 1])."""
+    nodes = [
+        helper.make_node("Cast", ["b"], ["b_float"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["a", "b_float"], ["sum"]),
+        helper.make_node("ReduceSum", ["b", "axes"], ["count"], keepdims=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, ["n", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("count", TensorProto.INT64, ["n", 1]),
+        ],
+        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+    )
+    return save(graph, path)
+
+
+def row_mixing_onnx(path: Path) -> Path:
+    """Declares a dynamic first axis but divides by the sum over it: a batch changes every row's answer (a mean
+    would not show it, since two copies of a request leave a mean as it was)."""
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=1),
+        helper.make_node("Div", ["x", "total"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "row_mixing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")],
+    )
+    return save(graph, path)
+
+
+@pytest.fixture(scope="module")
+def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("onnx-models")
+    return {
+        "iris": iris_onnx(folder / "iris.onnx"),
+        "static": iris_onnx(folder / "iris-static.onnx", batch=1),
+        "two": two_input_onnx(folder / "two.onnx"),
+        "mixing": row_mixing_onnx(folder / "mixing.onnx"),
+    }
+
+
+def torch_iris(rows: list[list[float]]) -> list[list[float]]:
+    with torch.inference_mode():
+        return torch.jit.load(str(EMBEDDED_MODEL))(torch.tensor(rows, dtype=torch.float32)).tolist()
+
+
+def build(path: Path, tmp_path: Path, **kwargs) -> ONNXInferenceWorkflow:
+    """What the runner does at start-up: construct, setup, warmup."""
+    settings = TorchSettings(model_cache_dir=tmp_path / "cache", num_threads=1)
+    workflow = ONNXInferenceWorkflow(model_path=str(path), settings=settings, **kwargs)
+    workflow.setup()
+    workflow.warmup()
+    return workflow
+
+
+def answer(workflow: ONNXInferenceWorkflow, data) -> object:
+    """One request alone, JSON-shaped as a client reads it."""
+    return json.loads(json.dumps(workflow.inference(data), default=lambda a: a.tolist()))
+
+
+# --- in process, through the workflow's hooks ---------------------------------------------------------------------
+
+
+def test_iris_onnx_gives_class_2_in_every_input_form(onnx_models, tmp_path):
+    workflow = build(onnx_models["iris"], tmp_path)
+    forms = [
+        {"input": [IRIS_VECTOR]},  # the original ONNX service's request
+        {"inputs": {"input": {"dtype": "float", "shape": [1, 4], "values": IRIS_VECTOR}}},  # infernet-ml 2.0
+        {"dtype": "double", "values": [IRIS_VECTOR]},  # the contract's single tensor
+    ]
+    expected = torch_iris([IRIS_VECTOR])[0]
+    for data in forms:
+        body = answer(workflow, data)
+        assert body["dtype"] == "float" and body["shape"] == [1, 3], data
+        assert int(np.argmax(body["values"][0])) == 2
+        assert body["values"][0] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_describe_names_inputs_outputs_and_a_checked_batch(onnx_models, tmp_path):
+    workflow = build(onnx_models["iris"], tmp_path, warmup_input={"input": [IRIS_VECTOR]})
+    info = workflow.describe()
+    assert info["format"] == "onnx" and info["device"] == "cpu" and info["providers"] == ["CPUExecutionProvider"]
+    assert info["inputs"] == [{"name": "input", "dtype": "float", "shape": ["batch", 4]}]
+    assert info["outputs"] == [{"name": "output", "dtype": "float", "shape": ["batch", 3]}]
+    assert info["batching"]["enabled"] and info["batching"]["checked"], info["batching"]
+
+
+def test_a_batch_gives_each_request_its_solo_answer(onnx_models, tmp_path):
+    workflow = build(onnx_models["iris"], tmp_path)
+    requests_ = [{"input": [[i / 7, -i / 5, 0.5, i / 3]] * (1 + i % 3)} for i in range(6)]
+    items = [workflow.preprocess(data) for data in requests_]
+    assert len({workflow.batch_key(item) for item in items}) == 1
+    outputs = workflow.unbatch(workflow.run_model(workflow.batch(items)), items)
+    for data, output in zip(requests_, outputs, strict=True):
+        batched = workflow.postprocess(output)
+        solo = workflow.inference(data)
+        assert batched["shape"] == solo["shape"] == [len(data["input"]), 3]
+        np.testing.assert_allclose(batched["values"], solo["values"], rtol=1e-5, atol=1e-7)
+
+
+def test_two_inputs_by_name_answer_each_output_by_name(onnx_models, tmp_path):
+    workflow = build(onnx_models["two"], tmp_path)
+    data = {
+        "inputs": {
+            "a": {"dtype": "float", "shape": [2, 3], "values": [0.5, 1, 2, 3, 4, 5]},
+            "b": {"dtype": "int", "values": [[1, 2, 3], [4, 5, 6]]},  # int, cast to the model's long
+        }
+    }
+    body = answer(workflow, data)
+    assert body == {
+        "sum": {"dtype": "float", "shape": [2, 3], "values": [[1.5, 3, 5], [7, 9, 11]]},
+        "count": {"dtype": "long", "shape": [2, 1], "values": [[6], [15]]},
+    }
+    # The original service's form: input names mapped to values, in the model's own dtypes.
+    assert answer(workflow, {"a": [[0.5, 1, 2], [3, 4, 5]], "b": [[1, 2, 3], [4, 5, 6]]}) == body
+    assert workflow.describe()["inputs"] == [
+        {"name": "a", "dtype": "float", "shape": ["n", 3]},
+        {"name": "b", "dtype": "long", "shape": ["n", 3]},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "fragments"),
+    [
+        ({"inputs": {"a": {"dtype": "float", "values": [[1, 2, 3]]}}}, ["missing input 'b'", "'a' float [n, 3]"]),
+        (
+            {"inputs": {"a": {"dtype": "float", "values": [[1, 2, 3]]}, "c": {"dtype": "float", "values": [1]}}},
+            ["inputs.c: the model has no input 'c'", "'a' float [n, 3], 'b' long [n, 3]"],
+        ),
+        (
+            {"inputs": {"a": {"dtype": "float", "values": [[1, 2]]}, "b": {"dtype": "long", "values": [[1, 2, 3]]}}},
+            ["inputs.a: shape [1, 2] does not fit the model's input 'a' [n, 3]"],
+        ),
+        (
+            {"inputs": {"a": {"dtype": "float", "values": [1, 2, 3]}, "b": {"dtype": "long", "values": [[1, 2, 3]]}}},
+            ["inputs.a: shape [3] does not fit the model's input 'a' [n, 3]"],
+        ),
+        (
+            {
+                "inputs": {
+                    "a": {"dtype": "float", "values": [[1, 2, 3]]},
+                    "b": {"dtype": "double", "values": [[1, 2.5, 3]]},
+                }
+            },
+            ["inputs.b.values[0][1]: 2.5 does not fit long"],
+        ),
+        ({"a": [[1, 2, 3]], "b": [[1, True, 3]]}, ["b[0][1]: long expects numbers, got true"]),
+        ({"a": [[1, 2, 3]], "b": [[1, 2.5, 3]]}, ["b[0][1]: long expects integers, got 2.5"]),
+        ({"dtype": "float", "values": [[1, 2, 3]]}, ["the model takes 2 inputs", "'b' long [n, 3]"]),
+        ({"input": [[1, 2, 3]]}, ["missing input 'b'"]),  # "input" names the first input, "a"
+        ({"inputs": {"a": [1, 2, 3]}}, ["inputs.a: expected an object with 'dtype' and 'values'"]),
+        ({"inputs": {"a": {"dtype": "float128", "values": [1]}}}, ["inputs.a.dtype: unknown dtype 'float128'"]),
+        ([1, 2, 3], ["data: expected an object"]),
+    ],
+)
+def test_malformed_requests_name_what_the_model_expects(onnx_models, tmp_path, data, fragments):
+    workflow = build(onnx_models["two"], tmp_path)
+    with pytest.raises(InputError) as raised:
+        workflow.preprocess(data)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+def test_a_fixed_first_dimension_runs_alone(onnx_models, tmp_path):
+    workflow = build(onnx_models["static"], tmp_path, warmup_input={"input": [IRIS_VECTOR]})
+    item = workflow.preprocess({"input": [IRIS_VECTOR]})
+    assert workflow.batch_key(item) is None
+    batching = workflow.describe()["batching"]
+    assert not batching["enabled"] and "fixed or no first dimension on input, output" in batching["reason"]
+    assert answer(workflow, {"input": [IRIS_VECTOR]})["values"][0] == pytest.approx(
+        torch_iris([IRIS_VECTOR])[0], rel=1e-5
+    )
+    with pytest.raises(InputError, match=r"shape \[2, 4\] does not fit the model's input 'input' \[1, 4\]"):
+        workflow.preprocess({"input": [IRIS_VECTOR, IRIS_VECTOR]})
+
+
+def test_start_up_turns_batching_off_for_a_model_that_mixes_rows(onnx_models, tmp_path):
+    workflow = build(
+        onnx_models["mixing"], tmp_path, warmup_input={"inputs": {"x": {"dtype": "float", "values": [[1, 3]]}}}
+    )
+    batching = workflow.describe()["batching"]
+    assert (
+        batching
+        == {
+            "enabled": False,
+            "checked": True,
+            "reason": batching["reason"],
+        }
+        and "answered differently from one alone" in batching["reason"]
+    )
+    assert workflow.batch_key(workflow.preprocess({"x": [[1, 3], [5, 7]]})) is None
+
+
+def test_is_onnx_tells_onnx_bytes_from_torch_files(onnx_models, tmp_path):
+    assert is_onnx(onnx_models["iris"])
+    renamed = shutil.copy(onnx_models["iris"], tmp_path / "model.bin")  # no extension to go by: the bytes decide
+    assert is_onnx(renamed)
+    assert not is_onnx(EMBEDDED_MODEL)  # TorchScript (a zip archive)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.torch")
+    assert not is_onnx(tmp_path / "pickled.torch")
+    (tmp_path / "notes.txt").write_text("hello")
+    assert not is_onnx(tmp_path / "notes.txt") and not is_onnx(tmp_path / "absent.bin")
+
+
+def test_start_up_errors_name_the_problem(onnx_models, tmp_path):
+    with pytest.raises(StartupError, match=r"output_names: the model has no output 'probs' \(its outputs: output\)"):
+        build(onnx_models["iris"], tmp_path, output_names=["probs"])
+    with pytest.raises(StartupError, match=r"cannot load model\.torch as ONNX"):
+        build(EMBEDDED_MODEL, tmp_path)
+    with pytest.raises(StartupError, match="providers: NoSuchExecutionProvider not available"):
+        build(onnx_models["iris"], tmp_path, providers=["NoSuchExecutionProvider"])
+
+
+def test_output_names_choose_the_outputs(onnx_models, tmp_path):
+    workflow = build(onnx_models["two"], tmp_path, output_names="count")
+    body = answer(workflow, {"a": [[0, 0, 0]], "b": [[1, 2, 3]]})
+    assert body == {"dtype": "long", "shape": [1, 1], "values": [[6]]}  # one output chosen: one tensor
+
+
+def test_the_original_librarys_class_path_maps_to_the_onnx_workflow():
+    env = {"CLASSIC_INF_WORKFLOW_CLASS": LEGACY_ONNX_CLASS, "CLASSIC_INF_WORKFLOW_KW_ARGS": "{}"}
+    assert ServiceSettings.from_env(env).workflow_class == ONNX_CLASS
+
+
+# --- through the real service ---------------------------------------------------------------------------------------
+
+
+def offchain(data) -> dict:
+    return {"source": 1, "data": data}
+
+
+def batch_histogram(server) -> dict[str, float]:
+    buckets: dict[str, float] = {}
+    for line in server.get("/metrics").text.splitlines():
+        match = re.match(r'infernet_batch_size_bucket\{.*le="([^"]+)".*\} (\S+)', line)
+        if match:
+            buckets[match[1]] = buckets.get(match[1], 0.0) + float(match[2])
+    return buckets
+
+
+def fire_together(server, bodies) -> list[requests.Response]:
+    barrier = threading.Barrier(len(bodies))
+
+    def call(body):
+        with requests.Session() as session:
+            barrier.wait(timeout=30)
+            return session.post(f"{server.url}/service_output", json=body, timeout=60)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(call, bodies))
+
+
+@pytest.fixture(scope="module")
+def onnx_server(onnx_models, tmp_path_factory):
+    kwargs = {"model_path": str(onnx_models["iris"]), "warmup_input": {"input": [IRIS_VECTOR]}}
+    env = {"CLASSIC_INF_WORKFLOW_CLASS": ONNX_CLASS, "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps(kwargs)}
+    with serving(env, tmp_path_factory.mktemp("onnx-server")) as server:
+        yield server
+
+
+def test_served_iris_onnx_is_class_2_in_both_forms(onnx_server):
+    expected = torch_iris([IRIS_VECTOR])[0]
+    for data in (
+        {"input": [IRIS_VECTOR]},
+        {"inputs": {"input": {"dtype": "float", "shape": [1, 4], "values": IRIS_VECTOR}}},
+    ):
+        response = onnx_server.post(offchain(data))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["dtype"] == "float" and body["shape"] == [1, 3]
+        assert int(np.argmax(body["values"][0])) == 2
+        assert body["values"][0] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_served_info_describes_the_onnx_model(onnx_server):
+    info = onnx_server.get("/info").json()
+    assert info["workflow"] == ONNX_CLASS
+    model = info["model"]
+    assert model["format"] == "onnx" and model["file"] == "iris.onnx" and len(model["sha256"]) == 64
+    assert model["inputs"] == [{"name": "input", "dtype": "float", "shape": ["batch", 4]}]
+    assert model["outputs"] == [{"name": "output", "dtype": "float", "shape": ["batch", 3]}]
+    assert model["batching"]["enabled"] and model["batching"]["checked"]
+
+
+def test_served_concurrent_callers_batch_and_get_their_solo_answers(onnx_server):
+    def rows_for(caller: int) -> list[list[float]]:
+        return [[caller / 10, -caller / 20, (caller % 7) / 3, row / 5] for row in range(1 + caller % 3)]
+
+    before = batch_histogram(onnx_server)
+    responses = fire_together(onnx_server, [offchain({"input": rows_for(i)}) for i in range(CALLERS)])
+    for caller, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["shape"] == [len(rows_for(caller)), 3]
+        np.testing.assert_allclose(body["values"], torch_iris(rows_for(caller)), rtol=1e-5, atol=1e-7)
+    after = batch_histogram(onnx_server)
+    assert (after["+Inf"] - before.get("+Inf", 0.0)) - (after["1.0"] - before.get("1.0", 0.0)) >= 1
+
+
+def test_served_errors_are_400_naming_the_expected_input(onnx_server):
+    response = onnx_server.post(offchain({"inputs": {"x": {"dtype": "float", "values": [[1, 2, 3, 4]]}}}))
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert (
+        body["code"] == "400"
+        and "no input 'x'" in body["description"]
+        and "'input' float [batch, 4]" in body["description"]
+    )
+    response = onnx_server.post(offchain({"input": [[1, 2, 3]]}))
+    assert response.status_code == 400, response.text
+    assert "shape [1, 3] does not fit the model's input 'input' [batch, 4]" in response.json()["description"]
+
+
+def test_served_two_input_model_by_the_original_class_path(onnx_models, tmp_path):
+    env = {
+        "CLASSIC_INF_WORKFLOW_CLASS": LEGACY_ONNX_CLASS,
+        "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(onnx_models["two"])}),
+    }
+    with serving(env, tmp_path) as server:
+        assert server.get("/info").json()["workflow"] == ONNX_CLASS
+        data = {
+            "inputs": {"a": {"dtype": "float", "values": [[1, 2, 3]]}, "b": {"dtype": "long", "values": [[4, 5, 6]]}}
+        }
+        response = server.post(offchain(data))
+        assert response.status_code == 200, response.text
+        assert response.json() == {
+            "sum": {"dtype": "float", "shape": [1, 3], "values": [[5, 7, 9]]},
+            "count": {"dtype": "long", "shape": [1, 1], "values": [[15]]},
+        }
+        response = server.post(offchain({"a": [[1, 2, 3]]}))
+        assert response.status_code == 400 and "missing input 'b'" in response.json()["description"]
