@@ -362,9 +362,9 @@ def encode_vector_v2(name: str, shape: Any, values: Any, fixed_point: bool = Fal
     """A tensor in our form -> 2.0 ``RitualVector.to_web3`` bytes. Raises LayoutError.
 
     IEEE: the dtype's code and bits, the decimals byte as given (2.0 wrote 18 by default). Fixed point: as 2.0,
-    every vector becomes float128 (int128 words) of value * 10**decimals; the value is taken as the exact decimal
-    of its shortest repr and rounded half-even (2.0 multiplied in binary floating point and truncated, which can
-    differ in the last unit). Complex values have no fixed-point form.
+    every vector becomes float128 (int128 words) of value * 10**decimals; the value is taken as the decimal of
+    its float64 repr (the shortest round-trip form) and rounded half-even (2.0 multiplied in binary floating
+    point and truncated, which can differ in the last units). Complex values have no fixed-point form.
     """
     if not 0 <= decimals <= 255:
         raise LayoutError(f"output_num_decimals: {decimals} is not a uint8")
