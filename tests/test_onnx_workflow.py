@@ -22,9 +22,9 @@ import requests
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from core.errors import InputError, StartupError
+from core.settings import EMBEDDED_MODEL, ServiceSettings, TorchSettings
 from tests.fixtures.server import serving
-from workflows.config import EMBEDDED_MODEL, ServiceSettings, TorchSettings
-from workflows.errors import InputError, StartupError
 from workflows.onnx_workflow import ONNXInferenceWorkflow, is_onnx
 
 IRIS_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.errors import InputError, ModelError, StartupError
+from core.settings import TorchSettings
 from workflows import sources, tensors
 from workflows.base import InferenceWorkflow
-from workflows.config import TorchSettings
-from workflows.errors import InputError, ModelError, StartupError
 
 # onnxruntime's element types -> the contract's dtype names; other types (strings, unsigned beyond uint8, bfloat16,
 # sequences, maps) cannot travel in the contract's vocabulary.

@@ -48,7 +48,7 @@ def path(system: str) -> str:
 
 def max_batch_size() -> int:
     sys.path.insert(0, str(REPO))
-    from workflows.config import ServiceSettings
+    from core.settings import ServiceSettings
 
     return ServiceSettings.from_env(os.environ).max_batch_size
 

@@ -1,0 +1,591 @@
+"""The request and answer layouts of the newer Infernet torch services (infernet-ml 1.x and 2.0), in our vocabulary.
+
+Every request is turned into this service's own tensor form, ``{"dtype": NAME, "shape": [..], "values": [..]}``
+(NAME one of ``float double cfloat cdouble half bfloat16 uint8 int8 short int long bool``; complex values as
+``[real, imag]`` pairs), plus the model it names and a :class:`Reply` saying how to write the answer, so the rest of
+the service is unchanged. Pure functions (numpy and eth_abi only): they run where a request is parsed (an API
+worker's event loop). Every malformed request raises :class:`LayoutError` (a ``ValueError``; the service answers
+400) or ``core.model_ids.ModelIdError`` for a malformed model id (400 too).
+
+Formats, read from ``ritual-net/infernet-monorepo`` (no code taken from it):
+
+OFFCHAIN
+  * today's form (the original service): ``data = {"dtype": NAME, "values": NESTED, "shape"?}``. Unchanged.
+  * 1.x (tag v1.0.0, ``torch_inference_service/src/app.py``, ``utils/common_types.py`` ``TensorInput``):
+    ``data = {"input": {"dtype": NAME, "shape", "values": NESTED}, "model_source"?, "load_args"?}``; the answer is
+    today's form, ``{"dtype": NAME, "shape", "values": NESTED}``.
+  * 2.0 (tags v2.0.0/v2.1.0, ``services/torch.py`` ``TorchInferenceRequest``, ``utils/codec/vector.py``
+    ``RitualVector``): ``data = {"model_id"?: ID, "input": {"dtype": CODE, "shape", "values": FLAT},
+    "output_arithmetic"?: "ieee" | "fixed_point", "output_num_decimals"?: int}``; the answer is a vector in the
+    same layout, ``{"dtype": CODE, "shape", "values": FLAT}``. A bare 2.0 vector (``{"dtype": CODE, ...}`` without
+    the envelope) is accepted too and answered the same way.
+
+  How they are told apart: ``dtype`` at the top level is today's form (a name) or a bare 2.0 vector (an integer);
+  otherwise ``input`` is an envelope, 2.0 when its ``dtype`` is an integer, 1.x when it is a name. The model fields
+  (``model_id``, or ``model_source`` + ``load_args``) name the model; not both kinds at once.
+
+CHAIN (``data`` is hex of ABI bytes)
+  * today's: ``abi.encode(int256[] values)``, SD59x18; first word ``0x20`` (the array's offset).
+  * 1.x (``app.py`` v1.0.0): ``abi.encode(uint8 source, string repo_id, string filename, string version,
+    bytes vector)``; three empty strings mean the default model. The first word is the source: 0, 1 or 2.
+    ``vector`` is 1.x ``encode_vector``: ``abi.encode(uint8 dtype, uint16[] shape, T[] values)`` with the 1.x
+    ``DataType`` numbering (our names, in order: float 0 ... bool 11) and T per dtype (``SOLIDITY_TYPE_LOOKUP``):
+    float ``uint32`` (IEEE bits), double ``uint64``, cfloat ``uint64`` (real bits << 32 | imaginary bits), cdouble
+    ``uint128`` (the same with 64-bit halves), half ``uint16``, bfloat16 ``uint16`` (1.x writes *IEEE half* bits
+    here, so they are read as half), uint8 ``uint8``, int8 ``int8``, short ``int16``, int ``int32``, long ``int64``,
+    bool ``bool``. The answer's ``raw_output`` is a 1.x vector; ``raw_input`` echoes the request's hex, as 1.x did.
+  * 2.0 (``services/torch.py``): ``abi.encode(bytes model_id, bytes vector)``; empty ``model_id`` means the default
+    model, else it is the ABI model id of ``core.model_ids``. The first word is ``0x40`` (the first offset past a
+    two-word head); ``0x60`` and ``0x80`` are the same with the optional trailing ``uint8`` output options of 2.0's
+    client encoder, which the 2.0 service ignored and so do we. ``vector`` is 2.0 ``RitualVector.to_web3``:
+    ``abi.encode(uint8 arithmetic, uint8 decimals, uint8 dtype, uint16[] shape, T[] values)``, arithmetic 0 =
+    IEEE bits, 1 = fixed point (values times 10**decimals), dtype in the 2.0 numbering (:data:`V2_CODES`). The
+    answer's ``raw_output`` is a 2.0 vector (IEEE, decimals byte 18, as the 2.0 service wrote); ``raw_input`` is
+    empty, as 2.0 did.
+
+  How they are told apart (``CHAIN_LAYOUT=auto``): by the first 32-byte word, which no two layouts share in a
+  canonical encoding (what Solidity's ``abi.encode`` writes): 0..2 -> 1.x, 0x20 -> int256[], 0x40/0x60/0x80 ->
+  2.0; anything else is a 400 naming the word. ``CHAIN_LAYOUT=int256|v1|v2`` reads every request in one layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from eth_abi import decode, encode
+from eth_abi.exceptions import DecodingError, EncodingError
+
+from core.model_ids import ModelId, decode_model_id_abi, model_id_from_v1, model_id_from_v1_chain, parse_model_id
+
+SCALE = 10**18
+MAX_RANK = 32
+# Whatever the caller's own limit, no vector may claim more elements than this (MAX_REQUEST_ELEMENTS' default).
+MAX_ELEMENTS = 4_000_000
+_WORD = 32
+_UINT16_MAX = 2**16 - 1
+_INT128 = (-(2**127), 2**127 - 1)
+_INT256 = (-(2**255), 2**255 - 1)
+_LONG_MAX = 2**63 - 1
+
+# 1.x DataType: the code is the index (utils/codec/vector.py at v1.0.0).
+V1_NAMES = ("float", "double", "cfloat", "cdouble", "half", "bfloat16", "uint8", "int8", "short", "int", "long", "bool")
+_V1_SOLIDITY = {
+    "float": "uint32",
+    "double": "uint64",
+    "cfloat": "uint64",
+    "cdouble": "uint128",
+    "half": "uint16",
+    "bfloat16": "uint16",
+    "uint8": "uint8",
+    "int8": "int8",
+    "short": "int16",
+    "int": "int32",
+    "long": "int64",
+    "bool": "bool",
+}
+
+# 2.0 DataType (utils/codec/vector.py at v2.0.0): code -> (2.0 name, our name, Solidity type). float128 and
+# float256 are float64 values in wider words; uint16/32 widen to our int/long, uint64 to long (values beyond
+# long's range are refused).
+V2_CODES: dict[int, tuple[str, str, str]] = {
+    0: ("float16", "half", "int16"),
+    1: ("float32", "float", "int32"),
+    2: ("float64", "double", "int64"),
+    3: ("float128", "double", "int128"),
+    4: ("float256", "double", "int256"),
+    5: ("int8", "int8", "int8"),
+    6: ("int16", "short", "int16"),
+    7: ("int32", "int", "int32"),
+    8: ("int64", "long", "int64"),
+    9: ("uint8", "uint8", "uint8"),
+    10: ("uint16", "int", "uint16"),
+    11: ("uint32", "long", "uint32"),
+    12: ("uint64", "long", "uint64"),
+    13: ("complex64", "cfloat", "uint64"),
+    14: ("complex128", "cdouble", "uint128"),
+    15: ("bool", "bool", "bool"),
+}
+# Our name -> 2.0 code for answers. bfloat16 has no 2.0 code: float32 holds every bfloat16 value exactly.
+V2_CODE_OF = {
+    "half": 0,
+    "float": 1,
+    "bfloat16": 1,
+    "double": 2,
+    "int8": 5,
+    "short": 6,
+    "int": 7,
+    "long": 8,
+    "uint8": 9,
+    "cfloat": 13,
+    "cdouble": 14,
+    "bool": 15,
+}
+_FIXED_POINT_CODE = 3  # 2.0 writes every fixed-point vector as float128 (int128 words)
+_FLOAT_V2 = {0: np.float16, 1: np.float32, 2: np.float64, 3: np.float64, 4: np.float64}
+_INT_VIEW_V2 = {0: np.int16, 1: np.int32, 2: np.int64, 3: np.int64, 4: np.int64}
+_COMPLEX = ("cfloat", "cdouble")
+CHAIN_LAYOUTS = ("auto", "int256", "v1", "v2")
+
+
+class LayoutError(ValueError):
+    """A request (or an answer) that does not fit its layout; the message says which part and why."""
+
+
+class Layout(StrEnum):
+    """Which service's layout a request used, so its answer is written in the same one."""
+
+    CLASSIC = "classic"  # today's: OFFCHAIN {"dtype": NAME, ...}; CHAIN int256[]
+    V1 = "v1"
+    V2 = "v2"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How to write the answer: the layout, and for 2.0 CHAIN answers the arithmetic and decimals byte."""
+
+    layout: Layout = Layout.CLASSIC
+    fixed_point: bool = False
+    decimals: int = 18
+    raw_input: str = ""
+
+
+def split_request(data: Any, max_elements: int | None = None) -> tuple[ModelId | None, Any, Reply]:
+    """OFFCHAIN ``data`` of any supported layout -> (model named or None, tensor data in our form, reply layout).
+
+    Today's form and anything unrecognised come back unchanged (the tensor decoder reports what is wrong, as
+    today). Raises LayoutError or ModelIdError (both 400).
+    """
+    if not isinstance(data, dict):
+        return None, data, Reply()
+    if "dtype" in data:
+        if _is_code(data["dtype"]):
+            return None, vector_v2_to_ours(data, max_elements), Reply(Layout.V2)
+        return None, data, Reply()
+    if "input" not in data:
+        return None, data, Reply()
+    vector = data["input"]
+    if not isinstance(vector, dict):
+        raise LayoutError("input: expected an object with dtype, shape and values")
+    v1_fields = "model_source" in data or "load_args" in data
+    if v1_fields and "model_id" in data:
+        raise LayoutError("data: model_id (2.0) and model_source/load_args (1.x) together; name the model one way")
+    if "model_id" in data:
+        model = None if data["model_id"] is None else parse_model_id(data["model_id"])
+    else:
+        model = model_id_from_v1(data.get("model_source"), data.get("load_args"))
+    if _is_code(vector.get("dtype")):
+        reply = Reply(Layout.V2, *_output_options(data))
+        return model, vector_v2_to_ours(vector, max_elements, where="input"), reply
+    tensor = {key: vector[key] for key in ("dtype", "shape", "values") if key in vector}
+    return model, tensor, Reply(Layout.V1)
+
+
+def format_offchain_answer(answer: Any, reply: Reply) -> Any:
+    """Our answer -> the answer in the request's layout (2.0 vectors for 2.0; 1.x's form is already ours).
+
+    Answers that are not one tensor (a workflow's own JSON) are returned as they are. Raises LayoutError.
+    """
+    if reply.layout == Layout.V2 and _is_tensor(answer):
+        return ours_to_vector_v2(answer)
+    return answer
+
+
+def vector_v2_to_ours(vector: Any, max_elements: int | None = None, where: str = "data") -> dict[str, Any]:
+    """A 2.0 OFFCHAIN vector ``{"dtype": CODE, "shape": [..], "values": FLAT}`` -> our form.
+
+    ``shape`` may be omitted (then ``[len(values)]``); complex values are ``[real, imag]`` pairs (2.0 had no JSON
+    form for them). Raises LayoutError naming the field.
+    """
+    if not isinstance(vector, dict):
+        raise LayoutError(f"{where}: expected an object with dtype, shape and values")
+    code = vector.get("dtype")
+    if not _is_code(code) or code not in V2_CODES:
+        raise LayoutError(f"{where}.dtype: {code!r} is not a 2.0 dtype code (0..15: {_v2_code_list()})")
+    values = vector.get("values")
+    if not isinstance(values, list):
+        raise LayoutError(f"{where}.values: expected a flat list of numbers")
+    limit = _limit(max_elements)
+    if len(values) > limit:
+        raise LayoutError(f"{where}.values: {len(values)} elements exceed the limit of {limit}")
+    name = V2_CODES[code][1]
+    shape = vector.get("shape")
+    if shape is None:
+        shape = [len(values)]
+    _check_shape(shape, f"{where}.shape", limit)
+    for i, value in enumerate(values):
+        if isinstance(value, list) and name not in _COMPLEX:
+            raise LayoutError(f"{where}.values[{i}]: a 2.0 vector's values are flat; got a list")
+    if math.prod(shape) != len(values):
+        raise LayoutError(f"{where}: shape {list(shape)} holds {math.prod(shape)} elements, values has {len(values)}")
+    return {"dtype": name, "shape": list(shape), "values": values}
+
+
+def ours_to_vector_v2(answer: dict[str, Any]) -> dict[str, Any]:
+    """Our answer ``{"dtype": NAME, "shape", "values": NESTED}`` -> a 2.0 vector ``{"dtype": CODE, "shape", FLAT}``.
+
+    Values stay a numpy array when they were one (orjson writes non-finite floats as null, as for our form);
+    complex values become a flat list of ``[real, imag]`` pairs. Raises LayoutError for a dtype without a code.
+    """
+    name = answer["dtype"]
+    if name not in V2_CODE_OF:
+        raise LayoutError(f"output: dtype {name!r} has no 2.0 dtype code")
+    values = np.asarray(answer["values"])
+    flat = values.reshape(-1, 2) if name in _COMPLEX else values.reshape(-1)
+    if isinstance(answer["values"], list):
+        flat = flat.tolist()
+    return {"dtype": V2_CODE_OF[name], "shape": list(answer["shape"]), "values": flat}
+
+
+def parse_chain_layout(raw: str | None, name: str = "CHAIN_LAYOUT") -> str:
+    """The ``CHAIN_LAYOUT`` setting: ``auto`` (default), ``int256``, ``v1`` or ``v2``. Raises LayoutError naming it."""
+    value = (raw or "auto").strip().lower()
+    if value not in CHAIN_LAYOUTS:
+        raise LayoutError(f"{name}: expected one of {', '.join(CHAIN_LAYOUTS)}, got {raw!r}")
+    return value
+
+
+def detect_chain_layout(blob: bytes) -> Layout:
+    """Which layout CHAIN bytes use, from their first word (see the module's docstring). Raises LayoutError."""
+    if len(blob) < _WORD:
+        raise LayoutError(f"data: {len(blob)} bytes, shorter than one 32-byte ABI word")
+    first = int.from_bytes(blob[:_WORD], "big")
+    if first in (0, 1, 2):
+        return Layout.V1
+    if first == 0x20:
+        return Layout.CLASSIC
+    if first in (0x40, 0x60, 0x80):
+        return Layout.V2
+    shown = hex(first) if first < 2**64 else f"{blob[:_WORD].hex()[:16]}..."
+    raise LayoutError(
+        f"data: first ABI word {shown} fits no CHAIN layout (0x20: int256[]; 0, 1, 2: infernet-ml 1.x source; "
+        "0x40: infernet-ml 2.0 (bytes model_id, bytes vector))"
+    )
+
+
+def split_chain_request(
+    hex_data: str, layout: str = "auto", max_elements: int | None = None
+) -> tuple[ModelId | None, dict[str, Any], Reply]:
+    """CHAIN hex -> (model named or None, tensor data in our form, reply layout).
+
+    ``layout`` is the ``CHAIN_LAYOUT`` setting. ``hex_data`` is already checked hex
+    (``public.infernet_request``), without ``0x``. Raises LayoutError or ModelIdError (both 400).
+    """
+    try:
+        blob = bytes.fromhex(hex_data)
+    except ValueError:
+        raise LayoutError("data: not a hex string") from None
+    found = detect_chain_layout(blob) if layout == "auto" else Layout({"int256": "classic"}.get(layout, layout))
+    if found == Layout.CLASSIC:
+        return None, _decode_int256(blob, max_elements), Reply()
+    if found == Layout.V1:
+        source, repo_id, filename, version, vector = _strict_decode(
+            ("uint8", "string", "string", "string", "bytes"), blob, "data (1.x layout)"
+        )
+        model = model_id_from_v1_chain(source, repo_id, filename, version)
+        return model, decode_vector_v1(vector, max_elements), Reply(Layout.V1, raw_input=hex_data)
+    head = int.from_bytes(blob[:_WORD], "big") if len(blob) >= _WORD else 0
+    extra = {0x60: ("uint8",), 0x80: ("uint8", "uint8")}.get(head, ())
+    model_blob, vector, *_ = _strict_decode(("bytes", "bytes", *extra), blob, "data (2.0 layout)")
+    return decode_model_id_abi(model_blob), decode_vector_v2(vector, max_elements), Reply(Layout.V2)
+
+
+def encode_chain_answer(answer: dict[str, Any], reply: Reply) -> dict[str, str]:
+    """Our answer (one tensor) -> the five-key CHAIN answer, ``raw_output`` a vector of the request's layout.
+
+    For 1.x and 2.0 layouts only (today's int256[] answer is ``public.chain.encode_output``). Raises LayoutError when
+    the answer is not one tensor or does not fit the encoding (a dimension beyond uint16, fixed point overflow).
+    """
+    if not _is_tensor(answer):
+        raise LayoutError("output: not one tensor; the 1.x and 2.0 CHAIN answers hold one vector")
+    if reply.layout == Layout.V1:
+        raw = encode_vector_v1(answer["dtype"], answer["shape"], answer["values"])
+    elif reply.layout == Layout.V2:
+        raw = encode_vector_v2(answer["dtype"], answer["shape"], answer["values"], reply.fixed_point, reply.decimals)
+    else:
+        raise LayoutError("the int256[] answer is written by public.chain.encode_output")
+    return {
+        "raw_input": reply.raw_input,
+        "processed_input": "",
+        "raw_output": raw.hex(),
+        "processed_output": "",
+        "proof": "",
+    }
+
+
+def encode_vector_v1(name: str, shape: Any, values: Any) -> bytes:
+    """A tensor in our form -> 1.x ``encode_vector`` bytes. bfloat16 is written as float (1.x wrote it as IEEE half
+    bits, which overflow for large values; float holds every bfloat16 exactly). Raises LayoutError."""
+    if name == "bfloat16":
+        name = "float"
+    if name not in V1_NAMES:
+        raise LayoutError(f"output: dtype {name!r} has no 1.x dtype code")
+    dims = _answer_shape(shape)
+    flat = _flat(name, values, dims)
+    if name == "float":
+        words = np.asarray(flat, dtype=np.float32).view(np.uint32).tolist()
+    elif name == "double":
+        words = np.asarray(flat, dtype=np.float64).view(np.uint64).tolist()
+    elif name == "half":
+        words = np.asarray(flat, dtype=np.float16).view(np.uint16).tolist()
+    elif name in _COMPLEX:
+        words = _complex_words(flat, name)
+    elif name == "bool":
+        words = [bool(v) for v in np.asarray(flat).tolist()]
+    else:
+        words = [int(v) for v in np.asarray(flat).tolist()]
+    return _encode(["uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"], [V1_NAMES.index(name), dims, words])
+
+
+def decode_vector_v1(blob: bytes, max_elements: int | None = None) -> dict[str, Any]:
+    """1.x ``encode_vector`` bytes -> a tensor in our form. Raises LayoutError."""
+    code = _vector_head(blob, 1, "1.x vector", max_elements)
+    if code >= len(V1_NAMES):
+        raise LayoutError(f"1.x vector: dtype code {code} is unknown (0..11: {', '.join(V1_NAMES)})")
+    name = V1_NAMES[code]
+    _, shape, words = _strict_decode(("uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"), blob, "1.x vector")
+    if name in ("float", "double", "half", "bfloat16"):
+        view = {"float": (np.uint32, np.float32), "double": (np.uint64, np.float64)}.get(name, (np.uint16, np.float16))
+        values = np.asarray(words, dtype=view[0]).view(view[1]).astype(np.float64).tolist()
+    elif name in _COMPLEX:
+        values = _complex_values(words, name)
+    else:
+        values = list(words)
+    return _ours(name, shape, values, "1.x vector")
+
+
+def encode_vector_v2(name: str, shape: Any, values: Any, fixed_point: bool = False, decimals: int = 18) -> bytes:
+    """A tensor in our form -> 2.0 ``RitualVector.to_web3`` bytes. Raises LayoutError.
+
+    IEEE: the dtype's code and bits, the decimals byte as given (2.0 wrote 18 by default). Fixed point: as 2.0,
+    every vector becomes float128 (int128 words) of value * 10**decimals; the value is taken as the decimal of
+    its float64 repr (the shortest round-trip form) and rounded half-even (2.0 multiplied in binary floating
+    point and truncated, which can differ in the last units). Complex values have no fixed-point form.
+    """
+    if not 0 <= decimals <= 255:
+        raise LayoutError(f"output_num_decimals: {decimals} is not a uint8")
+    if name not in V2_CODE_OF:
+        raise LayoutError(f"output: dtype {name!r} has no 2.0 dtype code")
+    dims = _answer_shape(shape)
+    flat = _flat(name, values, dims)
+    if fixed_point:
+        if name in _COMPLEX:
+            raise LayoutError("output: complex values have no fixed-point encoding")
+        words = [_fixed(v, decimals, _INT128) for v in np.asarray(flat).tolist()]
+        return _encode(
+            ["uint8", "uint8", "uint8", "uint16[]", "int128[]"], [1, decimals, _FIXED_POINT_CODE, dims, words]
+        )
+    code = V2_CODE_OF[name]
+    if code in _FLOAT_V2:
+        words = np.asarray(flat, dtype=_FLOAT_V2[code]).view(_INT_VIEW_V2[code]).tolist()
+    elif name in _COMPLEX:
+        words = _complex_words(flat, name)
+    elif name == "bool":
+        words = [bool(v) for v in np.asarray(flat).tolist()]
+    else:
+        words = [int(v) for v in np.asarray(flat).tolist()]
+    return _encode(["uint8", "uint8", "uint8", "uint16[]", f"{V2_CODES[code][2]}[]"], [0, decimals, code, dims, words])
+
+
+def decode_vector_v2(blob: bytes, max_elements: int | None = None) -> dict[str, Any]:
+    """2.0 ``RitualVector.to_web3`` bytes -> a tensor in our form. Raises LayoutError."""
+    code = _vector_head(blob, 3, "2.0 vector", max_elements)
+    if code not in V2_CODES:
+        raise LayoutError(f"2.0 vector: dtype code {code} is unknown (0..15: {_v2_code_list()})")
+    _, name, solidity = V2_CODES[code]
+    arithmetic, decimals, _, shape, words = _strict_decode(
+        ("uint8", "uint8", "uint8", "uint16[]", f"{solidity}[]"), blob, "2.0 vector"
+    )
+    if arithmetic not in (0, 1):
+        raise LayoutError(f"2.0 vector: arithmetic {arithmetic} is unknown (0 = IEEE, 1 = fixed point)")
+    if arithmetic == 1 and code in _FLOAT_V2:
+        values: list[Any] = [w / 10**decimals for w in words]
+    elif arithmetic == 1 and name in _COMPLEX:
+        half = 32 if name == "cfloat" else 64
+        values = [
+            [_signed(w >> half, half) / 10**decimals, _signed(w & (2**half - 1), half) / 10**decimals] for w in words
+        ]
+    elif code in _FLOAT_V2:
+        if code in (3, 4) and any(not -(2**63) <= w <= _LONG_MAX for w in words):
+            raise LayoutError(f"2.0 vector: a {V2_CODES[code][0]} word beyond 64 bits (2.0 stores float64 bits)")
+        values = np.asarray(words, dtype=_INT_VIEW_V2[code]).view(_FLOAT_V2[code]).astype(np.float64).tolist()
+    elif name in _COMPLEX:
+        values = _complex_values(words, name)
+    else:
+        if code == 12 and words and max(words) > _LONG_MAX:
+            raise LayoutError(f"2.0 vector: uint64 value {max(words)} does not fit long, the widest integer dtype")
+        values = list(words)
+    return _ours(name, shape, values, "2.0 vector")
+
+
+def _vector_head(blob: bytes, dtype_word: int, what: str, max_elements: int | None) -> int:
+    """Check the vector's head and array lengths before decoding, so no count is trusted; return the dtype code."""
+    head_words = dtype_word + 2  # the uint8 words, then the offsets of shape and values
+    if len(blob) < (head_words + 2) * _WORD:
+        raise LayoutError(f"{what}: {len(blob)} bytes, too short for its head")
+    words = [int.from_bytes(blob[i * _WORD : (i + 1) * _WORD], "big") for i in range(head_words)]
+    code = words[dtype_word - 1]
+    if code > 255:
+        raise LayoutError(f"{what}: dtype word {code} is not a uint8")
+    shape_at = words[dtype_word]
+    if shape_at != head_words * _WORD:
+        raise LayoutError(f"{what}: shape offset {shape_at}, expected {head_words * _WORD}")
+    rank = int.from_bytes(blob[shape_at : shape_at + _WORD], "big")
+    if rank > MAX_RANK:
+        raise LayoutError(f"{what}: shape has {rank} dimensions, more than {MAX_RANK}")
+    values_at = shape_at + _WORD * (1 + rank)
+    if words[dtype_word + 1] != values_at:
+        raise LayoutError(f"{what}: values offset {words[dtype_word + 1]}, expected {values_at}")
+    if len(blob) < values_at + _WORD:
+        raise LayoutError(f"{what}: {len(blob)} bytes, truncated before the values' length")
+    count = int.from_bytes(blob[values_at : values_at + _WORD], "big")
+    limit = _limit(max_elements)
+    if count > limit:
+        raise LayoutError(f"{what}: {count} values exceed the limit of {limit}")
+    expected = values_at + _WORD * (1 + count)
+    if len(blob) != expected:
+        state = "truncated" if len(blob) < expected else "longer than its values"
+        raise LayoutError(f"{what}: {len(blob)} bytes for {count} values, expected {expected} ({state})")
+    return code
+
+
+def _ours(name: str, shape: tuple[int, ...], values: list[Any], what: str) -> dict[str, Any]:
+    if math.prod(shape) != len(values):
+        raise LayoutError(f"{what}: shape {list(shape)} holds {math.prod(shape)} elements, values has {len(values)}")
+    if name in ("float", "double", "half", "bfloat16", *_COMPLEX):
+        flat = (x for v in values for x in (v if isinstance(v, list) else (v,)))
+        if not all(math.isfinite(x) for x in flat):
+            raise LayoutError(f"{what}: a value is NaN or infinite; inputs must be finite numbers")
+    return {"dtype": name, "shape": list(shape), "values": values}
+
+
+def _decode_int256(blob: bytes, max_elements: int | None) -> dict[str, Any]:
+    # Today's layout, read as public.chain.decode_input reads it (no stricter), plus the element bound.
+    if len(blob) >= 2 * _WORD:
+        count = int.from_bytes(blob[_WORD : 2 * _WORD], "big")
+        if count > _limit(max_elements):
+            raise LayoutError(f"data: {count} int256 values exceed the limit of {_limit(max_elements)}")
+    try:
+        (numbers,) = decode(["int256[]"], blob)
+    except (DecodingError, ValueError, OverflowError) as e:
+        raise LayoutError(f"data: not an ABI-encoded int256[] ({_short(e)})") from None
+    if not numbers:
+        raise LayoutError("data: the int256[] is empty")
+    return {"dtype": "double", "shape": [1, len(numbers)], "values": [n / SCALE for n in numbers]}
+
+
+def _output_options(data: dict[str, Any]) -> tuple[bool, int]:
+    arithmetic = data.get("output_arithmetic")
+    if arithmetic in (None, "ieee", 0):
+        fixed = False
+    elif arithmetic in ("fixed_point", 1) and not isinstance(arithmetic, bool):
+        fixed = True
+    else:
+        raise LayoutError(f"output_arithmetic: {arithmetic!r} is unknown (ieee or fixed_point)")
+    decimals = data.get("output_num_decimals")
+    if decimals is None or decimals == 0:
+        return fixed, 18  # 2.0 wrote `decimals or 18`
+    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 < decimals <= 38:
+        raise LayoutError(f"output_num_decimals: {decimals!r} is not an integer from 1 to 38 (int128 words)")
+    return fixed, decimals
+
+
+def _strict_decode(types: tuple[str, ...], blob: bytes, what: str) -> tuple[Any, ...]:
+    try:
+        values = decode(list(types), blob)
+    except (DecodingError, ValueError, OverflowError) as e:  # UnicodeDecodeError is a ValueError
+        raise LayoutError(f"{what}: not an ABI encoding of ({', '.join(types)}) ({_short(e)})") from None
+    if encode(list(types), list(values)) != blob:
+        raise LayoutError(
+            f"{what}: not the canonical ABI encoding of ({', '.join(types)}) (offsets, lengths or trailing bytes "
+            "differ from what abi.encode writes)"
+        )
+    return values
+
+
+def _encode(types: list[str], values: list[Any]) -> bytes:
+    try:
+        return encode(types, values)
+    except (EncodingError, ValueError, OverflowError, TypeError) as e:
+        raise LayoutError(f"output: cannot be encoded as ({', '.join(types)}) ({_short(e)})") from None
+
+
+def _answer_shape(shape: Any) -> list[int]:
+    dims = list(shape)
+    if len(dims) > MAX_RANK or any(not isinstance(d, int) or not 0 <= d <= _UINT16_MAX for d in dims):
+        raise LayoutError(f"output: shape {dims} does not fit uint16[] (each dimension 0..65535)")
+    return dims
+
+
+def _flat(name: str, values: Any, dims: list[int]) -> np.ndarray:
+    array = np.asarray(values)
+    flat = array.reshape(-1, 2) if name in _COMPLEX else array.reshape(-1)
+    if len(flat) != math.prod(dims):
+        raise LayoutError(f"output: shape {dims} holds {math.prod(dims)} elements, values has {len(flat)}")
+    return flat
+
+
+def _complex_words(pairs: np.ndarray, name: str) -> list[int]:
+    part, bits, half = (np.float32, np.uint32, 32) if name == "cfloat" else (np.float64, np.uint64, 64)
+    array = np.asarray(pairs, dtype=part).reshape(-1, 2)
+    real = array[:, 0].view(bits).tolist()
+    imag = array[:, 1].view(bits).tolist()
+    return [(r << half) | i for r, i in zip(real, imag, strict=True)]
+
+
+def _complex_values(words: tuple[int, ...], name: str) -> list[list[float]]:
+    part, bits, half = (np.float32, np.uint32, 32) if name == "cfloat" else (np.float64, np.uint64, 64)
+    mask = 2**half - 1
+    real = np.asarray([w >> half for w in words], dtype=bits).view(part).astype(np.float64).tolist()
+    imag = np.asarray([w & mask for w in words], dtype=bits).view(part).astype(np.float64).tolist()
+    return [[r, i] for r, i in zip(real, imag, strict=True)]
+
+
+def _fixed(value: Any, decimals: int, bounds: tuple[int, int]) -> int:
+    if isinstance(value, (bool, int)):
+        fixed = int(value) * 10**decimals
+    else:
+        try:
+            fixed = int(Decimal(repr(float(value))).scaleb(decimals).to_integral_value())
+        except (InvalidOperation, OverflowError, ValueError):
+            raise LayoutError(f"output: {value} has no fixed-point form (not a finite number)") from None
+    if not bounds[0] <= fixed <= bounds[1]:
+        raise LayoutError(f"output: {value} times 10**{decimals} does not fit int128")
+    return fixed
+
+
+def _signed(word: int, bits: int) -> int:
+    return word - (1 << bits) if word >> (bits - 1) else word
+
+
+def _check_shape(shape: Any, where: str, limit: int) -> None:
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise LayoutError(f"{where}: expected a list of at most {MAX_RANK} dimensions")
+    for i, dim in enumerate(shape):
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= limit:
+            raise LayoutError(f"{where}[{i}]: {dim!r} is not a dimension (an integer from 0 to {limit})")
+
+
+def _is_code(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_tensor(answer: Any) -> bool:
+    return isinstance(answer, dict) and {"dtype", "shape", "values"} <= answer.keys()
+
+
+def _limit(max_elements: int | None) -> int:
+    return MAX_ELEMENTS if max_elements is None else min(max_elements, MAX_ELEMENTS)
+
+
+def _v2_code_list() -> str:
+    return ", ".join(f"{code} {names[0]}" for code, names in V2_CODES.items())
+
+
+def _short(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) <= 120 else text[:117] + "..."
