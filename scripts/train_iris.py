@@ -8,13 +8,17 @@ Writes models/iris/model.torch (TorchScript) and models/iris/MODEL_CARD.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 from sklearn.datasets import load_iris
 from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
+
+from workflows.sources.cache import sha256_of
 
 OUT = Path(__file__).resolve().parent.parent / "models" / "iris"
 TEST_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]  # already standardised; the original's test expects class 2
@@ -58,7 +62,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "model.torch"
     torch.jit.save(torch.jit.script(model), str(path))
-    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    sha256 = sha256_of(path)
     card = {
         "features": list(iris.feature_names),
         "scaler_mean": [round(float(v), 6) for v in scaler.mean_],

@@ -1,63 +1,255 @@
 """The workflow contract: one small class whose hooks follow the data.
 
     setup()                      once, before the first request: load the model
+    warmup() -> bool             once, after setup: run a sample so the first request pays no lazy start-up
     preprocess(data) -> item     one request's ``data`` -> model input (raise InputError on bad data)
     batch_key(item) -> key       items with equal keys may share one forward; None runs the item alone
     batch(items) -> batch        combine items that share a key
     run_model(batch) -> output   the forward pass
     unbatch(output, items)       split a batch's output back, one entry per item
     postprocess(output) -> JSON  one item's output -> what the client receives
+    describe() -> dict           what ``GET /info`` shows about the model
 
-The runner calls ``batch``, ``run_model`` and ``unbatch`` on the model's own thread, one batch after another, and
-``preprocess``, ``batch_key`` and ``postprocess`` on its event loop, alongside the forward of another batch: keep
-those short, and keep them off state that ``run_model`` changes.
+Which thread: the runner process calls ``batch``, ``run_model`` and ``unbatch`` on the model's own thread, one batch
+after another, and ``preprocess``, ``batch_key`` and ``postprocess`` on its event loop, alongside the forward of
+another batch: keep those short, and keep them off state that ``run_model`` changes. ``setup``, ``warmup`` and
+``describe`` run in the runner process before it takes requests (``describe`` again on ``GET /info``).
+
+Which status (workflows/batch.py applies it; core/outcome.py ``failure`` turns an exception into the status):
+
+    preprocess, batch_key          ServiceError subclasses: their own status; any other exception: 400 (InputError)
+    batch, run_model, unbatch      ServiceError subclasses: their own status; any other exception: 422 (ModelError)
+    postprocess                    ServiceError subclasses: their own status; any other exception: 500
+    inference (classes without the hooks)   as run_model
+
+A failing shared forward runs again item by item, so only the requests that fail get the error.
 
 The rule batching keeps: a request's answer is the same whether it ran alone or in a batch. ``batch_key`` must
-therefore return None unless the item's leading axis is a batch axis by construction (the torch workflow: rank >= 2,
-equal dtype and trailing shape), and ``run_model`` must treat the rows of a batch independently; the default key
-(None) never batches. A workflow may also define ``warmup()`` (run once at start-up, after ``setup``) and report in
-``describe()["batching"]`` whether batching is on and why (the torch workflow checks a batch of two there).
+therefore return None unless the item's leading axis is a batch axis by construction, and ``run_model`` must treat
+the rows of a batch independently. ``InferenceWorkflow``'s key is always None (every item runs alone);
+``TensorWorkflow`` batches torch tensors of rank >= 2 with equal dtype and trailing shape, so a tensor workflow
+needs only ``setup`` and ``run_model``.
 
-``inference(data)`` chains them for a single request, as the original library's workflows did. Classes
-that only define ``setup()`` and ``inference()`` (no base class) are served too, one request at a time.
+``inference(data)`` chains the hooks for a single request, as the original library's workflows did. Classes that
+only define ``setup()`` and ``inference()`` (no base class) are served too, one request at a time.
+
+Mistakes in a subclass (no ``run_model``, a hook with the wrong parameters, ``batch`` without ``unbatch``) raise
+StartupError when the class is defined or built, with the fix in the message.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from core.errors import StartupError
+
+if TYPE_CHECKING:
+    import torch
+
+DataT = TypeVar("DataT")  # one request's OFFCHAIN ``data``, as JSON decoded it
+ItemT = TypeVar("ItemT")  # one request's model input, what ``preprocess`` returns
+BatchT = TypeVar("BatchT")  # what ``batch`` makes of the items that share a key, and ``run_model`` takes
+OutputT = TypeVar("OutputT")  # what ``run_model`` returns for a batch (or a lone item), and ``unbatch`` splits
+
+# hook -> (its parameters after self, how a correct definition reads): checked on every subclass at definition.
+_HOOKS = {
+    "setup": ((), "def setup(self): self.model = ..."),
+    "warmup": ((), "def warmup(self): self.run_model(...); return True"),
+    "preprocess": (("data",), "def preprocess(self, data): return torch.tensor(data['rows'])"),
+    "batch_key": (("item",), "def batch_key(self, item): return tuple(item.shape[1:])"),
+    "batch": (("items",), "def batch(self, items): return torch.cat(list(items))"),
+    "run_model": (("batch",), "def run_model(self, batch): return self.model(batch)"),
+    "unbatch": (("output", "items"), "def unbatch(self, output, items): return list(output.split(...))"),
+    "postprocess": (("output",), "def postprocess(self, output): return output.tolist()"),
+    "describe": ((), "def describe(self): return {'name': ...}"),
+    "inference": (("data",), "def inference(self, data): return self.model(data)"),
+}
 
 
-class InferenceWorkflow:
+def _check_arity(cls: type, name: str, params: tuple[str, ...], example: str) -> None:
+    hook = cls.__dict__.get(name)
+    if not inspect.isfunction(hook):
+        return  # inherited, or a staticmethod/property a reader of the class chose knowingly
+    try:
+        inspect.signature(hook).bind(None, *params)
+    except TypeError:
+        wanted = ", ".join(("self", *params))
+        raise StartupError(
+            f"{cls.__name__}.{name}{inspect.signature(hook)}: the runner calls {name}({wanted}); "
+            f"define it as: {example}"
+        ) from None
+
+
+class InferenceWorkflow(Generic[DataT, ItemT, BatchT, OutputT]):
+    """Subclass it, define ``setup`` and ``run_model``, and the other hooks where the defaults do not fit.
+
+    The defaults: ``preprocess`` and ``postprocess`` pass the value through, every item runs alone (``batch_key``
+    None), ``warmup`` does nothing. Type parameters, for a checker and a reader: ``InferenceWorkflow[DataT, ItemT,
+    BatchT, OutputT]`` (see the TypeVars above).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, (params, example) in _HOOKS.items():
+            _check_arity(cls, name, params, example)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InferenceWorkflow[Any, Any, Any, Any]:
+        # Here rather than in __init__: subclasses define their own __init__ without calling super().
+        _check_complete(cls)
+        return super().__new__(cls)
+
     def setup(self) -> None:
-        """Load whatever the workflow needs. Runs once, in the runner process."""
+        """Load the model. Runner process, once, before any other hook; an exception stops start-up.
 
-    def preprocess(self, data: Any) -> Any:
-        return data
+        Correct: ``self.model = torch.jit.load(path).eval()``. Incorrect: loading in ``__init__`` (the class is
+        also built in processes that never serve) or in ``run_model`` (the first request pays for it)."""
 
-    def batch_key(self, item: Any) -> Hashable | None:
-        """None (the default): the item runs alone. A key only for items whose leading axis is a batch axis."""
+    def warmup(self) -> bool:
+        """Run a sample through the model so the first request pays no lazy initialisation; True when it ran.
+        Runner process, once, after ``setup``, before the service reports ready. Raise StartupError to stop
+        start-up (the model cannot answer its own sample). The default does nothing and returns False.
+
+        Correct: ``self.run_model(self.preprocess(SAMPLE)); return True``. Incorrect: returning None (read as
+        "skipped") after running the sample."""
+        return False
+
+    def preprocess(self, data: DataT) -> ItemT:
+        """One request's ``data`` (JSON: dict, list, str, number) -> the model's input for it. Runner event loop,
+        per request. InputError (or any exception that is no ServiceError) -> 400 with its first line.
+
+        Correct: ``return torch.tensor(data["rows"], dtype=torch.float32)  # (n, 4)``. Incorrect: running the
+        model here (it would block the event loop while the model thread waits)."""
+        return data  # type: ignore[return-value]
+
+    def batch_key(self, item: ItemT) -> Hashable | None:
+        """Items with equal keys may share one forward; None runs the item alone (the default). Runner event
+        loop, per request, right after ``preprocess``; exceptions as in ``preprocess`` (400).
+
+        Correct: ``return (item.dtype, tuple(item.shape[1:])) if item.dim() >= 2 else None`` for an (n, ...)
+        item whose dim 0 is a batch axis. Incorrect: a key for a (C, H, W) image: its dim 0 is channels, and two
+        images concatenated would become one with 2C channels."""
         return None
 
-    def batch(self, items: Sequence[Any]) -> Any:
-        return list(items)
+    def batch(self, items: Sequence[ItemT]) -> BatchT:
+        """The items that share a key (in request order, at least one) -> one model input. Model thread; an
+        exception -> 422 for the batch's requests, each then run alone. Define ``unbatch`` with it.
 
-    def run_model(self, batch: Any) -> Any:
+        Correct: ``return torch.cat(list(items))`` ((n1, 4), (n2, 4) -> (n1 + n2, 4)). Incorrect:
+        ``torch.stack(items)`` on items of different lengths (it raises), or padding that changes the answers."""
+        return list(items)  # type: ignore[return-value]
+
+    def run_model(self, batch: BatchT) -> OutputT:
+        """The forward pass: a ``batch`` (or a lone item, when its key is None) -> the model's output. Model
+        thread, one call at a time. Any exception that is no ServiceError -> 422 with its first line.
+
+        Correct: ``with torch.inference_mode(): return self.model(batch)``. Incorrect: a norm or softmax over dim 0
+        (a request's answer would depend on its neighbours in the batch)."""
         raise NotImplementedError(f"{type(self).__name__} must implement run_model()")
 
-    def unbatch(self, output: Any, items: Sequence[Any]) -> list[Any]:
-        return list(output)
+    def unbatch(self, output: OutputT, items: Sequence[ItemT]) -> list[Any]:
+        """A batch's output -> one output per item, in the items' order (same count, else 422). Model thread;
+        exceptions as in ``run_model`` (422).
+
+        Correct: ``return list(output.split([len(i) for i in items]))`` ((n1 + n2, 2) -> (n1, 2), (n2, 2)).
+        Incorrect: ``list(output)`` when an item has several rows (one entry per row, not per item)."""
+        return list(output)  # type: ignore[call-overload]
 
     def postprocess(self, output: Any) -> Any:
+        """One item's output -> what the client receives (JSON-serialisable). Runner event loop, per request.
+        A ServiceError -> its status; any other exception -> 500.
+
+        Correct: ``return output.tolist()``. Incorrect: returning a tensor or a set (not JSON: the answer fails)."""
         return output
 
     def describe(self) -> dict[str, Any]:
-        """What ``GET /info`` reports about this workflow's model."""
+        """What ``GET /info`` shows under ``model`` (JSON-serialisable). Runner process, after ``warmup`` and on
+        each ``GET /info``: keep it cheap. Correct: ``return {"name": "scaler", "features": 4}``; incorrect:
+        returning the model object (not JSON)."""
         return {}
 
-    def inference(self, data: Any) -> Any:
+    def inference(self, data: DataT) -> Any:
+        """One request through every hook in the calling thread, as the original library's workflows did; a
+        class without the other hooks may define only this (then each request runs alone, on the model thread,
+        statuses as in ``run_model``)."""
         item = self.preprocess(data)
         if self.batch_key(item) is None:
-            return self.postprocess(self.run_model(item))
+            return self.postprocess(self.run_model(item))  # type: ignore[arg-type]
         [output] = self.unbatch(self.run_model(self.batch([item])), [item])
         return self.postprocess(output)
+
+
+class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", OutputT]):
+    """A workflow whose items are torch tensors with a batch axis: define ``setup`` and ``run_model``; requests of
+    rank >= 2 with equal dtype and trailing shape share a forward, concatenated on dim 0.
+
+    Defaults: ``preprocess`` decodes the contract's tensor (``{"dtype", "shape"?, "values"}``, at most
+    ``max_elements`` values; workflows/tensors.py), ``postprocess`` encodes tensors back the same way (containers
+    walked). Set ``batching = False`` (class or instance) to run every request alone. torch is imported on first use.
+    """
+
+    batching: bool = True
+    max_elements: int | None = None
+
+    def preprocess(self, data: DataT) -> torch.Tensor:
+        from workflows import tensors
+
+        return tensors.decode(data, self.max_elements)
+
+    def batch_key(self, item: torch.Tensor) -> Hashable | None:
+        """(dtype, trailing shape) for a rank >= 2 tensor, else None. A rank-0/1 item's only axis is its features
+        (softmax over [1, 2, 3] must not become softmax over two requests' values), so it runs alone."""
+        import torch
+
+        if not self.batching or not isinstance(item, torch.Tensor) or item.dim() < 2:
+            return None
+        return (item.dtype, tuple(item.shape[1:]))
+
+    def batch(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Items concatenated on dim 0: (n1, ...), (n2, ...) -> (n1 + n2, ...)."""
+        import torch
+
+        return items[0] if len(items) == 1 else torch.cat(list(items))
+
+    def unbatch(self, output: Any, items: Sequence[torch.Tensor]) -> list[Any]:
+        """The output split on dim 0 by the items' leading sizes; ModelError (422) when it does not split so."""
+        import torch
+
+        from core.errors import ModelError
+
+        if len(items) == 1:
+            return [output]
+        sizes = [item.shape[0] for item in items]
+        if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != sum(sizes):
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ModelError(f"output {got} does not split into {len(items)} items of leading sizes {sizes}")
+        return list(torch.split(output, sizes))
+
+    def postprocess(self, output: Any) -> Any:
+        from workflows import tensors
+
+        return tensors.encode_output(output)
+
+
+def uses_hooks(workflow: Any) -> bool:
+    """Whether the batch steps call ``workflow``'s hooks: an InferenceWorkflow with its own ``run_model``. One that
+    only overrides ``inference`` runs it whole, as a class without a base does."""
+    return isinstance(workflow, InferenceWorkflow) and not (
+        type(workflow).run_model is InferenceWorkflow.run_model
+        and type(workflow).inference is not InferenceWorkflow.inference
+    )
+
+
+def _check_complete(cls: type) -> None:
+    if cls.run_model is InferenceWorkflow.run_model and cls.inference is InferenceWorkflow.inference:
+        raise StartupError(
+            f"{cls.__name__} defines neither run_model nor inference: add "
+            f"'def run_model(self, batch): return self.model(batch)' (and load self.model in setup)"
+        )
+    defaults = (InferenceWorkflow, TensorWorkflow)
+    if not any(cls.batch is d.batch for d in defaults) and any(cls.unbatch is d.unbatch for d in defaults):
+        raise StartupError(
+            f"{cls.__name__} overrides batch but not unbatch: the default unbatch cannot know how your batch "
+            f"was built; add 'def unbatch(self, output, items): ...' returning one output per item"
+        )

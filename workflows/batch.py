@@ -18,7 +18,7 @@ from typing import Any
 
 from core.errors import InputError, ModelError, ServiceError, first_line
 from core.outcome import Outcome, answer, failure
-from workflows.base import InferenceWorkflow
+from workflows.base import InferenceWorkflow, uses_hooks
 
 log = logging.getLogger("workflows.batch")
 
@@ -52,7 +52,7 @@ class _Output:
 def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
     """Per request: an ``_Item`` ready for the model, or the ``Outcome`` of its failed preprocess (400 unless it
     raised a ``ServiceError`` of another status)."""
-    if not isinstance(workflow, InferenceWorkflow):
+    if not uses_hooks(workflow):
         return list(requests)  # a legacy workflow's inference() does it all, on the model thread
     prepared: list[Any] = []
     for data in requests:
@@ -69,7 +69,7 @@ def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
 def forward_all(workflow: Any, prepared: list[Any]) -> list[Any]:
     """Per request, an ``_Output`` or an ``Outcome`` (422 for a model that raised); items with equal keys share a
     forward, and a shared forward that fails runs again item by item. The runner calls it on the model's thread."""
-    if not isinstance(workflow, InferenceWorkflow):
+    if not uses_hooks(workflow):
         return [_legacy_inference(workflow, data) for data in prepared]
     results = list(prepared)
     groups: dict[Any, list[int]] = defaultdict(list)

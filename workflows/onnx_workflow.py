@@ -91,7 +91,9 @@ class _Port:
         return first is None or isinstance(first, str) or first < 0
 
 
-class ONNXInferenceWorkflow(InferenceWorkflow):
+class ONNXInferenceWorkflow(
+    InferenceWorkflow[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]
+):
     """Keyword arguments (``CLASSIC_INF_WORKFLOW_KW_ARGS``):
 
     model selection, as the torch workflow: ``model_path`` | ``model_name`` | ``model_source`` + ``model_args``

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from core.errors import ModelError, StartupError
+from core.errors import StartupError
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
 from workflows import batch as batches
 from workflows import devices, model_formats, sources, tensors
-from workflows.base import InferenceWorkflow
+from workflows.base import TensorWorkflow
 
 
-class TorchInferenceWorkflow(InferenceWorkflow):
+class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
     """Keyword arguments (``CLASSIC_INF_WORKFLOW_KW_ARGS``):
 
     model selection: ``model_path`` | ``model_name`` | ``model_source`` + ``model_args``; optional ``revision``,
@@ -28,6 +27,8 @@ class TorchInferenceWorkflow(InferenceWorkflow):
     Precision: ``precision`` ("float32", "float16", "bfloat16", "float64"; default: the model's own) converts the
     floating parameters at load and float inputs before the forward; floating outputs come back in the model's own
     dtype (workflows/devices.py).
+
+    ``batch_key``, ``batch``, ``unbatch`` and ``postprocess`` are TensorWorkflow's (workflows/base.py).
     """
 
     def __init__(
@@ -149,22 +150,12 @@ class TorchInferenceWorkflow(InferenceWorkflow):
         model is ready."""
         return {**self.info, "gpu": devices.gpu_info(self.device)} if self.info else self.info
 
-    def preprocess(self, data: Any) -> torch.Tensor:
+    def preprocess(self, data: dict[str, Any]) -> torch.Tensor:
         tensor = tensors.decode(data, self.max_elements)
         dtype = self.model_dtype
         if self.cast_inputs and dtype is not None and tensor.dtype != dtype and not tensor.is_complex():
             tensor = tensors.cast_to_model(tensor, dtype, data["values"])
         return tensor
-
-    def batch_key(self, item: torch.Tensor) -> Any:
-        # Only a leading axis that is a batch axis by construction may be concatenated: a rank-1 request's only axis
-        # is its features (softmax over [1, 2, 3] must not become softmax over two requests' values).
-        if not self.batching or item.dim() < 2:
-            return None
-        return (item.dtype, tuple(item.shape[1:]))
-
-    def batch(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
-        return items[0] if len(items) == 1 else torch.cat(list(items))
 
     def run_model(self, batch: torch.Tensor) -> Any:
         """On the model thread: the batch to the device once, the forward, the whole output back to the CPU once
@@ -176,18 +167,6 @@ class TorchInferenceWorkflow(InferenceWorkflow):
                 batch = batch.to(compute)  # on the device: a GPU casts faster than the model thread would
             output = self.model(batch)
             return devices.to_host(output, {compute: own} if compute != own else None)
-
-    def unbatch(self, output: Any, items: Sequence[torch.Tensor]) -> list[Any]:
-        if len(items) == 1:
-            return [output]
-        sizes = [item.shape[0] for item in items]
-        if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != sum(sizes):
-            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ModelError(f"output {got} does not split into {len(items)} items of leading sizes {sizes}")
-        return list(torch.split(output, sizes))
-
-    def postprocess(self, output: Any) -> Any:
-        return tensors.encode_output(output)
 
 
 _NOT_CHECKED = "not checked: no warmup_input (CLASSIC_INF_WORKFLOW_KW_ARGS) to compare a batch with"

@@ -13,8 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from core.errors import StartupError
-from core.settings import TorchSettings
+from core.errors import StartupError, first_line
+from core.settings import TorchSettings, boolean
 from workflows.sources import ModelSpec, check_pin_digest
 from workflows.sources.cache import ModelCache
 
@@ -31,7 +31,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
 
     # Read at call time as well: huggingface_hub reads both variables once, when it is first imported.
     endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
-    offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+    offline = constants.is_offline_mode() or boolean(os.environ, "HF_HUB_OFFLINE", False)
     try:
         path = Path(
             huggingface_hub.hf_hub_download(
@@ -101,16 +101,8 @@ def _reason(error: Exception, token: str | None, offline: bool, endpoint: str) -
         if status == 403:
             return f"access denied by the Hub (HTTP 403; {have_token})"
         return f"the Hub answered HTTP {status}"
-    return _redact(f"{type(error).__name__}: {_first_line(error)}", token)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"
+    return _redact(f"{type(error).__name__}: {first_line(error)}", token)
 
 
 def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "<token>") if token else text
-
-
-_TRUE = ("1", "true", "yes", "on")
