@@ -45,6 +45,7 @@ IMAGE = "localhost/infernet-torch-service:test"
 # Measured 2026-11-30 (docs/deploy.md "Image size"): 1.37 GB on the stand-in base, 1.45 GB with onnxruntime;
 # BentoML's default made 1.88 GB without it.
 MAX_IMAGE_BYTES = 1_520_000_000
+IMAGE_SIZE = pytest.StashKey[str]()
 BUILD_TIMEOUT_S = 2400  # a cold build on a busy 2-core machine: base image, ~1 GB of wheels
 READY_TIMEOUT_S = 240
 STOP_GRACE_S = 60
@@ -87,7 +88,7 @@ class Built:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Built:
+def image(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Built:
     if not shutil.which("podman"):
         pytest.skip("no podman to build and start the image (`make image-tools` installs it on Debian)")
     home = tmp_path_factory.mktemp("image-bentoml-home")
@@ -102,7 +103,12 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Built:
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     match = re.search(rf"^image: {re.escape(IMAGE)} size_bytes=(\d+)", done.stdout, flags=re.M)
     assert match, done.stdout[-3000:]
-    return Built(IMAGE, int(match.group(1)))
+    built = Built(IMAGE, int(match.group(1)))
+    # Shown at the end of every `make test` (tests/conftest.py), whatever pytest's output capture.
+    pytestconfig.stash[IMAGE_SIZE] = (
+        f"image {built.name}: {built.size_bytes / 1e6:.0f} MB (bound {MAX_IMAGE_BYTES / 1e6:.0f} MB)"
+    )
+    return built
 
 
 @dataclass
