@@ -3,6 +3,7 @@ limit.
 
     make bench                                   # everything (~20 minutes on 2 cores)
     make bench BENCH_ARGS="--models tiny --concurrency 64 --rounds 2"
+    git worktree add /tmp/before main && make bench BENCH_ARGS="--before /tmp/before --systems ours"  # a change's A/B
 
 For each model, every system is started at once and must answer the model's request as the model itself does
 (the bench fails otherwise); each round then measures the in-process limit and runs every concurrency on every
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from scripts.bench import models, servers, wrk  # noqa: E402
 
-BASELINES = ("original", "bentoml", "mosec", "litserve")
+BASELINES = (servers.BEFORE, "original", "bentoml", "mosec", "litserve")
 # Largest difference from the model's own answer, as a fraction of the answer's scale: batched forwards may round
 # differently from a lone one.
 ANSWER_TOLERANCE = 1e-4
@@ -45,7 +46,13 @@ class AnswerMismatch(RuntimeError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(models.SPECS), choices=list(models.SPECS))
-    p.add_argument("--systems", nargs="+", default=list(servers.SYSTEMS), choices=list(servers.SYSTEMS))
+    p.add_argument("--systems", nargs="+", default=list(servers.SYSTEMS), choices=[*servers.SYSTEMS, servers.BEFORE])
+    p.add_argument(
+        "--before",
+        type=Path,
+        help="also serve this service from another checkout (e.g. `git worktree add /tmp/before main`): "
+        "system 'before', and a ×before column",
+    )
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     p.add_argument("--rounds", type=int, default=3, help="runs per cell, interleaved across systems; median kept")
@@ -54,7 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inproc-seconds", type=float, default=3.0)
     p.add_argument("--workdir", type=Path, help="where models and logs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=REPO / "build" / "bench" / "results.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.before is not None:
+        if not (args.before / "service.py").is_file():
+            p.error(f"--before {args.before}: no service.py there")
+        os.environ[servers.BEFORE_TREE] = str(args.before.resolve())
+        if servers.BEFORE not in args.systems:
+            args.systems.insert(1, servers.BEFORE)
+    elif servers.BEFORE in args.systems:
+        p.error("system 'before' needs --before PATH")
+    return args
 
 
 def inproc(model: models.BenchModel, seconds: float) -> dict[str, float]:
@@ -204,9 +220,11 @@ def add_ratios(rows: list[dict], limits: dict[str, dict[str, float]]) -> None:
 
 
 def table(rows: list[dict], limits: dict[str, dict[str, float]]) -> str:
-    ratios = [*(f"x_{base}" for base in BASELINES), "x_inproc32"]
+    # ×before only in a run that served the other checkout.
+    bases = [b for b in BASELINES if b != servers.BEFORE or any(r["system"] == b for r in rows)]
+    ratios = [*(f"x_{base}" for base in bases), "x_inproc32"]
     head = "| system | model | c | req/s | p50 ms | p99 ms | errors | mean batch | "
-    head += " | ".join(f"×{base}" for base in BASELINES) + " | ×inproc b32 |"
+    head += " | ".join(f"×{base}" for base in bases) + " | ×inproc b32 |"
     lines = [head, "|" + "---|" * 3 + "---:|" * (5 + len(ratios))]
     blank = " | –" * len(ratios) + " |"
 

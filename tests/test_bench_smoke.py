@@ -95,6 +95,24 @@ def test_table_has_ratios_to_each_baseline():
     assert {line.count("|") for line in text.splitlines()} == {14}  # every row has every column
 
 
+def test_before_column_compares_with_another_checkout(tmp_path):
+    rows = [
+        {"system": s, "model": "tiny", "concurrency": 64, "rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0}
+        for s, rps in (("ours", 3000.0), ("before", 2000.0), ("original", 1000.0))
+    ]
+    bench.add_ratios(rows, {})
+    assert rows[0]["x_before"] == 1.5
+    text = bench.table(rows, {})
+    assert "| ×before | ×original | ×bentoml | ×mosec | ×litserve | ×inproc b32 |" in text
+    assert "| 1.50 | 3.00 | – | – | – | – |" in text
+    args = bench.parse_args(["--before", str(bench.REPO), "--systems", "ours", "mosec"])
+    assert args.systems == ["ours", "before", "mosec"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--before", str(tmp_path)])  # no service.py there
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--systems", "before"])
+
+
 def test_answers_are_checked_against_the_models_own(tmp_path):
     model = models.build("tiny", tmp_path)
     expected = bench.expected_answer(model)

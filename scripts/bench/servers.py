@@ -21,6 +21,10 @@ BIN = Path(sys.executable).parent
 # LitServe's own venv (`make peers-venv`, requirements-peers.txt): it would add fastapi and websockets to ours.
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
 SYSTEMS = ("ours", "original", "bentoml", "mosec", "litserve")
+# "before": this service served from another checkout (bench.py --before, e.g. a git worktree of main before a
+# change), so a change's cost or gain is read from one run, both versions side by side.
+BEFORE = "before"
+BEFORE_TREE = "BENCH_BEFORE_TREE"
 # Where each system takes the request body.
 PATHS = {"mosec": "/inference", "litserve": "/predict"}
 # The peers batch like ours: the same largest batch (the service's MAX_BATCH_SIZE, which ours reads from the
@@ -63,11 +67,11 @@ def command(system: str, port: int, model: Path, work: Path) -> tuple[list[str],
     # Each system its own BentoML home: they run side by side, and the metrics directory lives there.
     env = {**os.environ, "BENTOML_HOME": str(work / f"bentoml-{system}"), "BENTOML_DO_NOT_TRACK": "True"}
     env["PYTHONUNBUFFERED"] = "1"
-    if system == "ours":
+    if system in ("ours", BEFORE):
         env["CLASSIC_INF_WORKFLOW_KW_ARGS"] = json.dumps({"model_path": str(model)})
-        env["MODEL_CACHE_DIR"] = str(work / "model-cache")
+        env["MODEL_CACHE_DIR"] = str(work / f"model-cache-{system}")
         cmd = [str(BIN / "bentoml"), "serve", "service:InfernetService", "--host", "127.0.0.1", "--port", str(port)]
-        return cmd, REPO, env
+        return cmd, Path(os.environ[BEFORE_TREE]) if system == BEFORE else REPO, env
     env["BENCH_MODEL"] = str(model)
     if system == "original":
         cmd = [str(BIN / "hypercorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}", "original_app:app"]
