@@ -1,6 +1,12 @@
 """Shared fixtures live in tests/fixtures/, one module per real thing they start."""
 
-pytest_plugins = ["tests.fixtures.server", "tests.fixtures.browser", "tests.fixtures.hub", "tests.fixtures.arlocal"]
+pytest_plugins = [
+    "tests.fixtures.server",
+    "tests.fixtures.public_app",
+    "tests.fixtures.browser",
+    "tests.fixtures.hub",
+    "tests.fixtures.arlocal",
+]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -70,7 +70,7 @@ def test_one_bad_item_never_fails_its_neighbours(tmp_path):
     datas[4] = {"dtype": "double", "values": [[1, 2], [3]]}  # ragged: refused before the model
     outcomes = run_batch(workflow, datas)
     assert [o.status for o in outcomes] == [200, 200, 422, 200, 400, 200]
-    assert "mat1 and mat2 shapes cannot be multiplied" in outcomes[2].description
+    assert outcomes[2].description.startswith("the model failed on this input: ")  # our words, not torch's
     assert "row 1 has 1 elements, expected 2" in outcomes[4].description
     expected = Affine()(torch.tensor([[1.0, 2, 3, 4]])).tolist()
     assert torch.allclose(torch.tensor(outcomes[0].body["values"]), torch.tensor(expected))

@@ -1,12 +1,15 @@
 """Configuration from the environment: defaults, JSON parsing, and one-line errors naming the variable."""
 
 import os
+import re
+from collections.abc import Mapping
 
 import pytest
 
 from core import settings as config
 from core.errors import StartupError
 from core.settings import BUILTIN_TORCH_WORKFLOW, EMBEDDED_MODEL, ServiceSettings, TorchSettings
+from tests.fixtures.server import SERVICE_VARS
 from workflows.sources import spec_from_kwargs
 
 
@@ -142,3 +145,40 @@ def test_model_form_errors(kwargs, message):
     with pytest.raises(StartupError) as refused:
         spec_from_kwargs(kwargs, TorchSettings())
     assert message in str(refused.value)
+
+
+class RecordingEnv(Mapping):
+    """An empty environment that remembers every name it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.asked.add(name)
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+# Read, but not the service's settings: the OS's cache location (test servers set MODEL_CACHE_DIR, which wins over
+# it) and BentoML's own metrics directory.
+NOT_SETTINGS = {"XDG_CACHE_HOME", "PROMETHEUS_MULTIPROC_DIR"}
+SOURCES = ["core", "public", "runner", "workflows"]
+
+
+def test_every_variable_the_service_reads_is_listed_for_test_servers_to_clear():
+    env = RecordingEnv()
+    ServiceSettings.from_env(env)
+    TorchSettings.from_env(env)
+    # Reads of the process's environment outside the settings (the Hugging Face library's own variables).
+    pattern = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["']([A-Z][A-Z0-9_]*)["']""")
+    code = [config.REPO_ROOT / "service.py", *(p for d in SOURCES for p in (config.REPO_ROOT / d).rglob("*.py"))]
+    read_directly = {name for path in code for name in pattern.findall(path.read_text())}
+    assert {"MAX_BATCH_SIZE", "BEARER_TOKEN_FILE", "HF_ENDPOINT"} <= env.asked | read_directly  # the check works
+    missing = (env.asked | read_directly) - NOT_SETTINGS - set(config.VARIABLES)
+    assert not missing, f"read by the service but not in core.settings.VARIABLES: {sorted(missing)}"
+    assert set(SERVICE_VARS) == set(config.VARIABLES)

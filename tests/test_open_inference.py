@@ -366,7 +366,7 @@ def test_tritonclient_hears_why_a_request_is_refused(triton_client):
     tensor.set_data_from_numpy(np.array([[1.0, 2.0, 3.0]], dtype=np.float32), binary_data=False)
     with pytest.raises(InferenceServerException) as refused:
         triton_client.infer("model", [tensor])
-    assert refused.value.status() == "422" and "mat1 and mat2 shapes cannot be multiplied" in refused.value.message()
+    assert refused.value.status() == "422" and refused.value.message().startswith("the model failed on this input: ")
     tensor = triton.InferInput("input_0", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([b"setosa"], dtype=np.object_), binary_data=False)
     with pytest.raises(InferenceServerException) as refused:
