@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import StartupError
+from core.model_ids import AllowListError, parse_allowed_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "models" / "iris" / "model.torch"
@@ -37,7 +38,11 @@ VARIABLES = (
     "TORCH_MODEL_FILE_NAME", "USE_JIT", "USE_ARWEAVE", "ALLOWED_ARWEAVE_OWNERS", "ARWEAVE_GATEWAY", "MODEL_CACHE_DIR",
     "TORCH_NUM_THREADS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
     "HF_ENDPOINT", "HF_HUB_OFFLINE",
+    "ALLOWED_MODELS", "MAX_LOADED_MODELS", "MAX_LOADED_MODEL_BYTES", "ALLOW_PICKLED_MODELS", "CHAIN_LAYOUT",
 )  # fmt: skip
+GiB = 1024 * MiB
+# CHAIN_LAYOUT: how CHAIN data is read (public/infernet_ml_layouts.py); auto tells the layouts apart by the first word.
+CHAIN_LAYOUTS = ("auto", "int256", "v1", "v2")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,14 @@ class ServiceSettings:
     # INFERNET_FAST_PATH: the busy routes skip BentoML's middleware (core/bentoml_seam.py); off, BentoML's public
     # path serves (slower; for another BentoML version, it is off by itself).
     fast_path: bool = True
+    # Many models (README "Many models"): per-request model ids the operator allows (nothing by default), and the
+    # bounds of the runner's LRU of per-request models (the default model is never counted nor evicted).
+    allowed_models: tuple[str, ...] = ()
+    max_loaded_models: int = 4
+    max_loaded_model_bytes: int = 2 * GiB
+    # Hugging Face per-request models that are pickles run the uploader's code when loaded: refused unless set.
+    allow_pickled_models: bool = False
+    chain_layout: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -97,6 +110,11 @@ class ServiceSettings:
             body_timeout_s=number(env, "BODY_TIMEOUT_S", cls.body_timeout_s, minimum=0.1),
             max_header_bytes=integer(env, "MAX_HEADER_BYTES", cls.max_header_bytes, minimum=1024),
             fast_path=boolean(env, "INFERNET_FAST_PATH", cls.fast_path),
+            allowed_models=allowed_models(env),
+            max_loaded_models=integer(env, "MAX_LOADED_MODELS", cls.max_loaded_models, minimum=1),
+            max_loaded_model_bytes=integer(env, "MAX_LOADED_MODEL_BYTES", cls.max_loaded_model_bytes, minimum=1),
+            allow_pickled_models=boolean(env, "ALLOW_PICKLED_MODELS", cls.allow_pickled_models),
+            chain_layout=chain_layout(env),
         )
 
     @property
@@ -267,6 +285,20 @@ def owner_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     else:
         owners = raw.split(",")
     return tuple(o.strip() for o in owners if o.strip())
+
+
+def allowed_models(env: Mapping[str, str]) -> tuple[str, ...]:
+    try:
+        return parse_allowed_models(env.get("ALLOWED_MODELS"))
+    except AllowListError as e:
+        raise StartupError(str(e)) from None
+
+
+def chain_layout(env: Mapping[str, str]) -> str:
+    raw = env.get("CHAIN_LAYOUT", "").strip().lower() or "auto"
+    if raw not in CHAIN_LAYOUTS:
+        raise StartupError(f"CHAIN_LAYOUT: expected one of {', '.join(CHAIN_LAYOUTS)}, got {raw!r}")
+    return raw
 
 
 def _kind(kind: type) -> str:

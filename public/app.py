@@ -21,12 +21,23 @@ from starlette.routing import Match
 
 from core.asgi import Receive, Scope, Send
 from core.errors import RequestError
+from core.model_call import ForModel
+from core.model_ids import ModelId, ModelIdError, allowed, parse_model_id
 from core.outcome import Outcome
 from core.settings import ServiceSettings
 from core.terms import Destination, Source, error_body
 from public import SERVICE_NAME, __version__, auth, chain, open_inference, request_body, resources
 from public.answers import respond, runner_failure
 from public.call_batching import RunnerCall, RunnerCallBatcher
+from public.infernet_ml_layouts import (
+    Layout,
+    LayoutError,
+    Reply,
+    encode_chain_answer,
+    format_offchain_answer,
+    split_chain_request,
+    split_request,
+)
 from public.infernet_request import parse_input
 from public.request_body import BODY_READ, CODINGS, MAX_JSON_DEPTH, has_body, nesting_depth
 from public.shutdown import ShutdownBound
@@ -46,6 +57,9 @@ ROUTE_METHODS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(_BENTOML_GET_ROUTES, _GET),
 }
 _CLOSE = (b"connection", b"close")
+# The first ABI word of today's CHAIN data, abi.encode(int256[]): the array's offset, 0x20. With CHAIN_LAYOUT=auto
+# this hex prefix keeps today's requests on today's decoder without looking further.
+_INT256_HEAD = "0" * 62 + "20"
 
 
 class PublicApp:
@@ -167,13 +181,35 @@ class PublicApp:
         if nesting_depth(raw) > MAX_JSON_DEPTH:
             raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels")
         request = parse_input(obj)
-        data = chain.decode_input(request.data) if request.source == Source.CHAIN else request.data
+        data, reply = request.data, None
+        if request.source == Source.CHAIN:
+            layout = self.settings.chain_layout
+            # Shorter than one word is no layout at all: today's decoder says what is wrong, as before.
+            if layout == "int256" or (layout == "auto" and (len(data) < 64 or data[:64].lower() == _INT256_HEAD)):
+                data = chain.decode_input(data)
+            else:
+                data, reply = self._named_model(*_layout(split_chain_request, data, layout, self.settings.max_elements))
+        elif not isinstance(data.get("dtype"), str):  # not today's form: a 1.x/2.0 envelope or a 2.0 vector
+            data, reply = self._named_model(*_layout(split_request, data, self.settings.max_elements))
         outcome = await self.infer(data)
         if outcome.status != 200:
             raise RequestError(outcome.status, outcome.description)
         if request.destination == Destination.CHAIN:
-            return 200, chain.encode_output(outcome.body)
+            if reply is None or reply.layout == Layout.CLASSIC:
+                return 200, chain.encode_output(outcome.body)
+            return 200, _answer(encode_chain_answer, outcome.body, reply)
+        if reply is not None and reply.layout == Layout.V2:
+            return 200, _answer(format_offchain_answer, outcome.body, reply)
         return 200, outcome.body
+
+    def _named_model(self, model: ModelId | None, data: Any, reply: Reply) -> tuple[Any, Reply]:
+        """The runner call's item for a request's data and the model it names; refuses a model the operator did
+        not allow (403, before any download). On the event loop."""
+        if model is None:
+            return data, reply
+        if not allowed(model, self.settings.allowed_models):
+            raise RequestError(403, f"model {model} is not allowed (ALLOWED_MODELS)")
+        return ForModel(str(model), data), reply
 
     async def infer(self, data: Any) -> Outcome:
         """One request's data through the runner (with the others this worker holds now); its outcome. On the
@@ -205,7 +241,8 @@ class PublicApp:
         return self._runner_seen_ready
 
     async def info(self) -> dict[str, Any]:
-        if self._info is None:
+        # With per-request models the runner's per-model counts change: ask it each time (/info is not a hot path).
+        if self._info is None or self.settings.allowed_models:
             await self._check_runner_ready()
             try:
                 runner = await self._describe()
@@ -233,10 +270,50 @@ class PublicApp:
         query = scope.get("query_string", b"").decode("latin-1")
         asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
         if asked:
-            return {"supported": resources.supports(unquote(asked), info)}
+            return self._supports(unquote(asked), info)
         cache = (info.get("model") or {}).get("cache_dir")
         # Disk usage and nvidia-smi block; keep them off the event loop.
-        return await asyncio.to_thread(resources.resources, SERVICE_NAME, info, Path(cache) if cache else None)
+        listing = await asyncio.to_thread(resources.resources, SERVICE_NAME, info, Path(cache) if cache else None)
+        if "models" in info:
+            models = info["models"]
+            listing["models"] = {"loaded": models["loaded"], "allowed": list(self.settings.allowed_models)}
+        return listing
+
+    def _supports(self, asked: str, info: dict[str, Any]) -> dict[str, Any]:
+        """``/service-resources?model_id=``: whether a request naming ``asked`` would be served, and (the node's
+        ``ModelSupport``) in ``error`` why not: not allowed, not found, or the last failed load's reason."""
+        if resources.supports(asked, info):
+            return {"supported": True}
+        try:
+            model = str(parse_model_id(asked))
+        except ModelIdError as e:
+            return {"supported": False, "error": f"malformed model id: {e}"}
+        if not allowed(parse_model_id(model), self.settings.allowed_models):
+            return {"supported": False, "error": "not allowed"}
+        models = info.get("models") or {}
+        if any(entry["model_id"] == model for entry in models.get("loaded", ())):
+            return {"supported": True}
+        failed = (models.get("failed") or {}).get(model)
+        if failed is not None:
+            reason = "not found" if failed["status"] == 404 else failed["reason"]
+            return {"supported": False, "error": reason}
+        return {"supported": True}  # allowed; loaded on its first request
+
+
+def _layout(split: Callable[..., tuple[ModelId | None, Any, Reply]], *args: Any) -> tuple[ModelId | None, Any, Reply]:
+    """A request's layout split (public/infernet_ml_layouts.py); a malformed request or model id is a 400."""
+    try:
+        return split(*args)
+    except (LayoutError, ModelIdError) as e:
+        raise RequestError(400, str(e)) from None
+
+
+def _answer(encode: Callable[[Any, Reply], Any], body: Any, reply: Reply) -> Any:
+    """The answer in the request's layout; an answer that the layout cannot hold is a 422."""
+    try:
+        return encode(body, reply)
+    except LayoutError as e:
+        raise RequestError(422, f"the answer does not fit the request's layout: {e}") from None
 
 
 def _only_get(method: str, path: str) -> None:

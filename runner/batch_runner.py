@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import Overloaded
+from core.model_call import ForModel
 from core.outcome import Outcome, failure
 from workflows.batch import forward_all, postprocess_all, preprocess_all
 
@@ -48,8 +49,11 @@ class BatchRunner:
         max_items: int,
         max_wait_s: float,
         on_batch: Callable[[int], None] | None = None,
+        registry: Any = None,
     ) -> None:
         self.workflow = workflow
+        # runner/model_registry.py ModelRegistry when ALLOWED_MODELS allows per-request models; None otherwise.
+        self.registry = registry
         self._max_items = max_items
         self._max_wait_s = max_wait_s
         self._on_batch = on_batch
@@ -82,11 +86,73 @@ class BatchRunner:
         """On the event loop: per request, its ``Outcome``."""
         return postprocess_all(self.workflow, forwarded)
 
+    def names_models(self, requests: list[Any]) -> bool:
+        """Whether any request names a per-request model (``ForModel``); False at once without a registry."""
+        return self.registry is not None and any(type(r) is ForModel for r in requests)
+
+    async def infer_for_models(self, requests: list[Any]) -> list[Outcome]:
+        """On the event loop: ``infer`` for a call where some requests name a per-request model. Each model is
+        looked up (or loaded, once, off the model thread) in the registry; each request is pre- and
+        postprocessed by its model's workflow, and in the model thread requests of different models never share
+        a forward. A model that cannot be loaded fails only its own requests."""
+        assert self.registry is not None
+        counts: dict[str, int] = {}
+        for request in requests:
+            if type(request) is ForModel:
+                counts[request.model_id] = counts.get(request.model_id, 0) + 1
+        found = await asyncio.gather(*(self.registry.get(m, n) for m, n in counts.items()), return_exceptions=True)
+        workflows = dict(zip(counts, found))
+        chosen: list[Any] = []
+        prepared: list[Any] = []
+        for request in requests:
+            workflow, data = (
+                (workflows[request.model_id], request.data)
+                if type(request) is ForModel
+                else (
+                    self.workflow,
+                    request,
+                )
+            )
+            chosen.append(workflow)
+            if isinstance(workflow, BaseException):
+                prepared.append(_Routed(None, failure(workflow)))
+                continue
+            [entry] = preprocess_all(workflow, [data])
+            prepared.append(_Routed(None, entry) if isinstance(entry, Outcome) else _Routed(workflow, entry))
+        forwarded = await self.submit(prepared)
+        return [
+            result if isinstance(result, Outcome) else postprocess_all(workflow, [result])[0]
+            for workflow, result in zip(chosen, forwarded)
+        ]
+
     # The model thread's side.
 
     def forward(self, prepared: list[Any]) -> list[Any]:
-        """On the model thread: one batch's forward passes (workflows/batch.py ``forward_all``)."""
+        """On the model thread: one batch's forward passes (workflows/batch.py ``forward_all``); with per-request
+        models in the batch, one ``forward_all`` per model."""
+        for entry in prepared:
+            if type(entry) is _Routed:
+                return self._forward_per_model(prepared)
         return forward_all(self.workflow, prepared)
+
+    def _forward_per_model(self, prepared: list[Any]) -> list[Any]:
+        results = list(prepared)
+        groups: dict[int, tuple[Any, list[int], list[Any]]] = {}
+        for i, entry in enumerate(prepared):
+            if type(entry) is _Routed:
+                if entry.workflow is None:  # failed before the model: its Outcome is the answer
+                    results[i] = entry.entry
+                    continue
+                workflow, value = entry.workflow, entry.entry
+            else:  # another API worker's call for the default model, batched with this one
+                workflow, value = self.workflow, entry
+            group = groups.setdefault(id(workflow), (workflow, [], []))
+            group[1].append(i)
+            group[2].append(value)
+        for workflow, indices, values in groups.values():
+            for i, output in zip(indices, forward_all(workflow, values)):
+                results[i] = output
+        return results
 
     def _serve(self) -> None:
         while True:
@@ -135,6 +201,14 @@ class BatchRunner:
         for call in calls:
             call.answer(outcomes[start : start + len(call.items)])
             start += len(call.items)
+
+
+@dataclass(slots=True)
+class _Routed:
+    """A prepared request with the workflow that runs it (None: ``entry`` is already its failed ``Outcome``)."""
+
+    workflow: Any
+    entry: Any
 
 
 @dataclass(eq=False)

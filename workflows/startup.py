@@ -108,6 +108,8 @@ def build(settings: ServiceSettings) -> Any:
             raise StartupError(
                 f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {e}"
             ) from None
+        if settings.workflow_class == BUILTIN_TORCH_WORKFLOW:
+            workflow = _onnx_if_onnx_file(workflow, settings)
         try:
             workflow.setup()
         except StartupError:
@@ -128,6 +130,24 @@ def build(settings: ServiceSettings) -> Any:
             warmed.update(batching="on" if batching["enabled"] else "off", batching_reason=batching.get("reason"))
     progress.emit("ready", seconds=progress.since_start(), workflow=qualified_name(workflow))
     return workflow
+
+
+# Keyword arguments only the torch workflow reads; the ONNX workflow is handed the rest.
+_TORCH_ONLY_KWARGS = ("use_jit", "device", "precision", "cast_inputs")
+
+
+def _onnx_if_onnx_file(workflow: Any, settings: ServiceSettings) -> Any:
+    """The built-in torch workflow hands an ONNX model file to the ONNX workflow (same model selection, same
+    source and verification; the file is already fetched by ``prepare``, so ``fetch`` only finds it)."""
+    from workflows.onnx_workflow import ONNXInferenceWorkflow, is_onnx
+
+    if not is_onnx(workflow.fetch()):
+        return workflow
+    kwargs = {k: v for k, v in settings.workflow_kwargs.items() if k not in _TORCH_ONLY_KWARGS}
+    try:
+        return ONNXInferenceWorkflow(*settings.workflow_args, **kwargs)
+    except TypeError as e:
+        raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS do not fit the ONNX workflow (an ONNX file): {e}") from None
 
 
 def qualified_name(workflow: Any) -> str:

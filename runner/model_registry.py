@@ -1,0 +1,155 @@
+"""The runner's models: the default workflow, and a bounded LRU of per-request models loaded on first use.
+
+Everything here but the load itself runs on the runner's event loop (one loop, so no locks): ``get`` answers at
+once for a loaded model; the first request for a model starts one load on a loader thread (never the model
+thread, so other models keep serving) and every request for that model meanwhile waits on the same future
+(single-flight). A failed load answers every waiter with its reason and is not remembered as loaded. Loaded
+models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes (MAX_LOADED_MODEL_BYTES); the
+least recently used are evicted to make room. The default model is neither counted nor ever evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from core.errors import ServiceError, first_line
+
+log = logging.getLogger("runner.model_registry")
+
+EVENTS = ("loads", "hits", "evictions", "failures")
+
+
+class ModelUnavailable(ServiceError):
+    """A per-request model that cannot be served; ``status`` says why (404 not found, 413 too large, 403 refused
+    format, 502 not verifiable / source unreachable)."""
+
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a loader returns: the set-up workflow and its model file's size."""
+
+    workflow: Any
+    size_bytes: int
+
+
+class ModelRegistry:
+    """``load(model_id) -> Loaded`` runs on a loader thread and raises ``ServiceError`` (any other exception
+    becomes a 502). ``on_event(event, model_id)`` is told each load, hit, eviction and failure, on the loop."""
+
+    def __init__(
+        self,
+        default: Any,
+        load: Callable[[str], Loaded],
+        max_models: int,
+        max_bytes: int,
+        on_event: Callable[[str, str], None] | None = None,
+        loader_threads: int = 2,
+    ) -> None:
+        self.default = default
+        self._load = load
+        self.max_models = max_models
+        self.max_bytes = max_bytes
+        self._on_event = on_event
+        self._loaded: OrderedDict[str, Loaded] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[Any]] = {}
+        self._stats: dict[str, dict[str, int]] = {}
+        self._failed: dict[str, tuple[int, str]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="model-loader")
+
+    async def get(self, model_id: str, requests: int = 1) -> Any:
+        """On the event loop: the workflow of ``model_id`` (canonical id text), loading it first if needed.
+        ``requests``: how many requests it serves now (counted as hits when it is already loaded or loading).
+        Raises ServiceError with the load's status."""
+        entry = self._loaded.get(model_id)
+        if entry is not None:
+            self._loaded.move_to_end(model_id)
+            self._count(model_id, "hits", requests)
+            return entry.workflow
+        future = self._loading.get(model_id)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieve)  # nobody may be waiting any more: no "never retrieved" warning
+            self._loading[model_id] = future
+            asyncio.get_running_loop().create_task(self._load_into(model_id, future))
+            requests -= 1  # the request that starts the load is a load, not a hit
+        if requests > 0:
+            self._count(model_id, "hits", requests)
+        # shield: a waiter that gives up (timeout, disconnect) must not cancel the load the others wait on.
+        return await asyncio.shield(future)
+
+    async def _load_into(self, model_id: str, future: asyncio.Future[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            loaded = await loop.run_in_executor(self._executor, self._load, model_id)
+            if loaded.size_bytes > self.max_bytes:
+                raise ModelUnavailable(
+                    413,
+                    f"model {model_id} is {loaded.size_bytes} bytes, more than MAX_LOADED_MODEL_BYTES "
+                    f"({self.max_bytes}) allows",
+                )
+            self._admit(model_id, loaded)
+        except Exception as e:
+            error = (
+                e if isinstance(e, ServiceError) else ModelUnavailable(502, f"cannot load {model_id}: {first_line(e)}")
+            )
+            if not isinstance(e, ServiceError):
+                log.exception("loading %s failed", model_id)
+            self._failed[model_id] = (error.status, first_line(error))
+            self._count(model_id, "failures")
+            future.set_exception(error)
+        else:
+            self._failed.pop(model_id, None)
+            self._count(model_id, "loads")
+            future.set_result(loaded.workflow)
+        finally:
+            self._loading.pop(model_id, None)
+
+    def _admit(self, model_id: str, loaded: Loaded) -> None:
+        used = sum(entry.size_bytes for entry in self._loaded.values())
+        while self._loaded and (len(self._loaded) >= self.max_models or used + loaded.size_bytes > self.max_bytes):
+            victim, entry = self._loaded.popitem(last=False)
+            used -= entry.size_bytes
+            self._count(victim, "evictions")
+            log.info("evicted %s (%d bytes) to make room for %s", victim, entry.size_bytes, model_id)
+        self._loaded[model_id] = loaded
+
+    def _count(self, model_id: str, event: str, n: int = 1) -> None:
+        stats = self._stats.setdefault(model_id, dict.fromkeys(EVENTS, 0))
+        stats[event] += n
+        if self._on_event is not None:
+            for _ in range(n):
+                self._on_event(event, model_id)
+
+    def loaded(self) -> list[str]:
+        """Loaded per-request models, least recently used first."""
+        return list(self._loaded)
+
+    def failure(self, model_id: str) -> tuple[int, str] | None:
+        """The status and reason of the last failed load of ``model_id``, if its last load failed."""
+        return self._failed.get(model_id)
+
+    def describe(self) -> dict[str, Any]:
+        """What /info reports: the bounds, the loaded models (least recently used first) and per-model counts."""
+        return {
+            "max_loaded_models": self.max_models,
+            "max_loaded_model_bytes": self.max_bytes,
+            "loaded": [{"model_id": key, "bytes": entry.size_bytes} for key, entry in self._loaded.items()],
+            "loading": list(self._loading),
+            "counts": {key: dict(stats) for key, stats in self._stats.items()},
+            "failed": {key: {"status": status, "reason": reason} for key, (status, reason) in self._failed.items()},
+        }
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

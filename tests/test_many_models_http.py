@@ -1,0 +1,263 @@
+"""Many models over HTTP: a real ``bentoml serve`` with ALLOWED_MODELS, models fetched per request from the loopback
+Hub (tests/hubserver.py, its own repositories here) and from arlocal; the 1.x and 2.0 request and answer layouts,
+OFFCHAIN and CHAIN, with the iris model (default and per request) and a California-housing style linear model."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from eth_abi import encode
+
+from core.model_ids import ModelId, encode_model_id_abi
+from core.settings import EMBEDDED_MODEL
+from public.infernet_ml_layouts import decode_vector_v1, decode_vector_v2, encode_vector_v1, encode_vector_v2
+from tests.fixtures.arlocal import PUBLISH, Arlocal, new_wallet
+from tests.fixtures.server import Server, serving
+from tests.hubserver import Hub, Repo, make_repo
+from tests.models import Affine, save
+
+pytestmark = pytest.mark.slow
+
+IRIS = [1.0380048, 0.5586108, 1.1037828, 1.712096]  # the original service's test: class 2
+HOUSING = [8.3252, 41.0, 6.984127, 1.02381, 322.0, 2.555556, 37.88, -122.23]
+HOUSING_ANSWER = 4.1519430552  # the original's test value
+HOUSING_ID = "huggingface/models/housing:housing.pt"
+IRIS_ID = "huggingface/models/iris:iris.pt"
+
+
+class Housing(torch.nn.Module):
+    """A linear regression 8 -> 1 in float64 whose answer for HOUSING is HOUSING_ANSWER."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 1, dtype=torch.float64)
+        with torch.no_grad():
+            weight = torch.tensor([[0.5, 0.01, -0.1, 0.8, -0.0001, -0.04, -0.4, -0.42]], dtype=torch.float64)
+            self.linear.weight.copy_(weight)
+            self.linear.bias.fill_(HOUSING_ANSWER - float(weight[0] @ torch.tensor(HOUSING, dtype=torch.float64)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def torchscript_bytes(model: torch.nn.Module, path: Path) -> bytes:
+    torch.jit.save(torch.jit.script(model.eval()), str(path))
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def models_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    root = tmp_path_factory.mktemp("many-models-hub")
+    iris = EMBEDDED_MODEL.read_bytes()  # TorchScript
+    housing = torchscript_bytes(Housing(), root / "housing.pt")
+    pickled = save(Affine(), root / "pickled.pt", "pickle", torch.zeros(1, 4)).read_bytes()
+    repos = {
+        "models/housing": Repo(make_repo(root / "housing", [{"housing.pt": housing}])),
+        "models/iris": Repo(make_repo(root / "iris", [{"iris.pt": iris}])),
+        "models/flight": Repo(make_repo(root / "flight", [{"flight.pt": iris}])),
+        "models/pickled": Repo(make_repo(root / "pickled", [{"pickled.pt": pickled}])),
+    }
+    server = Hub(repos).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def publisher(arlocal: Arlocal, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The housing model published to arlocal by a wallet that ALLOWED_MODELS names, and one by a stranger."""
+    root = tmp_path_factory.mktemp("many-models-arweave")
+    housing = root / "housing.pt"
+    torchscript_bytes(Housing(), housing)
+    owners = {}
+    for who in ("owner", "stranger"):
+        wallet = root / f"{who}.json"
+        owners[who] = new_wallet(wallet)
+        arlocal.mint(owners[who])
+        command = [sys.executable, str(PUBLISH), str(housing), "--wallet", str(wallet), "--repo", "housing"]
+        done = subprocess.run(
+            [*command, "--gateway", arlocal.url, "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+    arlocal.mine()
+    return owners
+
+
+@pytest.fixture(scope="module")
+def server(
+    models_hub: Hub, arlocal: Arlocal, publisher: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    env = {
+        "HF_ENDPOINT": models_hub.url,
+        "ARWEAVE_GATEWAY": arlocal.url,
+        "ALLOWED_MODELS": json.dumps(["huggingface/models/*", f"arweave/{publisher['owner']}/*"]),
+        "MAX_LOADED_MODELS": "1",  # two models alternately: every switch evicts
+    }
+    with serving(env, tmp_path_factory.mktemp("many-models-server")) as running:
+        yield running
+
+
+def post_data(server: Server, data: object, **body: object) -> dict:
+    response = server.post({"source": 1, "data": data, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def iris_class(values: list) -> int:
+    flat = values[0] if isinstance(values[0], list) else values
+    return max(range(3), key=flat.__getitem__)
+
+
+def metric(server: Server, name: str, model_id: str) -> float:
+    text = server.get("/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and f'model_id="{model_id}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_default_model_unaffected(server: Server):
+    answer = post_data(server, {"dtype": "double", "values": [IRIS]})
+    assert iris_class(answer["values"]) == 2
+
+
+def test_per_request_model_in_offchain_layouts(server: Server):
+    v2 = post_data(server, {"model_id": HOUSING_ID, "input": {"dtype": 2, "shape": [1, 8], "values": HOUSING}})
+    assert v2["dtype"] == 2 and v2["shape"] == [1, 1]
+    assert v2["values"][0] == pytest.approx(HOUSING_ANSWER, abs=1e-9)
+    v1 = post_data(
+        server,
+        {
+            "input": {"dtype": "double", "shape": [1, 8], "values": [HOUSING]},
+            "model_source": 2,
+            "load_args": {"repo_id": "models/housing", "filename": "housing.pt"},
+        },
+    )
+    assert v1["dtype"] == "double" and v1["values"][0][0] == pytest.approx(HOUSING_ANSWER, abs=1e-9)
+    iris = post_data(server, {"model_id": IRIS_ID, "input": {"dtype": 2, "shape": [1, 4], "values": IRIS}})
+    assert iris_class(iris["values"]) == 2
+
+
+def test_default_model_in_newer_layouts(server: Server):
+    v2 = post_data(server, {"dtype": 2, "shape": [1, 4], "values": IRIS})
+    assert v2["dtype"] == 1 and iris_class(v2["values"]) == 2  # the iris model answers float32: 2.0 code 1
+    v1 = post_data(server, {"input": {"dtype": "double", "shape": [1, 4], "values": [IRIS]}})
+    assert iris_class(v1["values"]) == 2
+
+
+def chain(server: Server, hex_data: str) -> dict:
+    response = server.post({"source": 0, "destination": 0, "data": hex_data})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_chain_layouts(server: Server):
+    vector = encode_vector_v1("double", [1, 8], HOUSING)
+    v1 = chain(
+        server,
+        encode(["uint8", "string", "string", "string", "bytes"], [2, "models/housing", "housing.pt", "", vector]).hex(),
+    )
+    out = decode_vector_v1(bytes.fromhex(v1["raw_output"]))
+    assert out["values"][0] == pytest.approx(HOUSING_ANSWER, abs=1e-9)
+    model = encode_model_id_abi(ModelId("huggingface", "models", "housing", "housing.pt"))
+    v2 = chain(server, encode(["bytes", "bytes"], [model, encode_vector_v2("double", [1, 8], HOUSING)]).hex())
+    out = decode_vector_v2(bytes.fromhex(v2["raw_output"]))
+    assert out["values"][0] == pytest.approx(HOUSING_ANSWER, abs=1e-9)
+    # The default model in both layouts (empty model fields), and in today's int256[].
+    iris_v1 = encode_vector_v1("double", [1, 4], IRIS)
+    default_v1 = chain(server, encode(["uint8", "string", "string", "string", "bytes"], [0, "", "", "", iris_v1]).hex())
+    assert iris_class(decode_vector_v1(bytes.fromhex(default_v1["raw_output"]))["values"]) == 2
+    default_v2 = chain(server, encode(["bytes", "bytes"], [b"", encode_vector_v2("double", [1, 4], IRIS)]).hex())
+    assert iris_class(decode_vector_v2(bytes.fromhex(default_v2["raw_output"]))["values"]) == 2
+    today = chain(server, encode(["int256[]"], [[round(v * 10**18) for v in IRIS]]).hex())
+    assert today["raw_output"]
+
+
+def test_not_allowed_and_malformed_models_refused_without_download(server: Server, models_hub: Hub):
+    before = len(models_hub.log)
+    refused = server.post(
+        {"source": 1, "data": {"model_id": "huggingface/other/x:m.pt", "input": {"dtype": 2, "values": [1.0]}}}
+    )
+    assert refused.status_code == 403, refused.text
+    body = refused.json()
+    assert (
+        body["code"] == "403"
+        and "huggingface/other/x:m.pt" in body["description"]
+        and "ALLOWED_MODELS" in body["description"]
+    )
+    malformed = server.post(
+        {"source": 1, "data": {"model_id": "huggingface/../x", "input": {"dtype": 2, "values": [1.0]}}}
+    )
+    assert malformed.status_code == 400, malformed.text
+    assert len(models_hub.log) == before
+    assert server.get("/service-resources", params={"model_id": "huggingface/other/x:m.pt"}).json() == {
+        "supported": False,
+        "error": "not allowed",
+    }
+
+
+def test_pickled_hub_model_refused(server: Server):
+    response = server.post(
+        {
+            "source": 1,
+            "data": {
+                "model_id": "huggingface/models/pickled:pickled.pt",
+                "input": {"dtype": 2, "shape": [1, 4], "values": IRIS},
+            },
+        }
+    )
+    assert response.status_code == 403, response.text
+    assert "pickle" in response.json()["description"] and "ALLOW_PICKLED_MODELS" in response.json()["description"]
+
+
+def test_ten_concurrent_first_requests_download_once(server: Server, models_hub: Hub):
+    data = {"model_id": "huggingface/models/flight:flight.pt", "input": {"dtype": 2, "shape": [1, 4], "values": IRIS}}
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda _: server.post({"source": 1, "data": data}, timeout=60), range(10)))
+    assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+    assert all(iris_class(r.json()["values"]) == 2 for r in responses)
+    assert models_hub.downloads("flight.pt") == 1
+    assert metric(server, "infernet_model_loads_total", "huggingface/models/flight:flight.pt") == 1
+
+
+def test_failed_download_answers_every_waiter(server: Server):
+    data = {"model_id": "huggingface/models/missing:gone.pt", "input": {"dtype": 2, "values": [1.0]}}
+    with ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(lambda _: server.post({"source": 1, "data": data}, timeout=60), range(5)))
+    assert [r.status_code for r in responses] == [404] * 5, [r.text for r in responses]
+    assert all("not found" in r.json()["description"] for r in responses)
+    asked = server.get("/service-resources", params={"model_id": "huggingface/models/missing:gone.pt"}).json()
+    assert asked == {"supported": False, "error": "not found"}
+
+
+def test_lru_eviction_seen_in_metrics_and_info(server: Server):
+    evictions = metric(server, "infernet_model_evictions_total", HOUSING_ID)
+    for model_id, values, shape in ((HOUSING_ID, HOUSING, [1, 8]), (IRIS_ID, IRIS, [1, 4])) * 2:
+        post_data(server, {"model_id": model_id, "input": {"dtype": 2, "shape": shape, "values": values}})
+    assert metric(server, "infernet_model_evictions_total", HOUSING_ID) >= evictions + 2
+    models = server.get("/info").json()["models"]
+    assert [entry["model_id"] for entry in models["loaded"]] == [IRIS_ID]  # MAX_LOADED_MODELS=1
+    assert models["counts"][HOUSING_ID]["loads"] >= 2
+    assert re.search(r"\[startup\] stage=download status=ok .*model_id=" + re.escape(HOUSING_ID), server.log())
+
+
+def test_arweave_model_per_request(server: Server, publisher: dict[str, str]):
+    model_id = f"arweave/{publisher['owner']}/housing:housing.pt"
+    answer = post_data(server, {"model_id": model_id, "input": {"dtype": 2, "shape": [1, 8], "values": HOUSING}})
+    assert answer["values"][0] == pytest.approx(HOUSING_ANSWER, abs=1e-9)
+    stranger = f"arweave/{publisher['stranger']}/housing:housing.pt"
+    refused = server.post({"source": 1, "data": {"model_id": stranger, "input": {"dtype": 2, "values": HOUSING}}})
+    assert refused.status_code == 403, refused.text

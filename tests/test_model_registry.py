@@ -1,0 +1,122 @@
+"""runner/model_registry.py in-process, with fake loaders (plain functions standing for a download and a load: the
+real ones are exercised over HTTP in tests/test_many_models_http.py): LRU by count and by bytes, single-flight,
+a failed load answered to every waiter and not cached, the default never evicted."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from core.errors import ServiceError
+from runner.model_registry import Loaded, ModelRegistry, ModelUnavailable
+
+DEFAULT = object()
+
+
+class FakeLoader:
+    def __init__(self, sizes: dict[str, int] | None = None, fail: dict[str, ServiceError | Exception] | None = None):
+        self.sizes = sizes or {}
+        self.fail = fail or {}
+        self.calls: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.lock = threading.Lock()
+
+    def __call__(self, model_id: str) -> Loaded:
+        with self.lock:
+            self.calls.append(model_id)
+        assert self.gate.wait(10)
+        if model_id in self.fail:
+            raise self.fail[model_id]
+        return Loaded(f"workflow:{model_id}", self.sizes.get(model_id, 10))
+
+
+def registry(loader: FakeLoader, max_models: int = 2, max_bytes: int = 100) -> tuple[ModelRegistry, list]:
+    events: list[tuple[str, str]] = []
+    reg = ModelRegistry(DEFAULT, loader, max_models, max_bytes, on_event=lambda e, m: events.append((e, m)))
+    return reg, events
+
+
+def test_lru_by_count_evicts_least_recently_used():
+    async def scenario():
+        loader = FakeLoader()
+        reg, events = registry(loader, max_models=2)
+        assert await reg.get("a") == "workflow:a"
+        await reg.get("b")
+        await reg.get("a")  # a is now the most recently used
+        await reg.get("c")  # evicts b
+        assert reg.loaded() == ["a", "c"]
+        assert ("evictions", "b") in events and ("evictions", "a") not in events
+        await reg.get("b")  # loaded again
+        assert loader.calls == ["a", "b", "c", "b"]
+        assert reg.describe()["counts"]["a"] == {"loads": 1, "hits": 1, "evictions": 1, "failures": 0}
+        assert reg.default is DEFAULT
+
+    asyncio.run(scenario())
+
+
+def test_lru_by_bytes_and_a_model_bigger_than_the_bound_is_refused():
+    async def scenario():
+        loader = FakeLoader(sizes={"a": 60, "b": 50, "huge": 101})
+        reg, _ = registry(loader, max_models=10, max_bytes=100)
+        await reg.get("a")
+        await reg.get("b")  # 60 + 50 > 100: a goes
+        assert reg.loaded() == ["b"]
+        with pytest.raises(ModelUnavailable) as refused:
+            await reg.get("huge")
+        assert refused.value.status == 413 and "MAX_LOADED_MODEL_BYTES" in str(refused.value)
+        assert reg.loaded() == ["b"]
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_first_requests_share_one_load():
+    async def scenario():
+        loader = FakeLoader()
+        loader.gate.clear()
+        reg, events = registry(loader)
+        waiters = [asyncio.ensure_future(reg.get("a")) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        loader.gate.set()
+        assert await asyncio.gather(*waiters) == ["workflow:a"] * 10
+        assert loader.calls == ["a"]
+        assert events.count(("loads", "a")) == 1 and events.count(("hits", "a")) == 9
+
+    asyncio.run(scenario())
+
+
+def test_failed_load_answers_every_waiter_and_is_not_cached():
+    async def scenario():
+        loader = FakeLoader(fail={"gone": ModelUnavailable(404, "model gone: file not found"), "bug": KeyError("x")})
+        loader.gate.clear()
+        reg, _ = registry(loader)
+        waiters = [asyncio.ensure_future(reg.get("gone")) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        loader.gate.set()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert all(isinstance(r, ModelUnavailable) and r.status == 404 for r in results)
+        assert reg.loaded() == [] and reg.failure("gone") == (404, "model gone: file not found")
+        with pytest.raises(ServiceError):
+            await reg.get("gone")  # tried again, not remembered as loaded
+        assert loader.calls == ["gone", "gone"]
+        with pytest.raises(ModelUnavailable) as unexpected:
+            await reg.get("bug")
+        assert unexpected.value.status == 502  # never a 500
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_gives_up_does_not_cancel_the_load():
+    async def scenario():
+        loader = FakeLoader()
+        loader.gate.clear()
+        reg, _ = registry(loader)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reg.get("a"), 0.05)
+        loader.gate.set()
+        assert await reg.get("a") == "workflow:a"
+        assert loader.calls == ["a"]
+
+    asyncio.run(scenario())

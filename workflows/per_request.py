@@ -1,0 +1,108 @@
+"""Per-request models: a model id a request named (and the operator allowed) -> a set-up workflow.
+
+Runs on one of the runner's loader threads (runner/model_registry.py), never on the model thread, so the models
+already loaded keep serving. The model comes from the same sources, cache and verification as the default model
+(workflows/sources), and its workflow is the default's class and keyword arguments with the model replaced: the
+built-in torch workflow, or the ONNX workflow when the file is an ONNX model. Every failure is a ``ServiceError``
+whose status the client sees (never 500): 404 not found, 403 refused (a pickle from an untrusted source, no
+access), 413 too large for MAX_LOADED_MODEL_BYTES, 422 a file that does not load as a model, 502 a source that
+cannot be reached or a file that fails verification.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.errors import ServiceError, StartupError, first_line
+from core.model_ids import parse_model_id
+from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
+from workflows import progress, sources
+from workflows.sources import ModelSpec
+
+ONNX_WORKFLOW = "workflows.onnx_workflow.ONNXInferenceWorkflow"
+# KW_ARGS that name the default model (or are tied to it); a per-request model replaces them all.
+_MODEL_KWARGS = ("model_path", "model_name", "model_source", "model_args", "load_args", "revision", "sha256")
+_MODEL_ONLY_KWARGS = ("warmup_input", "output_names")
+_TORCH_ONLY_KWARGS = ("use_jit", "device", "precision", "cast_inputs")
+_ONNX_ONLY_KWARGS = ("output_names", "providers")
+
+
+class ModelLoadError(ServiceError):
+    def __init__(self, status: int, description: str) -> None:
+        super().__init__(description)
+        self.status = status
+
+
+def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tuple[Any, int]:
+    """(set-up workflow, model file size in bytes) for ``model_id`` (canonical id text, already allowed).
+
+    On a runner loader thread; prints start-up style progress lines (download, load) naming the model.
+    Raises ModelLoadError (see the module docstring for the statuses)."""
+    if settings.workflow_class not in (BUILTIN_TORCH_WORKFLOW, ONNX_WORKFLOW):
+        raise ModelLoadError(
+            422,
+            f"model {model_id}: per-request models need the built-in torch or ONNX workflow "
+            f"(CLASSIC_INF_WORKFLOW_CLASS is {settings.workflow_class})",
+        )
+    model = parse_model_id(model_id)
+    torch_settings = TorchSettings.from_env()
+    spec = ModelSpec(
+        model.source,  # type: ignore[arg-type]
+        filename=model.filename or torch_settings.model_file_name,
+        # Hugging Face: the repo id; Arweave: the Repo-Name (or Model-Id) tag, signed by the owner the id names.
+        repo_id=model.repo_id if model.source == "huggingface" else model.repo,
+        revision=model.version,
+        owners=(model.owner,) if model.source == "arweave" else (),
+    )
+    with progress.stage("download", model_id=model_id, source=spec.source, file=spec.filename) as fetched:
+        try:
+            path = sources.fetch(spec, torch_settings)
+        except StartupError as e:
+            raise ModelLoadError(_fetch_status(str(e)), f"model {model_id}: {first_line(e)}") from None
+        size = path.stat().st_size
+        fetched.update(bytes=size)
+    if size > max_bytes:
+        raise ModelLoadError(
+            413, f"model {model_id} is {size} bytes, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows"
+        )
+    from workflows import model_formats
+    from workflows.onnx_workflow import ONNXInferenceWorkflow, is_onnx
+
+    kwargs = {k: v for k, v in settings.workflow_kwargs.items() if k not in (*_MODEL_KWARGS, *_MODEL_ONLY_KWARGS)}
+    if is_onnx(path):
+        cls: type = ONNXInferenceWorkflow
+        kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY_KWARGS}
+    else:
+        trusted = settings.allow_pickled_models or (
+            model.source == "arweave" and model.owner in torch_settings.allowed_arweave_owners
+        )
+        if not trusted and model_formats.detect(path) == model_formats.PICKLE:
+            raise ModelLoadError(
+                403,
+                f"model {model_id} is a pickle (loading it runs its uploader's code); per-request models must be "
+                "TorchScript, torch.export (.pt2) or ONNX unless ALLOW_PICKLED_MODELS=true or the Arweave owner "
+                "is in ALLOWED_ARWEAVE_OWNERS",
+            )
+        from workflows.torch_workflow import TorchInferenceWorkflow
+
+        cls = TorchInferenceWorkflow
+        kwargs = {k: v for k, v in kwargs.items() if k not in _ONNX_ONLY_KWARGS}
+    with progress.stage("load", model_id=model_id, workflow=cls.__name__):
+        try:
+            workflow = cls(model_path=str(path), settings=torch_settings, **kwargs)
+            workflow.setup()
+        except Exception as e:
+            raise ModelLoadError(422, f"model {model_id} does not load: {first_line(e)}") from None
+    info = getattr(workflow, "info", None)
+    if isinstance(info, dict):  # the file was fetched here; /info names where it came from
+        info.update(model_id=model_id, source=model.source, repo=spec.repo_id, revision=model.version)
+    return workflow, size
+
+
+def _fetch_status(reason: str) -> int:
+    text = reason.lower()
+    if "not found" in text:
+        return 404
+    if "gated" in text or "access denied" in text or "refused the token" in text:
+        return 403
+    return 502
