@@ -204,8 +204,10 @@ def decode_model_id_abi(blob: bytes) -> ModelId | None:
         return None
     if len(blob) > MAX_MODEL_ID_ABI_BYTES:
         raise ModelIdError(f"model_id: {len(blob)} bytes, more than {MAX_MODEL_ID_ABI_BYTES}")
-    repo_blob, files = _strict_decode(("bytes", "string"), blob, "model_id")
-    storage, owner, name, version = _strict_decode(("uint8", "string", "string", "string"), repo_blob, "model_id repo")
+    repo_blob, files = strict_abi_decode(("bytes", "string"), blob, "model_id")
+    storage, owner, name, version = strict_abi_decode(
+        ("uint8", "string", "string", "string"), repo_blob, "model_id repo"
+    )
     if storage not in tuple(StorageCode):
         raise ModelIdError(f"model_id: storage {storage} is unknown (1 = Arweave, 2 = Hugging Face)")
     source = _SOURCE_BY_CODE[StorageCode(storage)]
@@ -390,21 +392,24 @@ def _v1_source(value: Any) -> str:
     raise ModelIdError(f"model_source: {value!r} is unknown (1 = ARWEAVE, 2 = HUGGINGFACE_HUB)")
 
 
-def _strict_decode(types: tuple[str, ...], blob: bytes, what: str) -> tuple[Any, ...]:
-    """eth_abi's decode, plus the check that ``blob`` is exactly what ``abi.encode`` writes for the values."""
+def strict_abi_decode(
+    types: tuple[str, ...], blob: bytes, what: str, error: type[ValueError] = ModelIdError
+) -> tuple[Any, ...]:
+    """eth_abi's decode, plus the check that ``blob`` is exactly what ``abi.encode`` writes for the values; raises
+    ``error`` naming ``what`` otherwise (the service answers 400)."""
     try:
         values = decode(list(types), blob)
     except (DecodingError, ValueError, OverflowError) as e:  # UnicodeDecodeError is a ValueError
-        raise ModelIdError(f"{what}: not an ABI encoding of ({', '.join(types)}) ({_short(e)})") from None
+        raise error(f"{what}: not an ABI encoding of ({', '.join(types)}) ({short_message(e)})") from None
     if encode(list(types), list(values)) != blob:
-        raise ModelIdError(
+        raise error(
             f"{what}: not the canonical ABI encoding of ({', '.join(types)}) (offsets, lengths or trailing bytes "
             "differ from what abi.encode writes)"
         )
     return values
 
 
-def _short(error: Exception) -> str:
+def short_message(error: Exception) -> str:
     text = str(error)
     return text if len(text) <= 120 else text[:117] + "..."
 

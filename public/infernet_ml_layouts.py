@@ -60,7 +60,15 @@ import numpy as np
 from eth_abi import decode, encode
 from eth_abi.exceptions import DecodingError, EncodingError
 
-from core.model_ids import ModelId, decode_model_id_abi, model_id_from_v1, model_id_from_v1_chain, parse_model_id
+from core.model_ids import (
+    ModelId,
+    decode_model_id_abi,
+    model_id_from_v1,
+    model_id_from_v1_chain,
+    parse_model_id,
+    short_message,
+    strict_abi_decode,
+)
 
 SCALE = 10**18
 MAX_RANK = 32
@@ -283,14 +291,14 @@ def split_chain_request(
     if found == Layout.CLASSIC:
         return None, _decode_int256(blob, max_elements), Reply()
     if found == Layout.V1:
-        source, repo_id, filename, version, vector = _strict_decode(
-            ("uint8", "string", "string", "string", "bytes"), blob, "data (1.x layout)"
+        source, repo_id, filename, version, vector = strict_abi_decode(
+            ("uint8", "string", "string", "string", "bytes"), blob, "data (1.x layout)", LayoutError
         )
         model = model_id_from_v1_chain(source, repo_id, filename, version)
         return model, decode_vector_v1(vector, max_elements), Reply(Layout.V1, raw_input=hex_data)
     head = int.from_bytes(blob[:_WORD], "big") if len(blob) >= _WORD else 0
     extra = {0x60: ("uint8",), 0x80: ("uint8", "uint8")}.get(head, ())
-    model_blob, vector, *_ = _strict_decode(("bytes", "bytes", *extra), blob, "data (2.0 layout)")
+    model_blob, vector, *_ = strict_abi_decode(("bytes", "bytes", *extra), blob, "data (2.0 layout)", LayoutError)
     return decode_model_id_abi(model_blob), decode_vector_v2(vector, max_elements), Reply(Layout.V2)
 
 
@@ -347,7 +355,9 @@ def decode_vector_v1(blob: bytes, max_elements: int | None = None) -> dict[str, 
     if code >= len(V1_NAMES):
         raise LayoutError(f"1.x vector: dtype code {code} is unknown (0..11: {', '.join(V1_NAMES)})")
     name = V1_NAMES[code]
-    _, shape, words = _strict_decode(("uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"), blob, "1.x vector")
+    _, shape, words = strict_abi_decode(
+        ("uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"), blob, "1.x vector", LayoutError
+    )
     if name in ("float", "double", "half", "bfloat16"):
         view = {"float": (np.uint32, np.float32), "double": (np.uint64, np.float64)}.get(name, (np.uint16, np.float16))
         values = np.asarray(words, dtype=view[0]).view(view[1]).astype(np.float64).tolist()
@@ -397,8 +407,8 @@ def decode_vector_v2(blob: bytes, max_elements: int | None = None) -> dict[str, 
     if code not in V2_CODES:
         raise LayoutError(f"2.0 vector: dtype code {code} is unknown (0..15: {_v2_code_list()})")
     _, name, solidity = V2_CODES[code]
-    arithmetic, decimals, _, shape, words = _strict_decode(
-        ("uint8", "uint8", "uint8", "uint16[]", f"{solidity}[]"), blob, "2.0 vector"
+    arithmetic, decimals, _, shape, words = strict_abi_decode(
+        ("uint8", "uint8", "uint8", "uint16[]", f"{solidity}[]"), blob, "2.0 vector", LayoutError
     )
     if arithmetic not in (0, 1):
         raise LayoutError(f"2.0 vector: arithmetic {arithmetic} is unknown (0 = IEEE, 1 = fixed point)")
@@ -472,7 +482,7 @@ def _decode_int256(blob: bytes, max_elements: int | None) -> dict[str, Any]:
     try:
         (numbers,) = decode(["int256[]"], blob)
     except (DecodingError, ValueError, OverflowError) as e:
-        raise LayoutError(f"data: not an ABI-encoded int256[] ({_short(e)})") from None
+        raise LayoutError(f"data: not an ABI-encoded int256[] ({short_message(e)})") from None
     if not numbers:
         raise LayoutError("data: the int256[] is empty")
     return {"dtype": "double", "shape": [1, len(numbers)], "values": [n / SCALE for n in numbers]}
@@ -494,24 +504,11 @@ def _output_options(data: dict[str, Any]) -> tuple[bool, int]:
     return fixed, decimals
 
 
-def _strict_decode(types: tuple[str, ...], blob: bytes, what: str) -> tuple[Any, ...]:
-    try:
-        values = decode(list(types), blob)
-    except (DecodingError, ValueError, OverflowError) as e:  # UnicodeDecodeError is a ValueError
-        raise LayoutError(f"{what}: not an ABI encoding of ({', '.join(types)}) ({_short(e)})") from None
-    if encode(list(types), list(values)) != blob:
-        raise LayoutError(
-            f"{what}: not the canonical ABI encoding of ({', '.join(types)}) (offsets, lengths or trailing bytes "
-            "differ from what abi.encode writes)"
-        )
-    return values
-
-
 def _encode(types: list[str], values: list[Any]) -> bytes:
     try:
         return encode(types, values)
     except (EncodingError, ValueError, OverflowError, TypeError) as e:
-        raise LayoutError(f"output: cannot be encoded as ({', '.join(types)}) ({_short(e)})") from None
+        raise LayoutError(f"output: cannot be encoded as ({', '.join(types)}) ({short_message(e)})") from None
 
 
 def _answer_shape(shape: Any) -> list[int]:
@@ -584,8 +581,3 @@ def _limit(max_elements: int | None) -> int:
 
 def _v2_code_list() -> str:
     return ", ".join(f"{code} {names[0]}" for code, names in V2_CODES.items())
-
-
-def _short(error: Exception) -> str:
-    text = str(error)
-    return text if len(text) <= 120 else text[:117] + "..."
