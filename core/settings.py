@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import StartupError
-from core.model_ids import AllowListError, parse_allowed_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "models" / "iris" / "model.torch"
@@ -288,6 +287,9 @@ def owner_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 
 
 def allowed_models(env: Mapping[str, str]) -> tuple[str, ...]:
+    # Imported here: core.model_ids brings eth_abi (and with it pydantic), which scripts/gpu_check.py's machines lack.
+    from core.model_ids import AllowListError, parse_allowed_models
+
     try:
         return parse_allowed_models(env.get("ALLOWED_MODELS"))
     except AllowListError as e:

@@ -166,7 +166,9 @@ def split_request(data: Any, max_elements: int | None = None) -> tuple[ModelId |
     """OFFCHAIN ``data`` of any supported layout -> (model named or None, tensor data in our form, reply layout).
 
     Today's form and anything unrecognised come back unchanged (the tensor decoder reports what is wrong, as
-    today). Raises LayoutError or ModelIdError (both 400).
+    today). An ``input`` is an envelope's only when the data names a model or ``input`` holds a ``dtype``; any other
+    ``input`` (the ONNX service's ``{"input": [[...]]}``, a custom workflow's) is the workflow's own data.
+    Raises LayoutError or ModelIdError (both 400).
     """
     if not isinstance(data, dict):
         return None, data, Reply()
@@ -177,9 +179,14 @@ def split_request(data: Any, max_elements: int | None = None) -> tuple[ModelId |
     if "input" not in data:
         return None, data, Reply()
     vector = data["input"]
+    v1_fields = "model_source" in data or "load_args" in data
+    names_model = v1_fields or "model_id" in data
+    if not names_model and not (isinstance(vector, dict) and "dtype" in vector):
+        # Not an envelope: a workflow's own `input` (the ONNX service's {"input": [[...]]}, a custom workflow's
+        # object) goes to the workflow unchanged.
+        return None, data, Reply()
     if not isinstance(vector, dict):
         raise LayoutError("input: expected an object with dtype, shape and values")
-    v1_fields = "model_source" in data or "load_args" in data
     if v1_fields and "model_id" in data:
         raise LayoutError("data: model_id (2.0) and model_source/load_args (1.x) together; name the model one way")
     if "model_id" in data:

@@ -75,13 +75,13 @@ ANSWER_ROWS = 8
 class Model:
     name: str
     path: Path
-    features: int
+    shape: tuple[int, ...]  # one sample's
     dtype: str  # the contract's name of the model's own dtype, which requests use
 
 
 def bench_and_iris(folder: Path) -> list[Model]:
     built = [bench_models.build(name, folder) for name in bench_models.SPECS]
-    return [Model(m.name, m.path, m.features, m.dtype) for m in built] + [Model("iris", EMBEDDED_MODEL, 4, "float")]
+    return [Model(m.name, m.path, m.shape, m.dtype) for m in built] + [Model("iris", EMBEDDED_MODEL, (4,), "float")]
 
 
 def workflow(model: Model, device: str, precision: str | None, cache: Path, threads: int | None):
@@ -97,7 +97,7 @@ def workflow(model: Model, device: str, precision: str | None, cache: Path, thre
 
 def requests_for(model: Model, rows: int, seed: int) -> list[dict]:
     """``rows`` one-row requests, as a batch of that size forms in the service."""
-    values = np.random.default_rng(seed).uniform(-1, 1, size=(rows, model.features)).round(6)
+    values = np.random.default_rng(seed).uniform(-1, 1, size=(rows, *model.shape)).round(6)
     return [{"dtype": model.dtype, "values": [row]} for row in values.tolist()]
 
 

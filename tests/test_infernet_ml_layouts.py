@@ -506,7 +506,7 @@ def test_complex_offchain_v2_pairs():
 @pytest.mark.parametrize(
     ("data", "says"),
     [
-        ({"input": [1, 2]}, "input: expected an object"),
+        ({"model_id": None, "input": [1, 2]}, "input: expected an object"),
         ({"input": {"dtype": 16, "values": [1]}}, "input.dtype: 16 is not a 2.0 dtype code"),
         ({"input": {"dtype": -1, "values": [1]}}, "not a 2.0 dtype code"),
         ({"input": {"dtype": 2, "values": "1,2"}}, "input.values: expected a flat list"),
@@ -537,3 +537,22 @@ def test_malformed_offchain(data, says):
 def test_offchain_element_limit():
     with pytest.raises(LayoutError, match="exceed the limit of 3"):
         split_request({"input": {"dtype": 2, "values": [1.0] * 4}}, max_elements=3)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"input": [[1.0380048, 0.5586108, 1.1037828, 1.712096]]},  # the original ONNX service's form
+        {"input": {"text": "a custom workflow's own object"}},
+        {"inputs": {"input": {"dtype": "float", "values": [[1, 2, 3, 4]]}}},  # the ONNX workflow's named inputs
+        {"text": "no tensor at all"},
+    ],
+)
+def test_a_workflows_own_data_is_not_taken_for_an_envelope(data):
+    model, tensor, reply = split_request(data)
+    assert (model, tensor, reply.layout) == (None, data, Layout.CLASSIC)
+
+
+def test_an_input_that_names_a_model_must_be_a_vector():
+    with pytest.raises(LayoutError, match="input: expected an object with dtype, shape and values"):
+        split_request({"model_id": "huggingface/Org/repo:model.torch", "input": [[1, 2]]})
