@@ -22,7 +22,7 @@ from public.openapi import DocumentedService, FastRouteService
 from public.runner_client import RunnerClient, through_bentoml
 from runner.batch_runner import BatchRunner
 from runner.drain import Drain
-from runner.model_registry import Loaded, ModelRegistry
+from runner.model_registry import ModelRegistry
 from runner.route import RunnerService
 from workflows import startup
 
@@ -52,29 +52,6 @@ batch_size = bentoml.metrics.Histogram(
     documentation="Requests per runner batch",
     buckets=[2**i for i in range(SETTINGS.max_batch_size.bit_length() + 1)],
 )
-
-# Per-request models (ALLOWED_MODELS): labels are only ids the operator allowed (the API workers refuse the rest).
-model_counters = {
-    event: bentoml.metrics.Counter(name=f"infernet_model_{event}_total", documentation=text, labelnames=["model_id"])
-    for event, text in (
-        ("loads", "Per-request model loads"),
-        ("hits", "Requests served by a per-request model already loaded or loading"),
-        ("evictions", "Per-request models evicted from the LRU (MAX_LOADED_MODELS, MAX_LOADED_MODEL_BYTES)"),
-        ("failures", "Per-request model loads that failed"),
-    )
-}
-
-
-def count_model_event(event: str, model_id: str) -> None:
-    model_counters[event].labels(model_id=model_id).inc()
-
-
-def load_model(model_id: str) -> Loaded:
-    """On a loader thread of the runner (runner/model_registry.py)."""
-    from workflows.per_request import load_model as load
-
-    return Loaded(*load(SETTINGS, model_id, SETTINGS.max_loaded_model_bytes))
-
 
 # A fixed content type for the runner's answers: without one, BentoML rebuilds the output's JSON schema for every
 # response just to pick a media type (~22% of the runner's CPU per call). Callers decode by their own serde anyway.
@@ -112,18 +89,8 @@ class WorkflowRunner:
         # SIGTERM: keep serving until the API workers have passed on the requests they hold (graceful stop).
         self.drain = Drain(max_s=min(SETTINGS.timeout_s, SETTINGS.shutdown_timeout_s))
         self.drain.install()
-        # Only when the operator allows per-request models: without one the path is exactly the single-model one.
-        self.registry = (
-            ModelRegistry(
-                workflow,
-                load_model,
-                SETTINGS.max_loaded_models,
-                SETTINGS.max_loaded_model_bytes,
-                on_event=count_model_event,
-            )
-            if SETTINGS.allowed_models
-            else None
-        )
+        # Only when the operator allows per-request models (ALLOWED_MODELS): otherwise None, the single-model path.
+        self.registry = ModelRegistry.from_settings(workflow, SETTINGS)
         self.batches = BatchRunner(
             workflow,
             SETTINGS.max_batch_size,
@@ -150,7 +117,7 @@ class WorkflowRunner:
         if self.registry is None:
             return self.description
         # Async: the registry lives on this event loop. Live, so /info's per-model counts are current.
-        return {**self.description, "models": self.registry.describe()}
+        return {**self.description, "models": await self.registry.report()}
 
 
 @bentoml.service(

@@ -276,7 +276,11 @@ class PublicApp:
         listing = await asyncio.to_thread(resources.resources, SERVICE_NAME, info, Path(cache) if cache else None)
         if "models" in info:
             models = info["models"]
-            listing["models"] = {"loaded": models["loaded"], "allowed": list(self.settings.allowed_models)}
+            # The runner lists what its cache holds; only what a request may name would be served from it.
+            patterns = self.settings.allowed_models
+            cached = [e for e in models.get("cached") or () if allowed(parse_model_id(e["model_id"]), patterns)]
+            resources.with_per_request_models(listing, models["loaded"], cached)
+            listing["models"] = {"loaded": models["loaded"], "cached": cached, "allowed": list(patterns)}
         return listing
 
     def _supports(self, asked: str, info: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from core.model_ids import parse_model_id
+
 SPEC_VERSION = "0.1.0"  # of the ServiceResources format, not of this service
 
 
@@ -67,6 +69,32 @@ def ml_model(model: dict[str, Any]) -> dict[str, Any]:
         "sha256": model.get("sha256"),
         "format": model.get("format"),
     }
+
+
+def ml_model_of_id(model_id: str, sha256: str | None = None) -> dict[str, Any]:
+    """The node's MLModel for a per-request model named by its canonical id (``ml_model``'s ``repo_id`` is the id
+    again). Raises ModelIdError for a malformed id."""
+    model = parse_model_id(model_id)
+    described = {"source": model.source, "repo": model.repo_id, "file": model.filename, "revision": model.version}
+    return ml_model({**described, "sha256": sha256})
+
+
+def with_per_request_models(
+    listing: dict[str, Any], loaded: list[dict[str, Any]], cached: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``listing`` (``resources()``) with the per-request models added to the node's ``models`` (loaded now) and
+    ``cached_models`` (loaded now or cached verified on disk), each model once."""
+    compute = listing["compute_capability"][0]
+    for key, entries in (("models", loaded), ("cached_models", [*loaded, *cached])):
+        models = list(compute[key])
+        seen = {model["repo_id"] for model in models}
+        for entry in entries:
+            model = ml_model_of_id(entry["model_id"], entry.get("sha256"))
+            if model["repo_id"] not in seen:
+                seen.add(model["repo_id"])
+                models.append(model)
+        compute[key] = models
+    return listing
 
 
 def unique_id(storage: str, owner: str, name: str, version: str, files: list[str]) -> str:

@@ -11,6 +11,7 @@ least recently used are evicted to make room. The default model is neither count
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import ServiceError, first_line
+from core.settings import ServiceSettings, TorchSettings
 
 log = logging.getLogger("runner.model_registry")
 
@@ -54,17 +56,37 @@ class ModelRegistry:
         max_bytes: int,
         on_event: Callable[[str, str], None] | None = None,
         loader_threads: int = 2,
+        list_cached: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.default = default
         self._load = load
         self.max_models = max_models
         self.max_bytes = max_bytes
         self._on_event = on_event
+        self._list_cached = list_cached
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Any]] = {}
         self._stats: dict[str, dict[str, int]] = {}
         self._failed: dict[str, tuple[int, str]] = {}
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="model-loader")
+
+    @classmethod
+    def from_settings(cls, default: Any, settings: ServiceSettings) -> ModelRegistry | None:
+        """The runner's registry (in its ``__init__``): per-request models loaded by workflows/per_request.py and
+        counted on /metrics; None when ALLOWED_MODELS allows none, so the path stays exactly the single-model one."""
+        if not settings.allowed_models:
+            return None
+        from runner import model_metrics  # creates the per-model counters: only when there can be such models
+        from workflows.sources.cached import cached_models
+
+        return cls(
+            default,
+            functools.partial(model_metrics.load_model, settings),
+            settings.max_loaded_models,
+            settings.max_loaded_model_bytes,
+            on_event=model_metrics.count_model_event,
+            list_cached=functools.partial(cached_models, TorchSettings.from_env().model_cache_dir),
+        )
 
     async def get(self, model_id: str, requests: int = 1) -> Any:
         """On the event loop: the workflow of ``model_id`` (canonical id text), loading it first if needed.
@@ -148,6 +170,19 @@ class ModelRegistry:
             "counts": {key: dict(stats) for key, stats in self._stats.items()},
             "failed": {key: {"status": status, "reason": reason} for key, (status, reason) in self._failed.items()},
         }
+
+    async def report(self) -> dict[str, Any]:
+        """On the event loop: ``describe()`` plus ``cached``, the verified files in the model cache that a load
+        would reuse without downloading (``list_cached``, bounded; read on a worker thread, as it reads the disk).
+        A cache that cannot be read lists nothing rather than failing /info."""
+        report = self.describe()
+        if self._list_cached is not None:
+            try:
+                report["cached"] = await asyncio.to_thread(self._list_cached)
+            except Exception:
+                log.exception("listing the model cache failed")
+                report["cached"] = []
+        return report
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

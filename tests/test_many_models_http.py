@@ -23,6 +23,7 @@ from tests.fixtures.arlocal import PUBLISH, Arlocal, new_wallet
 from tests.fixtures.server import Server, serving
 from tests.hubserver import Hub, Repo, make_repo
 from tests.models import Affine, save
+from tests.test_onnx_workflow import iris_onnx
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,7 @@ HOUSING = [8.3252, 41.0, 6.984127, 1.02381, 322.0, 2.555556, 37.88, -122.23]
 HOUSING_ANSWER = 4.1519430552  # the original's test value
 HOUSING_ID = "huggingface/models/housing:housing.pt"
 IRIS_ID = "huggingface/models/iris:iris.pt"
+ONNX_ID = "huggingface/models/iris-onnx:iris.onnx"
 
 
 class Housing(torch.nn.Module):
@@ -64,6 +66,9 @@ def models_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         "models/iris": Repo(make_repo(root / "iris", [{"iris.pt": iris}])),
         "models/flight": Repo(make_repo(root / "flight", [{"flight.pt": iris}])),
         "models/pickled": Repo(make_repo(root / "pickled", [{"pickled.pt": pickled}])),
+        "models/iris-onnx": Repo(
+            make_repo(root / "iris-onnx", [{"iris.onnx": iris_onnx(root / "iris.onnx").read_bytes()}])
+        ),
     }
     server = Hub(repos).start()
     try:
@@ -261,3 +266,35 @@ def test_arweave_model_per_request(server: Server, publisher: dict[str, str]):
     stranger = f"arweave/{publisher['stranger']}/housing:housing.pt"
     refused = server.post({"source": 1, "data": {"model_id": stranger, "input": {"dtype": 2, "values": HOUSING}}})
     assert refused.status_code == 403, refused.text
+
+
+def test_onnx_model_per_request(server: Server):
+    answer = post_data(server, {"model_id": ONNX_ID, "input": {"dtype": 2, "shape": [1, 4], "values": IRIS}})
+    assert answer["shape"] == [1, 3] and iris_class(answer["values"]) == 2
+    assert any(entry["model_id"] == ONNX_ID for entry in server.get("/info").json()["models"]["loaded"])
+
+
+def test_service_resources_lists_loaded_and_cached_models(server: Server):
+    # MAX_LOADED_MODELS=1: housing is evicted by iris, but its verified file stays in the cache.
+    for model_id, values, shape in ((HOUSING_ID, HOUSING, [1, 8]), (IRIS_ID, IRIS, [1, 4])):
+        post_data(server, {"model_id": model_id, "input": {"dtype": 2, "shape": shape, "values": values}})
+    listing = server.get("/service-resources").json()
+    models = listing["models"]
+    assert [entry["model_id"] for entry in models["loaded"]] == [IRIS_ID]
+    cached = {entry["model_id"]: entry for entry in models["cached"]}
+    assert {HOUSING_ID, IRIS_ID} <= set(cached)
+    assert cached[IRIS_ID]["bytes"] == len(EMBEDDED_MODEL.read_bytes())
+    assert "huggingface/other/x:m.pt" not in cached and len(models["cached"]) <= 100
+    # The node's format: loaded models under "models", loaded and cached ones under "cached_models".
+    compute = listing["compute_capability"][0]
+    assert IRIS_ID in {m["repo_id"] for m in compute["models"]}
+    assert HOUSING_ID not in {m["repo_id"] for m in compute["models"]}
+    assert {HOUSING_ID, IRIS_ID} <= {m["repo_id"] for m in compute["cached_models"]}
+    housing = next(m for m in compute["cached_models"] if m["repo_id"] == HOUSING_ID)
+    assert (housing["storage"], housing["owner"], housing["name"], housing["files"]) == (
+        "huggingface",
+        "models",
+        "housing",
+        ["housing.pt"],
+    )
+    assert housing["sha256"] == cached[HOUSING_ID]["sha256"]

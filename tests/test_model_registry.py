@@ -120,3 +120,35 @@ def test_a_waiter_that_gives_up_does_not_cancel_the_load():
         assert loader.calls == ["a"]
 
     asyncio.run(scenario())
+
+
+def test_from_settings_only_with_an_allow_list(tmp_path):
+    from core.settings import ServiceSettings
+
+    assert ModelRegistry.from_settings(DEFAULT, ServiceSettings.from_env({})) is None
+    settings = ServiceSettings.from_env({"ALLOWED_MODELS": "huggingface/Org/*", "MAX_LOADED_MODELS": "3"})
+    reg = ModelRegistry.from_settings(DEFAULT, settings)
+    assert reg is not None and reg.default is DEFAULT and reg.max_models == 3
+
+
+def test_report_adds_the_cached_listing_read_off_the_loop():
+    loop_threads: list[bool] = []
+
+    def list_cached() -> list[dict]:
+        loop_threads.append(threading.current_thread() is threading.main_thread())
+        return [{"model_id": "huggingface/Org/m:m.pt", "bytes": 3, "sha256": None}]
+
+    def broken() -> list[dict]:
+        raise OSError("unreadable cache")
+
+    async def scenario():
+        reg = ModelRegistry(DEFAULT, FakeLoader(), 2, 100, list_cached=list_cached)
+        await reg.get("a")
+        report = await reg.report()
+        assert report["cached"] == [{"model_id": "huggingface/Org/m:m.pt", "bytes": 3, "sha256": None}]
+        assert report["loaded"] == [{"model_id": "a", "bytes": 10}]
+        assert (await ModelRegistry(DEFAULT, FakeLoader(), 2, 100, list_cached=broken).report())["cached"] == []
+        assert "cached" not in await ModelRegistry(DEFAULT, FakeLoader(), 2, 100).report()
+
+    asyncio.run(scenario())
+    assert loop_threads == [False]
