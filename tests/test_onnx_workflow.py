@@ -9,22 +9,19 @@ softmax over classes), so it answers what the torch model answers.
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import requests
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from core.errors import InputError, StartupError
 from core.settings import EMBEDDED_MODEL, ServiceSettings, TorchSettings
 from tests.fixtures.server import serving
+from tests.test_batching_http import batch_histogram, fire_together
 from workflows.onnx_workflow import ONNXInferenceWorkflow, is_onnx
 
 IRIS_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]
@@ -305,27 +302,6 @@ def test_the_original_librarys_class_path_maps_to_the_onnx_workflow():
 
 def offchain(data) -> dict:
     return {"source": 1, "data": data}
-
-
-def batch_histogram(server) -> dict[str, float]:
-    buckets: dict[str, float] = {}
-    for line in server.get("/metrics").text.splitlines():
-        match = re.match(r'infernet_batch_size_bucket\{.*le="([^"]+)".*\} (\S+)', line)
-        if match:
-            buckets[match[1]] = buckets.get(match[1], 0.0) + float(match[2])
-    return buckets
-
-
-def fire_together(server, bodies) -> list[requests.Response]:
-    barrier = threading.Barrier(len(bodies))
-
-    def call(body):
-        with requests.Session() as session:
-            barrier.wait(timeout=30)
-            return session.post(f"{server.url}/service_output", json=body, timeout=60)
-
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(call, bodies))
 
 
 @pytest.fixture(scope="module")
