@@ -347,13 +347,18 @@ def encode_vector_v1(name: str, shape: Any, values: Any) -> bytes:
         words = np.asarray(flat, dtype=np.float64).view(np.uint64).tolist()
     elif name == "half":
         words = np.asarray(flat, dtype=np.float16).view(np.uint16).tolist()
-    elif name in _COMPLEX:
-        words = _complex_words(flat, name)
-    elif name == "bool":
-        words = [bool(v) for v in np.asarray(flat).tolist()]
     else:
-        words = [int(v) for v in np.asarray(flat).tolist()]
+        words = _exact_words(name, flat)
     return _encode(["uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"], [V1_NAMES.index(name), dims, words])
+
+
+def _exact_words(name: str, flat: Any) -> list[Any]:
+    """ABI words of a complex, bool or integer answer, the same in both encodings (floats differ: their bit views)."""
+    if name in _COMPLEX:
+        return _complex_words(flat, name)
+    if name == "bool":
+        return [bool(v) for v in np.asarray(flat).tolist()]
+    return [int(v) for v in np.asarray(flat).tolist()]
 
 
 def decode_vector_v1(blob: bytes, max_elements: int | None = None) -> dict[str, Any]:
@@ -399,12 +404,8 @@ def encode_vector_v2(name: str, shape: Any, values: Any, fixed_point: bool = Fal
     code = V2_CODE_OF[name]
     if code in _FLOAT_V2:
         words = np.asarray(flat, dtype=_FLOAT_V2[code]).view(_INT_VIEW_V2[code]).tolist()
-    elif name in _COMPLEX:
-        words = _complex_words(flat, name)
-    elif name == "bool":
-        words = [bool(v) for v in np.asarray(flat).tolist()]
     else:
-        words = [int(v) for v in np.asarray(flat).tolist()]
+        words = _exact_words(name, flat)
     return _encode(["uint8", "uint8", "uint8", "uint16[]", f"{V2_CODES[code][2]}[]"], [0, decimals, code, dims, words])
 
 

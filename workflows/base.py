@@ -253,3 +253,11 @@ def _check_complete(cls: type) -> None:
             f"{cls.__name__} overrides batch but not unbatch: the default unbatch cannot know how your batch "
             f"was built; add 'def unbatch(self, output, items): ...' returning one output per item"
         )
+
+
+def batching_kwarg(value: Any) -> bool:
+    """The ``batching`` KW_ARG of the built-in workflows: a JSON boolean, else StartupError (the string "false" would
+    otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: batching: expected true or false, got {value!r}")
+    return value

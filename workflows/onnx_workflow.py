@@ -27,7 +27,7 @@ import torch
 from core.errors import InputError, ModelError, StartupError
 from core.settings import TorchSettings
 from workflows import sources, tensors
-from workflows.base import InferenceWorkflow
+from workflows.base import InferenceWorkflow, batching_kwarg
 
 # onnxruntime's element types -> the contract's dtype names; other types (strings, unsigned beyond uint8, bfloat16,
 # sequences, maps) cannot travel in the contract's vocabulary.
@@ -145,9 +145,7 @@ class ONNXInferenceWorkflow(
         self.requested_outputs = list(output_names or [])
         self.providers = list(providers or [_CPU])
         self.num_threads = num_threads or self.settings.num_threads
-        if not isinstance(batching, bool):
-            raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: batching: expected true or false, got {batching!r}")
-        self.batching = batching
+        self.batching = batching_kwarg(batching)
         self.max_elements = max_elements or self.settings.max_elements
         self.warmup_input = warmup_input
         self.session: Any = None

@@ -11,7 +11,7 @@ from core.errors import StartupError
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
 from workflows import batch as batches
 from workflows import devices, model_formats, sources, tensors
-from workflows.base import TensorWorkflow
+from workflows.base import TensorWorkflow, batching_kwarg
 
 
 class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
@@ -66,9 +66,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         self.device_name = device
         self.precision_name = precision
         self.num_threads = num_threads or self.settings.num_threads
-        if not isinstance(batching, bool):
-            raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: batching: expected true or false, got {batching!r}")
-        self.batching = batching
+        self.batching = batching_kwarg(batching)
         self.cast_inputs = cast_inputs
         self.max_elements = max_elements or self.settings.max_elements
         if warmup_input is None and self.spec.path is not None and _same_file(self.spec.path, EMBEDDED_MODEL):
