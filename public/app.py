@@ -28,7 +28,6 @@ from core.settings import ServiceSettings
 from core.terms import Destination, Source, error_body
 from public import SERVICE_NAME, __version__, auth, chain, open_inference, request_body, resources
 from public.answers import respond, runner_failure
-from public.call_batching import RunnerCall, RunnerCallBatcher
 from public.infernet_ml_layouts import (
     Layout,
     LayoutError,
@@ -40,6 +39,7 @@ from public.infernet_ml_layouts import (
 )
 from public.infernet_request import parse_input
 from public.request_body import BODY_READ, CODINGS, MAX_JSON_DEPTH, has_body, nesting_depth
+from public.runner_client import RunnerCall, RunnerCallBatcher
 from public.shutdown import ShutdownBound
 
 log = logging.getLogger("public.app")
@@ -83,7 +83,7 @@ class PublicApp:
         is_ready: Callable[[], Awaitable[bool]],
     ) -> None:
         """Connect to the runner; called by the BentoML service in each API worker. ``infer`` sends a list of
-        requests' data to the runner and returns their ``Outcome``s, in order (one call per group: call_batching)."""
+        requests' data to the runner and returns their ``Outcome``s in order (one call per group, RunnerCallBatcher)."""
         self._calls = RunnerCallBatcher(infer, max_items=self.settings.max_batch_size)
         self._describe = describe
         self._is_ready = is_ready
