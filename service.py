@@ -15,6 +15,7 @@ import bentoml
 from bentoml.validators import ContentType
 
 from core import bentoml_seam
+from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
 from public import http_protocol
 from public.app import PublicApp
@@ -23,7 +24,6 @@ from public.runner_client import RunnerClient, through_bentoml
 from runner.batch_runner import BatchRunner
 from runner.drain import Drain
 from runner.model_registry import ModelRegistry
-from runner.route import RunnerService
 from workflows import startup
 
 # OpenMP threads that spin while waiting steal the cores the API workers need; on a busy box a 2-thread forward
@@ -79,7 +79,7 @@ def freeze_heap() -> None:
     logging={"access": {"enabled": False}},
     # Internal routes: OpenTelemetry's middleware costs ~20% of the runner's CPU per call even when nothing is sampled.
     tracing={"excluded_urls": ["/infer", "/describe"]},
-    # Fast path: the API workers' calls to infer skip BentoML's middleware stack and typed endpoint (runner/route.py).
+    # Fast path: the API workers' calls to infer skip BentoML's middleware and typed endpoint (core/bentoml_seam.py).
     service_class=RunnerService if FAST_PATH else bentoml.Service,
 )
 class WorkflowRunner:
