@@ -21,8 +21,7 @@ from public import http_protocol
 from public.app import PublicApp
 from public.openapi import DocumentedService, FastRouteService
 from public.runner_client import RunnerClient, through_bentoml
-from runner.batch_runner import BatchRunner
-from runner.drain import Drain
+from runner.batch_runner import BatchRunner, Drain
 from runner.model_registry import ModelRegistry
 from workflows import startup
 
