@@ -15,7 +15,7 @@ Pre- and postprocessing run on the event loop alongside the forward of another b
 section 15); only the forward needs the model's thread. A lone call starts at once; calls that arrive while the
 model is busy queue and form the next batch, which the thread takes the moment the previous one ends: nothing
 waits for the event loop between batches, which with BentoML's dispatcher left the model idle for 2.5-4.6 ms per
-batch (section 11). The steps themselves are the workflow's (workflows/batch.py), shared with ``run_batch``.
+batch (section 11). The steps themselves are the workflow's (workflows/base.py), shared with ``run_batch``.
 
 ``Drain`` (at the end) is how the runner stops taking calls: service.py's ``infer`` runs each call inside
 ``Drain.working``, and SIGTERM is handed on to the server once no call is running.
@@ -38,7 +38,7 @@ from core.asgi import bound_uvicorn
 from core.errors import Overloaded
 from core.model_call import ForModel
 from core.outcome import Outcome, failure
-from workflows.batch import forward_all, postprocess_all, preprocess_all
+from workflows.base import forward_all, postprocess_all, preprocess_all
 
 log = logging.getLogger("runner.batch_runner")
 
@@ -133,7 +133,7 @@ class BatchRunner:
     # The model thread's side.
 
     def forward(self, prepared: list[Any]) -> list[Any]:
-        """On the model thread: one batch's forward passes (workflows/batch.py ``forward_all``); with per-request
+        """On the model thread: one batch's forward passes (workflows/base.py ``forward_all``); with per-request
         models in the batch, one ``forward_all`` per model."""
         for entry in prepared:
             if type(entry) is _Routed:

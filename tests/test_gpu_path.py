@@ -22,7 +22,7 @@ from public import resources
 from tests.fixtures.server import REPO, run_to_exit, serving
 from tests.models import save
 from workflows import devices
-from workflows.batch import run_batch
+from workflows.base import run_batch
 from workflows.torch_workflow import TorchInferenceWorkflow
 
 TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}  # of the largest |answer|: 11 and 8 significant bits

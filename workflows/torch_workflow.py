@@ -9,9 +9,8 @@ import torch
 
 from core.errors import StartupError
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
-from workflows import batch as batches
 from workflows import devices, model_formats, sources, tensors
-from workflows.base import TensorWorkflow, batching_kwarg
+from workflows.base import TensorWorkflow, batching_kwarg, check_batch_of_two
 
 
 class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
@@ -127,7 +126,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
                 self.run_model(item)
                 problem = None
             else:
-                problem = batches.check_batch_of_two(self, item, _difference)
+                problem = check_batch_of_two(self, item, _difference)
         except Exception as e:
             raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
         if not self.batching:
