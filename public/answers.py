@@ -1,6 +1,6 @@
 """What the API worker sends back: the JSON answer, and the status of a runner call that failed as a whole.
 
-A request's own failure arrives as its ``Outcome`` (core/outcome.py) with the status the workflow's exception maps
+A request's own failure arrives as its ``Outcome`` (core/errors.py) with the status the workflow's exception maps
 to; the failures here are of the hop itself (runner overloaded, unreachable, refusing). On the event loop.
 """
 

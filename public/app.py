@@ -20,10 +20,9 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from core.asgi import Receive, Scope, Send
-from core.errors import RequestError
+from core.errors import Outcome, RequestError
 from core.model_call import ForModel
 from core.model_ids import ModelId, ModelIdError, allowed, parse_model_id
-from core.outcome import Outcome
 from core.settings import ServiceSettings
 from core.terms import Destination, Source, error_body
 from public import SERVICE_NAME, __version__, auth, chain, open_inference, request_body, resources

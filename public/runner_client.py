@@ -32,7 +32,7 @@ import httptools
 
 from core import bentoml_seam
 from core.bentoml_seam import PICKLE
-from core.outcome import Outcome
+from core.errors import Outcome
 
 # Sends the data of several requests to the runner in one call; one outcome per request, in order.
 RunnerCall = Callable[[list[Any]], Awaitable[list[Outcome]]]

@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.asgi import bound_uvicorn
-from core.errors import Overloaded
+from core.errors import Outcome, Overloaded, failure
 from core.model_call import ForModel
-from core.outcome import Outcome, failure
 from workflows.base import forward_all, postprocess_all, preprocess_all
 
 log = logging.getLogger("runner.batch_runner")

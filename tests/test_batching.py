@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from core.outcome import Outcome
+from core.errors import Outcome
 from core.settings import TorchSettings
 from runner.batch_runner import BatchRunner
 from tests.models import Affine, save

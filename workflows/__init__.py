@@ -4,8 +4,7 @@ batch axis), ``run_batch`` (a batch in-process, for unit tests) and the built-in
 Importing this package does not import torch; ``workflows.torch_workflow`` does.
 """
 
-from core.errors import InputError, ModelError, ServiceError, StartupError
-from core.outcome import Outcome
+from core.errors import InputError, ModelError, Outcome, ServiceError, StartupError
 from workflows.base import InferenceWorkflow, TensorWorkflow, run_batch
 
 __all__ = [

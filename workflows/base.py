@@ -15,7 +15,7 @@ after another, and ``preprocess``, ``batch_key`` and ``postprocess`` on its even
 another batch: keep those short, and keep them off state that ``run_model`` changes. ``setup``, ``warmup`` and
 ``describe`` run in the runner process before it takes requests (``describe`` again on ``GET /info``).
 
-Which status (``forward_all`` and its siblings below apply it; core/outcome.py ``failure`` turns an exception into
+Which status (``forward_all`` and its siblings below apply it; core/errors.py ``failure`` turns an exception into
 the status):
 
     preprocess, batch_key          ServiceError subclasses: their own status; any other exception: 400 (InputError)
@@ -47,8 +47,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from core.errors import InputError, ModelError, ServiceError, StartupError, first_line
-from core.outcome import Outcome, answer, failure
+from core.errors import InputError, ModelError, Outcome, ServiceError, StartupError, answer, failure, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -276,7 +275,7 @@ def batching_kwarg(value: Any) -> bool:
 #
 #     preprocess_all(workflow, requests)  -> prepared   per request: the model's input and batch key, or its failure
 #     forward_all(workflow, prepared)     -> forwarded  items with equal keys share one forward; failures stay per item
-#     postprocess_all(workflow, forwarded) -> outcomes  per request: its ``Outcome`` (core/outcome.py)
+#     postprocess_all(workflow, forwarded) -> outcomes  per request: its ``Outcome`` (core/errors.py)
 #
 # ``run_batch`` chains them in the caller's thread: a user's unit test of a workflow needs no server. The runner
 # (runner/batch_runner.py) runs the same steps, only ``forward_all`` on the model's thread.
