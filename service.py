@@ -155,7 +155,7 @@ class InfernetService:
         public_app.bind(
             infer=infer, describe=lambda: client.call("describe"), is_ready=lambda: client.is_ready(timeout=1)
         )
-        # SIGTERM: requests still running after SHUTDOWN_TIMEOUT_S get a JSON 503 (public/shutdown.py).
+        # SIGTERM: requests still running after SHUTDOWN_TIMEOUT_S get a JSON 503 (core/asgi.py ShutdownBound).
         public_app.shutdown.install(SETTINGS.shutdown_timeout_s)
         freeze_heap()
 

@@ -60,7 +60,7 @@ def first_line(error: BaseException) -> str:
 # One request's result, from the workflow to the HTTP answer: ``Outcome``; and the one exception -> status mapping.
 #
 # The runner sends a list of them back to the API worker in its pickle (one per request); the public side turns each
-# into its HTTP answer (public/answers.py). Nothing else decides a status from an exception.
+# into its HTTP answer (public/app.py ``respond``). Nothing else decides a status from an exception.
 
 OK = 200
 
