@@ -258,7 +258,7 @@ def _gpu() -> dict[str, Any] | None:
 
 
 def _model_gpu(gpu: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The runner's own figures for the model's GPU (workflows/devices.py ``gpu_info``, torch's cudaMemGetInfo), for
+    """The runner's own figures for the model's GPU (workflows/torch_workflow.py ``gpu_info``, cudaMemGetInfo), for
     images without nvidia-smi: the API workers never import torch, so they come with /info's model description."""
     if not isinstance(gpu, dict):
         return None
