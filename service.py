@@ -15,15 +15,14 @@ import bentoml
 from bentoml.validators import ContentType
 
 from core import bentoml_seam
+from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
 from public import http_protocol
 from public.app import PublicApp
 from public.openapi import DocumentedService, FastRouteService
 from public.runner_client import RunnerClient, through_bentoml
-from runner.batch_runner import BatchRunner
-from runner.drain import Drain
+from runner.batch_runner import BatchRunner, Drain
 from runner.model_registry import ModelRegistry
-from runner.route import RunnerService
 from workflows import startup
 
 # OpenMP threads that spin while waiting steal the cores the API workers need; on a busy box a 2-thread forward
@@ -79,7 +78,7 @@ def freeze_heap() -> None:
     logging={"access": {"enabled": False}},
     # Internal routes: OpenTelemetry's middleware costs ~20% of the runner's CPU per call even when nothing is sampled.
     tracing={"excluded_urls": ["/infer", "/describe"]},
-    # Fast path: the API workers' calls to infer skip BentoML's middleware stack and typed endpoint (runner/route.py).
+    # Fast path: the API workers' calls to infer skip BentoML's middleware and typed endpoint (core/bentoml_seam.py).
     service_class=RunnerService if FAST_PATH else bentoml.Service,
 )
 class WorkflowRunner:
@@ -156,7 +155,7 @@ class InfernetService:
         public_app.bind(
             infer=infer, describe=lambda: client.call("describe"), is_ready=lambda: client.is_ready(timeout=1)
         )
-        # SIGTERM: requests still running after SHUTDOWN_TIMEOUT_S get a JSON 503 (public/shutdown.py).
+        # SIGTERM: requests still running after SHUTDOWN_TIMEOUT_S get a JSON 503 (core/asgi.py ShutdownBound).
         public_app.shutdown.install(SETTINGS.shutdown_timeout_s)
         freeze_heap()
 

@@ -1,13 +1,22 @@
-"""The ASGI types every route uses, the one ASGI body reader, and the bound on a uvicorn server's graceful stop."""
+"""The ASGI types every route uses, the one ASGI body reader, and the bound on a uvicorn server's graceful stop
+(``bound_uvicorn``; ``ShutdownBound``, an API worker's requests in flight after SIGTERM)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+from core.errors import RequestError
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+BACKSTOP_S = 1.0  # after the bound, uvicorn cancels whatever is left
 
 
 class ClientDisconnected(ConnectionError):
@@ -46,3 +55,71 @@ def bound_uvicorn(handler: Any, seconds: float) -> None:
     if config is not None and hasattr(config, "timeout_graceful_shutdown"):
         current = config.timeout_graceful_shutdown
         config.timeout_graceful_shutdown = seconds if current is None else min(current, seconds)
+
+
+class ShutdownBound:
+    """An API worker's requests in flight, bounded by SHUTDOWN_TIMEOUT_S once SIGTERM has arrived.
+
+    Without a bound, uvicorn waits for every request to end: an upload stalled mid-body holds the worker until
+    REQUEST_TIMEOUT_S (60 s by default), past Kubernetes' 30 s before SIGKILL. Once SIGTERM arrives, each request's
+    deadline becomes the earlier of its own and the shutdown's; a request still running then is answered with the
+    contract's JSON 503 (its connection then closes: uvicorn stops keep-alive during shutdown). uvicorn's own graceful
+    timeout is set a moment later as a backstop for requests BentoML's routes hold.
+    """
+
+    def __init__(self) -> None:
+        self.bound_s: float | None = None
+        self._stop_at: float | None = None  # loop time at which requests still running get 503
+        self._deadlines: set[asyncio.Timeout] = set()
+
+    @contextlib.asynccontextmanager
+    async def bounded(self, timeout_s: float) -> AsyncIterator[None]:
+        """Run the body within ``timeout_s`` (TimeoutError) and within the shutdown's bound once one has begun
+        (RequestError 503). On the API worker's event loop."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + timeout_s
+        if self._stop_at is not None:
+            when = min(when, self._stop_at)
+        try:
+            async with asyncio.timeout_at(when) as deadline:
+                self._deadlines.add(deadline)
+                try:
+                    yield
+                finally:
+                    self._deadlines.discard(deadline)
+        except TimeoutError:
+            if self._stop_at is not None and loop.time() >= self._stop_at:
+                raise RequestError(
+                    503,
+                    f"the service is shutting down; the request did not finish within {self.bound_s:g} s "
+                    "(SHUTDOWN_TIMEOUT_S)",
+                ) from None
+            raise
+
+    def stop_within(self, bound_s: float) -> None:
+        """On the event loop, at SIGTERM: every request running now or later ends within ``bound_s``."""
+        loop = asyncio.get_running_loop()
+        self.bound_s = bound_s
+        self._stop_at = loop.time() + bound_s
+        for deadline in self._deadlines:
+            when = deadline.when()
+            if when is None or when > self._stop_at:
+                deadline.reschedule(self._stop_at)
+
+    def install(self, bound_s: float) -> bool:
+        """Wrap the server's SIGTERM handler. Call in the API worker's main thread, on its running event loop,
+        after uvicorn installed its handler (BentoML builds the service then); False when it cannot."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return False
+        loop = asyncio.get_running_loop()
+
+        def bounded_exit(signum: int, frame: Any) -> None:
+            bound_uvicorn(previous, bound_s + BACKSTOP_S)
+            loop.call_soon_threadsafe(self.stop_within, bound_s)
+            previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, bounded_exit)
+        return True

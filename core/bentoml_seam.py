@@ -9,8 +9,9 @@ What it holds, each used only when the fast path is on (``fast_path()``):
   cost about half of the process's CPU per request (docs/performance.md, sections 8 and 12). What the skipped
   layers did for the route is kept: the same ``bentoml_service_request_*`` series reach /metrics (recorded into
   BentoML's own metric objects, with the same labels), and the access log line when access logging is on.
-- BentoML's pickle serde (``PickleSerde``, ``Payload``), which the runner's client and route speak
-  (public/runner_client.py, runner/route.py).
+- The runner's half of the fast path: ``RunnerService`` (the runner's ``service_class``) puts ``PickledCall`` on
+  a ``FastRoute`` for ``POST /infer``; it speaks BentoML's pickle serde (``PickleSerde``, ``Payload``), as the
+  API workers' client does (public/runner_client.py).
 - ``path_item``: BentoML's OpenAPI path object, for the raw routes' documentation (public/openapi.py).
 - Fixes of BentoML 1.4.40, applied by ``fast_path()``. BentoML looks the classes up in their modules each time it
   builds an app, so replacing the module attributes is enough.
@@ -46,10 +47,13 @@ from pathlib import Path
 from time import perf_counter, time
 from typing import Any
 
+import bentoml
+import orjson
+from bentoml.exceptions import BentoMLException
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 
-from core.asgi import Receive, Scope, Send
+from core.asgi import Receive, Scope, Send, read_body
 from core.terms import error_body
 
 WRITTEN_FOR = "1.4.40"  # the BentoML version whose internals this module uses
@@ -57,7 +61,7 @@ PICKLE = "application/vnd.bentoml+pickle"  # BentoML's pickle serde's media type
 log = logging.getLogger("core.bentoml_seam")
 
 try:
-    from _bentoml_impl.serde import Payload, PickleSerde  # noqa: F401  (used by the runner's client and route)
+    from _bentoml_impl.serde import Payload, PickleSerde  # the runner call's wire format (both sides)
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml._internal.context import server_context
     from bentoml._internal.server.http import instruments, traffic
@@ -201,6 +205,85 @@ def _find_metrics(layer: Any, route: str) -> RouteMetrics | None:
             return RouteMetrics(layer, route)
         layer = getattr(layer, "app", None)
     return None
+
+
+# The runner's fast route: its ``POST /infer``, as the API workers send it, straight to the runner's ``infer``.
+#
+# The API workers send the call's arguments in BentoML's pickle serde, as the client of ``bentoml.depends`` does (one
+# body: protocol-5 pickle plus its out-of-band buffers, and a ``buffer-lengths`` header), and read the answer the same
+# way; ``public/runner_client.py`` is their side. BentoML's stack and typed endpoint around that call cost more of the
+# runner's CPU than a small model's forward (docs/performance.md, section 12). ``PickledCall`` answers it with
+# BentoML's own ``PickleSerde``, so BentoML's client works here too; a request in any other form (JSON from a
+# person, another route) goes through BentoML as before.
+
+CLIENT_GONE = 499  # for the metrics: the API worker went away before the answer (nginx's code); nothing is sent
+
+
+def is_pickled_call(scope: Scope) -> bool:
+    if scope["method"] != "POST":
+        return False
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.split(b";")[0].strip().decode("latin-1") == PICKLE
+    return False
+
+
+class PickledCall:
+    """Calls one API method of the running service instance with a pickled request's arguments."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.serde = PickleSerde()
+        self._bound: Any = None  # looked up once: BentoML builds a new wrapper (with its signature) per lookup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> int:
+        if self._bound is None:
+            try:
+                # .local: the instance's own method; the attribute itself would call this service again over HTTP.
+                self._bound = getattr(bentoml.get_current_service(), self.method).local
+            except BentoMLException:  # not instantiated yet; BentoML's lifespan normally rules this out
+                return await _error(send, 503, "the runner is starting")
+        method = self._bound
+        try:
+            body = await read_body(receive)
+            headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+            arguments = self.serde.deserialize_value(Payload((body,), metadata=headers))
+            payload = self.serde.serialize_value(await method(**arguments))
+        except ConnectionError:  # ClientDisconnected, or the answer could not be sent
+            return CLIENT_GONE
+        except Exception:
+            log.exception("runner call %s failed", self.method)
+            return await _error(send, 500, f"{self.method} failed; see the runner's log")
+        body = b"".join(payload.data)
+        headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in payload.metadata.items()]
+        return await _send(send, 200, PICKLE, body, headers)
+
+
+async def _error(send: Send, status: int, message: str) -> int:
+    # The client reads an error's body as text (BentoML's own errors are {"error": ...} JSON).
+    return await _send(send, status, "application/json", orjson.dumps({"error": message}))
+
+
+async def _send(send: Send, status: int, media_type: str, body: bytes, headers: list | None = None) -> int:
+    start = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+class RunnerService(bentoml.Service):
+    """The runner's class (``service_class`` of ``@bentoml.service``): ``POST /infer`` in BentoML's pickle serde
+    goes to ``PickledCall`` (fast path only); with middleware added to the service, every request goes through BentoML's
+    stack.
+
+    Only as a dependency: like BentoML's own endpoint, a service that faces clients (``is_main``) never unpickles
+    what it is sent, since unpickling runs code of the sender's choosing."""
+
+    def to_asgi(self, is_main: bool = True) -> Any:
+        app = super().to_asgi(is_main)
+        if is_main or self.middlewares:
+            return app
+        return FastRoute(app, "/infer", PickledCall("infer"), access_log_enabled(), accepts=is_pickled_call)
 
 
 def cors_enabled() -> bool:

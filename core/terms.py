@@ -1,11 +1,14 @@
-"""The contract's vocabulary: dtype names, where data comes from and goes to, the error body. Imported by the
-service and the tests alike."""
+"""The contract's vocabulary: dtype names, where data comes from and goes to, the request's body as Infernet nodes
+send it (``InfernetInput``), the error body. Imported by the service and the tests alike."""
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from http import HTTPStatus
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 DTYPE_NAMES = (
     "float", "double", "cfloat", "cdouble", "half", "bfloat16",
@@ -24,6 +27,55 @@ class Destination(IntEnum):
     CHAIN = 0
     OFFCHAIN = 1
     STREAM = 2
+
+
+_HEX = re.compile(r"^[a-fA-F0-9]+$")
+
+
+class InfernetInput(BaseModel):
+    """The body of ``POST /service_output``, as Infernet nodes send it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    source: Source = Field(description="0 = CHAIN (hex data), 1 = OFFCHAIN (JSON object)")
+    data: str | dict[str, Any] = Field(description="ABI-encoded hex for CHAIN, an object for OFFCHAIN")
+    destination: Destination = Field(Destination.OFFCHAIN, description="0 = CHAIN, 1 = OFFCHAIN")
+    requires_proof: StrictBool = False
+
+    @field_validator("source", "destination", mode="before")
+    @classmethod
+    def _plain_int(cls, value: Any) -> Any:
+        # bool is an int in Python; `"source": true` is a client bug, not CHAIN/OFFCHAIN.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be an integer")
+        return value
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _hex(cls, value: Any) -> Any:
+        if not isinstance(value, (str, dict)):
+            raise ValueError("must be a hex string (CHAIN) or a JSON object (OFFCHAIN)")
+        if isinstance(value, str):
+            value = "".join(value.split())
+            if value[:2] in ("0x", "0X"):
+                value = value[2:]
+            if not _HEX.match(value):
+                raise ValueError("must be a hex string (0-9, a-f)")
+            if len(value) % 2:
+                raise ValueError("hex string has an odd number of digits")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> InfernetInput:
+        if self.source == Source.CHAIN and not isinstance(self.data, str):
+            raise ValueError("data: CHAIN source needs a hex string")
+        if self.source == Source.OFFCHAIN and not isinstance(self.data, dict):
+            raise ValueError("data: OFFCHAIN source needs a JSON object")
+        if self.requires_proof:
+            raise ValueError(PROOFS_NOT_SUPPORTED)
+        if self.destination == Destination.STREAM:
+            raise ValueError("destination: STREAM (2) is not supported; use 0 (CHAIN) or 1 (OFFCHAIN)")
+        return self
 
 
 def error_body(status: int, description: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -1,34 +1,40 @@
-"""The public routes as one raw ASGI app, mounted at "/" inside the BentoML service.
+"""The public routes as one raw ASGI app, mounted at "/" inside the BentoML service; ``POST /service_output`` from
+its body to its answer, top to bottom.
 
 A raw app keeps the request path lean (orjson, no per-response schema work; see docs/performance.md).
 BentoML's routes registered before the mount (/livez, /readyz, /metrics) match first; everything else lands here,
 so unknown paths and wrong methods get the contract's JSON errors too. BentoML registers its page (/, /docs.json,
-/static_content/) after the mount, so those GETs are handed back to BentoML's routes.
+/static_content/) after the mount, so those GETs are handed back to BentoML's routes (public/routes.py).
+
+In the order a request meets them: ``PublicApp`` (route, budget and deadline, the inference route, the call to the
+runner); the body (read within MAX_REQUEST_BYTES, gzip decoded, JSON depth bounded: status 400, 413, 415);
+``parse_input``, the body as Infernet nodes send it (its shape, ``InfernetInput``, is the contract's vocabulary in
+core/terms.py); the answer (``respond``, and ``runner_failure``: the status of a runner call that failed as a whole,
+runner overloaded, unreachable or refusing). A request's own failure arrives as its ``Outcome`` (core/errors.py) with
+the status the workflow's exception maps to. All of it runs on the API worker's event loop. The cold routes live
+apart: /service-resources in public/resources.py, the Open Inference Protocol in public/open_inference.py, the
+methods of each route and BentoML's own routes in public/routes.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
+import numpy as np
 import orjson
-from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from pydantic import ValidationError
 
-from core.asgi import Receive, Scope, Send
-from core.errors import RequestError
+from core.asgi import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, ShutdownBound, read_body
+from core.errors import Outcome, RequestError
 from core.model_call import ForModel
-from core.model_ids import ModelId, ModelIdError, allowed, parse_model_id
-from core.outcome import Outcome
+from core.model_ids import ModelId, ModelIdError, allowed
 from core.settings import ServiceSettings
-from core.terms import Destination, Source, error_body
-from public import SERVICE_NAME, __version__, auth, chain, open_inference, request_body, resources
-from public.answers import respond, runner_failure
-from public.call_batching import RunnerCall, RunnerCallBatcher
+from core.terms import Destination, InfernetInput, Source, error_body
+from public import SERVICE_NAME, __version__, auth, chain, resources, routes
 from public.infernet_ml_layouts import (
     Layout,
     LayoutError,
@@ -38,28 +44,26 @@ from public.infernet_ml_layouts import (
     split_chain_request,
     split_request,
 )
-from public.infernet_request import parse_input
-from public.request_body import BODY_READ, CODINGS, MAX_JSON_DEPTH, has_body, nesting_depth
-from public.shutdown import ShutdownBound
+from public.runner_client import RunnerCall, RunnerCallBatcher
 
 log = logging.getLogger("public.app")
 T = TypeVar("T")
 
 
-_BENTOML_GET_ROUTES = {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
-_BENTOML_STATIC = "/static_content/"
-_GET = ("GET", "HEAD")
-# Every route served and its methods: a 405 names them in Allow, OPTIONS answers with them (RFC 9110, 15.5.6).
-ROUTE_METHODS: dict[str, tuple[str, ...]] = {
-    "/service_output": ("POST",),
-    "/info": _GET,
-    "/service-resources": _GET,
-    **dict.fromkeys(_BENTOML_GET_ROUTES, _GET),
-}
 _CLOSE = (b"connection", b"close")
 # The first ABI word of today's CHAIN data, abi.encode(int256[]): the array's offset, 0x20. With CHAIN_LAYOUT=auto
 # this hex prefix keeps today's requests on today's decoder without looking further.
 _INT256_HEAD = "0" * 62 + "20"
+# Set in the scope once the whole body has been received. An answer sent before then closes the connection: the
+# unread body (or, after `Expect: 100-continue`, the next request) would otherwise be read as what follows.
+BODY_READ = "infernet.body_read"
+CODINGS = "gzip, identity"  # request Content-Encodings decoded; others get 415
+# Deeper bodies are refused: the hop to the runner pickles the data, and pickling ~1000 levels raises
+# RecursionError, which would fail every request sent with it. Tensor values nest at most 32 levels.
+MAX_JSON_DEPTH = 64
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+_JSON = [(b"content-type", b"application/json")]
 
 
 class PublicApp:
@@ -83,7 +87,7 @@ class PublicApp:
         is_ready: Callable[[], Awaitable[bool]],
     ) -> None:
         """Connect to the runner; called by the BentoML service in each API worker. ``infer`` sends a list of
-        requests' data to the runner and returns their ``Outcome``s, in order (one call per group: call_batching)."""
+        requests' data to the runner and returns their ``Outcome``s in order (one call per group, RunnerCallBatcher)."""
         self._calls = RunnerCallBatcher(infer, max_items=self.settings.max_batch_size)
         self._describe = describe
         self._is_ready = is_ready
@@ -107,16 +111,18 @@ class PublicApp:
                     raise RequestError(405, "use POST for /service_output")
                 status, body = await self.limited_service_output(scope, receive)
             elif path == "/v2" or path.startswith("/v2/"):
+                from public import open_inference  # built on this module: imported here, not above it
+
                 return await open_inference.serve(self, scope, receive, send)  # answers its own errors
             elif path == "/info":
-                _only_get(method, path)
+                routes.only_get(method, path)
                 status, body = 200, await self.info()
             elif path == "/service-resources":
-                _only_get(method, path)
-                status, body = 200, await self.service_resources(scope)
-            elif path in _BENTOML_GET_ROUTES or path.startswith(_BENTOML_STATIC):
-                _only_get(method, path)
-                if await self._bentoml_route(scope, receive, send):
+                routes.only_get(method, path)
+                status, body = 200, await resources.service_resources(self, scope)
+            elif routes.bentoml_serves(path):
+                routes.only_get(method, path)
+                if await routes.bentoml_route(self, scope, receive, send):
                     return 200  # answered by BentoML; the status is only read for /service_output
                 raise RequestError(404, f"no route {path}")
             else:
@@ -129,21 +135,6 @@ class PublicApp:
         if status == 200 and scope.get(BODY_READ):
             return await respond(send, status, body)
         return await respond(send, status, body, extra_headers(scope, status))
-
-    async def _bentoml_route(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Serve the request with the first of BentoML's own routes (other than this mount) that matches it."""
-        router = getattr(scope.get("app"), "router", None)
-        for route in getattr(router, "routes", ()):
-            if getattr(route, "app", None) is self:
-                continue
-            match, child_scope = route.matches(scope)
-            if match == Match.FULL:
-                try:
-                    await route.handle({**scope, **child_scope}, receive, send)
-                except HTTPException as e:  # StaticFiles: no such file
-                    raise RequestError(e.status_code, f"no file {scope['path']}") from None
-                return True
-        return False
 
     async def limited_service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         return await self.limited(scope, receive, self.service_output)
@@ -162,7 +153,7 @@ class PublicApp:
         try:
             # BentoML's own timeouts are set longer (service.py), so this JSON answer is the one a client sees.
             # asyncio.timeout, unlike wait_for, runs the request in this task instead of a new one. After SIGTERM
-            # the deadline is also SHUTDOWN_TIMEOUT_S (a JSON 503; api/shutdown.py).
+            # the deadline is also SHUTDOWN_TIMEOUT_S (a JSON 503; core/asgi.py ShutdownBound).
             async with self.shutdown.bounded(timeout):
                 return await handler(scope, receive)
         except TimeoutError:
@@ -173,7 +164,7 @@ class PublicApp:
             self._in_progress -= 1
 
     async def service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
-        raw = await request_body.read(scope, receive, self.settings.max_request_bytes)
+        raw = await read_request_body(scope, receive, self.settings.max_request_bytes)
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -265,43 +256,104 @@ class PublicApp:
             }
         return self._info
 
-    async def service_resources(self, scope: Scope) -> dict[str, Any]:
-        info = await self.info()
-        query = scope.get("query_string", b"").decode("latin-1")
-        asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
-        if asked:
-            return self._supports(unquote(asked), info)
-        cache = (info.get("model") or {}).get("cache_dir")
-        # Disk usage and nvidia-smi block; keep them off the event loop.
-        listing = await asyncio.to_thread(resources.resources, SERVICE_NAME, info, Path(cache) if cache else None)
-        if "models" in info:
-            models = info["models"]
-            # The runner lists what its cache holds; only what a request may name would be served from it.
-            patterns = self.settings.allowed_models
-            cached = [e for e in models.get("cached") or () if allowed(parse_model_id(e["model_id"]), patterns)]
-            resources.with_per_request_models(listing, models["loaded"], cached)
-            listing["models"] = {"loaded": models["loaded"], "cached": cached, "allowed": list(patterns)}
-        return listing
 
-    def _supports(self, asked: str, info: dict[str, Any]) -> dict[str, Any]:
-        """``/service-resources?model_id=``: whether a request naming ``asked`` would be served, and (the node's
-        ``ModelSupport``) in ``error`` why not: not allowed, not found, or the last failed load's reason."""
-        if resources.supports(asked, info):
-            return {"supported": True}
+# The request's body: read within MAX_REQUEST_BYTES, gzip decoded, JSON depth bounded. Every refusal is a
+# ``RequestError`` with the contract's status (400, 413, 415).
+
+
+async def read_request_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request's body, decoded from its Content-Encoding; at most ``limit`` bytes, before and after decoding."""
+    gzipped = 0
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise RequestError(413, f"body of {int(value)} bytes exceeds the limit of {limit} (MAX_REQUEST_BYTES)")
+        if name == b"content-encoding":
+            gzipped += gzip_layers(value)
+    try:
+        raw = await read_body(receive, limit)
+    except ClientDisconnected:
+        raise RequestError(400, "client disconnected before sending the whole body") from None
+    except BodyTooLarge:
+        raise RequestError(413, f"body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)") from None
+    scope[BODY_READ] = True
+    for _ in range(gzipped):
+        raw = gunzip(raw, limit)
+    return raw
+
+
+def has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
+            return True
+    return False
+
+
+def nesting_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, counted at C speed. Brackets inside strings count too, so this
+    may overestimate, never underestimate."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    brackets = np.frombuffer(raw.translate(None, _NOT_BRACKETS), np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(steps.cumsum().max())
+
+
+def gzip_layers(value: bytes) -> int:
+    """How many times a Content-Encoding says the body was gzipped; 415 for a coding not decoded here."""
+    layers = 0
+    for token in value.split(b","):
+        coding = token.strip().lower()
+        if coding in (b"gzip", b"x-gzip"):
+            layers += 1
+        elif coding not in (b"identity", b""):
+            name = coding.decode("latin-1")
+            raise RequestError(415, f"Content-Encoding {name!r} is not supported; send one of: {CODINGS}")
+    return layers
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """Decode a gzip body (one or more members) without ever holding more than ``limit`` + 1 decoded bytes: a small
+    compressed body can expand a thousandfold."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         try:
-            model = str(parse_model_id(asked))
-        except ModelIdError as e:
-            return {"supported": False, "error": f"malformed model id: {e}"}
-        if not allowed(parse_model_id(model), self.settings.allowed_models):
-            return {"supported": False, "error": "not allowed"}
-        models = info.get("models") or {}
-        if any(entry["model_id"] == model for entry in models.get("loaded", ())):
-            return {"supported": True}
-        failed = (models.get("failed") or {}).get(model)
-        if failed is not None:
-            reason = "not found" if failed["status"] == 404 else failed["reason"]
-            return {"supported": False, "error": reason}
-        return {"supported": True}  # allowed; loaded on its first request
+            part = decoder.decompress(data, limit + 1 - size)
+        except zlib.error as e:
+            raise RequestError(400, f"body is not valid gzip (Content-Encoding: gzip): {e}") from None
+        size += len(part)
+        if size > limit:
+            raise RequestError(413, f"decompressed body exceeds the limit of {limit} bytes (MAX_REQUEST_BYTES)")
+        if not decoder.eof:
+            raise RequestError(400, "gzip body is truncated (Content-Encoding: gzip)")
+        parts.append(part)
+        data = decoder.unused_data
+        if not data:
+            return b"".join(parts)
+
+
+# What the body holds: ``InfernetInput`` (core/terms.py), ``POST /service_output`` as Infernet nodes send it.
+
+
+def parse_input(obj: Any) -> InfernetInput:
+    if not isinstance(obj, dict):
+        raise RequestError(400, f"body must be a JSON object, got {type(obj).__name__}")
+    try:
+        return InfernetInput.model_validate(obj)
+    except ValidationError as e:
+        errors = [{"loc": list(err["loc"]), "msg": _clean(err["msg"])} for err in e.errors(include_url=False)]
+        described = "; ".join(_describe(err) for err in errors[:3])
+        raise RequestError(400, described, errors) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(map(str, err["loc"]))
+    return f"{loc}: {err['msg']}" if loc else err["msg"]
+
+
+def _clean(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
 
 
 def _layout(split: Callable[..., tuple[ModelId | None, Any, Reply]], *args: Any) -> tuple[ModelId | None, Any, Reply]:
@@ -320,29 +372,42 @@ def _answer(encode: Callable[[Any, Reply], Any], body: Any, reply: Reply) -> Any
         raise RequestError(422, f"the answer does not fit the request's layout: {e}") from None
 
 
-def _only_get(method: str, path: str) -> None:
-    if method not in _GET:
-        raise RequestError(405, f"use GET for {path}")
+# The answer.
 
 
-def allowed_methods(path: str) -> tuple[str, ...] | None:
-    """The methods served on a path (OPTIONS aside); None for a path with no route."""
-    methods = ROUTE_METHODS.get(path)
-    if methods is None and path.startswith(_BENTOML_STATIC):
-        return _GET
-    if methods is None and (path == "/v2" or path.startswith("/v2/")):  # the Open Inference Protocol's routes
-        return ("POST",) if path.endswith("/infer") else _GET
-    return methods
+async def respond(send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None) -> int:
+    """Send ``body`` as JSON with ``status`` (a 500 when it is not JSON-serialisable); returns the status sent."""
+    try:
+        payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as e:
+        status, payload = 500, orjson.dumps(error_body(500, f"the workflow's output is not JSON-serialisable: {e}"))
+    headers = [*_JSON, (b"content-length", str(len(payload)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    if extra:
+        headers += extra
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+    return status
 
 
-def _allow(methods: tuple[str, ...]) -> tuple[bytes, bytes]:
-    return b"allow", ", ".join((*methods, "OPTIONS")).encode()
+def runner_failure(error: Exception) -> RequestError:
+    """The answer to a request whose call to the runner failed (``error_code``: the runner's HTTP status)."""
+    code = getattr(error, "error_code", None)
+    if code is not None and int(code) == 503:
+        return RequestError(503, "the model runner is overloaded; retry later")
+    if code is not None and int(code) < 500:
+        return RequestError(500, f"the model runner refused the call ({int(code)})")
+    if code is None:
+        log.warning("model runner unreachable: %s: %s", type(error).__name__, error)
+        return RequestError(503, f"the model runner is unreachable ({type(error).__name__}); retry later")
+    return RequestError(500, f"the model runner failed ({int(code)})")
 
 
 def extra_headers(scope: Scope, status: int) -> list[tuple[bytes, bytes]]:
     headers = []
-    if status == 405 and (methods := allowed_methods(scope["path"])) is not None:
-        headers.append(_allow(methods))
+    if status == 405 and (methods := routes.allowed_methods(scope["path"])) is not None:
+        headers.append(routes.allow(methods))
     elif status == 415:
         headers.append((b"accept-encoding", CODINGS.encode()))
     if not scope.get(BODY_READ) and has_body(scope):
@@ -353,11 +418,11 @@ def extra_headers(scope: Scope, status: int) -> list[tuple[bytes, bytes]]:
 async def _options(scope: Scope, send: Send) -> int:
     """OPTIONS on a route: 204 with its methods in Allow; ``OPTIONS *`` names every method served."""
     path = scope["path"]
-    methods = ("GET", "HEAD", "POST") if path == "*" else allowed_methods(path)
+    methods = ("GET", "HEAD", "POST") if path == "*" else routes.allowed_methods(path)
     if methods is None:
         body = error_body(404, f"no route {path}; the inference route is POST /service_output")
         return await respond(send, 404, body, extra_headers(scope, 404))
-    headers = [_allow(methods)]  # no Content-Length on a 204 (RFC 9110, 8.6)
+    headers = [routes.allow(methods)]  # no Content-Length on a 204 (RFC 9110, 8.6)
     if has_body(scope):
         headers.append(_CLOSE)
     await send({"type": "http.response.start", "status": 204, "headers": headers})

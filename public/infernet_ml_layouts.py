@@ -288,7 +288,7 @@ def split_chain_request(
     """CHAIN hex -> (model named or None, tensor data in our form, reply layout).
 
     ``layout`` is the ``CHAIN_LAYOUT`` setting. ``hex_data`` is already checked hex
-    (``public.infernet_request``), without ``0x``. Raises LayoutError or ModelIdError (both 400).
+    (``public.app.parse_input``), without ``0x``. Raises LayoutError or ModelIdError (both 400).
     """
     try:
         blob = bytes.fromhex(hex_data)

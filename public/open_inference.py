@@ -24,8 +24,8 @@ import orjson
 from core.asgi import Receive, Scope, Send
 from core.errors import RequestError
 from core.terms import DTYPE_NAMES
-from public import SERVICE_NAME, __version__, request_body
-from public import app as public
+from public import SERVICE_NAME, __version__
+from public import app as public  # built on the public app; public/app.py imports this module only where it routes /v2
 
 log = logging.getLogger("public.open_inference")
 
@@ -184,14 +184,14 @@ async def _limited_infer(app: public.PublicApp, scope: Scope, receive: Receive) 
 
 async def _infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple[dict[str, Any], bytes | None]:
     headers = dict(scope["headers"])
-    raw = await request_body.read(scope, receive, app.settings.max_request_bytes)
+    raw = await public.read_request_body(scope, receive, app.settings.max_request_bytes)
     header, binary = split_body(raw, headers.get(_HEADER_LENGTH))
     try:
         obj = orjson.loads(header)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(400, f"body is not valid JSON: {e}") from None
-    if request_body.nesting_depth(header) > request_body.MAX_JSON_DEPTH:
-        raise ProtocolError(400, f"body is nested deeper than {request_body.MAX_JSON_DEPTH} levels")
+    if public.nesting_depth(header) > public.MAX_JSON_DEPTH:
+        raise ProtocolError(400, f"body is nested deeper than {public.MAX_JSON_DEPTH} levels")
     request = read_request(obj, binary, app.settings.max_elements)
     outcome = await app.infer(request.data)
     if outcome.status != 200:

@@ -14,10 +14,9 @@ import attrs
 import bentoml
 
 from core import bentoml_seam
-from core.terms import DTYPE_NAMES, error_body
+from core.terms import DTYPE_NAMES, InfernetInput, error_body
 from public import SERVICE_NAME, __version__
 from public.app import PublicApp
-from public.infernet_request import InfernetInput
 
 REF = "#/components/schemas/{model}"
 

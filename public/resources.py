@@ -10,6 +10,7 @@ runner measured it when the model became ready), and ``{"supported": bool}`` for
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import shutil
@@ -19,10 +20,54 @@ import xml.etree.ElementTree as ET
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
-from core.model_ids import parse_model_id
+from core.model_ids import ModelIdError, allowed, parse_model_id
+from public import SERVICE_NAME
 
 SPEC_VERSION = "0.1.0"  # of the ServiceResources format, not of this service
+
+
+async def service_resources(app: Any, scope: Any) -> dict[str, Any]:
+    """``GET /service-resources`` for the public app ``app`` (public/app.py ``PublicApp``), from its ``info()``. On
+    the API worker's event loop; the disk and GPU listing in a thread."""
+    info = await app.info()
+    query = scope.get("query_string", b"").decode("latin-1")
+    asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
+    if asked:
+        return model_support(unquote(asked), info, app.settings.allowed_models)
+    cache = (info.get("model") or {}).get("cache_dir")
+    # Disk usage and nvidia-smi block; keep them off the event loop.
+    listing = await asyncio.to_thread(resources, SERVICE_NAME, info, Path(cache) if cache else None)
+    if "models" in info:
+        models = info["models"]
+        # The runner lists what its cache holds; only what a request may name would be served from it.
+        patterns = app.settings.allowed_models
+        cached = [e for e in models.get("cached") or () if allowed(parse_model_id(e["model_id"]), patterns)]
+        with_per_request_models(listing, models["loaded"], cached)
+        listing["models"] = {"loaded": models["loaded"], "cached": cached, "allowed": list(patterns)}
+    return listing
+
+
+def model_support(asked: str, info: dict[str, Any], allowed_models: Any) -> dict[str, Any]:
+    """``/service-resources?model_id=``: whether a request naming ``asked`` would be served, and (the node's
+    ``ModelSupport``) in ``error`` why not: not allowed, not found, or the last failed load's reason."""
+    if supports(asked, info):
+        return {"supported": True}
+    try:
+        model = str(parse_model_id(asked))
+    except ModelIdError as e:
+        return {"supported": False, "error": f"malformed model id: {e}"}
+    if not allowed(parse_model_id(model), allowed_models):
+        return {"supported": False, "error": "not allowed"}
+    models = info.get("models") or {}
+    if any(entry["model_id"] == model for entry in models.get("loaded", ())):
+        return {"supported": True}
+    failed = (models.get("failed") or {}).get(model)
+    if failed is not None:
+        reason = "not found" if failed["status"] == 404 else failed["reason"]
+        return {"supported": False, "error": reason}
+    return {"supported": True}  # allowed; loaded on its first request
 
 
 def resources(service_id: str, info: dict[str, Any], cache_dir: Path | None = None) -> dict[str, Any]:
@@ -213,7 +258,7 @@ def _gpu() -> dict[str, Any] | None:
 
 
 def _model_gpu(gpu: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The runner's own figures for the model's GPU (workflows/devices.py ``gpu_info``, torch's cudaMemGetInfo), for
+    """The runner's own figures for the model's GPU (workflows/torch_workflow.py ``gpu_info``, cudaMemGetInfo), for
     images without nvidia-smi: the API workers never import torch, so they come with /info's model description."""
     if not isinstance(gpu, dict):
         return None

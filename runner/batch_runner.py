@@ -15,7 +15,10 @@ Pre- and postprocessing run on the event loop alongside the forward of another b
 section 15); only the forward needs the model's thread. A lone call starts at once; calls that arrive while the
 model is busy queue and form the next batch, which the thread takes the moment the previous one ends: nothing
 waits for the event loop between batches, which with BentoML's dispatcher left the model idle for 2.5-4.6 ms per
-batch (section 11). The steps themselves are the workflow's (workflows/batch.py), shared with ``run_batch``.
+batch (section 11). The steps themselves are the workflow's (workflows/base.py), shared with ``run_batch``.
+
+``Drain`` (at the end) is how the runner stops taking calls: service.py's ``infer`` runs each call inside
+``Drain.working``, and SIGTERM is handed on to the server once no call is running.
 """
 
 from __future__ import annotations
@@ -23,17 +26,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.errors import Overloaded
+from core.asgi import bound_uvicorn
+from core.errors import Outcome, Overloaded, failure
 from core.model_call import ForModel
-from core.outcome import Outcome, failure
-from workflows.batch import forward_all, postprocess_all, preprocess_all
+from workflows.base import forward_all, postprocess_all, preprocess_all
 
 log = logging.getLogger("runner.batch_runner")
 
@@ -128,7 +132,7 @@ class BatchRunner:
     # The model thread's side.
 
     def forward(self, prepared: list[Any]) -> list[Any]:
-        """On the model thread: one batch's forward passes (workflows/batch.py ``forward_all``); with per-request
+        """On the model thread: one batch's forward passes (workflows/base.py ``forward_all``); with per-request
         models in the batch, one ``forward_all`` per model."""
         for entry in prepared:
             if type(entry) is _Routed:
@@ -233,3 +237,58 @@ def _settle(future: asyncio.Future[list[Any]], outcomes: list[Any] | None, error
         future.set_exception(error)
     else:
         future.set_result(outcomes)
+
+
+class Drain:
+    """Keeps the runner serving for a moment after SIGTERM, until the API workers have sent what they hold.
+
+    BentoML's process manager sends SIGTERM to every worker at once. The runner's server would stop accepting
+    connections at once, so requests that an API worker had received but not yet passed on would fail with 503
+    although the operator asked for a graceful stop. Instead the runner hands the signal on to its server only once
+    no call is running and none has arrived for ``idle_s``, or after ``max_s`` at most; calls still running by then are
+    cancelled (SHUTDOWN_TIMEOUT_S bounds the whole shutdown, docs/reliability.md).
+    """
+
+    def __init__(self, idle_s: float = 0.5, max_s: float = 30.0) -> None:
+        self.idle_s = idle_s
+        self.max_s = max_s
+        self._active = 0
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._last = time.monotonic()
+
+    def install(self) -> bool:
+        """Wrap the server's SIGTERM handler; call in the worker's main thread after the server installed its own."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return False
+
+        def deferred(signum: int, frame: Any) -> None:
+            threading.Thread(target=self._pass_on, args=(previous, signum, frame), daemon=True).start()
+
+        signal.signal(signal.SIGTERM, deferred)
+        return True
+
+    def _pass_on(self, handler: Any, signum: int, frame: Any) -> None:
+        deadline = time.monotonic() + self.max_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                idle = self._active == 0 and time.monotonic() - self._last >= self.idle_s
+            if idle:
+                break
+            time.sleep(0.05)
+        # A call that arrived just before the hand-over still gets the rest of the bound, and no more.
+        bound_uvicorn(handler, max(1.0, deadline - time.monotonic()))
+        handler(signum, frame)  # uvicorn's handler only sets flags its main loop polls

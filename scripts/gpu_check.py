@@ -60,7 +60,7 @@ import torch  # noqa: E402
 
 from core.settings import EMBEDDED_MODEL, TorchSettings  # noqa: E402
 from scripts.bench import models as bench_models  # noqa: E402
-from workflows.batch import forward_all, preprocess_all, run_batch  # noqa: E402
+from workflows.base import forward_all, preprocess_all, run_batch  # noqa: E402
 from workflows.torch_workflow import TorchInferenceWorkflow  # noqa: E402
 
 BATCHES = (1, 32, 256)

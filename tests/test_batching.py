@@ -7,12 +7,11 @@ import threading
 
 import torch
 
-from core.outcome import Outcome
+from core.errors import Outcome
 from core.settings import TorchSettings
 from runner.batch_runner import BatchRunner
 from tests.models import Affine, save
-from workflows.base import InferenceWorkflow
-from workflows.batch import run_batch
+from workflows.base import InferenceWorkflow, run_batch
 from workflows.torch_workflow import TorchInferenceWorkflow
 
 

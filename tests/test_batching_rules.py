@@ -20,7 +20,7 @@ from tests.models import Affine, save
 from tests.test_batching_http import batch_histogram, batches_larger_than_one, fire_together
 from tests.test_startup_progress import startup_lines
 from workflows import startup
-from workflows.batch import run_batch
+from workflows.base import run_batch
 from workflows.torch_workflow import TorchInferenceWorkflow
 
 

@@ -1,4 +1,5 @@
-"""POST /service_output skips BentoML's middleware (api/fast_route.py): what those layers did must still happen.
+"""POST /service_output skips BentoML's middleware (core/bentoml_seam.py FastRoute): what those layers did must
+still happen.
 
 Against a real ``bentoml serve``: the request series reach /metrics with BentoML's names and labels, counted
 exactly, and the access log can still be switched on. Every other route still goes through BentoML's stack.

@@ -21,8 +21,8 @@ from core.settings import EMBEDDED_MODEL, TorchSettings
 from public import resources
 from tests.fixtures.server import REPO, run_to_exit, serving
 from tests.models import save
-from workflows import devices
-from workflows.batch import run_batch
+from workflows import torch_workflow
+from workflows.base import run_batch
 from workflows.torch_workflow import TorchInferenceWorkflow
 
 TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}  # of the largest |answer|: 11 and 8 significant bits
@@ -75,7 +75,7 @@ def answer(flow: TorchInferenceWorkflow, rows=ROWS) -> list[dict]:
 def test_lowered_precision_answers_float_within_tolerance(tmp_path, precision, kind):
     reference = answer(built(tmp_path / "ref", SmallNet(), kind, device="cpu"))
     flow = built(tmp_path / "low", SmallNet(), kind, device="cpu", precision=precision)
-    assert next(flow.model.parameters()).dtype == devices.PRECISIONS[precision]  # converted at load
+    assert next(flow.model.parameters()).dtype == torch_workflow.PRECISIONS[precision]  # converted at load
     lowered = answer(flow)
     scale = max(1.0, max(abs(v) for body in reference for v in body["values"].ravel()))
     for want, got in zip(reference, lowered, strict=True):
@@ -118,19 +118,19 @@ def test_precision_that_cannot_apply_is_a_startup_error(tmp_path, model, precisi
 
 
 def test_device_auto_is_the_cpu_here_and_cuda_is_refused():
-    assert devices.resolve("auto") == torch.device("cpu")  # no CUDA on this machine
+    assert torch_workflow.resolve("auto") == torch.device("cpu")  # no CUDA on this machine
     for name in ("cuda", "cuda:1"):
         with pytest.raises(StartupError, match=f"^device: {name} requested but CUDA is not available$"):
-            devices.resolve(name)
+            torch_workflow.resolve(name)
     with pytest.raises(StartupError, match=r"^device: "):
-        devices.resolve("gpu please")
+        torch_workflow.resolve("gpu please")
 
 
 def test_batch_stays_put_on_its_own_device_and_moves_once_elsewhere():
     batch = torch.ones(2, 3)
-    assert devices.to_device(batch, torch.device("cpu")) is batch  # no copy
+    assert torch_workflow.to_device(batch, torch.device("cpu")) is batch  # no copy
     # "meta" stands in for a device other than the CPU (CUDA cannot run here): one copy, same shape and dtype.
-    moved = devices.to_device(batch, torch.device("meta"))
+    moved = torch_workflow.to_device(batch, torch.device("meta"))
     assert moved.device.type == "meta" and moved.shape == batch.shape and moved.dtype == batch.dtype
 
 
@@ -148,7 +148,7 @@ def test_batch_goes_to_cuda_through_pinned_memory_without_blocking(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
     monkeypatch.setattr(torch.Tensor, "to", to)
-    devices.to_device(torch.ones(2, 3), torch.device("cuda"))
+    torch_workflow.to_device(torch.ones(2, 3), torch.device("cuda"))
     assert calls == [("pin_memory",), ("to", torch.device("cuda"), {"non_blocking": True})]
 
 
@@ -156,18 +156,18 @@ def test_output_comes_back_whole_with_only_the_compute_dtype_cast():
     Pair = namedtuple("Pair", "a b")
     half = torch.tensor([1.5, 2.25], dtype=torch.float16)
     output = {"x": [half, (half, torch.tensor([3]))], "p": Pair(half, "label"), "n": 7}
-    back = devices.to_host(output, {torch.float16: torch.float32})
+    back = torch_workflow.to_host(output, {torch.float16: torch.float32})
     assert back["x"][0].dtype == torch.float32 and back["x"][0].tolist() == [1.5, 2.25]
     assert isinstance(back["x"][1], tuple) and back["x"][1][1].dtype == torch.int64
     assert isinstance(back["p"], Pair) and back["p"].a.dtype == torch.float32 and back["p"].b == "label"
     assert back["n"] == 7
-    assert devices.to_host(half) is half  # already on the CPU, nothing to cast
+    assert torch_workflow.to_host(half) is half  # already on the CPU, nothing to cast
 
 
 def test_service_resources_report_the_models_gpu_without_nvidia_smi():
     if shutil.which("nvidia-smi"):
         pytest.skip("nvidia-smi is present: it describes the GPUs itself")
-    # The runner's figures as devices.gpu_info writes them on a GPU (no GPU here to measure).
+    # The runner's figures as torch_workflow.gpu_info writes them on a GPU (no GPU here to measure).
     gpu = {
         "name": "NVIDIA H200",
         "index": 0,

@@ -22,9 +22,9 @@ from eth_abi import encode
 from hypothesis import HealthCheck, example, given, settings
 
 from core.errors import InputError, RequestError
-from core.terms import DTYPE_NAMES, error_body
+from core.terms import DTYPE_NAMES, InfernetInput, error_body
 from public import chain
-from public.infernet_request import InfernetInput, parse_input
+from public.app import parse_input
 from tests.fixtures.server import serving
 from tests.reliability_support import assert_contract_error, figure, processes
 from workflows import tensors

@@ -21,9 +21,9 @@ import pytest
 
 from core.errors import RequestError, StartupError
 from core.settings import ServiceSettings
-from public.app import ROUTE_METHODS, allowed_methods
-from public.request_body import gunzip as _gunzip
-from public.request_body import gzip_layers as _gzip_layers
+from public.app import gunzip as _gunzip
+from public.app import gzip_layers as _gzip_layers
+from public.routes import ROUTE_METHODS, allowed_methods
 from tests.fixtures.server import serving
 
 GOOD = json.dumps({"source": 1, "data": {"dtype": "float", "values": [[5.1, 3.5, 1.4, 0.2]]}}).encode()

@@ -8,7 +8,7 @@ import pytest
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings
 from tests.test_onnx_workflow import iris_onnx
 from workflows import startup
-from workflows.batch import run_batch
+from workflows.base import run_batch
 from workflows.onnx_workflow import ONNXInferenceWorkflow
 
 IRIS = [1.0380048, 0.5586108, 1.1037828, 1.712096]

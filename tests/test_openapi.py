@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from core.terms import DTYPE_NAMES
-from public.infernet_request import InfernetInput
+from core.terms import DTYPE_NAMES, InfernetInput
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from core.terms import DTYPE_NAMES, PROOFS_NOT_SUPPORTED
 from public import SERVICE_NAME, __version__
 
 IRIS_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]
-# The prefix of every failure of the model itself (workflows/batch.py): a test asserts on it, never on torch's text.
+# The prefix of every failure of the model itself (workflows/base.py): a test asserts on it, never on torch's text.
 MODEL_FAILED = "the model failed on this input: "
 
 

@@ -18,7 +18,7 @@ import uvicorn
 from _bentoml_sdk.service import set_current_service
 
 from public.runner_client import ConnectionLost, RunnerCallError, RunnerClient, _address
-from tests.test_runner_route import Doubler
+from tests.test_pickled_call import Doubler
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ batch axis), ``run_batch`` (a batch in-process, for unit tests) and the built-in
 Importing this package does not import torch; ``workflows.torch_workflow`` does.
 """
 
-from core.errors import InputError, ModelError, ServiceError, StartupError
-from core.outcome import Outcome
-from workflows.base import InferenceWorkflow, TensorWorkflow
-from workflows.batch import run_batch
+from core.errors import InputError, ModelError, Outcome, ServiceError, StartupError
+from workflows.base import InferenceWorkflow, TensorWorkflow, run_batch
 
 __all__ = [
     "InferenceWorkflow", "InputError", "ModelError", "Outcome", "ServiceError", "StartupError", "TensorWorkflow",

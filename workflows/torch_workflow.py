@@ -9,9 +9,8 @@ import torch
 
 from core.errors import StartupError
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
-from workflows import batch as batches
-from workflows import devices, model_formats, sources, tensors
-from workflows.base import TensorWorkflow, batching_kwarg
+from workflows import model_formats, sources, tensors
+from workflows.base import TensorWorkflow, batching_kwarg, check_batch_of_two
 
 
 class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
@@ -26,7 +25,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
     batch of two; batching is turned off when the two answers differ (the embedded model has one built in).
     Precision: ``precision`` ("float32", "float16", "bfloat16", "float64"; default: the model's own) converts the
     floating parameters at load and float inputs before the forward; floating outputs come back in the model's own
-    dtype (workflows/devices.py).
+    dtype (below: where the model runs).
 
     ``batch_key``, ``batch``, ``unbatch`` and ``postprocess`` are TensorWorkflow's (workflows/base.py).
     """
@@ -82,8 +81,8 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
     def setup(self) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
-        self.device = devices.resolve(self.device_name)
-        precision = devices.parse_precision(self.precision_name)
+        self.device = resolve(self.device_name)
+        precision = parse_precision(self.precision_name)
         path = self.fetch()
         try:
             self.model, kind = model_formats.load(path, self.use_jit, self.device)
@@ -94,7 +93,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         # precision the forward runs in (docs/contract.md, "Precision").
         self.compute_dtype = self.model_dtype
         if precision is not None:
-            self.model = devices.convert(self.model, self.model_dtype, precision)
+            self.model = convert(self.model, self.model_dtype, precision)
             self.compute_dtype = precision
         self.info = {
             "source": self.spec.source,
@@ -106,7 +105,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             "dtype": tensors.NAMES.get(self.model_dtype) if self.model_dtype else None,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-            "precision": devices.precision_name(self.compute_dtype),
+            "precision": precision_name(self.compute_dtype),
             "threads": torch.get_num_threads(),
             "cache_dir": str(self.settings.model_cache_dir),
             "batching": {"enabled": self.batching, "checked": False, "reason": _NOT_CHECKED},
@@ -127,7 +126,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
                 self.run_model(item)
                 problem = None
             else:
-                problem = batches.check_batch_of_two(self, item, _difference)
+                problem = check_batch_of_two(self, item, _difference)
         except Exception as e:
             raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
         if not self.batching:
@@ -146,7 +145,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
     def describe(self) -> dict[str, Any]:
         """In the runner process. ``gpu`` (None on a CPU) is measured at each call: the runner asks once, when the
         model is ready."""
-        return {**self.info, "gpu": devices.gpu_info(self.device)} if self.info else self.info
+        return {**self.info, "gpu": gpu_info(self.device)} if self.info else self.info
 
     def preprocess(self, data: dict[str, Any]) -> torch.Tensor:
         tensor = tensors.decode(data, self.max_elements)
@@ -159,12 +158,12 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         """On the model thread: the batch to the device once, the forward, the whole output back to the CPU once
         (floating outputs in a lowered precision cast back to the model's own dtype first)."""
         with torch.inference_mode():
-            batch = devices.to_device(batch, self.device)
+            batch = to_device(batch, self.device)
             compute, own = self.compute_dtype, self.model_dtype
             if compute != own and batch.is_floating_point():
                 batch = batch.to(compute)  # on the device: a GPU casts faster than the model thread would
             output = self.model(batch)
-            return devices.to_host(output, {compute: own} if compute != own else None)
+            return to_host(output, {compute: own} if compute != own else None)
 
 
 _NOT_CHECKED = "not checked: no warmup_input (CLASSIC_INF_WORKFLOW_KW_ARGS) to compare a batch with"
@@ -213,3 +212,134 @@ def _same_file(path: Path, other: Path) -> bool:
         return path.resolve() == other.resolve()
     except OSError:
         return False
+
+
+# Where the torch workflow's model runs and in which floating precision: the device, the transfers of a batch to
+# it and of the output back, and the model's conversion to half or bfloat16.
+#
+# Everything here runs in the runner process: ``resolve``, ``parse_precision``, ``convert`` and ``gpu_info`` while the
+# workflow sets up (and ``gpu_info`` again when the runner describes the model), ``to_device`` and ``to_host`` on the
+# model's thread, once per batch.
+
+# The ``precision`` keyword's vocabulary: torch's own names, so that ``float16`` reads as what the GPU runs.
+PRECISIONS: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def precision_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
+def resolve(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``. Raises StartupError for an unknown device or a CUDA
+    device on a machine without CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise StartupError(f"device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StartupError(f"device: {name} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise StartupError(f"device: {name} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def parse_precision(name: str | None) -> torch.dtype | None:
+    """The ``precision`` keyword -> a floating dtype (None: the model's own). Raises StartupError naming the choices."""
+    if name is None:
+        return None
+    dtype = PRECISIONS.get(name) if isinstance(name, str) else None
+    if dtype is None:
+        raise StartupError(f"precision: unknown precision {name!r}; expected one of {', '.join(PRECISIONS)}")
+    return dtype
+
+
+def convert(model: Any, own: torch.dtype | None, precision: torch.dtype) -> Any:
+    """The model with its floating parameters and buffers in ``precision`` (integer ones stay as they are).
+
+    Raises StartupError when the model has no floating parameters (nothing to run in another precision), holds
+    complex ones (``Module.to`` would drop their imaginary part), or is not a module that can be converted.
+    """
+    if own is None:
+        raise StartupError("precision: the model has no floating-point parameters to convert")
+    if own == precision:
+        return model
+    if not callable(getattr(model, "to", None)) or not callable(getattr(model, "parameters", None)):
+        raise StartupError(f"precision: a {type(model).__name__} cannot be converted; save a torch.nn.Module")
+    held = [*model.parameters(), *(model.buffers() if callable(getattr(model, "buffers", None)) else ())]
+    if any(t.is_complex() for t in held):
+        raise StartupError("precision: the model has complex parameters; it runs only in its own precision")
+    try:
+        converted = model.to(precision)
+    except Exception as e:
+        raise StartupError(f"precision: cannot convert the model to {precision_name(precision)}: {e}") from None
+    return model if converted is None else converted
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``, copied once. To a GPU the copy goes through pinned (page-locked) host memory and does
+    not block: the forward queued after it on the same stream waits for it, the model thread does not."""
+    if batch.device == device:
+        return batch
+    if device.type == "cuda" and batch.device.type == "cpu":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def to_host(output: Any, cast: dict[torch.dtype, torch.dtype] | None = None) -> Any:
+    """A model's output (a tensor or nested dicts, lists and tuples of them) on the CPU, floating tensors of a dtype
+    in ``cast`` converted to the dtype it maps to (on their own device, before the copy).
+
+    From a GPU every tensor is copied without blocking and the stream is synchronised once for the whole output, so a
+    dict of many tensors costs one wait, not one per tensor.
+    """
+    cast = cast or {}
+    waits: set[torch.device] = set()
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.dtype in cast:
+                value = value.to(cast[value.dtype])
+            if value.device.type == "cpu":
+                return value
+            if value.device.type == "cuda":
+                waits.add(value.device)
+                return value.to("cpu", non_blocking=True)
+            return value.cpu()
+        if isinstance(value, dict):
+            return {key: move(item) for key, item in value.items()}
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple keeps its type
+            return type(value)(*(move(item) for item in value))
+        if isinstance(value, (list, tuple)):
+            return type(value)(move(item) for item in value)
+        return value
+
+    moved = move(output)
+    for device in waits:
+        torch.cuda.current_stream(device).synchronize()  # non-blocking copies to the CPU are not done until then
+    return moved
+
+
+def gpu_info(device: torch.device) -> dict[str, Any] | None:
+    """The model's GPU as ``/info`` and ``/service-resources`` report it (None on a CPU): name, index, compute
+    capability, CUDA runtime version, and memory (bytes, the whole device's, as ``cudaMemGetInfo`` sees it now)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free_bytes, total_bytes = torch.cuda.mem_get_info(index)
+    major, minor = torch.cuda.get_device_capability(index)
+    return {
+        "name": torch.cuda.get_device_name(index),
+        "index": index,
+        "capability": f"{major}.{minor}",
+        "cuda_version": torch.version.cuda,
+        "memory_total_bytes": total_bytes,
+        "memory_used_bytes": total_bytes - free_bytes,
+        "memory_allocated_bytes": torch.cuda.memory_allocated(index),  # by this process's tensors: the model's share
+    }

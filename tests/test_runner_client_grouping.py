@@ -1,4 +1,5 @@
-"""RunnerCallBatcher: how an API worker groups its waiting requests into runner calls (a stand-in runner)."""
+"""RunnerCallBatcher (public/runner_client.py): how an API worker groups its waiting requests into runner calls
+(a stand-in runner)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import pytest
 
-from public.call_batching import RunnerCallBatcher
+from public.runner_client import RunnerCallBatcher
 
 
 class Runner:

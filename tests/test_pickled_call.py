@@ -1,4 +1,4 @@
-"""The runner's POST /infer fast path (api/runner_route.py) speaks BentoML's own client format.
+"""The runner's POST /infer fast path (core/bentoml_seam.py PickledCall) speaks BentoML's own client format.
 
 In-process: a small BentoML service with ``service_class=RunnerService``; requests are built and answers read with
 the same serde calls BentoML's client makes, so a mismatch with ``bentoml.depends`` shows here. Over HTTP, every
@@ -16,8 +16,7 @@ import pytest
 from _bentoml_impl.serde import Payload, PickleSerde
 from _bentoml_sdk.service import set_current_service
 
-from core.bentoml_seam import FastRoute
-from runner.route import PICKLE, PickledCall, RunnerService, is_pickled_call
+from core.bentoml_seam import PICKLE, FastRoute, PickledCall, RunnerService, is_pickled_call
 from tests.test_fast_route import delta, route_series
 
 

@@ -1,10 +1,11 @@
-"""InfernetInput validation: what Infernet nodes send, and what is refused with which message."""
+"""InfernetInput (core/terms.py) validation through parse_input (public/app.py): what Infernet nodes send, and what is
+refused with which message."""
 
 import pytest
 
 from core.errors import RequestError
 from core.terms import PROOFS_NOT_SUPPORTED, Destination, Source, error_body
-from public.infernet_request import parse_input
+from public.app import parse_input
 
 
 def test_offchain_and_chain_inputs_parse():
