@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from core.errors import RequestError
@@ -72,29 +71,13 @@ class ShutdownBound:
         self._stop_at: float | None = None  # loop time at which requests still running get 503
         self._deadlines: set[asyncio.Timeout] = set()
 
-    @contextlib.asynccontextmanager
-    async def bounded(self, timeout_s: float) -> AsyncIterator[None]:
-        """Run the body within ``timeout_s`` (TimeoutError) and within the shutdown's bound once one has begun
-        (RequestError 503). On the API worker's event loop."""
-        loop = asyncio.get_running_loop()
-        when = loop.time() + timeout_s
+    def bounded(self, timeout_s: float) -> Bounded:
+        """``async with`` it: run the body within ``timeout_s`` (TimeoutError) and within the shutdown's bound once one
+        has begun (RequestError 503). On the API worker's event loop."""
+        when = asyncio.get_running_loop().time() + timeout_s
         if self._stop_at is not None:
             when = min(when, self._stop_at)
-        try:
-            async with asyncio.timeout_at(when) as deadline:
-                self._deadlines.add(deadline)
-                try:
-                    yield
-                finally:
-                    self._deadlines.discard(deadline)
-        except TimeoutError:
-            if self._stop_at is not None and loop.time() >= self._stop_at:
-                raise RequestError(
-                    503,
-                    f"the service is shutting down; the request did not finish within {self.bound_s:g} s "
-                    "(SHUTDOWN_TIMEOUT_S)",
-                ) from None
-            raise
+        return Bounded(self, asyncio.Timeout(when))
 
     def stop_within(self, bound_s: float) -> None:
         """On the event loop, at SIGTERM: every request running now or later ends within ``bound_s``."""
@@ -123,3 +106,33 @@ class ShutdownBound:
 
         signal.signal(signal.SIGTERM, bounded_exit)
         return True
+
+
+class Bounded:
+    """One request's deadline under a ``ShutdownBound`` (``asyncio.Timeout`` underneath). A class rather than an
+    ``asynccontextmanager``: entered once per request, the generator's machinery cost ~3x as much (docs/performance.md,
+    section 21)."""
+
+    __slots__ = ("_deadline", "_owner")
+
+    def __init__(self, owner: ShutdownBound, deadline: asyncio.Timeout) -> None:
+        self._owner = owner
+        self._deadline = deadline
+
+    async def __aenter__(self) -> None:
+        await self._deadline.__aenter__()
+        self._owner._deadlines.add(self._deadline)
+
+    async def __aexit__(self, kind: Any, error: Any, traceback: Any) -> bool | None:
+        owner = self._owner
+        owner._deadlines.discard(self._deadline)
+        try:
+            return await self._deadline.__aexit__(kind, error, traceback)
+        except TimeoutError:
+            if owner._stop_at is not None and asyncio.get_running_loop().time() >= owner._stop_at:
+                raise RequestError(
+                    503,
+                    f"the service is shutting down; the request did not finish within {owner.bound_s:g} s "
+                    "(SHUTDOWN_TIMEOUT_S)",
+                ) from None
+            raise

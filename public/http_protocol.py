@@ -11,6 +11,10 @@ configuration has none of these; they are set here, where every way of starting 
 - the request head: httptools buffers each header whole before uvicorn sees it, with no limit (an 8 MiB header was
   answered 200). Bytes received while a head is incomplete are counted as they arrive; past ``MAX_HEADER_BYTES`` the
   answer is 431 and the connection is closed, having read at most one read buffer (256 KiB) beyond the limit.
+- one write per answer: uvicorn writes a response's head at ``http.response.start`` and its body at
+  ``http.response.body``, two system calls and two wake-ups of the client for one small answer. ``JoiningTransport``
+  holds the head back until the body's first write, in the same turn of the event loop, and sends both at once
+  (docs/performance.md, section 21). The runner's server uses it too, for its answers to the API workers.
 - slow senders: uvicorn waits forever for the rest of a head or body once its first byte has come. A head, and then
   a body, not received within ``BODY_TIMEOUT_S`` gets 408 and the connection is closed. The timer is only set when a
   request does not arrive whole in one read, so the usual small request pays nothing.
@@ -23,6 +27,7 @@ another version logs a warning at start-up. tests/test_http_edges.py checks each
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from asyncio import TimerHandle
 from typing import Any
@@ -51,6 +56,9 @@ class Protocol(HttpToolsProtocol):
         self._begun = 0  # requests begun on this connection
         self._head_bytes = 0
         self._read_timer: TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(JoiningTransport(transport, self.loop))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         was_in_head, was_in_message, begun = self._in_head, self._in_message, self._begun
@@ -124,6 +132,56 @@ class Protocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class JoiningTransport:
+    """A connection's transport that sends a response's head together with the first write after it.
+
+    uvicorn writes the head (status line and headers, always starting ``HTTP/1.1 ``) and then the body; joined, a
+    small answer leaves in one system call and wakes the client once. A head is held only until the end of the
+    current turn of the event loop: a body that comes later (a streamed answer) or no body at all (HEAD, 204) still
+    gets the head at once. Bytes always leave in the order written. Everything else is the wrapped transport's.
+    On the connection's event loop, like the transport itself.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+    _JOIN_BYTES = 64 * 1024  # a body up to this size is copied behind the head; a larger one is sent as two buffers
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if len(data) <= self._JOIN_BYTES:
+                self._transport.write(held + data)
+            else:
+                self._transport.writelines((held, data))
+        elif data[:9] == b"HTTP/1.1 " and len(data) <= self._JOIN_BYTES:
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def writelines(self, chunks: Any) -> None:
+        self.flush()
+        self._transport.writelines(chunks)
+
+    def flush(self) -> None:
+        """Send a held head now (the end of the loop's turn, or before closing)."""
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def install(settings: ServiceSettings) -> None:
     """Make ``Protocol`` the HTTP protocol of every uvicorn server this process starts afterwards.
 
@@ -134,7 +192,7 @@ def install(settings: ServiceSettings) -> None:
     _settings = settings
     if uvicorn.__version__ != TESTED_UVICORN:
         log.warning(
-            "uvicorn %s, not %s: the HTTP limits of api/http_protocol.py are untested with it",
+            "uvicorn %s, not %s: the HTTP limits of public/http_protocol.py are untested with it",
             uvicorn.__version__,
             TESTED_UVICORN,
         )

@@ -52,6 +52,8 @@ from core.errors import InputError, ModelError, Outcome, ServiceError, StartupEr
 if TYPE_CHECKING:
     import torch
 
+    from workflows import tensors
+
 log = logging.getLogger("workflows.base")
 
 DataT = TypeVar("DataT")  # one request's OFFCHAIN ``data``, as JSON decoded it
@@ -192,38 +194,33 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
 
     Defaults: ``preprocess`` decodes the contract's tensor (``{"dtype", "shape"?, "values"}``, at most
     ``max_elements`` values; workflows/tensors.py), ``postprocess`` encodes tensors back the same way (containers
-    walked). Set ``batching = False`` (class or instance) to run every request alone. torch is imported on first use.
+    walked). Set ``batching = False`` (class or instance) to run every request alone. torch is imported when the
+    first one is built (``_import_torch``), not with the module.
     """
 
     batching: bool = True
     max_elements: int | None = None
 
-    def preprocess(self, data: DataT) -> torch.Tensor:
-        from workflows import tensors
+    def __new__(cls, *args: Any, **kwargs: Any) -> InferenceWorkflow[Any, Any, Any, Any]:
+        _import_torch()
+        return super().__new__(cls, *args, **kwargs)
 
+    def preprocess(self, data: DataT) -> torch.Tensor:
         return tensors.decode(data, self.max_elements)
 
     def batch_key(self, item: torch.Tensor) -> Hashable | None:
         """(dtype, trailing shape) for a rank >= 2 tensor, else None. A rank-0/1 item's only axis is its features
         (softmax over [1, 2, 3] must not become softmax over two requests' values), so it runs alone."""
-        import torch
-
         if not self.batching or not isinstance(item, torch.Tensor) or item.dim() < 2:
             return None
         return (item.dtype, tuple(item.shape[1:]))
 
     def batch(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
         """Items concatenated on dim 0: (n1, ...), (n2, ...) -> (n1 + n2, ...)."""
-        import torch
-
         return items[0] if len(items) == 1 else torch.cat(list(items))
 
     def unbatch(self, output: Any, items: Sequence[torch.Tensor]) -> list[Any]:
         """The output split on dim 0 by the items' leading sizes; ModelError (422) when it does not split so."""
-        import torch
-
-        from core.errors import ModelError
-
         if len(items) == 1:
             return [output]
         sizes = [item.shape[0] for item in items]
@@ -233,9 +230,17 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
         return list(torch.split(output, sizes))
 
     def postprocess(self, output: Any) -> Any:
-        from workflows import tensors
-
         return tensors.encode_output(output)
+
+
+def _import_torch() -> None:
+    """Bind torch and the tensor codec for ``TensorWorkflow``'s hooks, once, when the first one is built: importing
+    ``workflows`` must not import torch (the API workers' tests check it), and an import statement inside each hook
+    ran on every request (~1-2 µs in all; docs/performance.md, section 21)."""
+    global tensors, torch
+    import torch
+
+    from workflows import tensors
 
 
 def uses_hooks(workflow: Any) -> bool:
