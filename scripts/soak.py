@@ -74,7 +74,7 @@ def describe(process: psutil.Process) -> str:
     line = " ".join(process.cmdline())
     if "--service-name WorkflowRunner" in line:
         return "runner"
-    if "_bentoml_impl.worker.service" in line:
+    if "--worker-id " in line:  # the API workers (the runner matched above)
         return "api worker " + line.split("--worker-id ")[-1].split()[0]
     return "arbiter"
 
