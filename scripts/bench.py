@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also serve this service from another checkout (e.g. `git worktree add /tmp/before main`): "
         "system 'before', and a ×before column",
     )
+    p.add_argument(
+        "--peer-max-batch-size",
+        type=int,
+        help="mosec's and LitServe's largest batch (default: ours, MAX_BATCH_SIZE); they wait up to 5 ms to fill it",
+    )
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 16, 64])
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     p.add_argument("--rounds", type=int, default=3, help="runs per cell, interleaved across systems; median kept")
@@ -62,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="where models and logs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=REPO / "build" / "bench" / "results.json")
     args = p.parse_args(argv)
+    if args.peer_max_batch_size is not None:
+        if args.peer_max_batch_size < 1:
+            p.error("--peer-max-batch-size must be at least 1")
+        os.environ[servers.PEER_MAX_BATCH_SIZE] = str(args.peer_max_batch_size)
     if args.before is not None:
         if not (args.before / "service.py").is_file():
             p.error(f"--before {args.before}: no service.py there")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,20 @@ def test_before_column_compares_with_another_checkout(tmp_path):
         bench.parse_args(["--before", str(tmp_path)])  # no service.py there
     with pytest.raises(SystemExit):
         bench.parse_args(["--systems", "before"])
+
+
+def test_peers_take_our_batch_limit_unless_told_their_own(tmp_path, monkeypatch):
+    monkeypatch.delenv(servers.PEER_MAX_BATCH_SIZE, raising=False)
+    model = tmp_path / "m.torch"
+    for peer in ("mosec", "litserve"):
+        assert servers.command(peer, 1, model, tmp_path)[2]["BENCH_MAX_BATCH_SIZE"] == str(servers.max_batch_size())
+    bench.parse_args(["--peer-max-batch-size", "32", "--systems", "mosec"])
+    for peer in ("mosec", "litserve"):
+        assert servers.command(peer, 1, model, tmp_path)[2]["BENCH_MAX_BATCH_SIZE"] == "32"
+    ours = servers.command("ours", 1, model, tmp_path)[2]
+    assert ours.get("MAX_BATCH_SIZE") == os.environ.get("MAX_BATCH_SIZE")  # ours keeps its own setting
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--peer-max-batch-size", "0"])
 
 
 def test_answers_are_checked_against_the_models_own(tmp_path):

@@ -29,7 +29,10 @@ BEFORE_TREE = "BENCH_BEFORE_TREE"
 PATHS = {"mosec": "/inference", "litserve": "/predict"}
 # The peers batch like ours: the same largest batch (the service's MAX_BATCH_SIZE, which ours reads from the
 # environment it inherits) and a short wait to fill a batch, where ours forms one from whatever is queued.
+# A peer that waits for a batch to fill runs far faster at c=64 with a batch limit half the clients (a batch of 64
+# never fills in a closed loop of 64): `--peer-max-batch-size` sets the peers' own (docs/performance.md, section 22).
 MAX_WAIT_MS = 5
+PEER_MAX_BATCH_SIZE = "BENCH_PEER_MAX_BATCH_SIZE"
 
 
 @dataclass
@@ -79,7 +82,7 @@ def command(system: str, port: int, model: Path, work: Path) -> tuple[list[str],
     if system == "bentoml":
         cmd = [str(BIN / "bentoml"), "serve", "plain_bentoml:PlainService", "--host", "127.0.0.1", "--port", str(port)]
         return cmd, BENCH_DIR, env
-    env["BENCH_MAX_BATCH_SIZE"] = str(max_batch_size())
+    env["BENCH_MAX_BATCH_SIZE"] = os.environ.get(PEER_MAX_BATCH_SIZE) or str(max_batch_size())
     env["BENCH_MAX_WAIT_MS"] = str(MAX_WAIT_MS)
     if system == "mosec":
         cmd = [sys.executable, "mosec_app.py", "--address", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
