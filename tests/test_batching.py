@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
+import pytest
 import torch
 
 from core.errors import Outcome
@@ -203,3 +205,23 @@ def test_a_call_is_preprocessed_while_the_model_runs_another_batch():
         ("postprocess", 30, loop_thread),
         ("run_model", [2, 3], "model"),  # the bad request never reached the model
     ]
+
+
+def test_the_model_thread_computes_with_the_configured_torch_threads(tmp_path):
+    """``num_threads`` (TORCH_NUM_THREADS) reaches the thread that runs the forward. MKL keeps its thread count per
+    thread: set only where the model was loaded, it left the model thread's matrix products on every CPU, and each
+    thread MKL starts for them shows in /proc."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("with one CPU MKL starts no thread of its own, set or not")
+    model = Affine(features=69, outputs=64, dtype=torch.float64)
+    path = save(model, tmp_path / "wide.torch", "torchscript", torch.zeros(1, 69, dtype=torch.float64))
+    settings = TorchSettings(model_cache_dir=tmp_path)
+    workflow = TorchInferenceWorkflow(model_path=str(path), num_threads=1, settings=settings)
+    workflow.setup()
+    runner = BatchRunner(workflow, max_items=64, max_wait_s=10)
+    threads_before = len(os.listdir("/proc/self/task"))
+    rows = [[float(i % 7) / 7] * 69 for i in range(8)]
+    outcomes = asyncio.run(runner.infer([{"dtype": "double", "values": rows}] * 4))
+    expected = model(torch.tensor(rows, dtype=torch.float64)).tolist()
+    assert [(o.status, o.body["values"].tolist()) for o in outcomes] == [(200, expected)] * 4
+    assert len(os.listdir("/proc/self/task")) == threads_before

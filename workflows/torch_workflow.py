@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,11 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
     def run_model(self, batch: torch.Tensor) -> Any:
         """On the model thread: the batch to the device once, the forward, the whole output back to the CPU once
         (floating outputs in a lowered precision cast back to the model's own dtype first)."""
+        if self.num_threads and getattr(_on_this_thread, "threads", None) != self.num_threads:
+            # MKL keeps its thread count per thread: set in ``setup`` (another thread), it did not reach the model
+            # thread, whose matrix products then woke a second thread per forward (docs/performance.md, section 24).
+            torch.set_num_threads(self.num_threads)
+            _on_this_thread.threads = self.num_threads
         with torch.inference_mode():
             batch = to_device(batch, self.device)
             compute, own = self.compute_dtype, self.model_dtype
@@ -166,6 +172,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             return to_host(output, {compute: own} if compute != own else None)
 
 
+_on_this_thread = threading.local()  # the torch thread count applied to the calling thread
 _NOT_CHECKED = "not checked: no warmup_input (CLASSIC_INF_WORKFLOW_KW_ARGS) to compare a batch with"
 
 # (rtol, atol) for "the same answer": CPU and GPU kernels pick other blockings for 1 row than for 2, so a batched
