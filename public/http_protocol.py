@@ -9,8 +9,12 @@ configuration has none of these; they are set here, where every way of starting 
   than the clients' pools (aiohttp 15 s, load balancers 60 s and more): a request sent on a connection the server is
   closing at that moment is lost. ``bentoml serve --timeout-keep-alive`` is overridden.
 - the request head: httptools buffers each header whole before uvicorn sees it, with no limit (an 8 MiB header was
-  answered 200). Bytes received while a head is incomplete are counted as they arrive; past ``MAX_HEADER_BYTES`` the
-  answer is 431 and the connection is closed, having read at most one read buffer (256 KiB) beyond the limit.
+  answered 200). Bytes received while a head is incomplete are counted as they arrive, so a head that never ends is
+  refused having read at most one read buffer (256 KiB) beyond the limit; a complete head is measured exactly (its
+  target and header lines) before the request is handed on. Past ``MAX_HEADER_BYTES`` the answer is 431 and the
+  connection is closed.
+- unreadable requests (a malformed request line or header, a Content-Length with a Transfer-Encoding, a broken chunk):
+  uvicorn answers them 400 in plain text; here the answer is the contract's JSON error, and the connection is closed.
 - one write per answer: uvicorn writes a response's head at ``http.response.start`` and its body at
   ``http.response.body``, two system calls and two wake-ups of the client for one small answer. ``JoiningTransport``
   holds the head back until the body's first write, in the same turn of the event loop, and sends both at once
@@ -54,7 +58,9 @@ class Protocol(HttpToolsProtocol):
         self._in_message = False  # from a request's first byte to the end of its body
         self._in_head = False  # from a request's first byte to the end of its head
         self._begun = 0  # requests begun on this connection
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes read while this head was incomplete
+        self._head_size = 0  # this head's target and header lines, as parsed
+        self._head_too_large = False
         self._read_timer: TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -72,8 +78,7 @@ class Protocol(HttpToolsProtocol):
         ):
             self._head_bytes += len(data)
             if self._head_bytes > _settings.max_header_bytes:
-                limit = _settings.max_header_bytes
-                self._refuse(431, f"request head exceeds the limit of {limit} bytes (MAX_HEADER_BYTES)")
+                self._refuse(431, _head_too_large())
                 return
         if self._read_timer is None:
             self._read_timer = self.loop.call_later(_settings.body_timeout_s, self._read_timed_out)
@@ -81,10 +86,23 @@ class Protocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_message = self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = self._head_size = 0
         self._begun += 1
 
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4  # ": " and the line's end
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._head_size > _settings.max_header_bytes:
+            # Stops the parser before uvicorn builds the request, so nothing runs for it; httptools turns this into
+            # the parse error that uvicorn answers with ``send_400_response``.
+            self._head_too_large = True
+            raise _HeadTooLarge
         self._in_head = False
         self._cancel_read_timer()  # the body has a time of its own
         super().on_headers_complete()
@@ -109,6 +127,17 @@ class Protocol(HttpToolsProtocol):
             part = "head" if self._in_head else "body"
             self._refuse(408, f"request {part} not received within {_settings.body_timeout_s:g} s (BODY_TIMEOUT_S)")
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes httptools cannot parse (it has logged ``msg``), in the contract's JSON."""
+        if self._head_too_large:
+            self._refuse(431, _head_too_large())
+            return
+        self._refuse(
+            400,
+            "the request is not valid HTTP/1.1: a malformed request line, header or chunk, or a Content-Length that "
+            "cannot be read or comes with a Transfer-Encoding",
+        )
+
     def _refuse(self, status: int, description: str) -> None:
         """Answer ``status`` in the contract's JSON and close the connection; only the close when another answer
         has begun on it (that request's or an earlier pipelined one's)."""
@@ -130,6 +159,14 @@ class Protocol(HttpToolsProtocol):
             )
             self.transport.write(b"".join(head) + payload)
         self.transport.close()
+
+
+class _HeadTooLarge(Exception):
+    """A complete request head over ``MAX_HEADER_BYTES``, raised in a parser callback."""
+
+
+def _head_too_large() -> str:
+    return f"request head exceeds the limit of {_settings.max_header_bytes} bytes (MAX_HEADER_BYTES)"
 
 
 class JoiningTransport:

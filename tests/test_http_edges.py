@@ -229,6 +229,45 @@ def test_an_oversized_request_head_gets_431_and_a_normal_one_is_served(iris_serv
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("header_lines", [1, 40])
+def test_a_head_just_over_the_limit_gets_431_even_when_it_arrives_whole(iris_server, header_lines):
+    # A head that arrived complete in one read was not counted: 70 KB against the 64 KiB default was served 200.
+    size = 70_000 // header_lines
+    headers = [f"X-Big-{i}: " + "a" * size for i in range(header_lines)]
+    with connect(iris_server) as conn:
+        conn.sendall(request("POST", "/service_output", GOOD, "Content-Type: application/json", *headers))
+        status, answer_headers, body = read_response(conn)
+        assert "MAX_HEADER_BYTES" in assert_contract_error(status, answer_headers, body, 431)["description"]
+        assert answer_headers["connection"] == "close"
+        assert_closed(conn)
+    with connect(iris_server) as conn:  # just under the limit is served
+        conn.sendall(
+            request("POST", "/service_output", GOOD, "Content-Type: application/json", "X-Big: " + "a" * 60_000)
+        )
+        assert read_response(conn)[0] == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "unreadable",
+    [
+        b"POST /service_output HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /service_output HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}",
+        b"POST /service_output HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        b"POST /service_output HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+def test_unreadable_requests_get_the_contracts_json_400_and_the_connection_closes(iris_server, unreadable):
+    # uvicorn answered these in plain text ("Invalid HTTP request received."); every error is the contract's JSON.
+    with connect(iris_server) as conn:
+        conn.sendall(unreadable)
+        status, headers, body = read_response(conn)
+        assert "not valid HTTP/1.1" in assert_contract_error(status, headers, body, 400)["description"]
+        assert headers["connection"] == "close"
+        assert_closed(conn)
+
+
+@pytest.mark.slow
 def test_gzip_bodies_are_decoded_and_bombs_refused(iris_server):
     with connect(iris_server) as conn:
         conn.sendall(request("POST", "/service_output", GOOD, "Content-Type: application/json"))
