@@ -59,7 +59,6 @@ class Protocol(HttpToolsProtocol):
         self._in_head = False  # from a request's first byte to the end of its head
         self._begun = 0  # requests begun on this connection
         self._head_bytes = 0  # bytes read while this head was incomplete
-        self._head_size = 0  # this head's target and header lines, as parsed
         self._head_too_large = False
         self._read_timer: TimerHandle | None = None
 
@@ -86,19 +85,13 @@ class Protocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_message = self._in_head = True
-        self._head_bytes = self._head_size = 0
+        self._head_bytes = 0
         self._begun += 1
 
-    def on_url(self, url: bytes) -> None:
-        self._head_size += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4  # ": " and the line's end
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
-        if self._head_size > _settings.max_header_bytes:
+        # the target and the header lines (": " and the line's end: 4 bytes each), as httptools handed them over
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > _settings.max_header_bytes:
             # Stops the parser before uvicorn builds the request, so nothing runs for it; httptools turns this into
             # the parse error that uvicorn answers with ``send_400_response``.
             self._head_too_large = True
