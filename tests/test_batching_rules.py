@@ -192,7 +192,7 @@ def test_batching_false_turns_it_off_and_says_so(tmp_path):
 
 
 def test_batching_must_be_a_json_boolean(tmp_path):
-    with pytest.raises(StartupError, match="batching: expected true or false, got 'false'"):
+    with pytest.raises(StartupError, match='batching: expected true or false, got "false"'):
         TorchInferenceWorkflow(model_path=model_file(tmp_path, Affine(features=3)), batching="false")
 
 

@@ -64,6 +64,9 @@ def test_custom_workflow_from_env(tmp_path):
         stop(server)
 
 
+IRIS = "models/iris/model.torch"
+
+
 @pytest.mark.parametrize(
     "env, expected",
     [
@@ -84,6 +87,19 @@ def test_custom_workflow_from_env(tmp_path):
             "sha256 mismatch",
         ),
         ({"USE_ARWEAVE": "true", "CLASSIC_INF_WORKFLOW_KW_ARGS": '{"model_name": "a/b"}'}, "ALLOWED_ARWEAVE_OWNERS"),
+        # JSON strings for booleans counted as true: "false" loaded a torch.export file as TorchScript ("corrupted")
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "use_jit": "false"})},
+            'CLASSIC_INF_WORKFLOW_KW_ARGS: use_jit: expected true or false or null, got "false"',
+        ),
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "cast_inputs": "no"})},
+            'CLASSIC_INF_WORKFLOW_KW_ARGS: cast_inputs: expected true or false, got "no"',
+        ),
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "num_threads": 1.5})},
+            "CLASSIC_INF_WORKFLOW_KW_ARGS: num_threads: expected an integer or null, got 1.5",
+        ),
     ],
 )
 def test_bad_configuration_stops_start_up_with_one_line(tmp_path, env, expected):

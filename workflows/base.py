@@ -41,7 +41,10 @@ StartupError when the class is defined or built, with the fix in the message.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import types
+import typing
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -266,12 +269,52 @@ def _check_complete(cls: type) -> None:
         )
 
 
-def batching_kwarg(value: Any) -> bool:
-    """The ``batching`` KW_ARG of the built-in workflows: a JSON boolean, else StartupError (the string "false" would
-    otherwise count as true)."""
-    if not isinstance(value, bool):
-        raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: batching: expected true or false, got {value!r}")
-    return value
+def check_kwargs(init: Callable[..., None], arguments: dict[str, Any]) -> None:
+    """The built-in workflows' KW_ARGS against their constructor's annotations, at construction (any process).
+
+    KW_ARGS come from JSON, where the string "false" would count as true and 1.5 would pass for a thread count: a value
+    of another JSON type than a parameter's annotation allows raises StartupError naming the key, the types allowed
+    and the value, e.g. ``use_jit: expected true or false, got "false"``. Parameters annotated with anything but JSON
+    types (``bool``, ``int``, ``float``, ``str``, ``dict``, ``list``, ``None`` and unions of them) are not checked.
+    """
+    hints = typing.get_type_hints(init)
+    for name, value in arguments.items():
+        allowed = _json_types(hints.get(name))
+        if allowed and not _is_one_of(value, allowed):
+            expected = " or ".join(dict.fromkeys(_JSON_TYPE_NAMES[t] for t in allowed))
+            sent = json.dumps(value, default=repr)
+            sent = sent if len(sent) <= 60 else sent[:57] + "..."
+            raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: {name}: expected {expected}, got {sent}")
+
+
+_JSON_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "an object",
+    list: "an array",
+    type(None): "null",
+}
+
+
+def _json_types(hint: Any) -> tuple[type, ...] | None:
+    """The Python types of JSON values that ``hint`` allows, or None when it is no JSON type (not checked)."""
+    if hint is None:
+        return None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_json_types(part) for part in typing.get_args(hint)]
+        return None if any(part is None for part in parts) else tuple(t for part in parts for t in part)  # type: ignore[union-attr]
+    base = typing.get_origin(hint) or hint
+    return (base,) if base in _JSON_TYPE_NAMES else None
+
+
+def _is_one_of(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, not to JSON
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
 
 
 # How a batch runs through the hooks.

@@ -27,7 +27,7 @@ import torch
 from core.errors import InputError, ModelError, StartupError
 from core.settings import TorchSettings
 from workflows import sources, tensors
-from workflows.base import InferenceWorkflow, batching_kwarg
+from workflows.base import InferenceWorkflow, check_kwargs
 
 # onnxruntime's element types -> the contract's dtype names; other types (strings, unsigned beyond uint8, bfloat16,
 # sequences, maps) cannot travel in the contract's vocabulary.
@@ -128,6 +128,9 @@ class ONNXInferenceWorkflow(
         warmup_input: dict[str, Any] | None = None,
         settings: TorchSettings | None = None,
     ) -> None:
+        check_kwargs(
+            ONNXInferenceWorkflow.__init__, {k: v for k, v in locals().items() if k not in ("self", "settings")}
+        )
         self.settings = settings or TorchSettings.from_env()
         self.spec = sources.spec_from_kwargs(
             {
@@ -145,7 +148,7 @@ class ONNXInferenceWorkflow(
         self.requested_outputs = list(output_names or [])
         self.providers = list(providers or [_CPU])
         self.num_threads = num_threads or self.settings.num_threads
-        self.batching = batching_kwarg(batching)
+        self.batching = batching
         self.max_elements = max_elements or self.settings.max_elements
         self.warmup_input = warmup_input
         self.session: Any = None

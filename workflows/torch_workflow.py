@@ -11,7 +11,7 @@ import torch
 from core.errors import StartupError
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
 from workflows import model_formats, sources, tensors
-from workflows.base import TensorWorkflow, batching_kwarg, check_batch_of_two
+from workflows.base import TensorWorkflow, check_batch_of_two, check_kwargs
 
 
 class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
@@ -50,6 +50,9 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         warmup_input: dict[str, Any] | None = None,
         settings: TorchSettings | None = None,
     ) -> None:
+        check_kwargs(
+            TorchInferenceWorkflow.__init__, {k: v for k, v in locals().items() if k not in ("self", "settings")}
+        )
         self.settings = settings or TorchSettings.from_env()
         self.spec = sources.spec_from_kwargs(
             {
@@ -62,11 +65,11 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             },
             self.settings,
         )
-        self.use_jit = self.settings.use_jit if use_jit is None else bool(use_jit)
+        self.use_jit = self.settings.use_jit if use_jit is None else use_jit
         self.device_name = device
         self.precision_name = precision
         self.num_threads = num_threads or self.settings.num_threads
-        self.batching = batching_kwarg(batching)
+        self.batching = batching
         self.cast_inputs = cast_inputs
         self.max_elements = max_elements or self.settings.max_elements
         if warmup_input is None and self.spec.path is not None and _same_file(self.spec.path, EMBEDDED_MODEL):
