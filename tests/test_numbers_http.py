@@ -87,6 +87,9 @@ def test_integers_come_back_exactly_whatever_literals_share_the_row(integer_serv
         ("long", "[[-9223372036854775809, 1]]", "values[0][0]: -9.223372036854776e+18 is out of range for long"),
         ("uint8", "[[2.0, 256]]", "values[0][1]: 256 is out of range for uint8 [0, 255]"),
         ("int8", "[[-129, 2.0]]", "values[0][0]: -129 is out of range for int8"),
+        # A float literal beyond 2**53 is the nearest double: 9007199254740993.0 arrived as ...992 (explorer F12).
+        ("long", "[[1, 9007199254740993.0]]", "values[0][1]: 9007199254740992.0 is a float literal beyond 2**53"),
+        ("long", "[[-1e17, 2]]", "values[0][0]: -1e+17 is a float literal beyond 2**53"),
         ("long", "[[true, 5]]", "values[0][0]: long expects numbers, got true"),
         ("int", "[[1, 2], [3, false]]", "values[1][1]: int expects numbers, got false"),
     ],

@@ -274,6 +274,9 @@ def _exact_integers(values: list, shape: tuple[int, ...], name: str) -> np.ndarr
     for index, sent in enumerate(_flatten(values, len(shape))):
         if isinstance(sent, float) and not sent.is_integer():
             raise InputError(f"{_place(index, shape)}: {name} expects integers, got {_number(sent)}")
+        if isinstance(sent, float) and -_EXACT_IN_DOUBLE < sent < _EXACT_IN_DOUBLE:
+            exact.append(int(sent))
+            continue
         number = int(sent)
         if number == info.min == -(2**63) and isinstance(sent, float):
             # orjson reads a JSON integer below -2**63 as a float, and the 1024 next to it round to exactly
@@ -281,6 +284,13 @@ def _exact_integers(values: list, shape: tuple[int, ...], name: str) -> np.ndarr
             raise InputError(
                 f"{_place(index, shape)}: {_number(sent)} is out of range for long: JSON integers below {info.min} "
                 f"are read as this float; send {info.min} as an integer"
+            )
+        if isinstance(sent, float) and info.min <= number <= info.max:
+            # A float literal this large is the double nearest to what was written (9007199254740993.0 reads as
+            # ...992): which integer was meant is lost. Integer literals of this size arrive exactly.
+            raise InputError(
+                f"{_place(index, shape)}: {_number(sent)} is a float literal beyond 2**53, where a double does not "
+                f"hold every integer; send {name} values this large as integer literals (no fraction, no exponent)"
             )
         if number < info.min or number > info.max:
             place = _place(index, shape)
