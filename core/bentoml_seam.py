@@ -251,6 +251,15 @@ class PickledCall:
             payload = self.serde.serialize_value(await method(**arguments))
         except ConnectionError:  # ClientDisconnected, or the answer could not be sent
             return CLIENT_GONE
+        except asyncio.CancelledError:
+            # uvicorn cancels the calls still running when the shutdown bound is over (the runner's Drain waited
+            # SHUTDOWN_TIMEOUT_S); the API worker has answered its client 503 by then. Said in one line: uvicorn
+            # would log an ERROR with a traceback for each, and operators alert on those.
+            log.warning("runner call %s cancelled: the server is stopping (SHUTDOWN_TIMEOUT_S)", self.method)
+            try:
+                return await _error(send, 503, "the runner is stopping")
+            except Exception:  # the connection is closing with the server
+                return CLIENT_GONE
         except Exception:
             log.exception("runner call %s failed", self.method)
             return await _error(send, 500, f"{self.method} failed; see the runner's log")
