@@ -84,3 +84,23 @@ def error_body(status: int, description: str, errors: list[dict[str, Any]] | Non
     if errors:
         body["errors"] = errors
     return body
+
+
+class SentValues(list):
+    """A request's values decoded from another encoding (CHAIN data, a 2.0 dtype wider in our vocabulary), with how
+    the request wrote each: an error about one names it as sent and its place (``data[2]: 5789... (int256)``), not
+    as the decoded value at its index in the tensor. A plain list otherwise; pickles across the hop to the runner.
+    ``where`` is the place's prefix, ``dtype`` the sent dtype's name, ``sent`` the values as sent, in tensor order.
+    """
+
+    def __init__(self, values: list[Any], where: str, dtype: str, sent: list[Any] | None = None) -> None:
+        super().__init__(values)
+        self.where = where
+        self.dtype = dtype
+        self.sent = list(values) if sent is None else sent
+
+    def describe(self, index: int) -> str:
+        """``where[index]: VALUE (dtype)`` for the value at flat ``index`` of the tensor."""
+        value = self.sent[index]
+        text = str(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+        return f"{self.where}[{index}]: {text} ({self.dtype})"

@@ -177,7 +177,7 @@ class PublicApp:
             layout = self.settings.chain_layout
             # Shorter than one word is no layout at all: today's decoder says what is wrong, as before.
             if layout == "int256" or (layout == "auto" and (len(data) < 64 or data[:64].lower() == _INT256_HEAD)):
-                data = chain.decode_input(data)
+                data = chain.decode_input(data, self.settings.max_elements)
             else:
                 data, reply = self._named_model(*_layout(split_chain_request, data, layout, self.settings.max_elements))
         elif not isinstance(data.get("dtype"), str):  # not today's form: a 1.x/2.0 envelope or a 2.0 vector

@@ -2,48 +2,57 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 import numpy as np
-from eth_abi import decode, encode
-from eth_abi.exceptions import DecodingError
+from eth_abi import encode
 
 from core.errors import RequestError
+from public.infernet_ml_layouts import LayoutError, decode_int256, describe_answer, shortest_decimal
 
 SCALE = 10**18
 _INT256 = (-(2**255), 2**255 - 1)
 
 
-def decode_input(hex_data: str) -> dict[str, Any]:
-    """Hex from a contract -> the OFFCHAIN form of a ``double`` tensor of shape [1, N]."""
+def decode_input(hex_data: str, max_elements: int | None = None) -> dict[str, Any]:
+    """Hex from a contract -> the OFFCHAIN form of a ``double`` tensor of shape [1, N], whose values an error names
+    as sent (``data[0]: ... (int256)``). Bytes after the ABI payload are ignored, as in every CHAIN layout
+    (public/infernet_ml_layouts.py ``decode_int256``). On the API worker's event loop; raises RequestError 400."""
     try:
-        (numbers,) = decode(["int256[]"], bytes.fromhex(hex_data))
-    except (DecodingError, ValueError, OverflowError) as e:
-        raise RequestError(400, f"data: not an ABI-encoded int256[] ({e})") from None
-    if not numbers:
-        raise RequestError(400, "data: the int256[] is empty")
-    return {"dtype": "double", "shape": [1, len(numbers)], "values": [n / SCALE for n in numbers]}
+        return decode_int256(bytes.fromhex(hex_data), max_elements)
+    except ValueError as e:  # LayoutError, or hex that is not hex
+        raise RequestError(400, str(e) if isinstance(e, LayoutError) else f"data: not a hex string ({e})") from None
 
 
 def encode_output(body: Any) -> dict[str, str]:
-    """A tensor output -> the five-key CHAIN response, ``raw_output`` = ABI int256[] in 18-decimal fixed point."""
-    values = body.get("values") if isinstance(body, dict) and "dtype" in body else body
+    """A tensor output -> the five-key CHAIN response, ``raw_output`` = ABI int256[] in 18-decimal fixed point.
+
+    Integers are exact (n -> n * 10**18); a floating value is its shortest decimal in the tensor's own dtype (what
+    the OFFCHAIN answer prints: a float 0.1 is 10**17), rounded half-even to 18 decimals. On the API worker's event
+    loop. Raises RequestError 422 for an answer the int256[] cannot hold: several tensors (a model's tuple, list or
+    dict), anything that is not numbers, non-finite values, values beyond int256.
+    """
+    tensor = isinstance(body, dict) and "dtype" in body
+    values = body.get("values") if tensor else body
+    name = body.get("dtype") if tensor else ""
     try:
         exact = np.asarray(values)
     except (TypeError, ValueError):
-        exact = None  # ragged: the float conversion below says so
+        exact = None  # ragged: not an array of numbers
     if exact is not None and _integral(exact):
         # Integers as Python ints: through float64 a long beyond 2**53 would come out rounded.
         fixed = [int(v) * SCALE for v in exact.ravel().tolist()]
     else:
-        try:
-            flat = np.asarray(values, dtype=np.float64).ravel()
-        except (TypeError, ValueError, OverflowError):
-            raise RequestError(500, "the workflow's output is not numeric; it cannot be encoded as int256[]") from None
+        flat = _floats(exact)
+        if flat is None:
+            raise RequestError(
+                422,
+                f"the answer holds {describe_answer(body)}; the int256[] CHAIN answer holds the numbers of one "
+                "tensor (send destination 1 for this answer)",
+            )
         if not np.isfinite(flat).all():
             raise RequestError(422, "the model's output has non-finite values; they cannot be encoded as int256[]")
-        fixed = [int(Decimal(repr(float(v))).scaleb(18).to_integral_value()) for v in flat]
+        fixed = [int(shortest_decimal(v, name).scaleb(18).to_integral_value()) for v in flat]
     if fixed and (min(fixed) < _INT256[0] or max(fixed) > _INT256[1]):
         raise RequestError(422, "the model's output does not fit int256 in 18-decimal fixed point")
     return {
@@ -53,6 +62,21 @@ def encode_output(body: Any) -> dict[str, str]:
         "processed_output": "",
         "proof": "",
     }
+
+
+def _floats(array: np.ndarray | None) -> np.ndarray | None:
+    """The values as a flat floating array in their own dtype (float16/32/64 keep theirs), or None when they are not
+    numbers (strings, objects, several tensors, ragged lists)."""
+    if array is None:
+        return None
+    if array.dtype.kind == "f":
+        return array.ravel()
+    if array.dtype.kind == "O" and all(type(v) in (int, float) for v in array.flat):
+        try:
+            return array.astype(np.float64).ravel()  # Python floats among integers beyond 64 bits
+        except OverflowError:
+            raise RequestError(422, "the model's output does not fit int256 in 18-decimal fixed point") from None
+    return None
 
 
 def _integral(array: np.ndarray) -> bool:

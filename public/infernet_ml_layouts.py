@@ -46,6 +46,9 @@ CHAIN (``data`` is hex of ABI bytes)
   How they are told apart (``CHAIN_LAYOUT=auto``): by the first 32-byte word, which no two layouts share in a
   canonical encoding (what Solidity's ``abi.encode`` writes): 0..2 -> 1.x, 0x20 -> int256[], 0x40/0x60/0x80 ->
   2.0; anything else is a 400 naming the word. ``CHAIN_LAYOUT=int256|v1|v2`` reads every request in one layout.
+  Every layout must be canonical, and bytes after the payload are ignored (in the vectors too), as infernet-ml's
+  eth_abi ``decode`` ignored them. A CHAIN answer, and a 2.0 OFFCHAIN answer, hold one tensor: an answer of
+  several is a LayoutError saying what it holds (:func:`describe_answer`).
 """
 
 from __future__ import annotations
@@ -67,8 +70,8 @@ from core.model_ids import (
     model_id_from_v1_chain,
     parse_model_id,
     short_message,
-    strict_abi_decode,
 )
+from core.terms import SentValues
 
 SCALE = 10**18
 MAX_RANK = 32
@@ -98,8 +101,8 @@ _V1_SOLIDITY = {
 }
 
 # 2.0 DataType (utils/codec/vector.py at v2.0.0): code -> (2.0 name, our name, Solidity type). float128 and
-# float256 are float64 values in wider words; uint16/32 widen to our int/long, uint64 to long (values beyond
-# long's range are refused).
+# float256 are float64 values in wider words; uint16/32 widen to our int/long, uint64 to long. A wider dtype keeps
+# the declared one's range: an unsigned value below 0 or above its maximum is refused, as is a uint64 beyond long.
 V2_CODES: dict[int, tuple[str, str, str]] = {
     0: ("float16", "half", "int16"),
     1: ("float32", "float", "int32"),
@@ -133,6 +136,9 @@ V2_CODE_OF = {
     "cdouble": 14,
     "bool": 15,
 }
+_UNSIGNED_V2 = {10: 2**16 - 1, 11: 2**32 - 1, 12: 2**64 - 1}  # the declared maximum of each widened unsigned code
+_WIDENED_V2 = (3, 4, 10, 11, 12)  # codes whose values reach the model in a wider dtype of ours
+_INTEGER_NUMPY = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": np.int32, "long": np.int64}
 _FIXED_POINT_CODE = 3  # 2.0 writes every fixed-point vector as float128 (int128 words)
 _FLOAT_V2 = {0: np.float16, 1: np.float32, 2: np.float64, 3: np.float64, 4: np.float64}
 _INT_VIEW_V2 = {0: np.int16, 1: np.int32, 2: np.int64, 3: np.int64, 4: np.int64}
@@ -203,10 +209,16 @@ def split_request(data: Any, max_elements: int | None = None) -> tuple[ModelId |
 def format_offchain_answer(answer: Any, reply: Reply) -> Any:
     """Our answer -> the answer in the request's layout (2.0 vectors for 2.0; 1.x's form is already ours).
 
-    Answers that are not one tensor (a workflow's own JSON) are returned as they are. Raises LayoutError.
+    A 2.0 answer is one vector (2.0's ``TorchInferenceResult.output``): an answer of several tensors (a model's
+    tuple, list or dict) raises LayoutError (the service answers 422), as for the 2.0 CHAIN answer. A workflow's own
+    JSON without tensors is returned as it is. Pure; on the API worker's event loop.
     """
-    if reply.layout == Layout.V2 and _is_tensor(answer):
+    if reply.layout != Layout.V2:
+        return answer
+    if _is_tensor(answer):
         return ours_to_vector_v2(answer)
+    if _count_tensors(answer):
+        raise LayoutError(f"output: the answer holds {describe_answer(answer)}; a 2.0 answer holds one vector")
     return answer
 
 
@@ -237,23 +249,57 @@ def vector_v2_to_ours(vector: Any, max_elements: int | None = None, where: str =
             raise LayoutError(f"{where}.values[{i}]: a 2.0 vector's values are flat; got a list")
     if math.prod(shape) != len(values):
         raise LayoutError(f"{where}: shape {list(shape)} holds {math.prod(shape)} elements, values has {len(values)}")
+    if code in _UNSIGNED_V2:
+        _check_unsigned(values, code)
+    if code in _WIDENED_V2:
+        values = SentValues(values, "values", V2_CODES[code][0])  # a cast names the declared dtype, not ours
     return {"dtype": name, "shape": list(shape), "values": values}
+
+
+def _check_unsigned(values: list[Any], code: int) -> None:
+    """Refuse what the declared unsigned dtype cannot hold, in the tensor decoder's words for uint8 (our wider dtype
+    would let a negative or too large value through). Values of other types are left to the tensor decoder."""
+    label, high = V2_CODES[code][0], _UNSIGNED_V2[code]
+    for i, value in enumerate(values):
+        if isinstance(value, bool):
+            raise LayoutError(f"values[{i}]: {label} expects numbers, got {'true' if value else 'false'}")
+        if isinstance(value, float) and not value.is_integer():
+            raise LayoutError(f"values[{i}]: {label} expects integers, got {value!r}")
+        if not isinstance(value, (int, float)):
+            continue
+        if not 0 <= value <= high:
+            shown = str(value) if isinstance(value, int) else repr(value)
+            raise LayoutError(f"values[{i}]: {shown} is out of range for {label} [0, {high}]")
+        if value > _LONG_MAX:
+            raise LayoutError(f"values[{i}]: {value} ({label}) does not fit long, the widest integer dtype")
 
 
 def ours_to_vector_v2(answer: dict[str, Any]) -> dict[str, Any]:
     """Our answer ``{"dtype": NAME, "shape", "values": NESTED}`` -> a 2.0 vector ``{"dtype": CODE, "shape", FLAT}``.
 
     Values stay a numpy array when they were one (orjson writes non-finite floats as null, as for our form);
-    complex values become a flat list of ``[real, imag]`` pairs. Raises LayoutError for a dtype without a code.
+    complex values become a flat list of ``[real, imag]`` pairs. Raises LayoutError for a dtype without a code, or
+    integer values the code cannot hold (a workflow's own tensor-like JSON; a tensor's values always fit).
     """
     name = answer["dtype"]
     if name not in V2_CODE_OF:
         raise LayoutError(f"output: dtype {name!r} has no 2.0 dtype code")
     values = np.asarray(answer["values"])
     flat = values.reshape(-1, 2) if name in _COMPLEX else values.reshape(-1)
+    if name in _INTEGER_NUMPY and flat.dtype != _INTEGER_NUMPY[name]:
+        _check_integers(name, flat)
     if isinstance(answer["values"], list):
         flat = flat.tolist()
     return {"dtype": V2_CODE_OF[name], "shape": list(answer["shape"]), "values": flat}
+
+
+def _check_integers(name: str, flat: np.ndarray) -> None:
+    info = np.iinfo(_INTEGER_NUMPY[name])
+    low, high = int(info.min), int(info.max)
+    for i, value in enumerate(flat.tolist()):
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or not low <= value <= high:
+            raise LayoutError(f"output: values[{i}]: {value!r} does not fit {name} [{low}, {high}]")
 
 
 def parse_chain_layout(raw: str | None, name: str = "CHAIN_LAYOUT") -> str:
@@ -296,16 +342,16 @@ def split_chain_request(
         raise LayoutError("data: not a hex string") from None
     found = detect_chain_layout(blob) if layout == "auto" else Layout({"int256": "classic"}.get(layout, layout))
     if found == Layout.CLASSIC:
-        return None, _decode_int256(blob, max_elements), Reply()
+        return None, decode_int256(blob, max_elements), Reply()
     if found == Layout.V1:
-        source, repo_id, filename, version, vector = strict_abi_decode(
-            ("uint8", "string", "string", "string", "bytes"), blob, "data (1.x layout)", LayoutError
+        source, repo_id, filename, version, vector = _abi_decode(
+            ("uint8", "string", "string", "string", "bytes"), blob, "data (1.x layout)"
         )
         model = model_id_from_v1_chain(source, repo_id, filename, version)
         return model, decode_vector_v1(vector, max_elements), Reply(Layout.V1, raw_input=hex_data)
     head = int.from_bytes(blob[:_WORD], "big") if len(blob) >= _WORD else 0
     extra = {0x60: ("uint8",), 0x80: ("uint8", "uint8")}.get(head, ())
-    model_blob, vector, *_ = strict_abi_decode(("bytes", "bytes", *extra), blob, "data (2.0 layout)", LayoutError)
+    model_blob, vector, *_ = _abi_decode(("bytes", "bytes", *extra), blob, "data (2.0 layout)")
     return decode_model_id_abi(model_blob), decode_vector_v2(vector, max_elements), Reply(Layout.V2)
 
 
@@ -313,10 +359,13 @@ def encode_chain_answer(answer: dict[str, Any], reply: Reply) -> dict[str, str]:
     """Our answer (one tensor) -> the five-key CHAIN answer, ``raw_output`` a vector of the request's layout.
 
     For 1.x and 2.0 layouts only (today's int256[] answer is ``public.chain.encode_output``). Raises LayoutError when
-    the answer is not one tensor or does not fit the encoding (a dimension beyond uint16, fixed point overflow).
+    the answer is not one tensor (saying what it holds) or does not fit the encoding (a dimension beyond uint16,
+    fixed point overflow).
     """
     if not _is_tensor(answer):
-        raise LayoutError("output: not one tensor; the 1.x and 2.0 CHAIN answers hold one vector")
+        version = "1.x" if reply.layout == Layout.V1 else "2.0"
+        held = describe_answer(answer)
+        raise LayoutError(f"output: the answer holds {held}; a {version} CHAIN answer holds one vector")
     if reply.layout == Layout.V1:
         raw = encode_vector_v1(answer["dtype"], answer["shape"], answer["values"])
     elif reply.layout == Layout.V2:
@@ -367,9 +416,7 @@ def decode_vector_v1(blob: bytes, max_elements: int | None = None) -> dict[str, 
     if code >= len(V1_NAMES):
         raise LayoutError(f"1.x vector: dtype code {code} is unknown (0..11: {', '.join(V1_NAMES)})")
     name = V1_NAMES[code]
-    _, shape, words = strict_abi_decode(
-        ("uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"), blob, "1.x vector", LayoutError
-    )
+    _, shape, words = _abi_decode(("uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"), blob, "1.x vector")
     if name in ("float", "double", "half", "bfloat16"):
         view = {"float": (np.uint32, np.float32), "double": (np.uint64, np.float64)}.get(name, (np.uint16, np.float16))
         values = np.asarray(words, dtype=view[0]).view(view[1]).astype(np.float64).tolist()
@@ -377,16 +424,17 @@ def decode_vector_v1(blob: bytes, max_elements: int | None = None) -> dict[str, 
         values = _complex_values(words, name)
     else:
         values = list(words)
-    return _ours(name, shape, values, "1.x vector")
+    return _ours(name, shape, values, "1.x vector", name)
 
 
 def encode_vector_v2(name: str, shape: Any, values: Any, fixed_point: bool = False, decimals: int = 18) -> bytes:
     """A tensor in our form -> 2.0 ``RitualVector.to_web3`` bytes. Raises LayoutError.
 
     IEEE: the dtype's code and bits, the decimals byte as given (2.0 wrote 18 by default). Fixed point: as 2.0,
-    every vector becomes float128 (int128 words) of value * 10**decimals; the value is taken as the decimal of
-    its float64 repr (the shortest round-trip form) and rounded half-even (2.0 multiplied in binary floating
-    point and truncated, which can differ in the last units). Complex values have no fixed-point form.
+    every vector becomes float128 (int128 words) of value * 10**decimals; a floating value is taken as its
+    shortest decimal in its own dtype (:func:`shortest_decimal`: a float 0.1 is 0.1, not its float64 widening)
+    and rounded half-even (2.0 multiplied in binary floating point and truncated, which can differ in the last
+    units). Complex values have no fixed-point form.
     """
     if not 0 <= decimals <= 255:
         raise LayoutError(f"output_num_decimals: {decimals} is not a uint8")
@@ -397,7 +445,9 @@ def encode_vector_v2(name: str, shape: Any, values: Any, fixed_point: bool = Fal
     if fixed_point:
         if name in _COMPLEX:
             raise LayoutError("output: complex values have no fixed-point encoding")
-        words = [_fixed(v, decimals, _INT128) for v in np.asarray(flat).tolist()]
+        array = np.asarray(flat)
+        items = array if array.dtype.kind == "f" else array.tolist()  # numpy floats keep their own dtype
+        words = [_fixed(v, decimals, _INT128, name) for v in items]
         return _encode(
             ["uint8", "uint8", "uint8", "uint16[]", "int128[]"], [1, decimals, _FIXED_POINT_CODE, dims, words]
         )
@@ -415,8 +465,8 @@ def decode_vector_v2(blob: bytes, max_elements: int | None = None) -> dict[str, 
     if code not in V2_CODES:
         raise LayoutError(f"2.0 vector: dtype code {code} is unknown (0..15: {_v2_code_list()})")
     _, name, solidity = V2_CODES[code]
-    arithmetic, decimals, _, shape, words = strict_abi_decode(
-        ("uint8", "uint8", "uint8", "uint16[]", f"{solidity}[]"), blob, "2.0 vector", LayoutError
+    arithmetic, decimals, _, shape, words = _abi_decode(
+        ("uint8", "uint8", "uint8", "uint16[]", f"{solidity}[]"), blob, "2.0 vector"
     )
     if arithmetic not in (0, 1):
         raise LayoutError(f"2.0 vector: arithmetic {arithmetic} is unknown (0 = IEEE, 1 = fixed point)")
@@ -437,7 +487,7 @@ def decode_vector_v2(blob: bytes, max_elements: int | None = None) -> dict[str, 
         if code == 12 and words and max(words) > _LONG_MAX:
             raise LayoutError(f"2.0 vector: uint64 value {max(words)} does not fit long, the widest integer dtype")
         values = list(words)
-    return _ours(name, shape, values, "2.0 vector")
+    return _ours(name, shape, values, "2.0 vector", V2_CODES[code][0])
 
 
 def _vector_head(blob: bytes, dtype_word: int, what: str, max_elements: int | None) -> int:
@@ -465,35 +515,58 @@ def _vector_head(blob: bytes, dtype_word: int, what: str, max_elements: int | No
     if count > limit:
         raise LayoutError(f"{what}: {count} values exceed the limit of {limit}")
     expected = values_at + _WORD * (1 + count)
-    if len(blob) != expected:
-        state = "truncated" if len(blob) < expected else "longer than its values"
-        raise LayoutError(f"{what}: {len(blob)} bytes for {count} values, expected {expected} ({state})")
+    if len(blob) < expected:  # more is what infernet-ml's decoder ignored (see _abi_decode)
+        raise LayoutError(f"{what}: {len(blob)} bytes for {count} values, expected {expected} (truncated)")
     return code
 
 
-def _ours(name: str, shape: tuple[int, ...], values: list[Any], what: str) -> dict[str, Any]:
+def _ours(name: str, shape: tuple[int, ...], values: list[Any], what: str, sent_dtype: str) -> dict[str, Any]:
     if math.prod(shape) != len(values):
         raise LayoutError(f"{what}: shape {list(shape)} holds {math.prod(shape)} elements, values has {len(values)}")
     if name in ("float", "double", "half", "bfloat16", *_COMPLEX):
         flat = (x for v in values for x in (v if isinstance(v, list) else (v,)))
         if not all(math.isfinite(x) for x in flat):
             raise LayoutError(f"{what}: a value is NaN or infinite; inputs must be finite numbers")
+    if name not in _COMPLEX:  # complex inputs are never cast, and their pairs would not match the tensor's order
+        values = SentValues(values, "vector.values", sent_dtype)
     return {"dtype": name, "shape": list(shape), "values": values}
 
 
-def _decode_int256(blob: bytes, max_elements: int | None) -> dict[str, Any]:
-    # Today's layout, read as public.chain.decode_input reads it (no stricter), plus the element bound.
+def decode_int256(blob: bytes, max_elements: int | None = None) -> dict[str, Any]:
+    """Today's CHAIN layout, ABI ``int256[]`` in 18-decimal fixed point -> a ``double`` tensor of shape [1, N] whose
+    values name the int256 as sent (``data[i]``) in an error. The one reader of the layout (``public.chain`` too).
+    Trailing bytes are ignored, as in every layout (see ``_abi_decode``). Raises LayoutError."""
     if len(blob) >= 2 * _WORD:
         count = int.from_bytes(blob[_WORD : 2 * _WORD], "big")
         if count > _limit(max_elements):
             raise LayoutError(f"data: {count} int256 values exceed the limit of {_limit(max_elements)}")
-    try:
-        (numbers,) = decode(["int256[]"], blob)
-    except (DecodingError, ValueError, OverflowError) as e:
-        raise LayoutError(f"data: not an ABI-encoded int256[] ({short_message(e)})") from None
+    (numbers,) = _abi_decode(("int256[]",), blob, "data", "an ABI-encoded int256[]")
     if not numbers:
         raise LayoutError("data: the int256[] is empty")
-    return {"dtype": "double", "shape": [1, len(numbers)], "values": [n / SCALE for n in numbers]}
+    return {
+        "dtype": "double",
+        "shape": [1, len(numbers)],
+        "values": SentValues([n / SCALE for n in numbers], "data", "int256", list(numbers)),
+    }
+
+
+def _abi_decode(types: tuple[str, ...], blob: bytes, what: str, kind: str = "") -> tuple[Any, ...]:
+    """eth_abi's decode of CHAIN bytes, which must start with the canonical encoding of the values (what Solidity's
+    ``abi.encode`` writes: offsets, lengths, zero padding); bytes after it are ignored, in every layout and in the
+    vectors inside them, because infernet-ml's services (eth_abi's ``decode``, which reads only what the types
+    need) ignored them: a contract that appends bytes works here as it did there. Raises LayoutError."""
+    kind = kind or f"an ABI encoding of ({', '.join(types)})"
+    try:
+        values = decode(list(types), blob)
+    except (DecodingError, ValueError, OverflowError) as e:  # UnicodeDecodeError is a ValueError
+        raise LayoutError(f"{what}: not {kind} ({short_message(e)})") from None
+    canonical = encode(list(types), list(values))
+    if blob[: len(canonical)] != canonical:
+        raise LayoutError(
+            f"{what}: not the canonical ABI encoding of ({', '.join(types)}) (offsets, lengths or padding differ "
+            "from what abi.encode writes)"
+        )
+    return values
 
 
 def _output_options(data: dict[str, Any]) -> tuple[bool, int]:
@@ -550,17 +623,84 @@ def _complex_values(words: tuple[int, ...], name: str) -> list[list[float]]:
     return [[r, i] for r, i in zip(real, imag, strict=True)]
 
 
-def _fixed(value: Any, decimals: int, bounds: tuple[int, int]) -> int:
+def _fixed(value: Any, decimals: int, bounds: tuple[int, int], name: str = "") -> int:
     if isinstance(value, (bool, int)):
         fixed = int(value) * 10**decimals
     else:
         try:
-            fixed = int(Decimal(repr(float(value))).scaleb(decimals).to_integral_value())
+            fixed = int(shortest_decimal(value, name).scaleb(decimals).to_integral_value())
         except (InvalidOperation, OverflowError, ValueError):
             raise LayoutError(f"output: {value} has no fixed-point form (not a finite number)") from None
     if not bounds[0] <= fixed <= bounds[1]:
         raise LayoutError(f"output: {value} times 10**{decimals} does not fit int128")
     return fixed
+
+
+def shortest_decimal(value: Any, name: str = "") -> Decimal:
+    """The shortest decimal that reads back as ``value`` in its own floating dtype, the digits a JSON answer prints
+    for float and double: a float32 0.1 is 0.1, where its float64 widening would be 0.10000000149011612. numpy
+    floats carry their dtype (half, float, double); ``name`` ``bfloat16`` marks bfloat16 values held in float32
+    (numpy has no bfloat16); Python floats are float64. Pure; raises nothing (NaN and infinities come back as the
+    Decimal of the same name)."""
+    if name == "bfloat16":
+        return _shortest_bfloat16(float(value))
+    if isinstance(value, np.floating):
+        return Decimal(str(value))  # numpy's str is the shortest round trip in the value's own dtype
+    return Decimal(repr(float(value)))
+
+
+def _shortest_bfloat16(value: float) -> Decimal:
+    if not math.isfinite(value):
+        return Decimal(repr(value))
+    target = _bfloat16_bits(value)
+    for digits in range(1, 10):  # 9 significant digits read back every float32, so every bfloat16
+        text = f"{value:.{digits - 1}e}"
+        if _bfloat16_bits(float(text)) == target:
+            return Decimal(text)
+    return Decimal(repr(value))
+
+
+def _bfloat16_bits(value: float) -> int:
+    """The bfloat16 that ``value`` rounds to (round half to even on float32's top 16 bits), as its bits."""
+    with np.errstate(over="ignore"):
+        bits = int(np.float32(value).view(np.uint32))
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+
+def describe_answer(answer: Any) -> str:
+    """What an answer holds, in words, for the 422 that says a layout cannot hold it: ``2 tensors (a list)``,
+    ``2 tensors (an object with keys a, b)``, ``an object with keys label``, ``a string``."""
+    if _is_tensor(answer):
+        return f"one {answer['dtype']} tensor"
+    count = _count_tensors(answer)
+    tensors = f"{count} tensor{'' if count == 1 else 's'}"
+    if isinstance(answer, (list, tuple)):
+        if count:
+            items = "" if count == len(answer) else f" of {len(answer)} items"
+            return f"{tensors} (a list{items})"
+        return "a list that is not a rectangular array of numbers"
+    if isinstance(answer, dict):
+        keys = ", ".join(map(str, list(answer)[:8])) + (", ..." if len(answer) > 8 else "")
+        if count:
+            return f"{tensors} (an object with keys {keys})"
+        return f"an object with keys {keys}" if answer else "an empty object"
+    if answer is None:
+        return "null"
+    if isinstance(answer, bool):
+        return "a boolean"
+    if isinstance(answer, str):
+        return "a string"
+    return f"a {type(answer).__name__}"
+
+
+def _count_tensors(answer: Any) -> int:
+    if _is_tensor(answer):
+        return 1
+    if isinstance(answer, dict):
+        return sum(_count_tensors(v) for v in answer.values())
+    if isinstance(answer, (list, tuple)):
+        return sum(_count_tensors(v) for v in answer)
+    return 0
 
 
 def _signed(word: int, bits: int) -> int:

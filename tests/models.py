@@ -35,3 +35,20 @@ def save(model: torch.nn.Module, path: Path, kind: str, example: torch.Tensor) -
     else:
         raise ValueError(kind)
     return path
+
+
+class Outputs(torch.nn.Module):
+    """y = x * w, w = 1 (float32): one tensor, except for rows of 3 features (a tuple of two tensors) and of 5 (a dict
+    of two), so one server answers every kind of output. Saved as a pickle: TorchScript fixes one return type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> object:
+        y = x * self.w
+        if x.shape[-1] == 3:
+            return y, y.sum(-1)
+        if x.shape[-1] == 5:
+            return {"scaled": y, "total": y.sum(-1)}
+        return y

@@ -42,10 +42,23 @@ def test_non_finite_output_cannot_go_on_chain():
     assert refused.value.status == 422
 
 
-def test_non_numeric_output_cannot_go_on_chain():
+@pytest.mark.parametrize(
+    "answer, holds",
+    [
+        ({"label": "cat"}, "an object with keys label"),
+        (["cat"], "a list that is not a rectangular array of numbers"),
+        ([[1, 2], [3]], "a list that is not a rectangular array of numbers"),
+        (None, "null"),
+    ],
+)
+def test_non_numeric_output_cannot_go_on_chain(answer, holds):
+    # The model ran and the request was well-formed: the layout cannot hold this answer (422, not the service's 500).
     with pytest.raises(RequestError) as refused:
-        encode_output({"label": "cat"})
-    assert refused.value.status == 500
+        encode_output(answer)
+    assert refused.value.status == 422
+    assert f"the answer holds {holds}; the int256[] CHAIN answer holds the numbers of one tensor" in str(
+        refused.value.description
+    )
 
 
 def test_integer_outputs_encode_exactly():

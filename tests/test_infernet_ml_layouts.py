@@ -27,6 +27,7 @@ from public.infernet_ml_layouts import (
     Reply,
     decode_vector_v1,
     decode_vector_v2,
+    describe_answer,
     detect_chain_layout,
     encode_chain_answer,
     encode_vector_v1,
@@ -34,6 +35,7 @@ from public.infernet_ml_layouts import (
     format_offchain_answer,
     ours_to_vector_v2,
     parse_chain_layout,
+    shortest_decimal,
     split_chain_request,
     split_request,
     vector_v2_to_ours,
@@ -230,7 +232,7 @@ def test_answers_in_each_layout():
 
     with pytest.raises(LayoutError, match="int256"):
         encode_chain_answer(price, Reply())
-    with pytest.raises(LayoutError, match="not one tensor"):
+    with pytest.raises(LayoutError, match=r"holds 1 tensor \(an object with keys a\); a 1\.x CHAIN answer holds one"):
         encode_chain_answer({"a": price}, Reply(Layout.V1))
 
 
@@ -301,10 +303,8 @@ GOOD_V2 = bytes.fromhex(v2_vector_hex(IRIS_BITS, [1, 4]))
     ("hex_data", "says"),
     [
         (v1_request_hex(v1_vector_hex(IRIS_BITS, [1, 4]))[:-64], "1.x layout"),  # truncated
-        (v1_request_hex(v1_vector_hex(IRIS_BITS, [1, 4])) + word(0), "not the canonical"),  # trailing word
         (word(0) + word(0xC0) + v1_request_hex(v1_vector_hex(IRIS_BITS, [1, 4]))[128:], "1.x layout"),  # moved offset
         (_v1_request(GOOD_V1[:-32]), "truncated"),
-        (_v1_request(GOOD_V1 + bytes(32)), "longer than its values"),
         (_v1_request(bytes.fromhex(word(12)) + GOOD_V1[32:]), "dtype code 12 is unknown"),
         (_v1_request(bytes.fromhex(word(1) + word(0x80)) + GOOD_V1[64:]), "shape offset 128, expected 96"),
         (_v1_request(bytes.fromhex(word(1) + word(0x60) + word(0x100)) + GOOD_V1[96:]), "values offset 256"),
@@ -556,3 +556,50 @@ def test_a_workflows_own_data_is_not_taken_for_an_envelope(data):
 def test_an_input_that_names_a_model_must_be_a_vector():
     with pytest.raises(LayoutError, match="input: expected an object with dtype, shape and values"):
         split_request({"model_id": "huggingface/Org/repo:model.torch", "input": [[1, 2]]})
+
+
+# ---- what the layouts hold, as a contract reads it -----------------------------------------------------------------
+
+
+def test_shortest_decimal_is_the_values_own_dtype():
+    from decimal import Decimal
+
+    assert shortest_decimal(np.float32(0.1)) == Decimal("0.1")  # not 0.10000000149011612, its float64 widening
+    assert shortest_decimal(np.float16(0.1)) == Decimal("0.1")  # half 0.0999755859375
+    assert shortest_decimal(np.float64(0.1)) == Decimal("0.1")
+    assert shortest_decimal(0.1) == Decimal("0.1")
+    bfloat16_tenth = float(torch.tensor(0.1, dtype=torch.bfloat16).float())  # 0.10009765625
+    assert shortest_decimal(np.float32(bfloat16_tenth), "bfloat16") == Decimal("0.1")
+    assert shortest_decimal(np.float32(bfloat16_tenth)) == Decimal("0.100097656")  # float32 digits
+    fixed = encode_vector_v2("float", [1], np.array([0.1], np.float32), fixed_point=True)
+    assert fixed[-32:] == (10**17).to_bytes(32, "big")
+
+
+@pytest.mark.parametrize(
+    ("answer", "holds"),
+    [
+        ([{"dtype": "float", "shape": [1], "values": [1.0]}] * 2, "2 tensors (a list)"),
+        ({"a": {"dtype": "float", "shape": [1], "values": [1.0]}, "b": 3}, "1 tensor (an object with keys a, b)"),
+        ({"label": "cat"}, "an object with keys label"),
+        ("cat", "a string"),
+    ],
+)
+def test_describe_answer(answer, holds):
+    assert describe_answer(answer) == holds
+
+
+def test_a_2_0_answer_holds_one_vector_and_its_codes_range():
+    tensor = {"dtype": "float", "shape": [1], "values": np.array([1.0], np.float32)}
+    with pytest.raises(LayoutError, match=r"holds 2 tensors \(a list\); a 2\.0 answer holds one vector"):
+        format_offchain_answer([tensor, tensor], Reply(Layout.V2))
+    assert format_offchain_answer({"label": "cat"}, Reply(Layout.V2)) == {"label": "cat"}  # a workflow's own JSON
+    with pytest.raises(LayoutError, match=r"values\[1\]: 300 does not fit uint8 \[0, 255\]"):
+        ours_to_vector_v2({"dtype": "uint8", "shape": [2], "values": [1, 300]})
+    assert ours_to_vector_v2({"dtype": "uint8", "shape": [2], "values": [1, 255]})["values"] == [1, 255]
+
+
+def test_trailing_bytes_after_a_vector_are_ignored():
+    assert decode_vector_v1(GOOD_V1 + bytes(32))["values"] == IRIS
+    assert decode_vector_v2(GOOD_V2 + b"\x01")["values"] == IRIS
+    request = v1_request_hex(v1_vector_hex(IRIS_BITS, [1, 4])) + word(0)
+    assert split_chain_request(request)[1]["values"] == IRIS

@@ -128,7 +128,8 @@ def test_chain_input_beyond_the_model_dtype_is_refused(iris_server, destination)
     largest = 2**255 - 1  # int256's maximum: 5.8e58 in 18-decimal fixed point, beyond float's 3.4e38
     data = encode(["int256[]"], [[largest, 10**18, 10**18, 10**18]]).hex()
     response = iris_server.post({"source": 0, "data": data, "destination": destination})
-    refused(response, f"values[0]: {largest / 10**18!r} does not fit float (the model's dtype), cast from double")
+    # Named as the contract sent it: the int256 itself, at its place in the int256[].
+    refused(response, f"data[0]: {largest} (int256) does not fit float (the model's dtype)")
 
 
 def test_half_models_refuse_what_half_cannot_hold(half_server):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from core.errors import InputError, ModelError
-from core.terms import DTYPE_NAMES
+from core.terms import DTYPE_NAMES, SentValues
 
 DTYPES: dict[str, torch.dtype] = {
     "float": torch.float32,
@@ -82,7 +82,7 @@ def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torc
 
     Runs where the workflow's preprocess runs (the runner's event loop). Raises InputError naming the first value
     the cast does not keep (it overflows a floating dtype, or does not come back from an integer one), with its place
-    and both dtypes.
+    and both dtypes; for ``core.terms.SentValues`` (CHAIN data), as the client sent it.
     """
     cast = tensor.to(dtype)
     if dtype.is_floating_point:
@@ -101,8 +101,11 @@ def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torc
         bad = cast.to(tensor.dtype) != tensor
     if not bad.any():
         return cast
-    place, sent = _sent_at(values, int(bad.flatten().nonzero()[0]))
+    index = int(bad.flatten().nonzero()[0])
     target = NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    if isinstance(values, SentValues):  # decoded from CHAIN data or a wider 2.0 dtype: name it as the client sent it
+        raise InputError(f"{values.describe(index)} does not fit {target} (the model's dtype)")
+    place, sent = _sent_at(values, index)
     raise InputError(
         f"{place}: {_number(sent)} does not fit {target} (the model's dtype), cast from {NAMES[tensor.dtype]}"
     )

@@ -1,0 +1,161 @@
+"""CHAIN data and the infernet-ml 2.0 layout over HTTP, against a real ``bentoml serve`` of a float32 model that
+answers its input unchanged (one tensor) or several tensors (tests/models.py ``Outputs``): what the layouts hold,
+what they cannot hold (422, saying both), the values as a contract reads them, and errors that name the value as
+the client sent it (docs/contract.md, CHAIN and section 5). Bodies are built with eth-abi; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import torch
+from eth_abi import decode, encode
+
+from public.infernet_ml_layouts import encode_vector_v1, encode_vector_v2
+from tests.fixtures.server import Server, serving
+from tests.models import Outputs, save
+from tests.reliability_support import assert_contract_error
+
+INT256_MAX = 2**255 - 1
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("outputs")
+    path = save(Outputs(), tmp / "outputs.pt", "pickle", torch.zeros(1, 2))
+    with serving({"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(path)})}, tmp) as running:
+        yield running
+
+
+def int256_hex(fixed: list[int]) -> str:
+    return encode(["int256[]"], [fixed]).hex()
+
+
+def v1_hex(values: list[float]) -> str:
+    vector = encode_vector_v1("double", [1, len(values)], values)
+    return encode(["uint8", "string", "string", "string", "bytes"], [0, "", "", "", vector]).hex()
+
+
+def v2_hex(values: list[float]) -> str:
+    return encode(["bytes", "bytes"], [b"", encode_vector_v2("double", [1, len(values)], values)]).hex()
+
+
+def chain(server: Server, hex_data: str) -> requests.Response:
+    return server.post({"source": 0, "destination": 0, "data": hex_data})
+
+
+def int256_answer(response: requests.Response) -> list[int]:
+    assert response.status_code == 200, response.text
+    (numbers,) = decode(["int256[]"], bytes.fromhex(response.json()["raw_output"]))
+    return list(numbers)
+
+
+# F2, F10: an answer of several tensors is one that the CHAIN answers and the 2.0 answer cannot hold.
+
+
+@pytest.mark.parametrize(
+    ("features", "holds"), [(3, "2 tensors (a list)"), (5, "2 tensors (an object with keys scaled, total)")]
+)
+def test_several_tensors_are_a_422_in_every_layout_that_holds_one(server, features, holds):
+    row = [0.5] * features
+    fixed = [5 * 10**17] * features
+    for hex_data, layout_holds in [
+        (int256_hex(fixed), "the int256[] CHAIN answer holds the numbers of one tensor"),
+        (v1_hex(row), "a 1.x CHAIN answer holds one vector"),
+        (v2_hex(row), "a 2.0 CHAIN answer holds one vector"),
+    ]:
+        body = assert_contract_error(chain(server, hex_data), 422)
+        assert f"the answer holds {holds}; {layout_holds}" in body["description"], body
+        assert "not numeric" not in body["description"]
+    vector = {"dtype": 1, "shape": [1, features], "values": row}
+    for data in (vector, {"input": vector}, {"model_id": None, "input": vector}):
+        body = assert_contract_error(server.post({"source": 1, "data": data}), 422)
+        assert f"the answer holds {holds}; a 2.0 answer holds one vector" in body["description"], body
+    # Today's OFFCHAIN form holds them all: the model's tensors in our vocabulary.
+    answer = server.post({"source": 1, "data": {"dtype": "float", "values": [row]}})
+    assert answer.status_code == 200, answer.text
+    tensors = answer.json() if isinstance(answer.json(), list) else list(answer.json().values())
+    assert [t["values"] for t in tensors] == [[row], [0.5 * features]]
+
+
+# F7: a floating output on chain is the decimal the OFFCHAIN answer prints, not its float64 widening.
+
+
+def test_chain_writes_the_shortest_decimal_of_the_outputs_own_dtype(server):
+    offchain = server.post({"source": 1, "data": {"dtype": "float", "values": [[0.1, 0.3]]}})
+    assert offchain.json()["values"] == [[0.1, 0.3]]  # float32 0.1 prints as 0.1
+    assert int256_answer(chain(server, int256_hex([10**17, 3 * 10**17]))) == [10**17, 3 * 10**17]
+    # The 2.0 fixed-point answer (an OFFCHAIN 2.0 request answered on chain) takes the same decimal.
+    response = server.post(
+        {
+            "source": 1,
+            "destination": 0,
+            "data": {"input": {"dtype": 1, "shape": [1, 2], "values": [0.1, 0.3]}, "output_arithmetic": "fixed_point"},
+        }
+    )
+    assert response.status_code == 200, response.text
+    words = decode(["uint8", "uint8", "uint8", "uint16[]", "int128[]"], bytes.fromhex(response.json()["raw_output"]))
+    assert list(words[4]) == [10**17, 3 * 10**17]
+
+
+# F9: a CHAIN value the model's dtype cannot hold is named as sent, at its place in the int256[].
+
+
+def test_a_chain_value_that_does_not_fit_is_named_as_sent(server):
+    for fixed, place in [([INT256_MAX, 10**18], 0), ([10**18, -INT256_MAX], 1)]:
+        body = assert_contract_error(chain(server, int256_hex(fixed)), 400)
+        assert body["description"] == (
+            f"data[{place}]: {fixed[place]} (int256) does not fit float (the model's dtype)"
+        ), body
+
+
+# F9: bytes after the ABI payload are ignored in every layout, as infernet-ml's eth_abi decode ignored them.
+
+
+def test_bytes_after_the_abi_payload_are_ignored_in_every_layout(server):
+    for hex_data in (int256_hex([10**18, 2 * 10**18]), v1_hex([1.0, 2.0]), v2_hex([1.0, 2.0])):
+        plain = chain(server, hex_data)
+        assert plain.status_code == 200, plain.text
+        for trailing in ("00", "00" * 32, "ff" * 40):
+            padded = chain(server, hex_data + trailing)
+            assert padded.status_code == 200, (trailing, padded.text)
+            assert padded.json()["raw_output"] == plain.json()["raw_output"]
+    # The vector inside the 2.0 bytes too.
+    vector = encode_vector_v2("double", [1, 2], [1.0, 2.0]) + bytes(32)
+    response = chain(server, encode(["bytes", "bytes"], [b"", vector]).hex())
+    assert response.status_code == 200, response.text
+
+
+# F1: the 2.0 unsigned codes keep the declared dtype's range, though our dtype for them is wider.
+
+
+@pytest.mark.parametrize(
+    ("code", "values", "says"),
+    [
+        (10, [70000, 1], "values[0]: 70000 is out of range for uint16 [0, 65535]"),
+        (10, [1, -1], "values[1]: -1 is out of range for uint16 [0, 65535]"),
+        (11, [-5, 1], "values[0]: -5 is out of range for uint32 [0, 4294967295]"),
+        (11, [2**32, 1], "values[0]: 4294967296 is out of range for uint32 [0, 4294967295]"),
+        (12, [-5, 1], "values[0]: -5 is out of range for uint64 [0, 18446744073709551615]"),
+        (12, [2**63, 1], "values[0]: 9223372036854775808 (uint64) does not fit long, the widest integer dtype"),
+        (10, [1.5, 1], "values[0]: uint16 expects integers, got 1.5"),
+        (10, [True, 1], "values[0]: uint16 expects numbers, got true"),
+    ],
+)
+def test_unsigned_2_0_codes_keep_their_range(server, code, values, says):
+    for data in ({"dtype": code, "shape": [1, 2], "values": values}, {"input": {"dtype": code, "values": values}}):
+        body = assert_contract_error(server.post({"source": 1, "data": data}), 400)
+        assert body["description"] == says, body
+
+
+def test_unsigned_2_0_codes_take_their_whole_range_and_no_more(server):
+    for code, high in [(10, 2**16 - 1), (11, 2**32 - 1), (12, 2**63 - 1)]:
+        beyond = server.post({"source": 1, "data": {"dtype": code, "shape": [1, 2], "values": [high + 1, 0]}})
+        assert_contract_error(beyond, 400)
+        response = server.post({"source": 1, "data": {"dtype": code, "shape": [1, 2], "values": [high, 0]}})
+        assert response.status_code == 200, response.text
+        # The float model answers float32 (code 1), holding the value as float32 rounds it.
+        answer = response.json()
+        assert (answer["dtype"], answer["shape"]) == (1, [1, 2])
+        assert torch.tensor(answer["values"]).tolist() == [float(torch.tensor(float(high))), 0.0]
