@@ -41,6 +41,8 @@ from typing import Any
 from eth_abi import decode, encode
 from eth_abi.exceptions import DecodingError
 
+from core.terms import json_text
+
 # Longest canonical id: source, 96 + 96 + 128 + 255 characters and separators; longer text is refused unread.
 MAX_MODEL_ID_CHARS = 600
 # The ABI form holds five short strings: a few words each. Bounding the bytes bounds the decoder's work.
@@ -382,14 +384,14 @@ def _one_file(text: str, files: str) -> str:
 
 def _v1_source(value: Any) -> str:
     if isinstance(value, bool):
-        raise ModelIdError(f"model_source: expected 1 (ARWEAVE), 2 (HUGGINGFACE_HUB) or a name, got {value}")
+        raise ModelIdError(f"model_source: expected 1 (ARWEAVE), 2 (HUGGINGFACE_HUB) or a name, got {json_text(value)}")
     if isinstance(value, int):
         if value not in tuple(StorageCode):
             raise ModelIdError(f"model_source: {value} is unknown (1 = ARWEAVE, 2 = HUGGINGFACE_HUB)")
         return _SOURCE_BY_CODE[StorageCode(value)]
     if isinstance(value, str) and value.lower() in _V1_SOURCE_NAMES:
         return _V1_SOURCE_NAMES[value.lower()]
-    raise ModelIdError(f"model_source: {value!r} is unknown (1 = ARWEAVE, 2 = HUGGINGFACE_HUB)")
+    raise ModelIdError(f"model_source: {json_text(value)} is unknown (1 = ARWEAVE, 2 = HUGGINGFACE_HUB)")
 
 
 def strict_abi_decode(

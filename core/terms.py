@@ -3,6 +3,7 @@ send it (``InfernetInput``), the error body. Imported by the service and the tes
 
 from __future__ import annotations
 
+import json
 import re
 from enum import IntEnum
 from http import HTTPStatus
@@ -16,6 +17,9 @@ DTYPE_NAMES = (
 )  # fmt: skip
 
 PROOFS_NOT_SUPPORTED = "Proofs are not supported by this service"
+# The most dimensions a tensor may have, given as `shape` or as nested `values`, in every layout and protocol, in
+# both directions: an answer the service writes must be a valid next input (numpy itself stops at 64).
+MAX_RANK = 32
 
 
 class Source(IntEnum):
@@ -45,9 +49,12 @@ class InfernetInput(BaseModel):
     @field_validator("source", "destination", mode="before")
     @classmethod
     def _plain_int(cls, value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer() and abs(value) >= 2**63:
+            # The JSON parser reads integers beyond 64 bits as floats: it was an integer, just far too large.
+            raise ValueError("an integer beyond 64 bits is out of range; expected 0 (CHAIN) or 1 (OFFCHAIN)")
         # bool is an int in Python; `"source": true` is a client bug, not CHAIN/OFFCHAIN.
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("must be an integer")
+            raise ValueError(f"must be an integer, got {json_text(value)}")
         return value
 
     @field_validator("data", mode="before")
@@ -76,6 +83,41 @@ class InfernetInput(BaseModel):
         if self.destination == Destination.STREAM:
             raise ValueError("destination: STREAM (2) is not supported; use 0 (CHAIN) or 1 (OFFCHAIN)")
         return self
+
+
+def too_many_dimensions(rank: int) -> str:
+    """The words for a shape beyond ``MAX_RANK``, after the place that holds it."""
+    return f"{rank} dimensions exceed the limit of {MAX_RANK}"
+
+
+def json_type(value: Any) -> str:
+    """What a value read from JSON is, in JSON's words (``null``, ``true``, ``a number``, ``an array``...): messages
+    to clients name what they sent, not Python's types."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def json_text(value: Any, limit: int = 40) -> str:
+    """A scalar read from JSON as JSON writes it (``null``, ``true``, ``"quad"``, ``1.5``), cut at ``limit``
+    characters; an array or an object by its kind only."""
+    if isinstance(value, (list, tuple, dict)):
+        return json_type(value)
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return json_type(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def error_body(status: int, description: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:

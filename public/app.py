@@ -33,7 +33,7 @@ from core.errors import Outcome, RequestError
 from core.model_call import ForModel
 from core.model_ids import ModelId, ModelIdError, allowed
 from core.settings import ServiceSettings
-from core.terms import Destination, InfernetInput, Source, error_body
+from core.terms import Destination, InfernetInput, Source, error_body, json_type
 from public import SERVICE_NAME, __version__, auth, chain, resources, routes
 from public.infernet_ml_layouts import (
     Layout,
@@ -165,13 +165,7 @@ class PublicApp:
 
     async def service_output(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
         raw = await read_request_body(scope, receive, self.settings.max_request_bytes)
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise RequestError(400, f"body is not valid JSON: {e}") from None
-        if nesting_depth(raw) > MAX_JSON_DEPTH:
-            raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels")
-        request = parse_input(obj)
+        request = parse_input(load_json(raw))
         data, reply = request.data, None
         if request.source == Source.CHAIN:
             layout = self.settings.chain_layout
@@ -281,6 +275,24 @@ async def read_request_body(scope: Scope, receive: Receive, limit: int) -> bytes
     return raw
 
 
+def load_json(raw: bytes) -> Any:
+    """A body's JSON value; RequestError 400 for a body that is not JSON (saying so in JSON's and UTF-8's words, not
+    the parser's) or is nested deeper than MAX_JSON_DEPTH."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            # orjson's words for any invalid UTF-8 speak of surrogates, which are rarely what was sent.
+            byte = raw[bad.start]
+            raise RequestError(400, f"body is not valid UTF-8: byte 0x{byte:02x} at offset {bad.start}") from None
+        raise RequestError(400, f"body is not valid JSON: {e}") from None
+    if nesting_depth(raw) > MAX_JSON_DEPTH:
+        raise RequestError(400, f"body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return obj
+
+
 def has_body(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
@@ -338,7 +350,7 @@ def gunzip(data: bytes, limit: int) -> bytes:
 
 def parse_input(obj: Any) -> InfernetInput:
     if not isinstance(obj, dict):
-        raise RequestError(400, f"body must be a JSON object, got {type(obj).__name__}")
+        raise RequestError(400, f"body must be a JSON object, got {json_type(obj)}")
     try:
         return InfernetInput.model_validate(obj)
     except ValidationError as e:

@@ -71,10 +71,9 @@ from core.model_ids import (
     parse_model_id,
     short_message,
 )
-from core.terms import SentValues
+from core.terms import MAX_RANK, SentValues, json_text, too_many_dimensions
 
 SCALE = 10**18
-MAX_RANK = 32
 # Whatever the caller's own limit, no vector may claim more elements than this (MAX_REQUEST_ELEMENTS' default).
 MAX_ELEMENTS = 4_000_000
 _WORD = 32
@@ -232,7 +231,7 @@ def vector_v2_to_ours(vector: Any, max_elements: int | None = None, where: str =
         raise LayoutError(f"{where}: expected an object with dtype, shape and values")
     code = vector.get("dtype")
     if not _is_code(code) or code not in V2_CODES:
-        raise LayoutError(f"{where}.dtype: {code!r} is not a 2.0 dtype code (0..15: {_v2_code_list()})")
+        raise LayoutError(f"{where}.dtype: {json_text(code)} is not a 2.0 dtype code (0..15: {_v2_code_list()})")
     values = vector.get("values")
     if not isinstance(values, list):
         raise LayoutError(f"{where}.values: expected a flat list of numbers")
@@ -504,7 +503,7 @@ def _vector_head(blob: bytes, dtype_word: int, what: str, max_elements: int | No
         raise LayoutError(f"{what}: shape offset {shape_at}, expected {head_words * _WORD}")
     rank = int.from_bytes(blob[shape_at : shape_at + _WORD], "big")
     if rank > MAX_RANK:
-        raise LayoutError(f"{what}: shape has {rank} dimensions, more than {MAX_RANK}")
+        raise LayoutError(f"{what}: shape: {too_many_dimensions(rank)}")
     values_at = shape_at + _WORD * (1 + rank)
     if words[dtype_word + 1] != values_at:
         raise LayoutError(f"{what}: values offset {words[dtype_word + 1]}, expected {values_at}")
@@ -576,12 +575,12 @@ def _output_options(data: dict[str, Any]) -> tuple[bool, int]:
     elif arithmetic in ("fixed_point", 1) and not isinstance(arithmetic, bool):
         fixed = True
     else:
-        raise LayoutError(f"output_arithmetic: {arithmetic!r} is unknown (ieee or fixed_point)")
+        raise LayoutError(f"output_arithmetic: {json_text(arithmetic)} is unknown (ieee or fixed_point)")
     decimals = data.get("output_num_decimals")
     if decimals is None or decimals == 0:
         return fixed, 18  # 2.0 wrote `decimals or 18`
     if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 < decimals <= 38:
-        raise LayoutError(f"output_num_decimals: {decimals!r} is not an integer from 1 to 38 (int128 words)")
+        raise LayoutError(f"output_num_decimals: {json_text(decimals)} is not an integer from 1 to 38 (int128 words)")
     return fixed, decimals
 
 
@@ -708,11 +707,13 @@ def _signed(word: int, bits: int) -> int:
 
 
 def _check_shape(shape: Any, where: str, limit: int) -> None:
-    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+    if not isinstance(shape, list):
         raise LayoutError(f"{where}: expected a list of at most {MAX_RANK} dimensions")
+    if len(shape) > MAX_RANK:
+        raise LayoutError(f"{where}: {too_many_dimensions(len(shape))}")
     for i, dim in enumerate(shape):
         if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim <= limit:
-            raise LayoutError(f"{where}[{i}]: {dim!r} is not a dimension (an integer from 0 to {limit})")
+            raise LayoutError(f"{where}[{i}]: {json_text(dim)} is not a dimension (an integer from 0 to {limit})")
 
 
 def _is_code(value: Any) -> bool:

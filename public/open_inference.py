@@ -13,6 +13,7 @@ or an output's ``binary_data``.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import orjson
 
 from core.asgi import Receive, Scope, Send
 from core.errors import RequestError
-from core.terms import DTYPE_NAMES
+from core.terms import DTYPE_NAMES, MAX_RANK, json_text, json_type, too_many_dimensions
 from public import SERVICE_NAME, __version__
 from public import app as public  # built on the public app; public/app.py imports this module only where it routes /v2
 
@@ -186,12 +187,7 @@ async def _infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple
     headers = dict(scope["headers"])
     raw = await public.read_request_body(scope, receive, app.settings.max_request_bytes)
     header, binary = split_body(raw, headers.get(_HEADER_LENGTH))
-    try:
-        obj = orjson.loads(header)
-    except orjson.JSONDecodeError as e:
-        raise ProtocolError(400, f"body is not valid JSON: {e}") from None
-    if public.nesting_depth(header) > public.MAX_JSON_DEPTH:
-        raise ProtocolError(400, f"body is nested deeper than {public.MAX_JSON_DEPTH} levels")
+    obj = public.load_json(header)  # the same words as /service_output for a body that is not JSON
     request = read_request(obj, binary, app.settings.max_elements)
     outcome = await app.infer(request.data)
     if outcome.status != 200:
@@ -214,7 +210,7 @@ def split_body(raw: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
 def read_request(obj: Any, binary: bytes, max_elements: int) -> InferRequest:
     """An infer request's JSON (and its binary tensor data) -> the contract's data. Raises ProtocolError (400)."""
     if not isinstance(obj, dict):
-        raise ProtocolError(400, f"body must be a JSON object, got {_json_type(obj)}")
+        raise ProtocolError(400, f"body must be a JSON object, got {json_type(obj)}")
     inputs = obj.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise ProtocolError(400, "inputs: expected a list of one input tensor")
@@ -256,12 +252,14 @@ def _contract_data(tensor: Any, binary: bytes, max_elements: int) -> dict[str, A
     if not isinstance(tensor.get("name"), str):
         raise ProtocolError(400, "inputs[0].name: expected a string")
     shape = tensor.get("shape")
+    if isinstance(shape, list) and len(shape) > MAX_RANK:
+        raise ProtocolError(400, f"inputs[0].shape: {too_many_dimensions(len(shape))}")
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
         raise ProtocolError(400, "inputs[0].shape: expected a list of non-negative integers")
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise ProtocolError(
-            400, f"inputs[0].datatype: {datatype!r} is not supported; expected one of {', '.join(DATATYPES)}"
+            400, f"inputs[0].datatype: {json_text(datatype)} is not supported; expected one of {', '.join(DATATYPES)}"
         )
     count = math.prod(shape)
     if count > max_elements:
@@ -285,6 +283,10 @@ def _contract_data(tensor: Any, binary: bytes, max_elements: int) -> dict[str, A
         values = tensor["data"]
         if not isinstance(values, list):
             values = [values]  # a scalar tensor's one element may be given bare
+        elif values and isinstance(values[0], list):
+            # The protocol's data is the tensor's elements in row-major order, flat or nested; `shape` alone says
+            # the tensor's shape (Triton reads nested data the same way).
+            values = _row_major(values)
     return {"dtype": DATATYPES[datatype], "shape": shape, "values": values}
 
 
@@ -299,6 +301,14 @@ def _from_bytes(binary: bytes, size: Any, datatype: str, shape: list[int]) -> li
     if size != expected:
         raise ProtocolError(400, f"{where}: shape {shape} of {datatype} takes {expected} bytes, got {size}")
     array = np.frombuffer(binary, dtype=wire)
+    if datatype == "BOOL":
+        # The extension's BOOL element is one byte, 1 for true and 0 for false; any other byte is no BOOL, as 2 is
+        # none in JSON data (numpy would read every nonzero byte as true).
+        octets = np.frombuffer(binary, dtype=np.uint8)
+        wrong = np.flatnonzero(octets > 1)
+        if wrong.size:
+            at = int(wrong[0])
+            raise ProtocolError(400, f"inputs[0].data[{at}]: BOOL bytes are 0 (false) or 1 (true), got {octets[at]}")
     if datatype == "BF16":
         array = (array.astype(np.uint32) << 16).view(np.float32)
     # The contract's data is JSON-like; the runner decodes and checks it as it does /service_output's.
@@ -316,7 +326,9 @@ def answer(body: Any, request: InferRequest, model_name: str) -> tuple[dict[str,
     for name in names:
         tensor = tensors.get(name)
         if tensor is None:
-            raise ProtocolError(400, f"outputs: unknown output {name!r}; this model's outputs are {', '.join(tensors)}")
+            raise ProtocolError(
+                400, f"outputs: unknown output {json_text(name)}; this model's outputs are {', '.join(tensors)}"
+            )
         output, chunk = _output(
             name,
             tensor,
@@ -397,8 +409,12 @@ def _flag(parameters: dict[str, Any], key: str, where: str) -> bool:
     return value
 
 
-def _json_type(value: Any) -> str:
-    return {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
+def _row_major(nested: list[Any]) -> list[Any]:
+    """Nested data's elements in row-major order, one level at a time while every item is a list. Data nested
+    unevenly stays as it is, for the runner's decoder to name the place."""
+    while nested and isinstance(nested[0], list) and all(isinstance(item, list) for item in nested):
+        nested = list(itertools.chain.from_iterable(nested))
+    return nested
 
 
 async def _respond(send: Send, status: int, body: Any, binary: bytes | None, headers: list[tuple[bytes, bytes]]) -> int:

@@ -18,7 +18,7 @@ def test_offchain_and_chain_inputs_parse():
 @pytest.mark.parametrize(
     "body, message",
     [
-        ([1, 2], "body must be a JSON object, got list"),
+        ([1, 2], "body must be a JSON object, got an array"),
         ({"data": {}}, "source: Field required"),
         ({"source": 1}, "data: Field required"),
         ({"source": 2, "data": {}}, "source: Input should be 0 or 1"),

@@ -224,7 +224,7 @@ def test_two_inputs_by_name_answer_each_output_by_name(onnx_models, tmp_path):
         ({"dtype": "float", "values": [[1, 2, 3]]}, ["the model takes 2 inputs", "'b' long [n, 3]"]),
         ({"input": [[1, 2, 3]]}, ["missing input 'b'"]),  # "input" names the first input, "a"
         ({"inputs": {"a": [1, 2, 3]}}, ["inputs.a: expected an object with 'dtype' and 'values'"]),
-        ({"inputs": {"a": {"dtype": "float128", "values": [1]}}}, ["inputs.a.dtype: unknown dtype 'float128'"]),
+        ({"inputs": {"a": {"dtype": "float128", "values": [1]}}}, ['inputs.a.dtype: unknown dtype "float128"']),
         ([1, 2, 3], ["data: expected an object"]),
     ],
 )

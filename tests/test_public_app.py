@@ -165,7 +165,7 @@ def test_offchain_in_chain_out(public):
         (b'{"source": 1, "data": "00ff"}', 400, "OFFCHAIN source needs a JSON object"),
         (b'{"source": 0, "data": "0xzz"}', 400, "must be a hex string"),
         (b'{"source": 0, "data": "00"}', 400, "not an ABI-encoded int256[]"),
-        (b'{"source": 1, "data": {"dtype": "quad", "values": [[1]]}}', 400, "unknown dtype 'quad'"),
+        (b'{"source": 1, "data": {"dtype": "quad", "values": [[1]]}}', 400, 'unknown dtype "quad"'),
         (b'{"source": 1, "data": {"dtype": "float", "values": [[1,2,3,4],[1,2,3]]}}', 400, "row 1 has 3 elements"),
         (b'{"source": 1, "data": {"dtype": "float", "values": [1,2,3], "shape": [1,4]}}', 400, "shape: [1, 4] holds 4"),
         (b'{"source": 1, "data": {"dtype": "int", "values": [[1.5,2,3,4]]}}', 400, "int expects integers"),

@@ -59,7 +59,7 @@ def test_refusals_of_either_side_of_the_hop_are_contract_errors(server):
     assert_error(raw, 400, "body is not valid JSON")  # the API worker's
     body = assert_error(server.post({"source": 7, "data": 3}), 400)
     assert {tuple(e["loc"]) for e in body["errors"]} == {("source",), ("data",)}
-    assert_error(server.post(offchain([[1]], dtype="quad")), 400, "unknown dtype 'quad'")  # the workflow's
+    assert_error(server.post(offchain([[1]], dtype="quad")), 400, 'unknown dtype "quad"')  # the workflow's
     assert_error(server.post(offchain([[1.0, 2.0, 3.0]])), 422, MODEL_FAILED)  # the model's
 
 

@@ -64,8 +64,8 @@ def test_complex_pairs_become_complex_numbers():
         ({"dtype": "double", "values": []}, "values: empty"),
         ({"dtype": "double", "values": [[]]}, "values: empty"),
         ({"dtype": "double"}, "values: missing"),
-        ({"dtype": "quad", "values": [1]}, "dtype: unknown dtype 'quad'"),
-        ({"values": [1]}, "dtype: unknown dtype None"),
+        ({"dtype": "quad", "values": [1]}, 'dtype: unknown dtype "quad"'),
+        ({"values": [1]}, "dtype: missing"),
         ({"dtype": "int", "values": [1.5]}, "values[0]: int expects integers, got 1.5"),
         ({"dtype": "int", "values": [2**31]}, "values[0]: 2147483648 is out of range for int"),
         ({"dtype": "uint8", "values": [256]}, "256 is out of range for uint8"),
@@ -113,8 +113,14 @@ def test_element_limit():
 def test_shape_reshapes_flat_values():
     tensor = decode({"dtype": "long", "values": [1, 2, 3, 4, 5, 6], "shape": [2, 3]})
     assert tensor.tolist() == [[1, 2, 3], [4, 5, 6]]
-    nested = decode({"dtype": "float", "values": [[1, 2], [3, 4]], "shape": [4]})
-    assert nested.tolist() == [1, 2, 3, 4]
+    nested = decode({"dtype": "float", "values": [[1, 2], [3, 4]], "shape": [2, 2]})
+    assert nested.tolist() == [[1, 2], [3, 4]]
+
+
+@pytest.mark.parametrize("shape", [[4], [4, 1], [1, 2, 2]])
+def test_nested_values_are_not_reshaped_to_another_shape(shape):
+    with pytest.raises(InputError, match=rf"shape: \[{', '.join(map(str, shape))}\] does not match .* \[2, 2\]"):
+        decode({"dtype": "float", "values": [[1, 2], [3, 4]], "shape": shape})
 
 
 def test_flat_complex_values_with_shape_are_pairs():

@@ -39,7 +39,7 @@ def test_tensor_workflow_needs_only_setup_and_run_model():
     assert outcomes[0].body["shape"] == [1, 2] and outcomes[0].body["values"].tolist() == [[2.0, 4.0]]
     assert outcomes[1].body["values"].tolist() == [[6.0, 8.0], [10.0, 12.0]]
     assert outcomes[2].body["values"].tolist() == [14.0, 16.0]
-    assert outcomes[3].description.startswith("dtype: unknown dtype None")
+    assert outcomes[3].description.startswith("dtype: missing")
     # rank 2 with equal dtype and width share one forward; the rank-1 request runs alone
     assert sorted(workflow.forwards) == [(2,), (3, 2)]
 

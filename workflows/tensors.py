@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from core.errors import InputError, ModelError
-from core.terms import DTYPE_NAMES, SentValues
+from core.terms import DTYPE_NAMES, MAX_RANK, SentValues, json_text, json_type, too_many_dimensions
 
 DTYPES: dict[str, torch.dtype] = {
     "float": torch.float32,
@@ -44,7 +44,7 @@ _LARGEST: dict[torch.dtype, float] = {
 _INTEGER = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": np.int32, "long": np.int64}
 _COMPLEX = {"cfloat", "cdouble"}
 _FLOAT = {"float": np.float32, "double": np.float64, "half": np.float16}
-_MAX_DEPTH = 32
+_MAX_DEPTH = MAX_RANK  # nested values and a `shape` alike
 # Below this magnitude float64 holds every integer exactly, so a float64 array of such values lost nothing.
 _EXACT_IN_DOUBLE = 2**53
 _LONG_MAX = 2**63 - 1
@@ -55,18 +55,22 @@ def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
     """Request data -> CPU tensor of the named dtype. Raises InputError saying what is wrong and where."""
     if not isinstance(data, dict):
         raise InputError("data: expected an object with 'dtype' and 'values'")
-    name = data.get("dtype")
+    if "dtype" not in data:
+        raise InputError("dtype: missing")
+    name = data["dtype"]
     if not isinstance(name, str) or name not in DTYPES:
-        raise InputError(f"dtype: unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
+        raise InputError(f"dtype: unknown dtype {json_text(name)}; expected one of {', '.join(DTYPE_NAMES)}")
     if "values" not in data:
         raise InputError("values: missing")
+    shaped = data.get("shape") is not None
+    if shaped:
+        _check_shape(data["shape"])  # before anything is built: torch would build any rank numpy cannot write back
     values = data["values"]
     array = _numeric_array(values, max_elements)
     if array.size == 0:
         raise InputError("values: empty")
     if name != "bool":
         _refuse_booleans(array, values, name)
-    shaped = data.get("shape") is not None
     if shaped and name in _COMPLEX and array.ndim == 1 and array.size % 2 == 0:
         array = array.reshape(-1, 2)  # flat complex values: real, imag, real, imag, ...
     tensor = _fit(array, name, values)
@@ -112,7 +116,10 @@ def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torc
 
 
 def encode(tensor: torch.Tensor) -> dict[str, Any]:
-    """A tensor in the contract's vocabulary. Raises ModelError for an unsigned value beyond ``long``."""
+    """A tensor in the contract's vocabulary. Raises ModelError for an unsigned value beyond ``long``, and for a
+    tensor of more than ``MAX_RANK`` dimensions (the answer would not be a valid next input)."""
+    if tensor.dim() > MAX_RANK:
+        raise ModelError(f"output: {too_many_dimensions(tensor.dim())} (the most a request may send)")
     tensor = tensor.detach().cpu()
     name = NAMES.get(tensor.dtype) or _nearest_name(tensor.dtype)
     if name == "long" and not tensor.is_signed() and tensor.numel():
@@ -367,9 +374,24 @@ def _sent_at(values: list, index: int) -> tuple[str, Any]:
     return _place(index, tuple(shape)), item
 
 
-def _reshape(tensor: torch.Tensor, shape: Any, complex_pairs: bool) -> torch.Tensor:
-    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+def _check_shape(shape: Any) -> None:
+    if not isinstance(shape, list):
+        raise InputError(f"shape: expected a list of non-negative integers, got {json_type(shape)}")
+    if len(shape) > MAX_RANK:
+        raise InputError(f"shape: {too_many_dimensions(len(shape))}")
+    if not all(type(n) is int and n >= 0 for n in shape):
         raise InputError("shape: expected a list of non-negative integers")
+
+
+def _reshape(tensor: torch.Tensor, shape: list[int], complex_pairs: bool) -> torch.Tensor:
+    if tensor.dim() > 1 and list(tensor.shape) != shape:
+        # Neither the original service (it ignored `shape`) nor infernet-ml 1.x (it refused values whose nesting
+        # differs from `shape`) reshaped nested values: a nesting that disagrees with `shape` is a client's mistake.
+        what = "complex values" if complex_pairs else "values"
+        raise InputError(
+            f"shape: {shape} does not match the shape of the nested {what}, {list(tensor.shape)}; "
+            "send values nested as `shape` says, or flat"
+        )
     count = math.prod(shape)
     if count != tensor.numel():
         what = "complex values" if complex_pairs else "values"
@@ -403,17 +425,9 @@ def _describe_irregular(values: list) -> str:
 
 
 def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
     if isinstance(value, str):
-        return f"a string ({value[:20]!r})"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
+        return f"a string ({json_text(value, 22)})"
+    return json_type(value)
 
 
 def _number(value: Any) -> str:
