@@ -100,6 +100,15 @@ IRIS = "models/iris/model.torch"
             {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "num_threads": 1.5})},
             "CLASSIC_INF_WORKFLOW_KW_ARGS: num_threads: expected an integer or null, got 1.5",
         ),
+        ({"CLASSIC_INF_WORKFLOW_KW_ARGS": '{"model_path": 5}'}, "KW_ARGS: model_path: expected a string, got 5"),
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "num_threads": 0})},
+            "CLASSIC_INF_WORKFLOW_KW_ARGS: num_threads: expected an integer >= 1, got 0",
+        ),
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "model_name": "Org/repo"})},
+            "CLASSIC_INF_WORKFLOW_KW_ARGS: model_path and model_name both name a model; keep one of them",
+        ),
     ],
 )
 def test_bad_configuration_stops_start_up_with_one_line(tmp_path, env, expected):

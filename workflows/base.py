@@ -269,13 +269,14 @@ def _check_complete(cls: type) -> None:
         )
 
 
-def check_kwargs(init: Callable[..., None], arguments: dict[str, Any]) -> None:
+def check_kwargs(init: Callable[..., None], arguments: dict[str, Any], positive: tuple[str, ...] = ()) -> None:
     """The built-in workflows' KW_ARGS against their constructor's annotations, at construction (any process).
 
     KW_ARGS come from JSON, where the string "false" would count as true and 1.5 would pass for a thread count: a value
     of another JSON type than a parameter's annotation allows raises StartupError naming the key, the types allowed
     and the value, e.g. ``use_jit: expected true or false, got "false"``. Parameters annotated with anything but JSON
     types (``bool``, ``int``, ``float``, ``str``, ``dict``, ``list``, ``None`` and unions of them) are not checked.
+    The integers named in ``positive`` must be at least 1 when given (0 threads would silently mean the default).
     """
     hints = typing.get_type_hints(init)
     for name, value in arguments.items():
@@ -285,6 +286,8 @@ def check_kwargs(init: Callable[..., None], arguments: dict[str, Any]) -> None:
             sent = json.dumps(value, default=repr)
             sent = sent if len(sent) <= 60 else sent[:57] + "..."
             raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: {name}: expected {expected}, got {sent}")
+        if name in positive and isinstance(value, int) and value < 1:
+            raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: {name}: expected an integer >= 1, got {value}")
 
 
 _JSON_TYPE_NAMES = {

@@ -129,7 +129,9 @@ class ONNXInferenceWorkflow(
         settings: TorchSettings | None = None,
     ) -> None:
         check_kwargs(
-            ONNXInferenceWorkflow.__init__, {k: v for k, v in locals().items() if k not in ("self", "settings")}
+            ONNXInferenceWorkflow.__init__,
+            {k: v for k, v in locals().items() if k not in ("self", "settings")},
+            positive=("num_threads", "max_elements"),
         )
         self.settings = settings or TorchSettings.from_env()
         self.spec = sources.spec_from_kwargs(

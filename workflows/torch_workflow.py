@@ -51,7 +51,9 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         settings: TorchSettings | None = None,
     ) -> None:
         check_kwargs(
-            TorchInferenceWorkflow.__init__, {k: v for k, v in locals().items() if k not in ("self", "settings")}
+            TorchInferenceWorkflow.__init__,
+            {k: v for k, v in locals().items() if k not in ("self", "settings")},
+            positive=("num_threads", "max_elements"),
         )
         self.settings = settings or TorchSettings.from_env()
         self.spec = sources.spec_from_kwargs(

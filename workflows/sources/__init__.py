@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from core.errors import StartupError
 from core.settings import TorchSettings
+from core.terms import json_text
 from workflows.sources.cache import ModelCache
 
 SourceName = Literal["local", "huggingface", "arweave"]
@@ -40,7 +41,21 @@ class ModelSpec:
 
 
 def spec_from_kwargs(kwargs: dict[str, Any], settings: TorchSettings) -> ModelSpec:
-    """The three KW_ARGS forms of the contract -> one ModelSpec."""
+    """The three KW_ARGS forms of the contract -> one ModelSpec. Raises StartupError naming the key for a value of
+    the wrong JSON type, and for more than one form (they would name different models)."""
+    _strings(kwargs, ("model_path", "model_name", "revision", "sha256"), "")
+    args = kwargs.get("model_args")
+    if isinstance(args, dict):
+        _strings(args, ("repo_id", "filename", "version", "revision", "model_path", "path"), "model_args.")
+        owners = args.get("owners")
+        if owners is not None and not (isinstance(owners, list) and all(isinstance(o, str) for o in owners)):
+            got = json_text(owners)
+            raise StartupError(
+                f"CLASSIC_INF_WORKFLOW_KW_ARGS: model_args.owners: expected an array of strings, got {got}"
+            )
+    forms = [key for key in ("model_path", "model_name", "model_source") if kwargs.get(key) not in (None, "")]
+    if len(forms) > 1:
+        raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS: {' and '.join(forms)} both name a model; keep one of them")
     sha256 = _sha256_pin(kwargs.get("sha256"))
     revision = kwargs.get("revision")
     if kwargs.get("model_path"):
@@ -110,6 +125,15 @@ def check_pin_digest(actual: str, spec: ModelSpec) -> None:
     """The operator's ``sha256`` pin, checked whatever the source."""
     if spec.sha256 and actual != spec.sha256:
         raise StartupError(f"sha256 mismatch: the file hashes to {actual}, the pin says {spec.sha256}")
+
+
+def _strings(kwargs: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None:
+    for key in keys:
+        value = kwargs.get(key)
+        if value is not None and not isinstance(value, str):
+            raise StartupError(
+                f"CLASSIC_INF_WORKFLOW_KW_ARGS: {prefix}{key}: expected a string, got {json_text(value)}"
+            )
 
 
 def _source_name(value: Any) -> SourceName:
