@@ -120,6 +120,9 @@ class PublicApp:
             elif path == "/service-resources":
                 routes.only_get(method, path)
                 status, body = 200, await resources.service_resources(self, scope)
+            elif path == "/":
+                routes.only_get(method, path)
+                return await routes.docs_page(send)
             elif routes.bentoml_serves(path):
                 routes.only_get(method, path)
                 if await routes.bentoml_route(self, scope, receive, send):

@@ -1,6 +1,6 @@
-"""The methods each public route serves (a 405 names them in Allow, OPTIONS answers with them), and BentoML's own
-routes that the public app hands back to BentoML. On the API worker's event loop; cold: only for GETs of BentoML's
-page, wrong methods and OPTIONS.
+"""The methods each public route serves (a 405 names them in Allow, OPTIONS answers with them), BentoML's own
+routes that the public app hands back to BentoML, and the page at ``/``. On the API worker's event loop; cold: only
+for GETs of these pages, wrong methods and OPTIONS.
 """
 
 from __future__ import annotations
@@ -44,6 +44,34 @@ async def bentoml_route(app: Any, scope: Scope, receive: Receive, send: Send) ->
                 raise RequestError(e.status_code, f"no file {scope['path']}") from None
             return True
     return False
+
+
+# Swagger UI on /docs.json, from the files BentoML serves under /static_content/. BentoML's own page at / also loads
+# Google Tag Manager, which would report every visit to a third party: a node's page must not call out.
+DOCS_PAGE = b"""<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>Infernet torch service</title>
+  <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css">
+  <link rel="stylesheet" type="text/css" href="./static_content/index.css">
+  <link rel="icon" type="image/png" href="./static_content/favicon-light-32x32.png" sizes="32x32">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="./static_content/swagger-ui-bundle.js" charset="UTF-8"></script>
+  <script src="./static_content/swagger-ui-standalone-preset.js" charset="UTF-8"></script>
+  <script src="./static_content/swagger-initializer.js" charset="UTF-8"></script>
+</body>
+</html>
+"""
+
+
+async def docs_page(send: Send) -> int:
+    headers = [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(DOCS_PAGE)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": DOCS_PAGE})
+    return 200
 
 
 def only_get(method: str, path: str) -> None:
