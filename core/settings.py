@@ -12,12 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import StartupError
+from core.terms import json_type
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO_ROOT / "models" / "iris" / "model.torch"
 # The README's iris row: warms the embedded model up and checks that batching it keeps its answers.
 EMBEDDED_WARMUP_INPUT = {"dtype": "double", "values": [[1.0380048, 0.5586108, 1.1037828, 1.712096]]}
 BUILTIN_TORCH_WORKFLOW = "workflows.torch_workflow.TorchInferenceWorkflow"
+# Upper bounds of counts that start processes or threads: a typo (an extra digit or ten) must not try to start them.
+MAX_PROCESSES = 256
+MAX_THREADS = 1024
 # Class paths of the original infernet-ml library; an old env file keeps working without it.
 LEGACY_CLASS_PATHS = {
     "infernet_ml.workflows.inference.torch_inference_workflow.TorchInferenceWorkflow": BUILTIN_TORCH_WORKFLOW,
@@ -95,11 +99,17 @@ class ServiceSettings:
             workflow_kwargs=json_value(env, "CLASSIC_INF_WORKFLOW_KW_ARGS", {}, dict)
             if workflow_set
             else {"model_path": str(EMBEDDED_MODEL)},
-            max_batch_size=integer(env, "MAX_BATCH_SIZE", cls.max_batch_size, minimum=2),
+            max_batch_size=integer(
+                env,
+                "MAX_BATCH_SIZE",
+                cls.max_batch_size,
+                minimum=2,
+                hint="; to run every request alone, set batching to false in CLASSIC_INF_WORKFLOW_KW_ARGS",
+            ),
             max_latency_ms=integer(env, "MAX_LATENCY_MS", cls.max_latency_ms, minimum=1),
             max_request_bytes=integer(env, "MAX_REQUEST_BYTES", cls.max_request_bytes, minimum=64),
             max_elements=integer(env, "MAX_REQUEST_ELEMENTS", cls.max_elements, minimum=1),
-            api_workers=integer(env, "API_WORKERS", cls.api_workers, minimum=1),
+            api_workers=integer(env, "API_WORKERS", cls.api_workers, minimum=1, maximum=MAX_PROCESSES),
             timeout_s=number(env, "REQUEST_TIMEOUT_S", cls.timeout_s, minimum=0.1),
             max_concurrency=integer(env, "MAX_CONCURRENCY", cls.max_concurrency, minimum=1),
             shutdown_timeout_s=number(env, "SHUTDOWN_TIMEOUT_S", cls.shutdown_timeout_s, minimum=0.1),
@@ -154,7 +164,9 @@ class TorchSettings:
             arweave_gateway=(env.get("ARWEAVE_GATEWAY", "").strip() or cls.arweave_gateway).rstrip("/"),
             model_cache_dir=Path(env.get("MODEL_CACHE_DIR", "").strip() or cache_root / "infernet-torch-service"),
             hf_token=(env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip() or None,
-            num_threads=integer(env, "TORCH_NUM_THREADS", 0, minimum=1) if threads else model_threads(),
+            num_threads=integer(env, "TORCH_NUM_THREADS", 0, minimum=1, maximum=MAX_THREADS)
+            if threads
+            else model_threads(),
             max_elements=integer(env, "MAX_REQUEST_ELEMENTS", cls.max_elements, minimum=1),
         )
 
@@ -193,7 +205,7 @@ def json_value(env: Mapping[str, str], name: str, default: Any, kind: type) -> A
     except json.JSONDecodeError as e:
         raise StartupError(f"{name}: expected a JSON {_kind(kind)}, got malformed JSON ({e.msg} at {e.pos})") from None
     if not isinstance(value, kind):
-        raise StartupError(f"{name}: expected a JSON {_kind(kind)}, got {type(value).__name__}")
+        raise StartupError(f"{name}: expected a JSON {_kind(kind)}, got {json_type(value)}")
     return value
 
 
@@ -223,16 +235,22 @@ def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise StartupError(f"{name}: expected true or false, got {raw!r}")
 
 
-def integer(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+def integer(
+    env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int | None = None, hint: str = ""
+) -> int:
+    """``env[name]`` as an integer in [minimum, maximum], else ``default`` when unset. Raises StartupError naming the
+    variable, the range and, with ``hint``, what to do instead."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
     try:
         value = int(raw)
     except ValueError:
-        raise StartupError(f"{name}: expected an integer >= {minimum}, got {raw!r}") from None
-    if value < minimum:
-        raise StartupError(f"{name}: expected an integer >= {minimum}, got {value}")
+        raise StartupError(f"{name}: expected {expected}, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise StartupError(f"{name}: expected {expected}, got {shown}{hint}")
     return value
 
 

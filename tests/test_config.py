@@ -35,10 +35,12 @@ def test_original_library_class_path_resolves_to_builtin():
     "env, message",
     [
         ({"CLASSIC_INF_WORKFLOW_KW_ARGS": "{model_name: x}"}, "CLASSIC_INF_WORKFLOW_KW_ARGS: expected a JSON object"),
-        ({"CLASSIC_INF_WORKFLOW_KW_ARGS": "[1]"}, "CLASSIC_INF_WORKFLOW_KW_ARGS: expected a JSON object, got list"),
+        ({"CLASSIC_INF_WORKFLOW_KW_ARGS": "[1]"}, "CLASSIC_INF_WORKFLOW_KW_ARGS: expected a JSON object, got an array"),
+        ({"CLASSIC_INF_WORKFLOW_KW_ARGS": "null"}, "CLASSIC_INF_WORKFLOW_KW_ARGS: expected a JSON object, got null"),
         ({"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": "{}"}, "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS: expected a JSON list"),
         ({"MAX_BATCH_SIZE": "lots"}, "MAX_BATCH_SIZE: expected an integer >= 2"),
-        ({"MAX_BATCH_SIZE": "1"}, "MAX_BATCH_SIZE: expected an integer >= 2, got 1"),
+        ({"MAX_BATCH_SIZE": "1"}, "got 1; to run every request alone, set batching to false in CLASSIC_INF"),
+        ({"API_WORKERS": "100000"}, "API_WORKERS: expected an integer from 1 to 256, got 100000"),
         ({"MAX_REQUEST_BYTES": "-5"}, "MAX_REQUEST_BYTES: expected an integer"),
         ({"REQUEST_TIMEOUT_S": "soon"}, "REQUEST_TIMEOUT_S: expected a number"),
         ({"SHUTDOWN_TIMEOUT_S": "soon"}, "SHUTDOWN_TIMEOUT_S: expected a number"),
@@ -91,6 +93,7 @@ def test_model_threads_leave_a_core_to_the_http_side(tmp_path, monkeypatch, cpus
     [
         ({"USE_ARWEAVE": "true"}, "ALLOWED_ARWEAVE_OWNERS: required when USE_ARWEAVE is true"),
         ({"USE_JIT": "maybe"}, "USE_JIT: expected true or false"),
+        ({"TORCH_NUM_THREADS": "9" * 23}, "TORCH_NUM_THREADS: expected an integer from 1 to 1024, got 999"),
         ({"ALLOWED_ARWEAVE_OWNERS": "[1, 2]"}, "ALLOWED_ARWEAVE_OWNERS: expected a JSON list of wallet addresses"),
     ],
 )
