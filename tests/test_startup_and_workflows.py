@@ -101,6 +101,7 @@ IRIS = "models/iris/model.torch"
             "CLASSIC_INF_WORKFLOW_KW_ARGS: num_threads: expected an integer or null, got 1.5",
         ),
         ({"CLASSIC_INF_WORKFLOW_KW_ARGS": '{"model_path": 5}'}, "KW_ARGS: model_path: expected a string, got 5"),
+        ({"CLASSIC_INF_WORKFLOW_CLASS": "json.JSONDecoder"}, "json.JSONDecoder is not a workflow class"),
         (
             {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "num_threads": 0})},
             "CLASSIC_INF_WORKFLOW_KW_ARGS: num_threads: expected an integer >= 1, got 0",

@@ -66,6 +66,13 @@ def resolve_class(path: str) -> type:
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise StartupError(f"CLASSIC_INF_WORKFLOW_CLASS: {module_name!r} has no class {class_name!r}")
+    if not callable(getattr(cls, "setup", None)) or not any(
+        callable(getattr(cls, hook, None)) for hook in ("run_model", "inference")
+    ):
+        raise StartupError(
+            f"CLASSIC_INF_WORKFLOW_CLASS: {path} is not a workflow class: it needs setup() and run_model() (or "
+            "inference()); subclass workflows.base.InferenceWorkflow"
+        )
     return cls
 
 
