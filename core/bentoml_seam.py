@@ -348,8 +348,9 @@ class RunnerTrafficMetricsMiddleware(_MetricsMiddleware):
 
 
 def endpoint_label(scope: Any) -> str:
-    """The route serving the request, from the app's own router: a route's path (a mount's prefix), a path that an
-    app mounted at "/" declares in its ``paths``, else ``UNMATCHED``. Any method: a wrong one still names the route."""
+    """The route serving the request, from the app's own router: a route's path (a mount's prefix), the route an app
+    mounted at "/" names with its ``endpoint_label(path)`` (a template for routes with parameters), else
+    ``UNMATCHED``. Any method: a wrong one still names the route."""
     path = scope["path"]
     routes = getattr(getattr(scope.get("app"), "router", None), "routes", ())
     catch_all = []
@@ -359,8 +360,11 @@ def endpoint_label(scope: Any) -> str:
             catch_all.append(route)
         elif route.matches(scope)[0] != Match.NONE:
             return template
-    if any(path in getattr(getattr(route, "app", None), "paths", ()) for route in catch_all):
-        return path
+    for route in catch_all:
+        label = getattr(getattr(route, "app", None), "endpoint_label", None)
+        named = label(path) if callable(label) else None
+        if named:
+            return named
     return UNMATCHED
 
 

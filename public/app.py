@@ -67,7 +67,18 @@ _JSON = [(b"content-type", b"application/json")]
 
 
 class PublicApp:
-    paths = frozenset({"/service_output", "/info", "/service-resources"})  # its own routes (metrics label them)
+    paths = frozenset({"/service_output", "/info", "/service-resources"})  # its own fixed routes
+
+    def endpoint_label(self, path: str) -> str | None:
+        """The metrics' ``endpoint`` label of a route this app serves (a template where the path has parameters, so
+        the labels stay few whatever clients send), or None."""
+        if path in self.paths:
+            return path
+        if path == "/v2" or path.startswith("/v2/"):
+            from public import open_inference  # built on this module: imported here, not above it
+
+            return open_inference.route_template(path)
+        return None
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings

@@ -141,6 +141,23 @@ async def _route(
     return 200, await model_metadata(app), None
 
 
+def route_template(path: str) -> str | None:
+    """The protocol's name for the route of ``path`` (``/v2/models/{model_name}/infer``...), or None for a path
+    that is no route of it. For the metrics' labels; any model name and version, since a wrong one is still the
+    route asked for."""
+    parts = path.rstrip("/").split("/")[2:]
+    if not parts or parts in (["health", "live"], ["health", "ready"]):
+        return "/".join(["", "v2", *parts])
+    if parts[0] != "models" or len(parts) < 2:
+        return None
+    template, rest = ["", "v2", "models", "{model_name}"], parts[2:]
+    if rest[:1] == ["versions"] and len(rest) >= 2:
+        template, rest = [*template, "versions", "{model_version}"], rest[2:]
+    if rest not in ([], ["ready"], ["infer"]):
+        return None
+    return "/".join(template + rest)
+
+
 def _only(method: str, allowed: str) -> None:
     methods = "GET, HEAD" if allowed == "GET" else allowed
     if method not in methods.split(", "):

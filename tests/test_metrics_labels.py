@@ -58,6 +58,14 @@ def bentoml_like_app() -> Starlette:
         ("PROPFIND", "/wp-admin/" + secrets.token_hex(8), UNMATCHED),
         ("POST", "/service_output/", UNMATCHED),
         ("GET", "/info/x", UNMATCHED),
+        # The Open Inference Protocol's routes by their template, whatever model name or version is asked for
+        ("POST", "/v2/models/model/infer", "/v2/models/{model_name}/infer"),
+        ("POST", "/v2/models/" + secrets.token_hex(8) + "/infer", "/v2/models/{model_name}/infer"),
+        ("GET", "/v2/models/model/versions/1/ready", "/v2/models/{model_name}/versions/{model_version}/ready"),
+        ("GET", "/v2/models/model", "/v2/models/{model_name}"),
+        ("GET", "/v2/health/ready", "/v2/health/ready"),
+        ("GET", "/v2", "/v2"),
+        ("GET", "/v2/models/model/" + secrets.token_hex(8), UNMATCHED),
     ],
 )
 def test_endpoint_label_names_the_route_or_one_value(method, path, label):
@@ -106,6 +114,9 @@ def random_paths(server, count: int) -> None:
 def test_unknown_paths_add_no_series_to_metrics(tmp_path):
     with serving({}, tmp_path) as server:
         assert server.post(IRIS).status_code == 200
+        v2 = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": IRIS["data"]["values"][0]}]}
+        assert requests.post(f"{server.url}/v2/models/model/infer", json=v2, timeout=30).status_code == 200
+        assert server.get("/v2/models/model").status_code == 200
         random_paths(server, 30)
         before = metric_lines(server)
         random_paths(server, 30)
@@ -118,8 +129,12 @@ def test_unknown_paths_add_no_series_to_metrics(tmp_path):
     assert counted(after, UNMATCHED, 404) - counted(before, UNMATCHED, 404) == 30
     assert counted(last, UNMATCHED, 404) == 90
     assert counted(last, "/service_output", 200) == 1
+    # Open Inference Protocol traffic has labels of its own (it was counted under <unmatched> on the fast path)
+    assert counted(last, "/v2/models/{model_name}/infer", 200) == 1
+    assert counted(last, "/v2/models/{model_name}", 200) == 1
     endpoints = {label for line in last for label in re.findall(r'endpoint="([^"]*)"', line)}
-    assert endpoints <= {"/service_output", "/readyz", "/livez", "/infer", "/describe", UNMATCHED}, endpoints
+    known = {"/service_output", "/readyz", "/livez", "/infer", "/describe", UNMATCHED}
+    assert endpoints <= {*known, "/v2/models/{model_name}/infer", "/v2/models/{model_name}"}, endpoints
 
 
 @pytest.mark.slow
