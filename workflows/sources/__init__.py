@@ -40,7 +40,13 @@ class ModelSpec:
 
 
 def spec_from_kwargs(kwargs: dict[str, Any], settings: TorchSettings) -> ModelSpec:
-    """The three KW_ARGS forms of the contract -> one ModelSpec."""
+    """The three KW_ARGS forms of the contract -> one ModelSpec. Raises StartupError naming the key of a value of
+    the wrong JSON type (explorer F-g: ``{"model_path": 5}`` was a traceback)."""
+    _strings(kwargs, ("model_path", "model_name", "revision"), "")
+    if isinstance(kwargs.get("model_args"), dict):
+        _strings(
+            kwargs["model_args"], ("model_path", "path", "repo_id", "filename", "version", "revision"), "model_args."
+        )
     sha256 = _sha256_pin(kwargs.get("sha256"))
     revision = kwargs.get("revision")
     if kwargs.get("model_path"):
@@ -119,6 +125,15 @@ def _source_name(value: Any) -> SourceName:
             f"CLASSIC_INF_WORKFLOW_KW_ARGS: unknown model_source {value!r}; expected huggingface_hub, arweave or local"
         )
     return name  # type: ignore[return-value]
+
+
+def _strings(kwargs: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None:
+    for key in keys:
+        value = kwargs.get(key)
+        if value is not None and not isinstance(value, str):
+            raise StartupError(
+                f"CLASSIC_INF_WORKFLOW_KW_ARGS: {prefix}{key} must be a string, got {type(value).__name__} {value!r}"
+            )
 
 
 def _sha256_pin(value: Any) -> str | None:
