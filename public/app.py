@@ -85,6 +85,7 @@ class PublicApp:
         self._calls: RunnerCallBatcher | None = None
         self._describe: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self._info: dict[str, Any] | None = None
+        self._served: dict[str, Any] | None = None  # the default model, as /info describes it
         self._is_ready: Callable[[], Awaitable[bool]] | None = None
         self._runner_seen_ready = False
         self._in_progress = 0  # /service_output requests this worker is answering
@@ -187,9 +188,10 @@ class PublicApp:
             if layout == "int256" or (layout == "auto" and (len(data) < 64 or data[:64].lower() == _INT256_HEAD)):
                 data = chain.decode_input(data, self.settings.max_elements)
             else:
-                data, reply = self._named_model(*_layout(split_chain_request, data, layout, self.settings.max_elements))
+                split = _layout(split_chain_request, data, layout, self.settings.max_elements)
+                data, reply = await self._named_model(*split)
         elif not isinstance(data.get("dtype"), str):  # not today's form: a 1.x/2.0 envelope or a 2.0 vector
-            data, reply = self._named_model(*_layout(split_request, data, self.settings.max_elements))
+            data, reply = await self._named_model(*_layout(split_request, data, self.settings.max_elements))
         outcome = await self.infer(data)
         if outcome.status != 200:
             raise RequestError(outcome.status, outcome.description)
@@ -201,14 +203,26 @@ class PublicApp:
             return 200, _answer(format_offchain_answer, outcome.body, reply)
         return 200, outcome.body
 
-    def _named_model(self, model: ModelId | None, data: Any, reply: Reply) -> tuple[Any, Reply]:
+    async def _named_model(self, model: ModelId | None, data: Any, reply: Reply) -> tuple[Any, Reply]:
         """The runner call's item for a request's data and the model it names; refuses a model the operator did
-        not allow (403, before any download). On the event loop."""
+        not allow (403, before any download). The served model, named in any form /service-resources advertises
+        (public/resources.py ``supports``), is the default call whatever ALLOWED_MODELS says. On the event loop;
+        raises RequestError 400 for a local id that is not the served model, 503 before the runner is ready."""
         if model is None:
             return data, reply
+        if resources.supports(str(model), {"model": await self._served_model()}):
+            return data, reply
+        if model.source == "local":
+            raise RequestError(400, f"model {model}: a request cannot name a file on the server (source local)")
         if not allowed(model, self.settings.allowed_models):
             raise RequestError(403, f"model {model} is not allowed (ALLOWED_MODELS)")
         return ForModel(str(model), data), reply
+
+    async def _served_model(self) -> dict[str, Any]:
+        """/info's description of the default model, asked of the runner once (it never changes while it runs)."""
+        if self._served is None:
+            self._served = dict((await self.info()).get("model") or {})
+        return self._served
 
     async def infer(self, data: Any) -> Outcome:
         """One request's data through the runner (with the others this worker holds now); its outcome. On the

@@ -195,7 +195,8 @@ def split_request(data: Any, max_elements: int | None = None) -> tuple[ModelId |
     if v1_fields and "model_id" in data:
         raise LayoutError("data: model_id (2.0) and model_source/load_args (1.x) together; name the model one way")
     if "model_id" in data:
-        model = None if data["model_id"] is None else parse_model_id(data["model_id"])
+        # A local id may name the served model (public/app.py refuses any other: a request never names a file).
+        model = None if data["model_id"] is None else parse_model_id(data["model_id"], allow_local=True)
     else:
         model = model_id_from_v1(data.get("model_source"), data.get("load_args"))
     if _is_code(vector.get("dtype")):

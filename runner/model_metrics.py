@@ -1,8 +1,9 @@
 """Per-request models' counters on /metrics, and the loader the runner's ModelRegistry calls (ALLOWED_MODELS).
 
 Imported by the runner only when the operator allows per-request models (``ModelRegistry.from_settings``), so the
-single-model path creates no per-model metrics. Labels are only ids the operator allowed: the API workers refuse
-the rest before they reach the runner.
+single-model path creates no per-model metrics. Labels are only ids the operator allowed (the API workers refuse
+the rest before they reach the runner) whose file was found, at most MAX_COUNTED_MODELS, and ``other``: the registry
+chooses the label (runner/model_registry.py), so clients inventing ids add no series.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ thread, so other models keep serving) and every request for that model meanwhile
 (single-flight). A failed load answers every waiter with its reason and is not remembered as loaded. Loaded
 models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes (MAX_LOADED_MODEL_BYTES); the
 least recently used are evicted to make room. The default model is neither counted nor ever evicted.
+
+Clients choose the ids, so nothing kept per id may grow with what they send: counts (and /metrics labels) have
+their own entry only for ids whose file was found (loaded, or found but refused: too large, not a model, a pickle),
+at most MAX_COUNTED_MODELS of them; every other id counts under OTHER. An id the source answered "not found" or
+"refused" (404, 403 before any download) is remembered for MISSING_TTL_S, at most MAX_MISSING_MODELS ids, and
+answered from that memory meanwhile: repeating it costs the source nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +32,20 @@ from core.settings import ServiceSettings, TorchSettings
 log = logging.getLogger("runner.model_registry")
 
 EVENTS = ("loads", "hits", "evictions", "failures")
+OTHER = "other"  # the counts' label of every id without its own (no model id has this form)
+MAX_COUNTED_MODELS = 100
+MAX_MISSING_MODELS = 128
+MISSING_TTL_S = 60.0
 
 
 class ModelUnavailable(ServiceError):
     """A per-request model that cannot be served; ``status`` says why (404 not found, 413 too large, 403 refused
-    format, 502 not verifiable / source unreachable)."""
+    format, 502 not verifiable / source unreachable); ``found``: whether the source had the file."""
 
-    def __init__(self, status: int, description: str) -> None:
+    def __init__(self, status: int, description: str, found: bool = False) -> None:
         super().__init__(description)
         self.status = status
+        self.found = found
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,9 @@ class ModelRegistry:
         self._loaded: OrderedDict[str, Loaded] = OrderedDict()
         self._loading: dict[str, asyncio.Future[Any]] = {}
         self._stats: dict[str, dict[str, int]] = {}
-        self._failed: dict[str, tuple[int, str]] = {}
+        self._failed: dict[str, tuple[int, str]] = {}  # ids with their own counts only (bounded with them)
+        self._counted: set[str] = set()
+        self._missing: OrderedDict[str, tuple[float, ModelUnavailable]] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="model-loader")
 
     @classmethod
@@ -97,6 +111,11 @@ class ModelRegistry:
             self._loaded.move_to_end(model_id)
             self._count(model_id, "hits", requests)
             return entry.workflow
+        missing = self._missing.get(model_id)
+        if missing is not None:
+            if time.monotonic() < missing[0]:
+                raise ModelUnavailable(missing[1].status, str(missing[1]))
+            del self._missing[model_id]
         future = self._loading.get(model_id)
         if future is None:
             future = asyncio.get_running_loop().create_future()
@@ -104,10 +123,11 @@ class ModelRegistry:
             self._loading[model_id] = future
             asyncio.get_running_loop().create_task(self._load_into(model_id, future))
             requests -= 1  # the request that starts the load is a load, not a hit
-        if requests > 0:
-            self._count(model_id, "hits", requests)
         # shield: a waiter that gives up (timeout, disconnect) must not cancel the load the others wait on.
-        return await asyncio.shield(future)
+        workflow = await asyncio.shield(future)
+        if requests > 0:  # counted once the id is known to exist, so it may have its own label
+            self._count(model_id, "hits", requests)
+        return workflow
 
     async def _load_into(self, model_id: str, future: asyncio.Future[Any]) -> None:
         loop = asyncio.get_running_loop()
@@ -118,6 +138,7 @@ class ModelRegistry:
                     413,
                     f"model {model_id} is {loaded.size_bytes} bytes, more than MAX_LOADED_MODEL_BYTES "
                     f"({self.max_bytes}) allows",
+                    found=True,
                 )
             self._admit(model_id, loaded)
         except Exception as e:
@@ -126,11 +147,17 @@ class ModelRegistry:
             )
             if not isinstance(e, ServiceError):
                 log.exception("loading %s failed", model_id)
-            self._failed[model_id] = (error.status, first_line(error))
+            if getattr(error, "found", False):
+                self._own_label(model_id)
+            elif error.status in (403, 404):
+                self._remember_missing(model_id, error)
+            if model_id in self._counted:
+                self._failed[model_id] = (error.status, first_line(error))
             self._count(model_id, "failures")
             future.set_exception(error)
         else:
             self._failed.pop(model_id, None)
+            self._own_label(model_id)
             self._count(model_id, "loads")
             future.set_result(loaded.workflow)
         finally:
@@ -145,30 +172,50 @@ class ModelRegistry:
             log.info("evicted %s (%d bytes) to make room for %s", victim, entry.size_bytes, model_id)
         self._loaded[model_id] = loaded
 
+    def _own_label(self, model_id: str) -> None:
+        if len(self._counted) < MAX_COUNTED_MODELS:
+            self._counted.add(model_id)
+
+    def _remember_missing(self, model_id: str, error: Any) -> None:
+        unavailable = error if isinstance(error, ModelUnavailable) else ModelUnavailable(error.status, str(error))
+        self._missing[model_id] = (time.monotonic() + MISSING_TTL_S, unavailable)
+        self._missing.move_to_end(model_id)
+        while len(self._missing) > MAX_MISSING_MODELS:
+            self._missing.popitem(last=False)
+
     def _count(self, model_id: str, event: str, n: int = 1) -> None:
-        stats = self._stats.setdefault(model_id, dict.fromkeys(EVENTS, 0))
+        label = model_id if model_id in self._counted else OTHER
+        stats = self._stats.setdefault(label, dict.fromkeys(EVENTS, 0))
         stats[event] += n
         if self._on_event is not None:
             for _ in range(n):
-                self._on_event(event, model_id)
+                self._on_event(event, label)
 
     def loaded(self) -> list[str]:
         """Loaded per-request models, least recently used first."""
         return list(self._loaded)
 
     def failure(self, model_id: str) -> tuple[int, str] | None:
-        """The status and reason of the last failed load of ``model_id``, if its last load failed."""
+        """The status and reason of the last failed load of ``model_id``, if its last load failed (and it is still
+        remembered: an id with its own counts, or a missing one within MISSING_TTL_S)."""
+        missing = self._missing.get(model_id)
+        if missing is not None and time.monotonic() < missing[0]:
+            return missing[1].status, first_line(missing[1])
         return self._failed.get(model_id)
 
     def describe(self) -> dict[str, Any]:
-        """What /info reports: the bounds, the loaded models (least recently used first) and per-model counts."""
+        """What /info reports: the bounds, the loaded models (least recently used first), per-model counts (OTHER for
+        ids without their own) and the failures remembered (bounded: see the module docstring)."""
+        now = time.monotonic()
+        failed = {key: (e.status, first_line(e)) for key, (until, e) in self._missing.items() if now < until}
+        failed.update(self._failed)
         return {
             "max_loaded_models": self.max_models,
             "max_loaded_model_bytes": self.max_bytes,
             "loaded": [{"model_id": key, "bytes": entry.size_bytes} for key, entry in self._loaded.items()],
             "loading": list(self._loading),
             "counts": {key: dict(stats) for key, stats in self._stats.items()},
-            "failed": {key: {"status": status, "reason": reason} for key, (status, reason) in self._failed.items()},
+            "failed": {key: {"status": status, "reason": reason} for key, (status, reason) in failed.items()},
         }
 
     async def report(self) -> dict[str, Any]:

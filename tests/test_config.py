@@ -102,6 +102,22 @@ def test_torch_settings_errors(env, message):
         TorchSettings.from_env(env)
 
 
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"model_path": 5}, "model_path: expected a string, got 5"),
+        ({"model_path": ["a"]}, "model_path: expected a string, got an array"),
+        ({"model_source": "local", "model_args": {"model_path": 5}}, "model_args.model_path: expected a string"),
+        ({"model_source": "huggingface_hub", "model_args": {"repo_id": 5}}, "model_args.repo_id: expected a string"),
+        ({"model_name": "org/x", "revision": {"a": 1}}, "revision: expected a string, got an object"),
+    ],
+)
+def test_a_model_key_of_the_wrong_json_type_is_named(kwargs, key):
+    # Explorer F-g: {"model_path": 5} was a TypeError traceback (exit 1), not the one line naming the variable.
+    with pytest.raises(StartupError, match="^CLASSIC_INF_WORKFLOW_KW_ARGS: " + re.escape(key)):
+        spec_from_kwargs(kwargs, TorchSettings())
+
+
 def test_the_three_model_forms():
     hf = TorchSettings.from_env({"TORCH_MODEL_FILE_NAME": "m.torch"})
     by_name = spec_from_kwargs({"model_name": "Org/repo", "revision": "v1"}, hf)

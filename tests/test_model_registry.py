@@ -89,21 +89,50 @@ def test_concurrent_first_requests_share_one_load():
 
 def test_failed_load_answers_every_waiter_and_is_not_cached():
     async def scenario():
-        loader = FakeLoader(fail={"gone": ModelUnavailable(404, "model gone: file not found"), "bug": KeyError("x")})
+        gone = ModelUnavailable(502, "model gone: the source cannot be reached")
+        loader = FakeLoader(fail={"gone": gone, "bug": KeyError("x")})
         loader.gate.clear()
         reg, _ = registry(loader)
         waiters = [asyncio.ensure_future(reg.get("gone")) for _ in range(5)]
         await asyncio.sleep(0.05)
         loader.gate.set()
         results = await asyncio.gather(*waiters, return_exceptions=True)
-        assert all(isinstance(r, ModelUnavailable) and r.status == 404 for r in results)
-        assert reg.loaded() == [] and reg.failure("gone") == (404, "model gone: file not found")
+        assert all(isinstance(r, ModelUnavailable) and r.status == 502 for r in results)
+        assert reg.loaded() == []
         with pytest.raises(ServiceError):
-            await reg.get("gone")  # tried again, not remembered as loaded
+            await reg.get("gone")  # tried again (a source that cannot be reached may be back), not remembered as loaded
         assert loader.calls == ["gone", "gone"]
         with pytest.raises(ModelUnavailable) as unexpected:
             await reg.get("bug")
         assert unexpected.value.status == 502  # never a 500
+
+    asyncio.run(scenario())
+
+
+def test_ids_clients_invent_neither_grow_the_counts_nor_ask_the_source_again():
+    """Explorer F-c: every distinct id a client named kept its own counts (and /metrics label) for ever, and each
+    repeat of a missing id asked the source again."""
+
+    async def scenario():
+        missing = {f"huggingface/org/r{i}:m.pt": ModelUnavailable(404, f"model r{i}: not found") for i in range(300)}
+        broken = ModelUnavailable(422, "model broken: not a model", found=True)
+        loader = FakeLoader(fail={**missing, "huggingface/org/broken:m.pt": broken})
+        reg, events = registry(loader)
+        for model_id in [*missing, *list(missing)[-100:]]:  # the latest 100 again: within the bounded memory
+            with pytest.raises(ModelUnavailable) as refused:
+                await reg.get(model_id)
+            assert refused.value.status == 404 and "not found" in str(refused.value)
+        assert len(loader.calls) == 300  # the repeats were answered without asking the source
+        assert await reg.get("a") == "workflow:a"
+        with pytest.raises(ModelUnavailable):
+            await reg.get("huggingface/org/broken:m.pt")
+        report = reg.describe()
+        assert set(report["counts"]) == {"other", "a", "huggingface/org/broken:m.pt"}  # found ids only, + "other"
+        assert report["counts"]["other"]["failures"] == 300  # loads that failed; the repeats loaded nothing
+        assert {label for _, label in events} == {"other", "a", "huggingface/org/broken:m.pt"}
+        assert len(report["failed"]) <= 200 and report["failed"]["huggingface/org/broken:m.pt"]["status"] == 422
+        last = "huggingface/org/r299:m.pt"
+        assert reg.failure(last) == (404, "model r299: not found")  # /service-resources can still say "not found"
 
     asyncio.run(scenario())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from huggingface_hub import constants
 from core.errors import StartupError
 from core.settings import TorchSettings
 from tests.fixtures.hub import IRIS, TOKEN
-from tests.hubserver import Hub
+from tests.hubserver import Hub, Repo
 from workflows import sources
 
 IRIS_SHA = hashlib.sha256(IRIS).hexdigest()
@@ -136,3 +137,39 @@ def test_offline(hf: Path, hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(hub.log) == requests  # nothing asked of the Hub
     message = refusal(tmp_path, hf, "testorg/private-iris", token=TOKEN)
     assert message.endswith("HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache")
+
+
+def test_a_cached_file_the_hub_now_refuses_is_refused(hf: Path, hub: Hub, tmp_path: Path):
+    """Explorer F-b: hf_hub_download serves its cached copy whatever the Hub's error, so a repository deleted or
+    made private, or a token revoked, kept being served from a warm cache."""
+    fetch(tmp_path, "testorg/private-iris", token=TOKEN)
+    wrong = "hf_wrong_" + TOKEN[-8:]
+    assert "the Hub refused the token: invalid credentials" in refusal(tmp_path, hf, "testorg/private-iris", wrong)
+    assert "repository not found, or private" in refusal(tmp_path, hf, "testorg/private-iris")
+    hub.repos["testorg/withdrawn"] = hub.repos["testorg/iris"]
+    try:
+        fetch(tmp_path, "testorg/withdrawn")
+        hub.repos["testorg/withdrawn"] = Repo(hub.repos["testorg/iris"].git_dir, "gated")
+        assert "gated repository" in refusal(tmp_path, hf, "testorg/withdrawn", token=TOKEN)
+        del hub.repos["testorg/withdrawn"]
+        assert "repository not found" in refusal(tmp_path, hf, "testorg/withdrawn")
+    finally:
+        hub.repos.pop("testorg/withdrawn", None)
+
+
+def test_an_unreachable_hub_serves_the_cache_with_a_warning(
+    hf: Path, hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    path = fetch(tmp_path, "testorg/private-iris", token=TOKEN)
+    commit = path.parent.name
+    with socket.socket() as closed:  # a port nothing listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    caplog.clear()
+    assert fetch(tmp_path, "testorg/private-iris", token=TOKEN) == path
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot be reached" in r.getMessage()]
+    assert f"serving the cached revision {commit} of testorg/private-iris" in warning.getMessage()
+    assert TOKEN not in caplog.text
+    message = refusal(tmp_path, hf, "testorg/gated-iris", token=TOKEN)
+    assert "cannot be reached" in message and "the file is not in the Hugging Face cache" in message

@@ -10,6 +10,7 @@ import pytest
 import requests
 import torch
 
+from core.errors import StartupError
 from tests.fixtures.server import run_to_exit, start, stop, wait_ready
 from tests.models import Affine, save
 
@@ -152,5 +153,19 @@ def test_a_model_file_that_does_not_load_stops_the_server(tmp_path):
     status, output = run_to_exit({"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(garbage)})}, tmp_path)
     assert status == 2
     [line] = [line for line in output.splitlines() if "start-up failed" in line]
-    assert f"model source=local repo={garbage} file=garbage.torch: cannot load garbage.torch as pickle" in line
+    # Not "cannot load garbage.torch as pickle": a file that is no model is named as such (explorer F-e).
+    reason = "garbage.torch: not a TorchScript, torch.export or pickle file"
+    assert f"model source=local repo={garbage} file=garbage.torch: {reason}" in line
     assert "Traceback" not in output
+
+
+def test_a_damaged_torchscript_archive_is_named_as_such(tmp_path):
+    """Explorer F-e: a truncated TorchScript zip was "cannot load trunc.torch as pickle: ... central directory"."""
+    from workflows import model_formats
+
+    whole = save(Affine(), tmp_path / "whole.torch", "torchscript", torch.zeros(1, 4)).read_bytes()
+    truncated = tmp_path / "trunc.torch"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(StartupError) as caught:
+        model_formats.load(truncated, False, torch.device("cpu"))
+    assert str(caught.value).startswith("trunc.torch: a damaged zip archive (truncated or corrupted TorchScript")

@@ -15,23 +15,50 @@ from core.errors import StartupError
 log = logging.getLogger("workflows.model_formats")
 
 TORCHSCRIPT, EXPORT, PICKLE = "torchscript", "torch.export", "pickle"
+# Neither loads: UNKNOWN is no model format at all (loading it would be a guess), DAMAGED a zip archive (what
+# TorchScript, torch.export and torch.save write) that cannot be read, e.g. truncated.
+UNKNOWN, DAMAGED = "unknown", "damaged"
+_PROBLEMS = {
+    UNKNOWN: "not a TorchScript, torch.export or pickle file",
+    DAMAGED: "a damaged zip archive (truncated or corrupted TorchScript, torch.export or torch.save file)",
+}
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80  # a pickle of protocol 2 or later (torch.save's legacy format starts with one) starts with it
 
 
 def detect(path: Path) -> str:
+    """The format of the model file at ``path``, from its bytes: TORCHSCRIPT, EXPORT, PICKLE, or UNKNOWN / DAMAGED
+    for a file that is no model (``problem()`` says so in words). Raises OSError when it cannot be read."""
+    with open(path, "rb") as file:
+        head = file.read(4)
     if not zipfile.is_zipfile(path):
-        return PICKLE  # torch.save's legacy (non-zip) format
-    with zipfile.ZipFile(path) as archive:
-        names = {name.split("/", 1)[-1] for name in archive.namelist()}
+        if head.startswith(_ZIP_MAGIC):
+            return DAMAGED
+        return PICKLE if head[:1] == bytes([_PICKLE_PROTO]) else UNKNOWN
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.split("/", 1)[-1] for name in archive.namelist()}
+    except (zipfile.BadZipFile, ValueError):
+        return DAMAGED
     if "constants.pkl" in names or any(name.startswith("code/") for name in names):
         return TORCHSCRIPT
     if "archive_format" in names or any(name.startswith("models/") and name.endswith(".json") for name in names):
         return EXPORT
-    return PICKLE
+    return PICKLE if "data.pkl" in names else UNKNOWN
 
 
-def load(path: Path, use_jit: bool, device: torch.device) -> tuple[Any, str]:
-    """(callable model on ``device`` in eval mode, format name)."""
+def problem(kind: str) -> str | None:
+    """Why a file of format ``kind`` (``detect``) is no model, or None when it is one."""
+    return _PROBLEMS.get(kind)
+
+
+def load(path: Path, use_jit: bool, device: torch.device, name: str | None = None) -> tuple[Any, str]:
+    """(callable model on ``device`` in eval mode, format name). ``name``: the file's name in messages (``path`` may
+    be a cache blob named by its hash). Raises StartupError with a one-line reason, without the path's folder."""
+    name = name or path.name
     kind = TORCHSCRIPT if use_jit else detect(path)
+    if problem(kind):
+        raise StartupError(f"{name}: {problem(kind)}")
     try:
         if kind == TORCHSCRIPT:
             model = torch.jit.load(str(path), map_location=device)
@@ -43,11 +70,11 @@ def load(path: Path, use_jit: bool, device: torch.device) -> tuple[Any, str]:
             model = torch.load(str(path), map_location=device, weights_only=False)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StartupError(f"cannot load {path.name} as {kind}: {reason}") from None
+        raise StartupError(f"cannot load {name} as {kind}: {reason.replace(str(path), name)}") from None
     if not callable(model):
         what = "a state_dict" if isinstance(model, dict) else type(model).__name__
         raise StartupError(
-            f"{path.name} holds {what}, not a model; save the whole module "
+            f"{name} holds {what}, not a model; save the whole module "
             "(torch.save(model), torch.jit.save or torch.export.save)"
         )
     if kind == PICKLE:

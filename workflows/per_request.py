@@ -11,6 +11,7 @@ cannot be reached or a file that fails verification.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from core.errors import ServiceError, StartupError, first_line
@@ -28,9 +29,12 @@ _ONNX_ONLY_KWARGS = ("output_names", "providers")
 
 
 class ModelLoadError(ServiceError):
-    def __init__(self, status: int, description: str) -> None:
+    """``found``: the source had the file (the runner's registry gives only such ids their own counts)."""
+
+    def __init__(self, status: int, description: str, found: bool = False) -> None:
         super().__init__(description)
         self.status = status
+        self.found = found
 
 
 def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tuple[Any, int]:
@@ -63,7 +67,7 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         fetched.update(bytes=size)
     if size > max_bytes:
         raise ModelLoadError(
-            413, f"model {model_id} is {size} bytes, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows"
+            413, f"model {model_id} is {size} bytes, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows", True
         )
     from workflows import model_formats
     from workflows.onnx_workflow import ONNXInferenceWorkflow, is_onnx
@@ -76,12 +80,16 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         trusted = settings.allow_pickled_models or (
             model.source == "arweave" and model.owner in torch_settings.allowed_arweave_owners
         )
-        if not trusted and model_formats.detect(path) == model_formats.PICKLE:
+        kind = model_formats.detect(path)
+        if model_formats.problem(kind):
+            raise ModelLoadError(422, f"model {model_id} does not load: {model_formats.problem(kind)}", True)
+        if not trusted and kind == model_formats.PICKLE:
             raise ModelLoadError(
                 403,
                 f"model {model_id} is a pickle (loading it runs its uploader's code); per-request models must be "
                 "TorchScript, torch.export (.pt2) or ONNX unless ALLOW_PICKLED_MODELS=true or the Arweave owner "
                 "is in ALLOWED_ARWEAVE_OWNERS",
+                True,
             )
         from workflows.torch_workflow import TorchInferenceWorkflow
 
@@ -92,7 +100,8 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
             workflow = cls(model_path=str(path), settings=torch_settings, **kwargs)
             workflow.setup()
         except Exception as e:
-            raise ModelLoadError(422, f"model {model_id} does not load: {first_line(e)}") from None
+            reason = _client_reason(e, path, spec.filename)
+            raise ModelLoadError(422, f"model {model_id} does not load: {reason}", True) from None
     info = getattr(workflow, "info", None)
     if isinstance(info, dict):  # the file was fetched here; /info names where it came from
         info.update(model_id=model_id, source=model.source, repo=spec.repo_id, revision=model.version)
@@ -106,3 +115,15 @@ def _fetch_status(reason: str) -> int:
     if "gated" in text or "access denied" in text or "refused the token" in text:
         return 403
     return 502
+
+
+def _client_reason(error: Exception, path: Path, filename: str) -> str:
+    """The reason a per-request model does not load, as its (possibly anonymous) client may read it: the workflow's
+    start-up line names the file's place on this server (``model source=local repo=/...``) and its cache blob's hash;
+    the loader's own reason (chained by the torch workflow) does not, and any path left is replaced by the name."""
+    cause = error.__cause__ if isinstance(error.__cause__, StartupError) else error
+    text = first_line(cause)
+    resolved = path.resolve()
+    for shown in (str(resolved), str(path), str(resolved.parent), str(path.parent), resolved.name):
+        text = text.replace(shown, filename)
+    return text

@@ -91,9 +91,10 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         precision = parse_precision(self.precision_name)
         path = self.fetch()
         try:
-            self.model, kind = model_formats.load(path, self.use_jit, self.device)
+            self.model, kind = model_formats.load(path, self.use_jit, self.device, self.spec.filename)
         except StartupError as e:
-            raise StartupError(f"model {self.spec.describe()}: {e}") from None
+            # Chained: a per-request load (workflows/per_request.py) tells its client the reason alone, not the path.
+            raise StartupError(f"model {self.spec.describe()}: {e}") from e
         self.model_dtype = model_formats.parameter_dtype(self.model)
         # model_dtype stays the model's own: requests are cast to it and answers come back in it, whatever the
         # precision the forward runs in (docs/contract.md, "Precision").

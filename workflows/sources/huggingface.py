@@ -4,6 +4,12 @@
 they mean to ``huggingface_hub``. A second call finds the file in that cache: one ``HEAD`` to learn whether the
 revision moved, no download. Checked before use: the size (by the library), the sha256 the Hub states for LFS files,
 and the operator's ``sha256`` pin. The token is handed to the library and never written anywhere by this module.
+
+The Hub is asked first (``get_hf_file_metadata``), because ``hf_hub_download`` serves its cached copy whatever the
+Hub's error: a repository deleted or made private, a revoked token or a refused gate would still be served from a
+warm cache. Here an answer of the Hub that refuses (401, 403, 404 and the other 4xx) stops, cache or not; only a
+Hub that cannot be reached (connection error, timeout, 408, 429, 5xx, an answer that is not the Hub's) falls back to
+the cached file, with a WARNING naming the cached revision.
 """
 
 from __future__ import annotations
@@ -27,26 +33,84 @@ _TOKEN_VARS = "HF_TOKEN / HUGGING_FACE_HUB_TOKEN"
 def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
     assert spec.repo_id
     import huggingface_hub
-    from huggingface_hub import constants
+    from huggingface_hub import constants, errors
 
     # Read at call time as well: huggingface_hub reads both variables once, when it is first imported.
     endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
     offline = constants.is_offline_mode() or boolean(os.environ, "HF_HUB_OFFLINE", False)
+    hub = endpoint or constants.ENDPOINT
+    commit, unreachable = (None, None) if offline else _ask_hub(spec, settings.hf_token, endpoint, hub)
+    # The Hub just named the commit: a file cached for it needs no second HEAD from hf_hub_download.
+    cached = _cached(spec, commit) if commit else None
     try:
-        path = Path(
+        path = cached or Path(
             huggingface_hub.hf_hub_download(
                 spec.repo_id,
                 spec.filename,
                 revision=spec.revision,
                 token=settings.hf_token,
                 endpoint=endpoint,
-                local_files_only=offline,
+                local_files_only=offline or unreachable is not None,
             )
         )
     except Exception as e:
-        raise StartupError(_reason(e, settings.hf_token, offline, endpoint or constants.ENDPOINT)) from None
+        if unreachable is not None and isinstance(e, errors.LocalEntryNotFoundError):
+            raise StartupError(
+                f"the Hub at {hub} cannot be reached ({unreachable}) and the file is not in the Hugging Face cache"
+            ) from None
+        raise StartupError(_reason(e, settings.hf_token, offline, hub)) from None
+    served = _snapshot_commit(path, spec.filename)
+    if unreachable is not None:
+        log.warning(
+            "the Hub at %s cannot be reached (%s); serving the cached revision %s of %s file %s",
+            hub,
+            unreachable,
+            served,
+            spec.repo_id,
+            spec.filename,
+        )
+    elif commit and served != commit:
+        # hf_hub_download asked again and got something else: the revision moved, or its own HEAD failed and it
+        # fell back to an older cached copy (which it does even when the Hub refuses).
+        raise StartupError(f"the Hub's answer changed during the download (commit {commit}, got {served}); try again")
     _verify(path, spec, ModelCache(settings.model_cache_dir))
     return path
+
+
+def _ask_hub(spec: ModelSpec, token: str | None, endpoint: str | None, hub: str) -> tuple[str | None, str | None]:
+    """Asks the Hub for the file's metadata (one ``HEAD``): ``(commit, None)`` when the Hub answered that the file is
+    there, ``(None, reason)`` when the Hub cannot be reached (the cache may then serve). Raises StartupError when the
+    Hub refuses (the file, the repository, the revision or the token), whatever the cache holds."""
+    from huggingface_hub import errors, get_hf_file_metadata, hf_hub_url
+
+    assert spec.repo_id
+    url = hf_hub_url(spec.repo_id, spec.filename, revision=spec.revision, endpoint=endpoint)
+    try:
+        metadata = get_hf_file_metadata(url, token=token, endpoint=endpoint)
+    except errors.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status is None or status >= 500 or status in (408, 429):
+            return None, _redact(f"HTTP {status}" if status else first_line(e), token)
+        raise StartupError(_reason(e, token, False, hub)) from None
+    except errors.HTTPError as e:  # no HTTP answer at all: refused connection, timeout, DNS, proxy
+        return None, _redact(f"{type(e).__name__}: {first_line(e)}", token)
+    if metadata.commit_hash is None:
+        # What the library itself treats as "not the Hub" (a proxy or captive portal answering in its place).
+        return None, "the answer has no X-Repo-Commit header: not a Hugging Face Hub"
+    return metadata.commit_hash, None
+
+
+def _cached(spec: ModelSpec, commit: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    assert spec.repo_id
+    found = try_to_load_from_cache(spec.repo_id, spec.filename, revision=commit)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _snapshot_commit(path: Path, filename: str) -> str:
+    """The commit of a snapshot path ``.../snapshots/<commit>/<filename>``."""
+    return path.parents[filename.count("/")].name
 
 
 def _verify(path: Path, spec: ModelSpec, cache: ModelCache) -> None:

@@ -1,0 +1,146 @@
+"""What a real ``bentoml serve`` answers when a model cannot be served, with the loopback Hub (tests/hubserver.py)
+and the unmodified huggingface_hub client: a repository the Hub refuses is refused even when a copy is cached,
+a file that is no model is named as such without the server's paths, ids clients invent leave /info and /metrics
+bounded, and the served model named by its own id is served (explorer findings F-b, F-c, F-e, F-f)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import hf_hub_download
+
+from tests.fixtures.hub import TOKEN
+from tests.fixtures.server import Server, run_to_exit, serving
+from tests.hubserver import Hub, Repo, make_repo
+from tests.models import Affine, save
+
+pytestmark = pytest.mark.slow
+
+ROW = [1.0, 2.0, 3.0, 4.0]
+GARBAGE = bytes(range(7, 256)) * 20  # first byte 0x07: neither a zip archive nor a pickle
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    root = tmp_path_factory.mktemp("refusal-models")
+    default = save(Affine(4, 3), root / "default.torch", "torchscript", torch.zeros(1, 4)).read_bytes()
+    other = save(Affine(4, 2), root / "other.torch", "torchscript", torch.zeros(1, 4)).read_bytes()
+    return {"default": default, "other": other, "truncated": default[: len(default) // 2]}
+
+
+@pytest.fixture(scope="module")
+def refusals_hub(files: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    root = tmp_path_factory.mktemp("refusal-hub")
+    repos = {
+        "dflt/lin": Repo(make_repo(root / "dflt", [{"model.torch": files["default"]}])),
+        "org/private": Repo(make_repo(root / "private", [{"model.torch": files["other"]}]), "private"),
+        "org/broken": Repo(
+            make_repo(root / "broken", [{"garbage.torch": GARBAGE, "truncated.torch": files["truncated"]}])
+        ),
+    }
+    server = Hub(repos, frozenset({TOKEN})).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def warm_cache(hub: Hub, tmp: Path, repo: str) -> Path:
+    """``repo``'s model.torch in the server's Hugging Face cache (HF_HOME, tests/fixtures/server.py), downloaded
+    with the token: what an earlier run with access leaves behind."""
+    return Path(hf_hub_download(repo, "model.torch", cache_dir=tmp / "hf-home" / "hub", endpoint=hub.url, token=TOKEN))
+
+
+@pytest.fixture(scope="module")
+def server(refusals_hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("refusal-server")
+    warm_cache(refusals_hub, tmp, "org/private")
+    env = {
+        "HF_ENDPOINT": refusals_hub.url,
+        "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_name": "dflt/lin"}),
+        "ALLOWED_MODELS": json.dumps(["huggingface/org/*"]),  # not the default's org
+    }
+    with serving(env, tmp) as running:
+        yield running
+
+
+def v2_request(model_id: str) -> dict:
+    return {"source": 1, "data": {"model_id": model_id, "input": {"dtype": 2, "shape": [1, 4], "values": ROW}}}
+
+
+def test_startup_refuses_a_cached_model_the_hub_refuses(refusals_hub: Hub, tmp_path: Path):
+    # F-b: hf_hub_download serves its cached copy whatever the Hub answers (here 401 RepoNotFound: no token).
+    warm_cache(refusals_hub, tmp_path, "org/private")
+    env = {"HF_ENDPOINT": refusals_hub.url, "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_name": "org/private"})}
+    status, output = run_to_exit(env, tmp_path)
+    assert status == 2, output[-2000:]
+    [line] = [line for line in output.splitlines() if "start-up failed" in line]
+    assert "model source=huggingface repo=org/private file=model.torch: repository not found, or private" in line
+    assert TOKEN not in output
+
+
+def test_a_cached_private_model_is_refused_to_a_request_without_access(server: Server):
+    response = server.post(v2_request("huggingface/org/private:model.torch"))
+    assert response.status_code == 404, response.text
+    assert "repository not found, or private and not visible to this token" in response.json()["description"]
+
+
+def test_the_served_model_named_by_its_id_is_served(server: Server):
+    expected = Affine(4, 3)(torch.tensor([ROW])).tolist()
+    for model_id in ("huggingface/dflt/lin:model.torch", "huggingface/dflt/lin"):
+        probe = server.get("/service-resources", params={"model_id": model_id}).json()
+        assert probe == {"supported": True}, model_id
+        response = server.post(v2_request(model_id))
+        assert response.status_code == 200, (model_id, response.text)
+        assert response.json()["values"] == pytest.approx([v for row in expected for v in row])
+    v1 = {"model_source": 2, "load_args": {"repo_id": "dflt/lin", "filename": "model.torch"}}
+    response = server.post({"source": 1, "data": {**v1, "input": {"dtype": "float", "shape": [1, 4], "values": [ROW]}}})
+    assert response.status_code == 200, response.text
+    assert response.json()["values"][0] == pytest.approx(expected[0])
+    assert server.get("/info").json()["models"]["loaded"] == []  # the default answered; nothing loaded twice
+
+
+def test_embedded_model_named_by_its_local_id(iris_server: Server):
+    served = iris_server.get("/service-resources").json()["compute_capability"][0]["models"][0]["repo_id"]
+    assert served == "local/local/iris:model.torch"
+    default = iris_server.post({"source": 1, "data": {"dtype": 2, "shape": [1, 4], "values": ROW}})
+    named = iris_server.post(v2_request(served))
+    assert named.status_code == 200, named.text
+    assert named.json() == default.json()
+    other = iris_server.post(v2_request("local/local/other:model.torch"))
+    assert other.status_code == 400 and "cannot name a file on the server" in other.json()["description"]
+
+
+def test_a_file_that_is_no_model_is_named_without_server_paths(server: Server, files: dict[str, bytes]):
+    for name, data, reason in (
+        ("garbage.torch", GARBAGE, "not a TorchScript, torch.export or pickle file"),
+        ("truncated.torch", files["truncated"], "a damaged zip archive"),
+    ):
+        model_id = f"huggingface/org/broken:{name}"
+        response = server.post(v2_request(model_id))
+        assert response.status_code == 422, response.text  # not 403 "a pickle"
+        description = response.json()["description"]
+        assert description.startswith(f"model {model_id} does not load: ") and reason in description
+        assert str(Path(server.env["HF_HOME"]).parent) not in description and "source=local" not in description
+        assert hashlib.sha256(data).hexdigest() not in description and "is a pickle" not in description
+
+
+def test_ids_clients_invent_keep_info_and_metrics_bounded(server: Server, refusals_hub: Hub):
+    for i in range(30):
+        response = server.post(v2_request(f"huggingface/org/invented{i}:model.torch"))
+        assert response.status_code == 404, response.text
+    asked = len([r for r in refusals_hub.log if "/org/again/" in r.path])
+    for _ in range(4):
+        assert server.post(v2_request("huggingface/org/again:model.torch")).status_code == 404
+    assert len([r for r in refusals_hub.log if "/org/again/" in r.path]) == asked + 1  # remembered as missing
+    counts = server.get("/info").json()["models"]["counts"]
+    assert not [key for key in counts if "invented" in key or "again" in key], counts
+    assert counts["other"]["failures"] >= 31
+    assert "invented" not in server.get("/metrics").text
+    probe = server.get("/service-resources", params={"model_id": "huggingface/org/again:model.torch"}).json()
+    assert probe == {"supported": False, "error": "not found"}
