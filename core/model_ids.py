@@ -41,7 +41,7 @@ from typing import Any
 from eth_abi import decode, encode
 from eth_abi.exceptions import DecodingError
 
-from core.terms import json_text
+from core.terms import json_text, json_type
 
 # Longest canonical id: source, 96 + 96 + 128 + 255 characters and separators; longer text is refused unread.
 MAX_MODEL_ID_CHARS = 600
@@ -127,7 +127,7 @@ def parse_model_id(text: Any, *, allow_local: bool = False) -> ModelId:
     unless ``allow_local`` (the operator's own configuration may use them, a request never).
     """
     if not isinstance(text, str):
-        raise ModelIdError(f"model id: expected a string like 'huggingface/Org/repo:file', got {_json_type(text)}")
+        raise ModelIdError(f"model id: expected a string like 'huggingface/Org/repo:file', got {json_type(text)}")
     if len(text) > MAX_MODEL_ID_CHARS:
         raise ModelIdError(f"model id {text[:40]!r}...: longer than {MAX_MODEL_ID_CHARS} characters")
     path, colon, files = text.partition(":")
@@ -161,15 +161,15 @@ def model_id_from_v1(model_source: Any, load_args: Any) -> ModelId | None:
         raise ModelIdError(f"{given} without {missing}: a 1.x request names a model with both")
     source = _v1_source(model_source)
     if not isinstance(load_args, dict):
-        raise ModelIdError(f"load_args: expected an object with repo_id and filename, got {_json_type(load_args)}")
+        raise ModelIdError(f"load_args: expected an object with repo_id and filename, got {json_type(load_args)}")
     if source == "local":
         raise ModelIdError("model_source LOCAL: a request cannot name a file on the server")
     repo_id, filename, version = load_args.get("repo_id"), load_args.get("filename"), load_args.get("version")
     for key, value in (("repo_id", repo_id), ("filename", filename)):
         if not isinstance(value, str) or not value:
-            raise ModelIdError(f"load_args.{key}: expected a non-empty string, got {_json_type(value)}")
+            raise ModelIdError(f"load_args.{key}: expected a non-empty string, got {json_type(value)}")
     if version is not None and not isinstance(version, str):
-        raise ModelIdError(f"load_args.version: expected a string, got {_json_type(version)}")
+        raise ModelIdError(f"load_args.version: expected a string, got {json_type(version)}")
     return model_id_from_v1_chain(_CODE_BY_SOURCE[source], repo_id, filename, version or "")
 
 
@@ -414,19 +414,3 @@ def strict_abi_decode(
 def short_message(error: Exception) -> str:
     text = str(error)
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
