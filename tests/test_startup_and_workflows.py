@@ -4,6 +4,8 @@ and the three model formats."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -169,3 +171,22 @@ def test_a_damaged_torchscript_archive_is_named_as_such(tmp_path):
     with pytest.raises(StartupError) as caught:
         model_formats.load(truncated, False, torch.device("cpu"))
     assert str(caught.value).startswith("trunc.torch: a damaged zip archive (truncated or corrupted TorchScript")
+
+
+def test_a_pickle_of_a_class_only_its_script_knew_says_how_to_fix_it(tmp_path):
+    """Explorer F-h: the usual notebook case was "Can't get attribute 'Lin' on <module '_bentoml_impl.worker...'>"."""
+    saved = tmp_path / "lin.pt"
+    script = (
+        "import sys, torch\n"
+        "class Lin(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x * 2\n"
+        "torch.save(Lin(), sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(saved)], check=True, timeout=120)
+    kw_args = json.dumps({"model_path": str(saved)})
+    status, output = run_to_exit({"CLASSIC_INF_WORKFLOW_KW_ARGS": kw_args, "ALLOW_PICKLED_MODELS": "true"}, tmp_path)
+    assert status == 2
+    [line] = [line for line in output.splitlines() if "start-up failed" in line]
+    assert "cannot load lin.pt as a pickle: it names class 'Lin', which cannot be imported here" in line
+    assert "torch.jit.save" in line and "Traceback" not in output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ _PROBLEMS = {
     DAMAGED: "a damaged zip archive (truncated or corrupted TorchScript, torch.export or torch.save file)",
 }
 _ZIP_MAGIC = b"PK\x03\x04"
+# pickle's error for a class it cannot find in the module the pickle names (for a script's class: __main__)
+_MISSING_CLASS = re.compile(r"Can't get attribute '([^']+)' on <module")
 _PICKLE_PROTO = 0x80  # a pickle of protocol 2 or later (torch.save's legacy format starts with one) starts with it
 
 
@@ -70,6 +73,14 @@ def load(path: Path, use_jit: bool, device: torch.device, name: str | None = Non
             model = torch.load(str(path), map_location=device, weights_only=False)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        missing = _MISSING_CLASS.match(reason) if kind == PICKLE else None
+        if missing:
+            # The usual notebook case: the class was defined in the script that saved it, which is not here.
+            raise StartupError(
+                f"cannot load {name} as a pickle: it names class {missing[1]!r}, which cannot be imported here; put "
+                "the class in a module on PYTHONPATH (a pickle stores only where to find it), or save the model with "
+                "torch.jit.save or torch.export.save"
+            ) from None
         raise StartupError(f"cannot load {name} as {kind}: {reason.replace(str(path), name)}") from None
     if not callable(model):
         what = "a state_dict" if isinstance(model, dict) else type(model).__name__
