@@ -2,7 +2,9 @@
 
 What it holds, each used only when the fast path is on (``fast_path()``):
 
-- ``FastRoute``: one busy route straight to its handler, ahead of BentoML's middleware stack. BentoML wraps every
+- ``FastRoute``: one busy route straight to its handler, ahead of BentoML's middleware stack (the public service
+  also puts ``/readyz`` on one, so that a service still loading answers the contract's JSON 503 rather than
+  BentoML's plain text). BentoML wraps every
   route in ~8 ASGI layers (error handling, metrics, OpenTelemetry, access log, timeout, concurrency, exceptions,
   routing), each with its own ``send`` wrapper, and its typed endpoints add pydantic IO models on top; for the two
   routes that carry the traffic (the public ``POST /service_output``, the runner's ``POST /infer``) those layers
@@ -150,6 +152,9 @@ class RouteMetrics:
 
 
 class FastRoute:
+    """``route`` straight to ``handler`` (returns the status sent), every other request to ``bentoml_app``. FastRoutes
+    nest: the outer one finds BentoML's metrics middleware through the inner one's ``middleware_stack``."""
+
     def __init__(
         self,
         bentoml_app: Any,
@@ -188,6 +193,10 @@ class FastRoute:
                 status,
                 (perf_counter() - started) * 1000,
             )
+
+    @property
+    def middleware_stack(self) -> Any:
+        return getattr(self.bentoml_app, "middleware_stack", None)
 
     def metrics(self) -> RouteMetrics | None:
         if not self._metrics_found:

@@ -135,6 +135,11 @@ class PublicApp:
             elif path == "/":
                 routes.only_get(method, path)
                 return await routes.docs_page(send)
+            elif path == "/readyz":
+                routes.only_get(method, path)
+                if not await self.runner_ready():
+                    raise RequestError(503, "the model is still loading; retry shortly")
+                status, body = 200, {"ready": True}
             elif routes.bentoml_serves(path):
                 routes.only_get(method, path)
                 if await routes.bentoml_route(self, scope, receive, send):

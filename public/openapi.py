@@ -226,6 +226,7 @@ class FastRouteService(DocumentedService):
         # CORS and middleware added to the service must see every request: then BentoML's stack serves them all.
         if public is None or self.middlewares or bentoml_seam.cors_enabled():
             return app
-        return bentoml_seam.FastRoute(
-            app, "/service_output", public.serve, access_log_enabled=bentoml_seam.access_log_enabled()
-        )
+        logged = bentoml_seam.access_log_enabled()
+        # /readyz too: BentoML answers a service still loading with plain text naming its internals.
+        readiness = bentoml_seam.FastRoute(app, "/readyz", public.serve, access_log_enabled=logged)
+        return bentoml_seam.FastRoute(readiness, "/service_output", public.serve, access_log_enabled=logged)
