@@ -86,13 +86,15 @@ def two_input_onnx(path: Path) -> Path:
     return save(graph, path)
 
 
-def row_mixing_onnx(path: Path) -> Path:
-    """Declares a dynamic first axis but divides by the sum over it: a batch changes every row's answer (a mean
-    would not show it, since two copies of a request leave a mean as it was)."""
-    nodes = [
-        helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=1),
-        helper.make_node("Div", ["x", "total"], ["y"]),
-    ]
+def row_mixing_onnx(path: Path, centre: bool = False) -> Path:
+    """Declares a dynamic first axis but divides by the sum over it, or (``centre``) subtracts the mean over it: a
+    batch changes every row's answer. The mean is what two copies of the warm-up input could not show (explorer P1)."""
+    reduce = (
+        helper.make_node("ReduceMean", ["x"], ["total"], axes=[0], keepdims=1)  # opset 13: axes an attribute
+        if centre
+        else helper.make_node("ReduceSum", ["x", "axes"], ["total"], keepdims=1)
+    )
+    nodes = [reduce, helper.make_node("Sub" if centre else "Div", ["x", "total"], ["y"])]
     graph = helper.make_graph(
         nodes,
         "row_mixing",
@@ -111,6 +113,7 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "static": iris_onnx(folder / "iris-static.onnx", batch=1),
         "two": two_input_onnx(folder / "two.onnx"),
         "mixing": row_mixing_onnx(folder / "mixing.onnx"),
+        "centring": row_mixing_onnx(folder / "centring.onnx", centre=True),
     }
 
 
@@ -249,9 +252,10 @@ def test_a_fixed_first_dimension_runs_alone(onnx_models, tmp_path):
         workflow.preprocess({"input": [IRIS_VECTOR, IRIS_VECTOR]})
 
 
-def test_start_up_turns_batching_off_for_a_model_that_mixes_rows(onnx_models, tmp_path):
+@pytest.mark.parametrize("model", ["mixing", "centring"])
+def test_start_up_turns_batching_off_for_a_model_that_mixes_rows(onnx_models, tmp_path, model):
     workflow = build(
-        onnx_models["mixing"], tmp_path, warmup_input={"inputs": {"x": {"dtype": "float", "values": [[1, 3]]}}}
+        onnx_models[model], tmp_path, warmup_input={"inputs": {"x": {"dtype": "float", "values": [[1, 3]]}}}
     )
     batching = workflow.describe()["batching"]
     assert (
@@ -261,7 +265,7 @@ def test_start_up_turns_batching_off_for_a_model_that_mixes_rows(onnx_models, tm
             "checked": True,
             "reason": batching["reason"],
         }
-        and "answered differently from one alone" in batching["reason"]
+        and "answered differently from each alone" in batching["reason"]
     )
     assert workflow.batch_key(workflow.preprocess({"x": [[1, 3], [5, 7]]})) is None
 

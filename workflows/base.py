@@ -40,6 +40,7 @@ StartupError when the class is defined or built, with the fix in the message.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -417,24 +418,39 @@ def _run_group(workflow: InferenceWorkflow, group: list[Any]) -> list[Any]:
     return outputs
 
 
-def check_batch_of_two(workflow: InferenceWorkflow, item: Any, differ: Callable[[Any, Any], str | None]) -> str | None:
-    """At start-up, in the runner process: why ``item`` (preprocessed, with a batch key) batched with a copy of itself
-    does not get the answer it gets alone, or None when both copies do.
+def check_batch_of_two(
+    workflow: InferenceWorkflow,
+    item: Any,
+    differ: Callable[[Any, Any], str | None],
+    variant: Callable[[Any], tuple[Any, str] | None],
+) -> tuple[str | None, str]:
+    """At start-up, in the runner process: whether ``item`` (preprocessed, with a batch key), batched with a different
+    input, gets the answer each gets alone. Returns (why not, or None; what the batch held, for the reason shown).
 
     A batch must never change an answer; a model that mixes the rows of a batch (a norm over dim 0, a sum over
-    everything) or cannot take two rows fails this check. ``differ(alone, batched)`` says how two outputs differ
-    (None: they agree). The solo run's errors propagate; the batch's become the reason.
+    everything) or cannot take two rows fails this check. The second input is ``variant(item)``, (input, how it
+    was made): two copies would hide a model that subtracts the batch's mean, since the mean of two copies is the
+    copy. When there is no variant, or the model refuses it alone, two copies are checked. ``differ(alone, batched)``
+    says how two outputs differ (None: they agree). The solo run's errors propagate; the batch's become the reason.
     """
     [alone] = _run_group(workflow, [item])
+    made = variant(item)
+    pair, what = None, "two copies of the warm-up input"
+    if made is not None:
+        other, how = made
+        with contextlib.suppress(Exception):  # the model refuses the variant: copies are what can be checked
+            [other_alone] = _run_group(workflow, [other])
+            pair, what = (other, other_alone), f"the warm-up input and a variant of it ({how})"
+    other, other_alone = pair or (item, alone)
     try:
-        batched = _run_group(workflow, [item, item])
+        batched = _run_group(workflow, [item, other])
     except Exception as e:
-        return f"the model failed on a batch of two copies of the warm-up input ({type(e).__name__}: {first_line(e)})"
-    for output in batched:
-        difference = differ(alone, output)
+        return f"the model failed on a batch of {what} ({type(e).__name__}: {first_line(e)})", what
+    for expected, output in zip((alone, other_alone), batched):
+        difference = differ(expected, output)
         if difference is not None:
-            return f"a batch of two copies of the warm-up input answered differently from one alone ({difference})"
-    return None
+            return f"a batch of {what} answered differently from each alone ({difference})", what
+    return None, what
 
 
 def _run_one_of_group(workflow: InferenceWorkflow, item: Any) -> Any:

@@ -27,7 +27,7 @@ import torch
 from core.errors import InputError, ModelError, StartupError
 from core.settings import TorchSettings
 from workflows import sources, tensors
-from workflows.base import InferenceWorkflow, check_kwargs
+from workflows.base import InferenceWorkflow, check_batch_of_two, check_kwargs
 
 # onnxruntime's element types -> the contract's dtype names; other types (strings, unsigned beyond uint8, bfloat16,
 # sequences, maps) cannot travel in the contract's vocabulary.
@@ -244,14 +244,15 @@ class ONNXInferenceWorkflow(
         return None
 
     def warmup(self) -> bool:
-        """In the runner process, after ``setup``: ``warmup_input`` alone, then (batching on) as a batch of two, which
-        must give each copy the solo answer; when it does not, or the model cannot take the batch, batching is turned
-        off and ``describe()`` says why. Raises StartupError when the model fails on the input alone."""
+        """In the runner process, after ``setup``: ``warmup_input`` alone, then (batching on) in a batch with a variant
+        of it (values reversed), which must give each the answer it gets alone; when it does not, or the model cannot
+        take the batch, batching is turned off and ``describe()`` says why. Raises StartupError when the model fails
+        on the input alone."""
         if self.warmup_input is None:
             return False
         try:
             item = self.preprocess(self.warmup_input)
-            [alone] = self.unbatch(self.run_model(self.batch([item])), [item])
+            self.unbatch(self.run_model(self.batch([item])), [item])
         except Exception as e:
             raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
         if not self.batching:
@@ -261,14 +262,11 @@ class ONNXInferenceWorkflow(
             self.info["batching"] = {"enabled": True, "checked": False, "reason": reason}
             return True
         try:
-            pair = self.unbatch(self.run_model(self.batch([item, item])), [item, item])
-            problem = next(filter(None, (_difference(alone, batched) for batched in pair)), None)
-            if problem is not None:
-                problem = f"a batch of two copies of the warm-up input answered differently from one alone ({problem})"
-        except Exception as e:
-            problem = f"the model failed on a batch of two copies of the warm-up input ({type(e).__name__}: {e})"
+            problem, checked_with = check_batch_of_two(self, item, _difference, _variant)
+        except Exception as e:  # the solo run failed this time
+            raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
         if problem is None:
-            reason = "a batch of two copies of warmup_input gave each the answer it gets alone"
+            reason = f"a batch of {checked_with} gave each the answer it gets alone"
             self.info["batching"] = {"enabled": True, "checked": True, "reason": reason}
         else:
             self.batching = False
@@ -411,6 +409,19 @@ def _relabel(message: str, prefix: str, strip: str) -> str:
     if strip and message.startswith(strip):
         message = message[len(strip) :]
     return f"{prefix}{message}" if prefix else message
+
+
+def _variant(item: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str] | None:
+    """Another input of ``item``'s shapes and dtypes, for the batching check: each array's values reversed along its
+    last axis (ids and indices stay valid), or float arrays plus one when that reads the same; None when neither
+    differs."""
+    reversed_ = {name: np.ascontiguousarray(np.flip(array, -1)) for name, array in item.items()}
+    if any(not np.array_equal(reversed_[name], array) for name, array in item.items()):
+        return reversed_, "its values reversed along the last axis"
+    if any(array.dtype.kind in "fc" for array in item.values()):
+        plus_one = {name: array + 1 if array.dtype.kind in "fc" else array for name, array in item.items()}
+        return plus_one, "its float values plus one"
+    return None
 
 
 def _difference(alone: dict[str, np.ndarray], batched: dict[str, np.ndarray]) -> str | None:

@@ -122,8 +122,9 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
 
     def warmup(self) -> bool:
         """In the runner process, after ``setup``: ``warmup_input`` alone, so the first request does not pay for lazy
-        initialisation, then (batching on) as a batch of two, which must give each copy the solo answer; when it
-        does not, or the model cannot take the batch, batching is turned off and ``describe()`` says why.
+        initialisation, then (batching on) in a batch with a variant of it (values reversed), which must give each the
+        answer it gets alone; when it does not, or the model cannot take the batch, batching is turned off and
+        ``describe()`` says why.
         Raises StartupError when the model fails on the input alone."""
         if self.warmup_input is None:
             return False
@@ -131,9 +132,9 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             item = self.preprocess(self.warmup_input)
             if self.batch_key(item) is None:
                 self.run_model(item)
-                problem = None
+                problem, checked_with = None, ""
             else:
-                problem = check_batch_of_two(self, item, _difference)
+                problem, checked_with = check_batch_of_two(self, item, _difference, _variant)
         except Exception as e:
             raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
         if not self.batching:
@@ -142,7 +143,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             reason = f"not checked: warmup_input has rank {item.dim()}, and requests of rank < 2 always run alone"
             self.info["batching"] = {"enabled": True, "checked": False, "reason": reason}
         elif problem is None:
-            reason = "a batch of two copies of warmup_input gave each the answer it gets alone"
+            reason = f"a batch of {checked_with} gave each the answer it gets alone"
             self.info["batching"] = {"enabled": True, "checked": True, "reason": reason}
         else:
             self.batching = False
@@ -176,6 +177,18 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
                 batch = batch.to(compute)  # on the device: a GPU casts faster than the model thread would
             output = self.model(batch)
             return to_host(output, {compute: own} if compute != own else None)
+
+
+def _variant(item: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """Another input of ``item``'s shape and dtype, for the batching check: its values reversed along the last axis
+    (token ids and indices stay valid), or plus one for floats that read the same reversed; None when neither
+    differs."""
+    reversed_ = item.flip(-1)
+    if not torch.equal(reversed_, item):
+        return reversed_, "its values reversed along the last axis"
+    if item.is_floating_point() or item.is_complex():
+        return item + 1, "its values plus one"
+    return None
 
 
 _on_this_thread = threading.local()  # the torch thread count applied to the calling thread
