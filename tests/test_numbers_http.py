@@ -123,6 +123,13 @@ def test_a_value_the_cast_to_the_model_dtype_would_overflow_is_refused(iris_serv
     refused(response, "values[0][0]: 1e+308 does not fit float (the model's dtype), cast from double")
 
 
+def test_an_integer_the_model_dtype_would_round_is_refused(iris_server):
+    # 16777217 reached the float model as 16777216 (explorer P2); 16777216 itself is exact in float.
+    response = post_raw(iris_server, offchain("long", "[[1, 16777217, 2, 3]]"))
+    refused(response, "values[0][1]: 16777217 does not fit float (the model's dtype), cast from long")
+    assert post_raw(iris_server, offchain("long", "[[1, 16777216, 2, 3]]")).status_code == 200
+
+
 @pytest.mark.parametrize("destination", [0, 1])
 def test_chain_input_beyond_the_model_dtype_is_refused(iris_server, destination):
     largest = 2**255 - 1  # int256's maximum: 5.8e58 in 18-decimal fixed point, beyond float's 3.4e38

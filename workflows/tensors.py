@@ -85,11 +85,16 @@ def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torc
     """A decoded input as the model's ``dtype``; ``values`` is what it was decoded from, to name a value as sent.
 
     Runs where the workflow's preprocess runs (the runner's event loop). Raises InputError naming the first value
-    the cast does not keep (it overflows a floating dtype, or does not come back from an integer one), with its place
-    and both dtypes; for ``core.terms.SentValues`` (CHAIN data), as the client sent it.
+    the cast does not keep (a float that overflows a floating dtype, an integer that does not come back exactly from a
+    floating one, any value that does not come back from an integer one), with its place and both dtypes; for
+    ``core.terms.SentValues`` (CHAIN data), as the client sent it.
     """
     cast = tensor.to(dtype)
-    if dtype.is_floating_point:
+    if dtype.is_floating_point and not tensor.is_floating_point() and tensor.dtype != torch.bool:
+        # Integers to a floating dtype: rounding would change a value nobody sent as a float (16777217 as float
+        # is 16777216), so each must come back exactly; inf from an overflow does not come back either.
+        bad = cast.to(tensor.dtype) != tensor
+    elif dtype.is_floating_point:
         if _largest(tensor.dtype) <= _largest(dtype):
             return cast
         # decode lets only finite values through, so a non-finite one here is an overflow of the cast;
