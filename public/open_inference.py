@@ -62,7 +62,12 @@ _WIRE: dict[str, np.dtype] = {
 # The service has one model and no versions of it; "1" is what Triton calls the only version of a model.
 MODEL_VERSION = "1"
 INPUT_NAME = "input_0"
-PLATFORMS = {"torchscript": "pytorch_torchscript", "torch.export": "pytorch_torch_export", "pickle": "pytorch"}
+PLATFORMS = {
+    "torchscript": "pytorch_torchscript",
+    "torch.export": "pytorch_torch_export",
+    "pickle": "pytorch",
+    "onnx": "onnxruntime_onnx",  # Triton's name for the platform
+}
 EXTENSIONS = ["binary_tensor_data"]
 _HEADER_LENGTH = b"inference-header-content-length"
 _JSON = (b"content-type", b"application/json")
@@ -179,20 +184,39 @@ async def _readiness(app: public.PublicApp, body: dict[str, Any]) -> tuple[int, 
 
 
 async def model_metadata(app: public.PublicApp) -> dict[str, Any]:
-    """The model's metadata from the runner's description (GET /info); 503 while the model loads."""
+    """The model's metadata from the runner's description (GET /info); 503 while the model loads. An ONNX model
+    declares its inputs and outputs (names, datatypes, shapes with -1 for a symbolic or unknown dimension); for a
+    torch model only the input's datatype is known (its parameters'), and none without floating parameters."""
     info = await app.info()
     model = info.get("model") or {}
-    datatype = CONTRACT_DATATYPES.get(model.get("dtype") or "")
-    # The model's input rank is not known here: [-1] says that every dimension is the client's to choose. Inputs are
-    # cast to the datatype of the model's parameters; outputs are known only from an answer.
-    inputs = [{"name": INPUT_NAME, "datatype": datatype, "shape": [-1]}] if datatype else []
+    if model.get("format") == "onnx":
+        inputs, outputs = _declared(model.get("inputs")), _declared(model.get("outputs"))
+    else:
+        datatype = CONTRACT_DATATYPES.get(model.get("dtype") or "")
+        # The model's input rank is not known here: [-1] says that every dimension is the client's to choose. Inputs
+        # are cast to the datatype of the model's parameters; outputs are known only from an answer.
+        inputs = [{"name": INPUT_NAME, "datatype": datatype, "shape": [-1]}] if datatype else []
+        outputs = []
     return {
         "name": app.settings.model_name,
         "versions": [MODEL_VERSION],
         "platform": PLATFORMS.get(model.get("format"), "python"),
         "inputs": inputs,
-        "outputs": [],
+        "outputs": outputs,
     }
+
+
+def _declared(ports: Any) -> list[dict[str, Any]]:
+    """The ONNX workflow's described inputs or outputs in the protocol's terms; a dtype with no datatype (an ONNX
+    type the contract has no name for, e.g. strings) is BYTES."""
+    return [
+        {
+            "name": port["name"],
+            "datatype": CONTRACT_DATATYPES.get(port.get("dtype") or "", "BYTES"),
+            "shape": [d if isinstance(d, int) and d >= 0 else -1 for d in port.get("shape") or [-1]],
+        }
+        for port in ports or []
+    ]
 
 
 async def _limited_infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple[dict[str, Any], bytes | None]:

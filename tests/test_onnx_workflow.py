@@ -338,6 +338,14 @@ def test_served_info_describes_the_onnx_model(onnx_server):
     assert model["inputs"] == [{"name": "input", "dtype": "float", "shape": ["batch", 4]}]
     assert model["outputs"] == [{"name": "output", "dtype": "float", "shape": ["batch", 3]}]
     assert model["batching"]["enabled"] and model["batching"]["checked"]
+    # The Open Inference Protocol's metadata says the same (it said platform "python" and one FP32 input_0)
+    assert onnx_server.get("/v2/models/model").json() == {
+        "name": "model",
+        "versions": ["1"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 3]}],
+    }
 
 
 def test_served_concurrent_callers_batch_and_get_their_solo_answers(onnx_server):
