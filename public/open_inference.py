@@ -358,8 +358,8 @@ def _from_bytes(binary: bytes, size: Any, datatype: str, shape: list[int]) -> li
 
 def answer(body: Any, request: InferRequest, model_name: str) -> tuple[dict[str, Any], bytes | None]:
     """The runner's answer (a contract tensor, or tensors in dicts and lists) -> the protocol's response JSON and the
-    binary data that follows it. Raises ProtocolError: 400 for an unknown requested output, 500 for an answer the
-    protocol cannot carry."""
+    binary data that follows it. Raises ProtocolError: 400 for an unknown requested output, 422 for an answer the
+    protocol cannot carry (the model's answer, not a fault of the service; /service_output carries it)."""
     tensors = dict(output_tensors(body))
     names = request.outputs if request.outputs is not None else list(tensors)
     outputs: list[dict[str, Any]] = []
@@ -396,7 +396,7 @@ def output_tensors(body: Any, name: str = "") -> list[tuple[str, dict[str, Any]]
         items = [(f"{name}.{index}" if name else f"output_{index}", value) for index, value in enumerate(body)]
     else:
         raise ProtocolError(
-            500, f"the model's output {name or 'output_0'} is {type(body).__name__}, not a tensor; use /service_output"
+            422, f"the model's output {name or 'output_0'} is {json_type(body)}, not a tensor; use /service_output"
         )
     return [found for item_name, value in items for found in output_tensors(value, item_name)]
 
@@ -405,7 +405,7 @@ def _output(name: str, tensor: dict[str, Any], binary: bool) -> tuple[dict[str, 
     datatype = CONTRACT_DATATYPES.get(tensor["dtype"])
     if datatype is None:
         raise ProtocolError(
-            500, f"output {name}: the protocol has no datatype for {tensor['dtype']}; use /service_output"
+            422, f"output {name}: the protocol has no datatype for {tensor['dtype']}; use /service_output"
         )
     shape = [int(n) for n in tensor["shape"]]
     values = np.asarray(tensor["values"]).reshape(-1)

@@ -38,8 +38,9 @@ def save(model: torch.nn.Module, path: Path, kind: str, example: torch.Tensor) -
 
 
 class Outputs(torch.nn.Module):
-    """y = x * w, w = 1 (float32): one tensor, except for rows of 3 features (a tuple of two tensors) and of 5 (a dict
-    of two), so one server answers every kind of output. Saved as a pickle: TorchScript fixes one return type."""
+    """y = x * w, w = 1 (float32): one tensor, except for rows of 3 features (a tuple of two tensors), 5 (a dict of
+    two), 6 (a dict with integer keys) and 7 (a sparse tensor), so one server answers every kind of output. Saved as
+    a pickle: TorchScript fixes one return type."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,4 +52,8 @@ class Outputs(torch.nn.Module):
             return y, y.sum(-1)
         if x.shape[-1] == 5:
             return {"scaled": y, "total": y.sum(-1)}
+        if x.shape[-1] == 6:  # integer keys, as a TorchScript Dict[int, Tensor] has
+            return {1: y, 2: y.sum(-1)}
+        if x.shape[-1] == 7:
+            return y.to_sparse()
         return y

@@ -161,3 +161,16 @@ def test_unsigned_2_0_codes_take_their_whole_range_and_no_more(server):
         else:  # within the declared range, but the cast to float32 would round it
             body = assert_contract_error(response, 400)
             assert "does not fit float (the model's dtype)" in body["description"], body
+
+
+def test_integer_keys_and_sparse_outputs_are_answered_not_500(server):
+    # A model's dict with integer keys and a sparse tensor were 500s, the service's own fault (explorer P5).
+    keyed = server.post({"source": 1, "data": {"dtype": "float", "values": [[1, 2, 3, 4, 5, 6]]}})
+    assert keyed.status_code == 200, keyed.text
+    assert keyed.json() == {
+        "1": {"dtype": "float", "shape": [1, 6], "values": [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]},
+        "2": {"dtype": "float", "shape": [1], "values": [21.0]},
+    }
+    sparse = server.post({"source": 1, "data": {"dtype": "float", "values": [[0, 2, 0, 0, 5, 0, 7]]}})
+    assert sparse.status_code == 200, sparse.text
+    assert sparse.json() == {"dtype": "float", "shape": [1, 7], "values": [[0.0, 2.0, 0.0, 0.0, 5.0, 0.0, 7.0]]}

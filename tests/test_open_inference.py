@@ -290,13 +290,15 @@ def test_an_output_binary_data_false_overrides_binary_data_output():
     "body, message",
     [
         (tensors.encode(torch.tensor([1 + 2j])), "the protocol has no datatype for cfloat"),
-        ({"label": "setosa"}, "the model's output label is str, not a tensor"),
+        ({"label": "setosa"}, "the model's output label is a string, not a tensor"),
+        ([1.0, 2.0], "the model's output output_0 is a number, not a tensor"),
     ],
 )
-def test_answers_the_protocol_cannot_carry_are_server_errors(body, message):
+def test_answers_the_protocol_cannot_carry_are_422(body, message):
+    # The model's answer, not a fault of the service (they were 500s; explorer P5): /service_output carries them.
     with pytest.raises(ProtocolError) as refused:
         answer(body, read_request(request(), b"", MAX_ELEMENTS), "m")
-    assert refused.value.status == 500 and message in refused.value.description
+    assert refused.value.status == 422 and message in refused.value.description
 
 
 # --- the real service, with the real clients --------------------------------------------------------------------

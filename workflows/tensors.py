@@ -48,6 +48,7 @@ _MAX_DEPTH = MAX_RANK  # nested values and a `shape` alike
 # Below this magnitude float64 holds every integer exactly, so a float64 array of such values lost nothing.
 _EXACT_IN_DOUBLE = 2**53
 _LONG_MAX = 2**63 - 1
+MAX_DENSE_OUTPUT = 16 * 1024 * 1024  # values: a sparse output is sent dense up to this many (128 MiB of float64)
 _SCAN_AT_MOST = 100  # values; measured on the development box: about where a type scan costs a numpy call
 
 
@@ -121,11 +122,19 @@ def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torc
 
 
 def encode(tensor: torch.Tensor) -> dict[str, Any]:
-    """A tensor in the contract's vocabulary. Raises ModelError for an unsigned value beyond ``long``, and for a
-    tensor of more than ``MAX_RANK`` dimensions (the answer would not be a valid next input)."""
+    """A tensor in the contract's vocabulary (a sparse one as its dense values). Raises ModelError for an unsigned
+    value beyond ``long``, for a tensor of more than ``MAX_RANK`` dimensions (the answer would not be a valid next
+    input), and for a sparse tensor of more than ``MAX_DENSE_OUTPUT`` values."""
     if tensor.dim() > MAX_RANK:
         raise ModelError(f"output: {too_many_dimensions(tensor.dim())} (the most a request may send)")
     tensor = tensor.detach().cpu()
+    if tensor.layout != torch.strided:  # sparse: the contract's values are dense
+        if tensor.numel() > MAX_DENSE_OUTPUT:
+            raise ModelError(
+                f"output: a sparse tensor of shape {list(tensor.shape)} is {tensor.numel()} values dense, more than "
+                f"{MAX_DENSE_OUTPUT} to send"
+            )
+        tensor = tensor.to_dense()
     name = NAMES.get(tensor.dtype) or _nearest_name(tensor.dtype)
     if name == "long" and not tensor.is_signed() and tensor.numel():
         largest = tensor.numpy().max()  # uint64 would wrap to a negative long
@@ -145,8 +154,8 @@ def encode_output(output: Any) -> Any:
     """A model's output as JSON-ready data: tensors encoded, containers walked, anything else as it is."""
     if isinstance(output, torch.Tensor):
         return encode(output)
-    if isinstance(output, dict):
-        return {key: encode_output(value) for key, value in output.items()}
+    if isinstance(output, dict):  # JSON keys are strings: a TorchScript Dict[int, Tensor] answers {"1": ...}
+        return {key if isinstance(key, str) else str(key): encode_output(value) for key, value in output.items()}
     if isinstance(output, (list, tuple)):
         return [encode_output(value) for value in output]
     return output
