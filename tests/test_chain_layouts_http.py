@@ -174,3 +174,20 @@ def test_integer_keys_and_sparse_outputs_are_answered_not_500(server):
     sparse = server.post({"source": 1, "data": {"dtype": "float", "values": [[0, 2, 0, 0, 5, 0, 7]]}})
     assert sparse.status_code == 200, sparse.text
     assert sparse.json() == {"dtype": "float", "shape": [1, 7], "values": [[0.0, 2.0, 0.0, 0.0, 5.0, 0.0, 7.0]]}
+
+
+def test_a_model_that_raises_systemexit_fails_only_its_own_request(server):
+    # SystemExit is no Exception: it failed every request batched with the one that raised it (explorer N2).
+    from tests.test_batching_http import fire_together
+
+    bodies = [{"source": 1, "data": {"dtype": "float", "values": [[i + 0.5] * 8]}} for i in range(16)]
+    bodies[5] = {"source": 1, "data": {"dtype": "float", "values": [[13.0] * 8]}}
+    for _ in range(2):  # two rounds: each may batch the bad request with others
+        responses = fire_together(server, bodies)
+        for i, response in enumerate(responses):
+            if i == 5:
+                body = assert_contract_error(response, 422)
+                assert "it raised SystemExit(13)" in body["description"], body
+            else:
+                assert response.status_code == 200, response.text
+                assert response.json()["values"] == [[i + 0.5] * 8]

@@ -371,7 +371,7 @@ def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
             prepared.append(_Item(item, workflow.batch_key(item)))
         except ServiceError as e:
             prepared.append(failure(e))
-        except Exception as e:  # a workflow's own validation that raised something generic
+        except _RAISED_ON_THE_LOOP as e:  # a workflow's own validation that raised something generic
             prepared.append(failure(InputError(first_line(e))))
     return prepared
 
@@ -393,7 +393,7 @@ def forward_all(workflow: Any, prepared: list[Any]) -> list[Any]:
             continue
         try:
             outputs = _run_group(workflow, [prepared[i].value for i in members])
-        except Exception as e:
+        except _RAISED_BY_MODEL as e:
             if len(members) > 1:
                 log.info("batch of %d failed (%s); retrying item by item", len(members), first_line(e))
                 for i in members:
@@ -456,7 +456,7 @@ def check_batch_of_two(
 def _run_one_of_group(workflow: InferenceWorkflow, item: Any) -> Any:
     try:
         [output] = _run_group(workflow, [item])
-    except Exception as e:
+    except _RAISED_BY_MODEL as e:
         return failure(_as_model_error(e))
     return _Output(output)
 
@@ -464,7 +464,7 @@ def _run_one_of_group(workflow: InferenceWorkflow, item: Any) -> Any:
 def _run_alone(workflow: InferenceWorkflow, item: Any) -> Any:
     try:
         return _Output(workflow.run_model(item))
-    except Exception as e:
+    except _RAISED_BY_MODEL as e:
         return failure(_as_model_error(e))
 
 
@@ -473,7 +473,7 @@ def _postprocess(workflow: InferenceWorkflow, output: Any) -> Outcome:
         return answer(workflow.postprocess(output))
     except ServiceError as e:
         return failure(e)
-    except Exception as e:
+    except _RAISED_ON_THE_LOOP as e:
         log.exception("postprocess failed")
         return failure(ServiceError(f"postprocess failed: {first_line(e)}"))
 
@@ -481,11 +481,20 @@ def _postprocess(workflow: InferenceWorkflow, output: Any) -> Outcome:
 def _legacy_inference(workflow: Any, data: Any) -> Outcome:
     try:
         return answer(workflow.inference(data))
-    except Exception as e:
+    except _RAISED_BY_MODEL as e:
         return failure(_as_model_error(e))
+
+
+# What a workflow's code may raise for one request and still fail only that request. On the model thread no signal
+# arrives, so SystemExit and KeyboardInterrupt there are the model's own (they failed every request of the batch);
+# on the event loop KeyboardInterrupt is Ctrl-C and must stop the server.
+_RAISED_BY_MODEL = (Exception, SystemExit, KeyboardInterrupt)
+_RAISED_ON_THE_LOOP = (Exception, SystemExit)
 
 
 def _as_model_error(error: BaseException) -> ServiceError:
     if isinstance(error, ServiceError):
         return error
+    if not isinstance(error, Exception):
+        return ModelError(f"the model failed on this input: it raised {type(error).__name__}({first_line(error)})")
     return ModelError(f"the model failed on this input: {first_line(error)}")
