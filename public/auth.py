@@ -13,12 +13,14 @@ import orjson
 
 from core.terms import error_body
 
-PROTECTED = frozenset({"/service_output", "/info", "/service-resources"})
+# /service-resources stays open: the Infernet node asks it without its container's bearer (infernet-node 1.4), and a
+# container it cannot read drops out of the node's GET /resources and model lookups.
+PROTECTED = frozenset({"/service_output", "/info"})
 
 
 def protects(path: str) -> bool:
     """Whether ``path`` needs the token: the routes above and the Open Inference Protocol's model and server
-    routes (inference and metadata); its health routes stay open, like /livez and /readyz."""
+    routes (inference and metadata); its health routes stay open, like /livez, /readyz and /service-resources."""
     if path in PROTECTED:
         return True
     return (path == "/v2" or path.startswith("/v2/")) and not path.startswith("/v2/health/")
