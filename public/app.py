@@ -256,7 +256,23 @@ class PublicApp:
             self._runner_seen_ready = bool(await asyncio.wait_for(self._is_ready(), timeout=1.5))
         except Exception:
             self._runner_seen_ready = False
+        if self._runner_seen_ready:
+            await self._send_alone_if_the_model_runs_alone()
         return self._runner_seen_ready
+
+    async def _send_alone_if_the_model_runs_alone(self) -> None:
+        """Once, when the runner is first seen ready: if its model runs every request alone (batching off, by
+        KW_ARGS or by the start-up check), each request goes to the runner as a call of its own. The runner answers
+        a call when all its requests are done, so requests sent together would all wait for the last forward."""
+        try:
+            described = await asyncio.wait_for(self._describe(), timeout=5)
+        except Exception:  # grouping stays: only the answers' timing is at stake
+            log.warning("could not ask the runner whether its model batches; requests are grouped", exc_info=True)
+            return
+        model = described.get("model") if isinstance(described, dict) else None
+        batching = model.get("batching") if isinstance(model, dict) else None
+        if isinstance(batching, dict) and batching.get("enabled") is False and self._calls is not None:
+            self._calls.max_items = 1
 
     async def info(self) -> dict[str, Any]:
         # With per-request models the runner's per-model counts change: ask it each time (/info is not a hot path).

@@ -44,7 +44,9 @@ class RunnerCallBatcher:
 
     def __init__(self, call: RunnerCall, max_items: int, max_inflight: int = 4) -> None:
         self._call = call
-        self._max_items = max_items
+        # 1 when the runner's model runs every request alone: a call is answered once all its requests are done, so
+        # each request is sent alone and answered when its own forward ends (PublicApp.runner_ready sets it).
+        self.max_items = max_items
         self._max_inflight = max_inflight
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
         self._inflight = 0
@@ -67,7 +69,7 @@ class RunnerCallBatcher:
     def _flush(self) -> None:
         self._scheduled = False
         while self._pending and self._inflight < self._max_inflight:
-            group, self._pending = self._pending[: self._max_items], self._pending[self._max_items :]
+            group, self._pending = self._pending[: self.max_items], self._pending[self.max_items :]
             group = [(item, future) for item, future in group if not future.done()]  # callers that gave up
             if group:
                 self._inflight += 1

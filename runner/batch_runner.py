@@ -7,8 +7,8 @@ Read top to bottom, a call's path through it:
       submit               event loop   queue the call for the model thread; wait for its share of the batch
         _serve             model thread one batch after another
         _form_batch        model thread every call that queued meanwhile, up to ``max_items`` requests
-        _run_batch         model thread forward (equal keys share one; failures isolated per item), then unbatch
-                                        back to the calls
+        _run_batch         model thread forward (equal keys share one; failures isolated per item), each call
+                                        answered as soon as its own requests are done
       postprocess          event loop   per request: its ``Outcome``
 
 Pre- and postprocessing run on the event loop alongside the forward of another batch (docs/performance.md,
@@ -37,7 +37,7 @@ from typing import Any
 from core.asgi import bound_uvicorn
 from core.errors import Outcome, Overloaded, failure
 from core.model_call import ForModel
-from workflows.base import forward_all, postprocess_all, preprocess_all
+from workflows.base import forward_groups, postprocess_all, preprocess_all
 
 log = logging.getLogger("runner.batch_runner")
 
@@ -131,21 +131,21 @@ class BatchRunner:
 
     # The model thread's side.
 
-    def forward(self, prepared: list[Any]) -> list[Any]:
-        """On the model thread: one batch's forward passes (workflows/base.py ``forward_all``); with per-request
-        models in the batch, one ``forward_all`` per model."""
+    def forward_groups(self, prepared: list[Any]) -> Iterator[tuple[list[int], list[Any]]]:
+        """On the model thread: one batch's forward passes (workflows/base.py ``forward_groups``), yielding each
+        request's result as soon as it is known; with per-request models in the batch, per model."""
         for entry in prepared:
             if type(entry) is _Routed:
                 return self._forward_per_model(prepared)
-        return forward_all(self.workflow, prepared)
+        return forward_groups(self.workflow, prepared)
 
-    def _forward_per_model(self, prepared: list[Any]) -> list[Any]:
-        results = list(prepared)
+    def _forward_per_model(self, prepared: list[Any]) -> Iterator[tuple[list[int], list[Any]]]:
+        done: list[int] = []
         groups: dict[int, tuple[Any, list[int], list[Any]]] = {}
         for i, entry in enumerate(prepared):
             if type(entry) is _Routed:
                 if entry.workflow is None:  # failed before the model: its Outcome is the answer
-                    results[i] = entry.entry
+                    done.append(i)
                     continue
                 workflow, value = entry.workflow, entry.entry
             else:  # another API worker's call for the default model, batched with this one
@@ -153,10 +153,11 @@ class BatchRunner:
             group = groups.setdefault(id(workflow), (workflow, [], []))
             group[1].append(i)
             group[2].append(value)
+        if done:
+            yield done, [prepared[i].entry for i in done]
         for workflow, indices, values in groups.values():
-            for i, output in zip(indices, forward_all(workflow, values)):
-                results[i] = output
-        return results
+            for places, results in forward_groups(workflow, values):
+                yield [indices[p] for p in places], results
 
     def _serve(self) -> None:
         while True:
@@ -188,23 +189,38 @@ class BatchRunner:
         return calls
 
     def _run_batch(self, calls: list[_Call]) -> None:
-        """The forward of every request of ``calls`` as one batch; each call gets its share back, in order."""
+        """The forward of every request of ``calls`` as one batch; each call gets its share back, in order, as soon
+        as its own requests are done (a request that runs alone does not wait for the others' forwards)."""
+        items = [item for call in calls for item in call.items]
+        owner = [c for c, call in enumerate(calls) for _ in call.items]
+        results: list[Any] = list(items)
+        left = [len(call.items) for call in calls]
+        answered = [False] * len(calls)
         try:
-            items = [item for call in calls for item in call.items]
             if self._on_batch is not None:
                 self._on_batch(len(items))
-            outcomes = self.forward(items)
+            start = 0
+            starts = []
+            for call in calls:
+                starts.append(start)
+                start += len(call.items)
+            for indices, found in self.forward_groups(items):
+                for i, result in zip(indices, found):
+                    results[i] = result
+                    left[owner[i]] -= 1
+                for c in dict.fromkeys(owner[i] for i in indices):
+                    if left[c] == 0 and not answered[c]:
+                        answered[c] = True
+                        calls[c].answer(results[starts[c] : starts[c] + len(calls[c].items)])
+            if not all(answered):
+                raise RuntimeError(f"the forward left {sum(left)} requests without a result")
         except (
             BaseException
         ) as e:  # forward isolates failures per item; this is a bug, and every caller must hear of it
             log.exception("batch failed")
-            for call in calls:
-                call.answer(None, e)
-            return
-        start = 0
-        for call in calls:
-            call.answer(outcomes[start : start + len(call.items)])
-            start += len(call.items)
+            for call, done in zip(calls, answered):
+                if not done:
+                    call.answer(None, e)
 
 
 @dataclass(slots=True)

@@ -59,3 +59,22 @@ class Outputs(torch.nn.Module):
         if x.shape[-1] == 8 and bool((x == 13).any()):
             raise SystemExit(13)  # not an Exception: it failed every request of its batch
         return y
+
+
+class Sleepy(torch.nn.Module):
+    """y = x, after sleeping ``seconds``; appends "start end" (time.time()) of each forward to ``log_path``, so a test
+    can tell when each forward ran in the runner process. Saved as a pickle."""
+
+    def __init__(self, seconds: float, log_path: str) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.log_path = log_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        started = time.time()
+        time.sleep(self.seconds)
+        with open(self.log_path, "a") as log:
+            log.write(f"{started} {time.time()}\n")
+        return x + 0

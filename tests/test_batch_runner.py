@@ -13,7 +13,8 @@ from runner.batch_runner import BatchRunner
 def ModelThread(model, max_items: int, max_wait_s: float) -> BatchRunner:
     """A BatchRunner whose forward is ``model`` (no workflow): the model thread's batching alone."""
     runner = BatchRunner(None, max_items=max_items, max_wait_s=max_wait_s)
-    runner.forward = model  # read by the model thread at each batch; no call has been submitted yet
+    # read by the model thread at each batch; no call has been submitted yet
+    runner.forward_groups = lambda items: iter([(list(range(len(items))), model(items))])
     return runner
 
 

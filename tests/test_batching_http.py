@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 import torch
 
 from core.settings import EMBEDDED_MODEL
+from tests.fixtures.server import serving
+from tests.models import Sleepy, save
 
 CALLERS = 40
 
@@ -81,3 +86,35 @@ def test_one_malformed_request_fails_alone(iris_server):
         assert response.status_code == 200, response.text
         assert torch.allclose(torch.tensor(response.json()["values"]), expected(rows_for(caller)), atol=1e-6)
     assert batches_larger_than_one(before, batch_histogram(iris_server)) >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["batching-off", "rank-1"])
+def test_a_request_that_runs_alone_is_answered_when_its_own_forward_ends(tmp_path, how):
+    # Requests that ran alone were answered together, after the last of their forwards (explorer N4): with 0.8 s
+    # forwards, 8 concurrent callers all waited 6.4 s and timed out at REQUEST_TIMEOUT_S=5 although theirs had run.
+    forwards = tmp_path / "forwards.log"
+    path = save(Sleepy(0.6, str(forwards)), tmp_path / "sleepy.pt", "pickle", torch.zeros(1, 2))
+    kw_args = {"model_path": str(path), **({"batching": False} if how == "batching-off" else {})}
+    env = {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps(kw_args), "ALLOW_PICKLED_MODELS": "true", "API_WORKERS": "1"}
+    body = {"source": 1, "data": {"dtype": "float", "values": [[1.0, 2.0]] if how == "batching-off" else [1.0, 2.0]}}
+    with serving(env, tmp_path) as server:
+        assert server.post(body).status_code == 200
+        forwards.write_text("")
+        answered: list[float] = []
+
+        def call(_: int) -> requests.Response:
+            response = requests.post(f"{server.url}/service_output", json=body, timeout=60)
+            answered.append(time.time())
+            return response
+
+        with ThreadPoolExecutor(5) as pool:
+            blocker = pool.submit(call, 0)
+            time.sleep(0.25)  # the next four queue behind the blocker's forward: before, they became one batch
+            responses = [blocker.result(), *pool.map(call, range(4))]
+    assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
+    runs = sorted(tuple(map(float, line.split())) for line in forwards.read_text().split("\n") if line)
+    assert len(runs) == 5, runs
+    # Causal, not a time limit: three answers were back before the last forward started (before, the requests that
+    # queued together came back together, after it).
+    assert sorted(answered)[2] < runs[4][0], (answered, runs)

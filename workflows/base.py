@@ -47,7 +47,7 @@ import logging
 import types
 import typing
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -377,19 +377,37 @@ def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
 
 
 def forward_all(workflow: Any, prepared: list[Any]) -> list[Any]:
-    """Per request, an ``_Output`` or an ``Outcome`` (422 for a model that raised); items with equal keys share a
-    forward, and a shared forward that fails runs again item by item. The runner calls it on the model's thread."""
-    if not uses_hooks(workflow):
-        return [_legacy_inference(workflow, data) for data in prepared]
+    """Per request, an ``_Output`` or an ``Outcome`` (422 for a model that raised): ``forward_groups``, all at once.
+    The runner calls it on the model's thread."""
     results = list(prepared)
+    for indices, found in forward_groups(workflow, prepared):
+        for i, result in zip(indices, found):
+            results[i] = result
+    return results
+
+
+def forward_groups(workflow: Any, prepared: list[Any]) -> Iterator[tuple[list[int], list[Any]]]:
+    """Yields (indices, results): each request's index once, as soon as its result (an ``_Output``, or an ``Outcome``)
+    is known, the requests that failed before the model first. Items with equal keys share a forward, and a shared
+    forward that fails runs again item by item. On the model's thread; the runner answers a call the moment its
+    requests are done, so a request that runs alone does not wait for the forwards of the others."""
+    if not uses_hooks(workflow):
+        for i, data in enumerate(prepared):
+            yield [i], [_legacy_inference(workflow, data)]
+        return
     groups: dict[Any, list[int]] = defaultdict(list)
+    failed: list[int] = []
     for i, entry in enumerate(prepared):
         if isinstance(entry, _Item):
             groups[("alone", i) if entry.key is None else ("key", entry.key)].append(i)
+        else:
+            failed.append(i)
+    if failed:
+        yield failed, [prepared[i] for i in failed]
     for (kind, _), members in groups.items():
         if kind == "alone":
             i = members[0]
-            results[i] = _run_alone(workflow, prepared[i].value)
+            yield members, [_run_alone(workflow, prepared[i].value)]
             continue
         try:
             outputs = _run_group(workflow, [prepared[i].value for i in members])
@@ -397,13 +415,11 @@ def forward_all(workflow: Any, prepared: list[Any]) -> list[Any]:
             if len(members) > 1:
                 log.info("batch of %d failed (%s); retrying item by item", len(members), first_line(e))
                 for i in members:
-                    results[i] = _run_one_of_group(workflow, prepared[i].value)
+                    yield [i], [_run_one_of_group(workflow, prepared[i].value)]
             else:
-                results[members[0]] = failure(_as_model_error(e))
+                yield members, [failure(_as_model_error(e))]
             continue
-        for i, output in zip(members, outputs):
-            results[i] = _Output(output)
-    return results
+        yield members, [_Output(output) for output in outputs]
 
 
 def postprocess_all(workflow: Any, results: list[Any]) -> list[Outcome]:
