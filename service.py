@@ -77,7 +77,7 @@ def freeze_heap() -> None:
     traffic={"timeout": RUNNER_TIMEOUT_S},
     logging={"access": {"enabled": False}},
     # Internal routes: OpenTelemetry's middleware costs ~20% of the runner's CPU per call even when nothing is sampled.
-    tracing={"excluded_urls": ["/infer", "/describe"]},
+    tracing={"excluded_urls": ["/infer", "/describe", "/health"]},
     # Fast path: the API workers' calls to infer skip BentoML's middleware and typed endpoint (core/bentoml_seam.py).
     service_class=RunnerService if FAST_PATH else bentoml.Service,
 )
@@ -110,6 +110,11 @@ class WorkflowRunner:
             if batches.names_models(requests):
                 return await batches.infer_for_models(requests)
             return batches.postprocess(await batches.submit(batches.preprocess(requests)))
+
+    @bentoml.api
+    async def health(self) -> Annotated[dict[str, Any], PICKLED]:
+        """For the public /livez: how long the model has spent on its current batch (0 when idle)."""
+        return {"busy_for_s": self.batches.busy_for_s()}
 
     @bentoml.api
     async def describe(self) -> Annotated[dict[str, Any], PICKLED]:
@@ -153,7 +158,10 @@ class InfernetService:
         else:
             infer = through_bentoml(client)
         public_app.bind(
-            infer=infer, describe=lambda: client.call("describe"), is_ready=lambda: client.is_ready(timeout=1)
+            infer=infer,
+            describe=lambda: client.call("describe"),
+            is_ready=lambda: client.is_ready(timeout=1),
+            health=lambda: client.call("health"),
         )
         # SIGTERM: requests still running after SHUTDOWN_TIMEOUT_S get a JSON 503 (core/asgi.py ShutdownBound).
         public_app.shutdown.install(SETTINGS.shutdown_timeout_s)
@@ -161,3 +169,6 @@ class InfernetService:
 
     async def __is_ready__(self) -> bool:
         return await public_app.runner_ready()
+
+    async def __is_alive__(self) -> bool:  # BentoML's /livez, when the fast path is off
+        return await public_app.stuck_model() is None

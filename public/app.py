@@ -97,12 +97,14 @@ class PublicApp:
         infer: RunnerCall,
         describe: Callable[[], Awaitable[Any]],
         is_ready: Callable[[], Awaitable[bool]],
+        health: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         """Connect to the runner; called by the BentoML service in each API worker. ``infer`` sends a list of
         requests' data to the runner and returns their ``Outcome``s in order (one call per group, RunnerCallBatcher)."""
         self._calls = RunnerCallBatcher(infer, max_items=self.settings.max_batch_size)
         self._describe = describe
         self._is_ready = is_ready
+        self._health = health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -135,6 +137,12 @@ class PublicApp:
             elif path == "/":
                 routes.only_get(method, path)
                 return await routes.docs_page(send)
+            elif path == "/livez":
+                routes.only_get(method, path)
+                stuck = await self.stuck_model()
+                if stuck is not None:
+                    raise RequestError(503, stuck)
+                status, body = 200, {"live": True}
             elif path == "/readyz":
                 routes.only_get(method, path)
                 if not await self.runner_ready():
@@ -259,6 +267,27 @@ class PublicApp:
         if self._runner_seen_ready:
             await self._send_alone_if_the_model_runs_alone()
         return self._runner_seen_ready
+
+    async def stuck_model(self) -> str | None:
+        """Why the service is not alive, or None: the model has spent more than 10 × REQUEST_TIMEOUT_S on one batch,
+        so every request in it was answered 504 long ago and it is most likely hung (a forward that never returns
+        would otherwise leave /livez green, and the service dead, for good). A runner that cannot be asked (loading,
+        restarting) is not this check's business: None."""
+        if self._health is None:
+            return None
+        try:
+            busy_for_s = float((await asyncio.wait_for(self._health(), timeout=2))["busy_for_s"])
+        except Exception:
+            return None
+        limit_s = 10 * self.settings.timeout_s
+        if busy_for_s <= limit_s:
+            return None
+        reason = (
+            f"the model has spent {busy_for_s:.0f} s on one batch, more than 10 x REQUEST_TIMEOUT_S ({limit_s:g} s): "
+            "it is stuck; restart the service"
+        )
+        log.error("%s", reason)
+        return reason
 
     async def _send_alone_if_the_model_runs_alone(self) -> None:
         """Once, when the runner is first seen ready: if its model runs every request alone (batching off, by

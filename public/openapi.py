@@ -227,6 +227,8 @@ class FastRouteService(DocumentedService):
         if public is None or self.middlewares or bentoml_seam.cors_enabled():
             return app
         logged = bentoml_seam.access_log_enabled()
-        # /readyz too: BentoML answers a service still loading with plain text naming its internals.
+        # /readyz and /livez too: BentoML answers a service still loading, or stuck, with plain text naming its
+        # internals, and its /livez knows nothing of a hung model.
         readiness = bentoml_seam.FastRoute(app, "/readyz", public.serve, access_log_enabled=logged)
-        return bentoml_seam.FastRoute(readiness, "/service_output", public.serve, access_log_enabled=logged)
+        liveness = bentoml_seam.FastRoute(readiness, "/livez", public.serve, access_log_enabled=logged)
+        return bentoml_seam.FastRoute(liveness, "/service_output", public.serve, access_log_enabled=logged)

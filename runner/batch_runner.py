@@ -63,6 +63,7 @@ class BatchRunner:
         self._on_batch = on_batch
         self._calls: deque[_Call] = deque()
         self._queued = threading.Condition()
+        self._batch_since: float | None = None  # time.monotonic() when the model thread took its current batch
         self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
         self._thread.start()
 
@@ -188,6 +189,11 @@ class BatchRunner:
                     size += len(call.items)
         return calls
 
+    def busy_for_s(self) -> float:
+        """Seconds the model thread has spent on its current batch; 0 while it waits for one. Any thread."""
+        since = self._batch_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def _run_batch(self, calls: list[_Call]) -> None:
         """The forward of every request of ``calls`` as one batch; each call gets its share back, in order, as soon
         as its own requests are done (a request that runs alone does not wait for the others' forwards)."""
@@ -196,6 +202,7 @@ class BatchRunner:
         results: list[Any] = list(items)
         left = [len(call.items) for call in calls]
         answered = [False] * len(calls)
+        self._batch_since = time.monotonic()
         try:
             if self._on_batch is not None:
                 self._on_batch(len(items))
@@ -221,6 +228,8 @@ class BatchRunner:
             for call, done in zip(calls, answered):
                 if not done:
                     call.answer(None, e)
+        finally:
+            self._batch_since = None
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from tests.reliability_support import (
     processes,
     ready_status,
     row,
+    sleeping,
     wait_for,
 )
 
@@ -168,3 +169,18 @@ def test_killed_api_worker_is_respawned_and_the_other_keeps_answering(server):
         statuses=dict(Counter(o.status for o in outcomes)),
         dropped_connections=len(dropped),
     )
+
+
+@pytest.mark.slow
+def test_a_model_stuck_in_one_forward_fails_livez(tmp_path):
+    # A forward that never returned left /livez green and every later request 504 for good (explorer N5): an
+    # orchestrator never restarted the pod. Past 10 x REQUEST_TIMEOUT_S on one batch, /livez says so.
+    with serving(env(tmp_path, REQUEST_TIMEOUT_S="1"), tmp_path) as server:
+        live = server.get("/livez")
+        assert (live.status_code, live.json()) == (200, {"live": True})
+        caller = threading.Thread(target=post, args=(server, sleeping(40.0)), kwargs={"timeout": 60}, daemon=True)
+        caller.start()
+        waited_s = wait_for(lambda: server.get("/livez").status_code == 503, timeout=35)
+        assert waited_s >= 9, f"/livez failed after {waited_s:.1f} s, before the model had been busy 10 s"
+        body = assert_contract_error(server.get("/livez"), 503)
+        assert "more than 10 x REQUEST_TIMEOUT_S (10 s)" in body["description"] and "stuck" in body["description"]

@@ -133,7 +133,7 @@ def test_unknown_paths_add_no_series_to_metrics(tmp_path):
     assert counted(last, "/v2/models/{model_name}/infer", 200) == 1
     assert counted(last, "/v2/models/{model_name}", 200) == 1
     endpoints = {label for line in last for label in re.findall(r'endpoint="([^"]*)"', line)}
-    known = {"/service_output", "/readyz", "/livez", "/infer", "/describe", UNMATCHED}
+    known = {"/service_output", "/readyz", "/livez", "/infer", "/describe", "/health", UNMATCHED}
     assert endpoints <= {*known, "/v2/models/{model_name}/infer", "/v2/models/{model_name}"}, endpoints
 
 
