@@ -3,7 +3,10 @@ and the three model formats."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import struct
 import subprocess
 import sys
 import time
@@ -13,7 +16,7 @@ import requests
 import torch
 
 from core.errors import StartupError
-from tests.fixtures.server import run_to_exit, start, stop, wait_ready
+from tests.fixtures.server import run_to_exit, serving, start, stop, wait_ready
 from tests.models import Affine, save
 
 
@@ -190,3 +193,25 @@ def test_a_pickle_of_a_class_only_its_script_knew_says_how_to_fix_it(tmp_path):
     [line] = [line for line in output.splitlines() if "start-up failed" in line]
     assert "cannot load lin.pt as a pickle: it names class 'Lin', which cannot be imported here" in line
     assert "torch.jit.save" in line and "Traceback" not in output
+
+
+def test_a_pinned_model_changed_in_place_is_refused_even_with_its_size_and_mtime_kept(tmp_path):
+    """Explorer N6: the pin was checked against a hash remembered by size and mtime, which whoever can write the file
+    keeps; a weight changed in place was served under the pin."""
+    path = save(Affine(), tmp_path / "pinned.torch", "torchscript", torch.zeros(1, 4))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    kw_args = json.dumps({"model_path": str(path), "sha256": digest})
+    env = {"CLASSIC_INF_WORKFLOW_KW_ARGS": kw_args, "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    with serving(env, tmp_path) as server:  # the first start remembers the hash
+        assert server.post({"source": 1, "data": {"dtype": "float", "values": [[1, 2, 3, 4]]}}).status_code == 200
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    weight = data.find(struct.pack("<f", 0.1))  # Affine's first weight, stored uncompressed in the archive
+    assert weight > 0
+    data[weight : weight + 4] = struct.pack("<f", 0.7)
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    status, output = run_to_exit(env, tmp_path)
+    assert status == 2
+    [line] = [line for line in output.splitlines() if "start-up failed" in line]
+    assert "sha256 mismatch" in line and digest in line

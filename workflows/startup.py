@@ -97,7 +97,7 @@ def prepare(settings: ServiceSettings) -> None:
             path = sources.fetch(spec, torch_settings)
             fetched.update(path=str(path), bytes=path.stat().st_size)
         with progress.stage("verify", file=spec.filename) as verified:
-            digest = sources.model_sha256(path, spec, torch_settings)
+            digest = sources.model_sha256(path, spec, torch_settings, fresh=bool(spec.sha256))
             sources.check_pin_digest(digest, spec)
             verified.update(sha256=digest, pinned=bool(spec.sha256))
     else:

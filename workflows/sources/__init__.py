@@ -115,10 +115,11 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
         raise StartupError(f"model {spec.describe()}: {e.strerror or e}") from None
 
 
-def model_sha256(path: Path, spec: ModelSpec, settings: TorchSettings) -> str:
-    """sha256 of a fetched model file, remembered by path, size and mtime in the model cache, so that the pin
-    check, the verify stage and the runner's /info do not each read a large model again."""
-    return ModelCache(settings.model_cache_dir).file_sha256(path, spec.source)
+def model_sha256(path: Path, spec: ModelSpec, settings: TorchSettings, fresh: bool = False) -> str:
+    """sha256 of a fetched model file, remembered by path, size and mtime in the model cache, so that the runner's
+    /info does not read a large model again. ``fresh`` reads the file whatever the record says: the pin check does,
+    since a file changed in place can keep its size and mtime."""
+    return ModelCache(settings.model_cache_dir).file_sha256(path, spec.source, fresh=fresh)
 
 
 def check_pin_digest(actual: str, spec: ModelSpec) -> None:

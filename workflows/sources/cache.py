@@ -142,14 +142,15 @@ class ModelCache:
         os.replace(partial, final)
         return final
 
-    def file_sha256(self, path: Path, source: str) -> str:
+    def file_sha256(self, path: Path, source: str, fresh: bool = False) -> str:
         """sha256 of a file kept outside this cache (the Hugging Face cache), remembered by path, size and mtime
-        so that a second start does not read a large model again just to hash it."""
+        so that a second start does not read a large model again just to hash it; ``fresh``: read it anyway (the
+        record is then renewed). Size and mtime can be kept by whoever can write the file."""
         real = path.resolve()
         stat = real.stat()
         record_path = self.root / source / "hashes" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
         identity = {"path": str(real), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        known = _read_json(record_path) or {}
+        known = {} if fresh else _read_json(record_path) or {}
         if isinstance(known.get("sha256"), str) and all(known.get(k) == v for k, v in identity.items()):
             return known["sha256"]
         digest = sha256_of(real)

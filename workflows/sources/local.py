@@ -16,5 +16,5 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
     if not spec.path.is_file():
         raise StartupError("not a regular file")
     if spec.sha256:
-        check_pin_digest(model_sha256(spec.path, spec, settings), spec)
+        check_pin_digest(model_sha256(spec.path, spec, settings), spec)  # start-up's verify stage reads it afresh
     return spec.path.resolve()
