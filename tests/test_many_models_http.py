@@ -266,6 +266,11 @@ def test_arweave_model_per_request(server: Server, publisher: dict[str, str]):
     stranger = f"arweave/{publisher['stranger']}/housing:housing.pt"
     refused = server.post({"source": 1, "data": {"model_id": stranger, "input": {"dtype": 2, "values": HOUSING}}})
     assert refused.status_code == 403, refused.text
+    # A repository, file or version nobody published is not found (404), not an unreachable source (explorer N7: 502)
+    for missing in ("nosuch:housing.pt", "housing:other.pt", "housing/9.9.9:housing.pt"):
+        model_id = f"arweave/{publisher['owner']}/{missing}"
+        absent = server.post({"source": 1, "data": {"model_id": model_id, "input": {"dtype": 2, "values": HOUSING}}})
+        assert absent.status_code == 404 and absent.json()["code"] == "404", absent.text
 
 
 def test_onnx_model_per_request(server: Server):

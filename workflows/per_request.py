@@ -110,7 +110,7 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
 
 def _fetch_status(reason: str) -> int:
     text = reason.lower()
-    if "not found" in text:
+    if "not found" in text or "no transaction found" in text:  # Hugging Face's words; Arweave's (sources/arweave.py)
         return 404
     if "gated" in text or "access denied" in text or "refused the token" in text:
         return 403
