@@ -281,6 +281,8 @@ def read_request(obj: Any, binary: bytes, max_elements: int) -> InferRequest:
             binary_data = output_parameters.get("binary_data", request.binary_by_default)
             if not isinstance(binary_data, bool):
                 raise ProtocolError(400, f"{where}.binary_data: expected true or false")
+            if output["name"] in request.outputs:  # Triton refuses it too: which of the two would say binary_data?
+                raise ProtocolError(400, f"outputs[{index}]: output {json_text(output['name'])} is asked for twice")
             request.outputs.append(output["name"])
             if binary_data:
                 request.binary_outputs.add(output["name"])
@@ -360,7 +362,13 @@ def answer(body: Any, request: InferRequest, model_name: str) -> tuple[dict[str,
     """The runner's answer (a contract tensor, or tensors in dicts and lists) -> the protocol's response JSON and the
     binary data that follows it. Raises ProtocolError: 400 for an unknown requested output, 422 for an answer the
     protocol cannot carry (the model's answer, not a fault of the service; /service_output carries it)."""
-    tensors = dict(output_tensors(body))
+    found = output_tensors(body)
+    tensors = dict(found)
+    if len(tensors) != len(found):  # e.g. {"a": {"b": t1}, "a.b": t2}: one name, two tensors, one would be lost
+        name = next(name for name, _ in found if sum(other == name for other, _ in found) > 1)
+        raise ProtocolError(
+            422, f"the model's answer has two tensors named {json_text(name)} in the protocol; use /service_output"
+        )
     names = request.outputs if request.outputs is not None else list(tensors)
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []

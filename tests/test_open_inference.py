@@ -161,6 +161,11 @@ def test_tritonclients_binary_request_body_is_read():
             b"",
             "the classification extension is not supported",
         ),
+        (  # it was answered twice (explorer P6); Triton refuses it
+            request() | {"outputs": [{"name": "output_0"}, {"name": "output_0", "parameters": {"binary_data": True}}]},
+            b"",
+            'outputs[1]: output "output_0" is asked for twice',
+        ),
     ],
 )
 def test_malformed_requests_are_refused_with_the_place_named(body, binary, message):
@@ -292,6 +297,10 @@ def test_an_output_binary_data_false_overrides_binary_data_output():
         (tensors.encode(torch.tensor([1 + 2j])), "the protocol has no datatype for cfloat"),
         ({"label": "setosa"}, "the model's output label is a string, not a tensor"),
         ([1.0, 2.0], "the model's output output_0 is a number, not a tensor"),
+        (  # one protocol name for two tensors: one was dropped (explorer P6)
+            {"a": {"b": tensors.encode(torch.tensor([1.0]))}, "a.b": tensors.encode(torch.tensor([2.0]))},
+            'the model\'s answer has two tensors named "a.b"',
+        ),
     ],
 )
 def test_answers_the_protocol_cannot_carry_are_422(body, message):
