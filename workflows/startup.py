@@ -117,6 +117,7 @@ def build(settings: ServiceSettings) -> Any:
             ) from None
         if settings.workflow_class == BUILTIN_TORCH_WORKFLOW:
             workflow = _onnx_if_onnx_file(workflow, settings)
+            loaded.update(workflow=qualified_name(workflow))  # the ONNX workflow, for an .onnx file
         try:
             workflow.setup()
         except StartupError:
