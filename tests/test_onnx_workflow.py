@@ -395,3 +395,13 @@ def test_served_two_input_model_by_the_original_class_path(onnx_models, tmp_path
         }
         response = server.post(offchain({"a": [[1, 2, 3]]}))
         assert response.status_code == 400 and "missing input 'b'" in response.json()["description"]
+
+
+def test_the_start_up_log_names_the_onnx_workflow_for_an_onnx_file(onnx_models, capsys):
+    # The load line named the torch workflow, which had handed the file on (explorer P8).
+    from tests.test_startup_progress import startup_lines
+    from workflows import startup
+
+    startup.build(ServiceSettings(workflow_kwargs={"model_path": str(onnx_models["iris"])}))
+    [load] = [line for line in startup_lines(capsys.readouterr().err) if line[1] == "load"]
+    assert f"workflow={ONNX_CLASS}" in load[4] and "format=onnx" in load[4], load

@@ -46,7 +46,8 @@ def emit(stage: str, status: str = "ok", seconds: float | None = None, **fields:
 
 @contextlib.contextmanager
 def stage(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
-    """Time the block and print its line; the block may add fields (and ``status``) to the yielded dict."""
+    """Time the block and print its line; the block may add or replace fields (and ``status``) in the yielded
+    dict."""
     started = time.monotonic()
     extra: dict[str, Any] = {}
     try:
@@ -55,7 +56,7 @@ def stage(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
         emit(name, "failed", time.monotonic() - started, **fields, error=type(e).__name__)
         raise
     status = extra.pop("status", "ok")
-    emit(name, status, time.monotonic() - started, **fields, **extra)
+    emit(name, status, time.monotonic() - started, **{**fields, **extra})  # the block's fields win
 
 
 def _value(value: Any) -> str:
