@@ -211,6 +211,10 @@ class BatchRunner:
             for call in calls:
                 starts.append(start)
                 start += len(call.items)
+            for c, call in enumerate(calls):
+                if not call.items:  # nothing to run: a call with no requests is answered with no outcomes
+                    answered[c] = True
+                    call.answer([])
             for indices, found in self.forward_groups(items):
                 for i, result in zip(indices, found):
                     results[i] = result

@@ -130,3 +130,10 @@ def test_a_broken_batch_fails_its_callers_and_the_thread_goes_on():
     with pytest.raises(RuntimeError, match="the batch function broke"):
         asyncio.run(thread.submit(["boom"]))
     assert asyncio.run(thread.submit(["fine"])) == [("out", "fine")]
+
+
+def test_a_call_with_no_requests_is_answered_with_none():
+    model = Model()
+    thread = ModelThread(model, max_items=64, max_wait_s=10)
+    assert asyncio.run(thread.submit([])) == []
+    assert asyncio.run(thread.submit([7])) == [("out", 7)]
