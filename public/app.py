@@ -294,12 +294,11 @@ class PublicApp:
         KW_ARGS or by the start-up check), each request goes to the runner as a call of its own. The runner answers
         a call when all its requests are done, so requests sent together would all wait for the last forward."""
         try:
-            described = await asyncio.wait_for(self._describe(), timeout=5)
+            model = await asyncio.wait_for(self._served_model(), timeout=5)
         except Exception:  # grouping stays: only the answers' timing is at stake
             log.warning("could not ask the runner whether its model batches; requests are grouped", exc_info=True)
             return
-        model = described.get("model") if isinstance(described, dict) else None
-        batching = model.get("batching") if isinstance(model, dict) else None
+        batching = model.get("batching")
         if isinstance(batching, dict) and batching.get("enabled") is False and self._calls is not None:
             self._calls.max_items = 1
 

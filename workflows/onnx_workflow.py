@@ -252,7 +252,10 @@ class ONNXInferenceWorkflow(
             return False
         try:
             item = self.preprocess(self.warmup_input)
-            self.unbatch(self.run_model(self.batch([item])), [item])
+            if self.batching and self.batch_key(item) is not None:  # the check runs the input alone first
+                problem, checked_with = check_batch_of_two(self, item, _difference, _variant)
+            else:
+                self.unbatch(self.run_model(self.batch([item])), [item])
         except Exception as e:
             raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
         if not self.batching:
@@ -261,10 +264,6 @@ class ONNXInferenceWorkflow(
             reason = "not checked: warmup_input has an input of rank < 2 or unequal leading sizes, which run alone"
             self.info["batching"] = {"enabled": True, "checked": False, "reason": reason}
             return True
-        try:
-            problem, checked_with = check_batch_of_two(self, item, _difference, _variant)
-        except Exception as e:  # the solo run failed this time
-            raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
         if problem is None:
             reason = f"a batch of {checked_with} gave each the answer it gets alone"
             self.info["batching"] = {"enabled": True, "checked": True, "reason": reason}

@@ -130,11 +130,11 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             return False
         try:
             item = self.preprocess(self.warmup_input)
-            if self.batch_key(item) is None:
+            if self.batching and self.batch_key(item) is not None:
+                problem, checked_with = check_batch_of_two(self, item, _difference, _variant)
+            else:  # nothing to check: the input alone is the warm-up
                 self.run_model(item)
                 problem, checked_with = None, ""
-            else:
-                problem, checked_with = check_batch_of_two(self, item, _difference, _variant)
         except Exception as e:
             raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
         if not self.batching:
