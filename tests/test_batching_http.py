@@ -115,6 +115,8 @@ def test_a_request_that_runs_alone_is_answered_when_its_own_forward_ends(tmp_pat
     assert all(response.status_code == 200 for response in responses), [r.text for r in responses]
     runs = sorted(tuple(map(float, line.split())) for line in forwards.read_text().split("\n") if line)
     assert len(runs) == 5, runs
-    # Causal, not a time limit: three answers were back before the last forward started (before, the requests that
-    # queued together came back together, after it).
-    assert sorted(answered)[2] < runs[4][0], (answered, runs)
+    # Causal, not a time limit: before, the requests that queued together came back together, after the last forward
+    # started. With batching off each request is a call of its own, so three answers are back before it; rank-1
+    # requests that reach an API worker in one turn of its loop still share a call, so only the first is sure to be.
+    back_before_the_last = 3 if how == "batching-off" else 2
+    assert sorted(answered)[back_before_the_last - 1] < runs[4][0], (answered, runs)
