@@ -273,8 +273,8 @@ class PublicApp:
         so every request in it was answered 504 long ago and it is most likely hung (a forward that never returns
         would otherwise leave /livez green, and the service dead, for good). A runner that cannot be asked (loading,
         restarting) is not this check's business: None."""
-        if self._health is None:
-            return None
+        if self._health is None or not self._runner_seen_ready:  # a loading runner runs no batch, and would hold
+            return None  # /livez for seconds before it answered
         try:
             busy_for_s = float((await asyncio.wait_for(self._health(), timeout=2))["busy_for_s"])
         except Exception:

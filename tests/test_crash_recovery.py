@@ -175,7 +175,8 @@ def test_killed_api_worker_is_respawned_and_the_other_keeps_answering(server):
 def test_a_model_stuck_in_one_forward_fails_livez(tmp_path):
     # A forward that never returned left /livez green and every later request 504 for good (explorer N5): an
     # orchestrator never restarted the pod. Past 10 x REQUEST_TIMEOUT_S on one batch, /livez says so.
-    with serving(env(tmp_path, REQUEST_TIMEOUT_S="1"), tmp_path) as server:
+    # One API worker: it has seen the runner ready (the fixture waits for /readyz), which /livez asks of it first.
+    with serving(env(tmp_path, REQUEST_TIMEOUT_S="1", API_WORKERS="1"), tmp_path) as server:
         live = server.get("/livez")
         assert (live.status_code, live.json()) == (200, {"live": True})
         caller = threading.Thread(target=post, args=(server, sleeping(40.0)), kwargs={"timeout": 60}, daemon=True)
