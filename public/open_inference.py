@@ -314,19 +314,22 @@ def _contract_data(tensor: Any, binary: bytes, max_elements: int) -> dict[str, A
     if "shared_memory_region" in parameters:
         raise ProtocolError(400, "inputs[0].parameters.shared_memory_region: shared memory is not supported")
     size = parameters.get("binary_data_size")
+    data = tensor.get("data")  # null is no data, as an absent key
     if size is not None:
-        if "data" in tensor:
+        if data is not None:
             raise ProtocolError(400, "inputs[0]: give either 'data' or parameters.binary_data_size, not both")
         values = _from_bytes(binary, size, datatype, shape)
     else:
         if binary:
             raise ProtocolError(400, f"{len(binary)} bytes of binary data follow the JSON but no input claims them")
-        if "data" not in tensor:
+        if data is None:
             raise ProtocolError(400, "inputs[0].data: missing")
-        values = tensor["data"]
-        if not isinstance(values, list):
-            values = [values]  # a scalar tensor's one element may be given bare
-        elif values and isinstance(values[0], list):
+        if not isinstance(data, list):  # Triton refuses a bare number too, even for a tensor of one element
+            raise ProtocolError(
+                400, f"inputs[0].data: expected an array of the tensor's elements (row-major), got {json_type(data)}"
+            )
+        values = data
+        if values and isinstance(values[0], list):
             # The protocol's data is the tensor's elements in row-major order, flat or nested; `shape` alone says
             # the tensor's shape (Triton reads nested data the same way).
             values = _row_major(values)
@@ -337,6 +340,12 @@ def _from_bytes(binary: bytes, size: Any, datatype: str, shape: list[int]) -> li
     where = "inputs[0].parameters.binary_data_size"
     if type(size) is not int or size < 0:
         raise ProtocolError(400, f"{where}: expected a non-negative integer")
+    if size and not binary:
+        raise ProtocolError(
+            400,
+            f"{where}: {size} bytes claimed, but no binary data follows the JSON: send the tensor's bytes after the "
+            "JSON, and the JSON's length in the Inference-Header-Content-Length header",
+        )
     if size != len(binary):
         raise ProtocolError(400, f"{where}: {size} bytes claimed, {len(binary)} bytes follow the JSON header")
     wire = _WIRE[datatype]
