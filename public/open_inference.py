@@ -59,6 +59,19 @@ _WIRE: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
+# Answers whose values keep their own unsigned dtype (workflows/tensors.py encode: named int or long) are answered in
+# the protocol's datatype of that dtype, which it has and the contract's vocabulary lacks.
+_OWN_DATATYPES: dict[np.dtype, str] = {
+    np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32",
+    np.dtype(np.uint64): "UINT64",
+}
+_OUTPUT_WIRE: dict[str, np.dtype] = {
+    **_WIRE,
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+}
 # The service has one model and no versions of it; "1" is what Triton calls the only version of a model.
 MODEL_VERSION = "1"
 INPUT_NAME = "input_0"
@@ -426,6 +439,7 @@ def _output(name: str, tensor: dict[str, Any], binary: bool) -> tuple[dict[str, 
         )
     shape = [int(n) for n in tensor["shape"]]
     values = np.asarray(tensor["values"]).reshape(-1)
+    datatype = _OWN_DATATYPES.get(values.dtype, datatype)
     output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
     if not binary:
         output["data"] = np.ascontiguousarray(values)
@@ -433,7 +447,7 @@ def _output(name: str, tensor: dict[str, Any], binary: bool) -> tuple[dict[str, 
     if datatype == "BF16":  # the contract carries bfloat16 values as float32, which holds each one exactly
         chunk = (values.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
     else:
-        chunk = values.astype(_WIRE[datatype]).tobytes()
+        chunk = values.astype(_OUTPUT_WIRE[datatype]).tobytes()
     output["parameters"] = {"binary_data_size": len(chunk)}
     return output, chunk
 

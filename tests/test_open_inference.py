@@ -279,6 +279,25 @@ def test_binary_answers_read_back_with_tritonclient(contract_dtype, values):
     np.testing.assert_array_equal(result.as_numpy("output_0"), np.array(values))
 
 
+@pytest.mark.parametrize(
+    "dtype, datatype, values",
+    [
+        (torch.uint16, "UINT16", [0, 65535]),
+        (torch.uint32, "UINT32", [1, 2**32 - 1]),
+        (torch.uint64, "UINT64", [2, 2**63 - 1]),
+    ],
+)
+def test_unsigned_outputs_answer_in_their_own_datatype(dtype, datatype, values):
+    # The contract's vocabulary names them int or long; the protocol has their own datatypes (explorer P7).
+    array = tensors.encode(torch.tensor(values, dtype=dtype))
+    read = read_request(request(parameters={"binary_data_output": True}), b"", MAX_ELEMENTS)
+    response, binary = answer(array, read, "m")
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    result = triton.InferResult.from_response_body(header + binary, header_length=len(header))
+    assert result.get_output("output_0")["datatype"] == datatype
+    assert result.as_numpy("output_0").tolist() == values
+
+
 def test_bfloat16_answers_as_bf16_in_json_and_binary():
     array = tensors.encode(torch.tensor([1.0, -0.5, 3.140625], dtype=torch.bfloat16))
     response, _ = answer(array, read_request(request(), b"", MAX_ELEMENTS), "m")
