@@ -9,7 +9,7 @@ from enum import IntEnum
 from http import HTTPStatus
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 DTYPE_NAMES = (
     "float", "double", "cfloat", "cdouble", "half", "bfloat16",
@@ -72,17 +72,30 @@ class InfernetInput(BaseModel):
                 raise ValueError("hex string has an odd number of digits")
         return value
 
-    @model_validator(mode="after")
-    def _check(self) -> InfernetInput:
-        if self.source == Source.CHAIN and not isinstance(self.data, str):
-            raise ValueError("data: CHAIN source needs a hex string")
-        if self.source == Source.OFFCHAIN and not isinstance(self.data, dict):
-            raise ValueError("data: OFFCHAIN source needs a JSON object")
-        if self.requires_proof:
+    # Field validators, not a model validator: each refusal's `errors` entry names its field in `loc`.
+    @field_validator("data")
+    @classmethod
+    def _data_fits_source(cls, value: Any, info: ValidationInfo) -> Any:
+        source = info.data.get("source")  # absent when the source itself was refused
+        if source == Source.CHAIN and not isinstance(value, str):
+            raise ValueError("CHAIN source needs a hex string")
+        if source == Source.OFFCHAIN and not isinstance(value, dict):
+            raise ValueError("OFFCHAIN source needs a JSON object")
+        return value
+
+    @field_validator("destination")
+    @classmethod
+    def _no_stream(cls, value: Destination) -> Destination:
+        if value == Destination.STREAM:
+            raise ValueError("STREAM (2) is not supported; use 0 (CHAIN) or 1 (OFFCHAIN)")
+        return value
+
+    @field_validator("requires_proof")
+    @classmethod
+    def _no_proofs(cls, value: bool) -> bool:
+        if value:
             raise ValueError(PROOFS_NOT_SUPPORTED)
-        if self.destination == Destination.STREAM:
-            raise ValueError("destination: STREAM (2) is not supported; use 0 (CHAIN) or 1 (OFFCHAIN)")
-        return self
+        return value
 
 
 def too_many_dimensions(rank: int) -> str:

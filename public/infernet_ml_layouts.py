@@ -135,6 +135,8 @@ V2_CODE_OF = {
     "cdouble": 14,
     "bool": 15,
 }
+# Answers whose values keep their own unsigned dtype (workflows/tensors.py encode: named int or long) take its code.
+_OWN_V2_CODE = {np.dtype(np.uint16): 10, np.dtype(np.uint32): 11, np.dtype(np.uint64): 12}
 _UNSIGNED_V2 = {10: 2**16 - 1, 11: 2**32 - 1, 12: 2**64 - 1}  # the declared maximum of each widened unsigned code
 _WIDENED_V2 = (3, 4, 10, 11, 12)  # codes whose values reach the model in a wider dtype of ours
 _INTEGER_NUMPY = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": np.int32, "long": np.int64}
@@ -286,11 +288,19 @@ def ours_to_vector_v2(answer: dict[str, Any]) -> dict[str, Any]:
         raise LayoutError(f"output: dtype {name!r} has no 2.0 dtype code")
     values = np.asarray(answer["values"])
     flat = values.reshape(-1, 2) if name in _COMPLEX else values.reshape(-1)
-    if name in _INTEGER_NUMPY and flat.dtype != _INTEGER_NUMPY[name]:
+    code = answer_code_v2(name, values)
+    if code == V2_CODE_OF[name] and name in _INTEGER_NUMPY and flat.dtype != _INTEGER_NUMPY[name]:
         _check_integers(name, flat)
     if isinstance(answer["values"], list):
         flat = flat.tolist()
-    return {"dtype": V2_CODE_OF[name], "shape": list(answer["shape"]), "values": flat}
+    return {"dtype": code, "shape": list(answer["shape"]), "values": flat}
+
+
+def answer_code_v2(name: str, values: Any) -> int:
+    """The 2.0 code of an answer: its values' own dtype's when 2.0 has one our vocabulary lacks (uint16, uint32,
+    uint64: the tensor encoder keeps them), else its name's. ``name`` must have a code (V2_CODE_OF)."""
+    own = _OWN_V2_CODE.get(values.dtype) if isinstance(values, np.ndarray) else None
+    return V2_CODE_OF[name] if own is None else own
 
 
 def _check_integers(name: str, flat: np.ndarray) -> None:
@@ -451,7 +461,7 @@ def encode_vector_v2(name: str, shape: Any, values: Any, fixed_point: bool = Fal
         return _encode(
             ["uint8", "uint8", "uint8", "uint16[]", "int128[]"], [1, decimals, _FIXED_POINT_CODE, dims, words]
         )
-    code = V2_CODE_OF[name]
+    code = answer_code_v2(name, flat)
     if code in _FLOAT_V2:
         words = np.asarray(flat, dtype=_FLOAT_V2[code]).view(_INT_VIEW_V2[code]).tolist()
     else:
@@ -626,13 +636,17 @@ def _complex_values(words: tuple[int, ...], name: str) -> list[list[float]]:
 def _fixed(value: Any, decimals: int, bounds: tuple[int, int], name: str = "") -> int:
     if isinstance(value, (bool, int)):
         fixed = int(value) * 10**decimals
+        shown = str(int(value))
     else:
+        decimal = shortest_decimal(value, name)
+        # Python's float text of that decimal, as the OFFCHAIN answer writes a float: not numpy's float64 widening
+        shown = repr(float(decimal))
         try:
-            fixed = int(shortest_decimal(value, name).scaleb(decimals).to_integral_value())
+            fixed = int(decimal.scaleb(decimals).to_integral_value())
         except (InvalidOperation, OverflowError, ValueError):
-            raise LayoutError(f"output: {value} has no fixed-point form (not a finite number)") from None
+            raise LayoutError(f"output: {shown} has no fixed-point form (not a finite number)") from None
     if not bounds[0] <= fixed <= bounds[1]:
-        raise LayoutError(f"output: {value} times 10**{decimals} does not fit int128")
+        raise LayoutError(f"output: {shown} times 10**{decimals} does not fit int128")
     return fixed
 
 

@@ -59,6 +59,19 @@ _WIRE: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
+# Answers whose values keep their own unsigned dtype (workflows/tensors.py encode: named int or long) are answered in
+# the protocol's datatype of that dtype, which it has and the contract's vocabulary lacks.
+_OWN_DATATYPES: dict[np.dtype, str] = {
+    np.dtype(np.uint16): "UINT16",
+    np.dtype(np.uint32): "UINT32",
+    np.dtype(np.uint64): "UINT64",
+}
+_OUTPUT_WIRE: dict[str, np.dtype] = {
+    **_WIRE,
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+}
 # The service has one model and no versions of it; "1" is what Triton calls the only version of a model.
 MODEL_VERSION = "1"
 INPUT_NAME = "input_0"
@@ -314,19 +327,22 @@ def _contract_data(tensor: Any, binary: bytes, max_elements: int) -> dict[str, A
     if "shared_memory_region" in parameters:
         raise ProtocolError(400, "inputs[0].parameters.shared_memory_region: shared memory is not supported")
     size = parameters.get("binary_data_size")
+    data = tensor.get("data")  # null is no data, as an absent key
     if size is not None:
-        if "data" in tensor:
+        if data is not None:
             raise ProtocolError(400, "inputs[0]: give either 'data' or parameters.binary_data_size, not both")
         values = _from_bytes(binary, size, datatype, shape)
     else:
         if binary:
             raise ProtocolError(400, f"{len(binary)} bytes of binary data follow the JSON but no input claims them")
-        if "data" not in tensor:
+        if data is None:
             raise ProtocolError(400, "inputs[0].data: missing")
-        values = tensor["data"]
-        if not isinstance(values, list):
-            values = [values]  # a scalar tensor's one element may be given bare
-        elif values and isinstance(values[0], list):
+        if not isinstance(data, list):  # Triton refuses a bare number too, even for a tensor of one element
+            raise ProtocolError(
+                400, f"inputs[0].data: expected an array of the tensor's elements (row-major), got {json_type(data)}"
+            )
+        values = data
+        if values and isinstance(values[0], list):
             # The protocol's data is the tensor's elements in row-major order, flat or nested; `shape` alone says
             # the tensor's shape (Triton reads nested data the same way).
             values = _row_major(values)
@@ -337,6 +353,12 @@ def _from_bytes(binary: bytes, size: Any, datatype: str, shape: list[int]) -> li
     where = "inputs[0].parameters.binary_data_size"
     if type(size) is not int or size < 0:
         raise ProtocolError(400, f"{where}: expected a non-negative integer")
+    if size and not binary:
+        raise ProtocolError(
+            400,
+            f"{where}: {size} bytes claimed, but no binary data follows the JSON: send the tensor's bytes after the "
+            "JSON, and the JSON's length in the Inference-Header-Content-Length header",
+        )
     if size != len(binary):
         raise ProtocolError(400, f"{where}: {size} bytes claimed, {len(binary)} bytes follow the JSON header")
     wire = _WIRE[datatype]
@@ -417,6 +439,7 @@ def _output(name: str, tensor: dict[str, Any], binary: bool) -> tuple[dict[str, 
         )
     shape = [int(n) for n in tensor["shape"]]
     values = np.asarray(tensor["values"]).reshape(-1)
+    datatype = _OWN_DATATYPES.get(values.dtype, datatype)
     output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
     if not binary:
         output["data"] = np.ascontiguousarray(values)
@@ -424,7 +447,7 @@ def _output(name: str, tensor: dict[str, Any], binary: bool) -> tuple[dict[str, 
     if datatype == "BF16":  # the contract carries bfloat16 values as float32, which holds each one exactly
         chunk = (values.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
     else:
-        chunk = values.astype(_WIRE[datatype]).tobytes()
+        chunk = values.astype(_OUTPUT_WIRE[datatype]).tobytes()
     output["parameters"] = {"binary_data_size": len(chunk)}
     return output, chunk
 

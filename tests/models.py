@@ -39,8 +39,8 @@ def save(model: torch.nn.Module, path: Path, kind: str, example: torch.Tensor) -
 
 class Outputs(torch.nn.Module):
     """y = x * w, w = 1 (float32): one tensor, except for rows of 3 features (a tuple of two tensors), 5 (a dict of
-    two), 6 (a dict with integer keys) and 7 (a sparse tensor), and SystemExit for rows of 8 holding 13, so one
-    server answers every kind of output. Saved as a pickle: TorchScript fixes one return type."""
+    two), 6 (a dict with integer keys), 7 (a sparse tensor) and 9 (a dtype of ``WIDENED``), and SystemExit for rows of
+    8 holding 13, so one server answers every kind of output. Saved as a pickle: TorchScript fixes one return type."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,7 +58,12 @@ class Outputs(torch.nn.Module):
             return y.to_sparse()
         if x.shape[-1] == 8 and bool((x == 13).any()):
             raise SystemExit(13)  # not an Exception: it failed every request of its batch
+        if x.shape[-1] == 9:  # a dtype outside the contract's vocabulary, chosen by the first value
+            return y.to(Outputs.WIDENED[int(x.flatten()[0])])
         return y
+
+    # Rows of 9 features starting with i answer WIDENED[i] (bfloat16 is in the vocabulary, but 2.0 lacks it).
+    WIDENED = (torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.complex32, torch.bfloat16)
 
 
 class Sleepy(torch.nn.Module):

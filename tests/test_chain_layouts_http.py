@@ -191,3 +191,61 @@ def test_a_model_that_raises_systemexit_fails_only_its_own_request(server):
             else:
                 assert response.status_code == 200, response.text
                 assert response.json()["values"] == [[i + 0.5] * 8]
+
+
+# Explorer P7: a dtype outside the vocabulary is answered as the narrowest vocabulary dtype that holds every value
+# exactly, in every layout; a layout with a code of the output's own dtype (2.0, the protocol) answers in that.
+
+WIDENED_ROWS = {
+    "uint16": [0, 7, 65535, 0, 1, 2, 3, 4, 5],
+    "uint32": [1, 7, 65535, 70000, 2**24, 2, 3, 4, 5],
+    "uint64": [2, 7, 65535, 70000, 2**24, 2, 3, 4, 5],
+    "float8_e4m3fn": [3, 0.1015625, 448, 0, 1, 2, 0.5, -1, 240],  # each one a float8 value
+    "complex32": [4, 0.5, -2, 0, 1, 2, 3, 65504, 0.25],
+}
+# own dtype -> (today's and 1.x's name, 2.0 code, the protocol's datatype or None)
+WIDENED_AS = {
+    "uint16": ("int", 10, "UINT16"),
+    "uint32": ("long", 11, "UINT32"),
+    "uint64": ("long", 12, "UINT64"),
+    "float8_e4m3fn": ("half", 0, "FP16"),
+    "complex32": ("cfloat", 13, None),
+}
+V2_WORDS = {10: "uint16", 11: "uint32", 12: "uint64", 0: "int16", 13: "uint64"}
+
+
+@pytest.mark.parametrize("own", list(WIDENED_ROWS))
+def test_a_dtype_outside_the_vocabulary_is_widened_alike_in_every_layout(server, own):
+    row = WIDENED_ROWS[own]
+    name, code, datatype = WIDENED_AS[own]
+    values = [[v, 0.0] for v in row] if name == "cfloat" else row
+    for data in ({"dtype": "float", "values": [row]}, {"input": {"dtype": "float", "shape": [1, 9], "values": [row]}}):
+        response = server.post({"source": 1, "data": data})  # today's form and 1.x's envelope
+        assert response.status_code == 200, response.text
+        assert response.json() == {"dtype": name, "shape": [1, 9], "values": [values]}
+    response = server.post({"source": 1, "data": {"dtype": 1, "shape": [1, 9], "values": row}})  # 2.0
+    assert response.status_code == 200, response.text
+    assert response.json() == {"dtype": code, "shape": [1, 9], "values": values}
+    response = chain(server, v2_hex(row))
+    assert response.status_code == 200, response.text
+    types = ["uint8", "uint8", "uint8", "uint16[]", f"{V2_WORDS[code]}[]"]
+    arithmetic, _, written_code, shape, words = decode(types, bytes.fromhex(response.json()["raw_output"]))
+    assert (arithmetic, written_code, list(shape)) == (0, code, [1, 9])
+    if own.startswith("uint"):
+        assert list(words) == row
+    v2 = {"inputs": [{"name": "x", "shape": [1, 9], "datatype": "FP32", "data": row}]}
+    response = requests.post(f"{server.url}/v2/models/model/infer", json=v2, timeout=30)
+    if datatype is None:
+        assert response.status_code == 422, response.text
+    else:
+        assert response.status_code == 200, response.text
+        [output] = response.json()["outputs"]
+        assert output["datatype"] == datatype and output["data"] == row
+
+
+def test_a_fixed_point_overflow_names_the_value_in_its_own_dtype(server):
+    # bfloat16 3.3e38 widened to float64 is 3.2964854295465914e+38; the fixed-point value is its shortest decimal
+    row = [5, 3.3e38, 0, 0, 0, 0, 0, 0, 0]
+    data = {"input": {"dtype": 1, "shape": [1, 9], "values": row}, "output_arithmetic": "fixed_point"}
+    body = assert_contract_error(server.post({"source": 1, "destination": 0, "data": data}), 422)
+    assert body["description"].endswith("output: 3.3e+38 times 10**18 does not fit int128"), body

@@ -50,6 +50,21 @@ def test_validation_errors_list_locations():
     assert {tuple(e["loc"]) for e in refused.value.errors} == {("source",), ("data",)}
 
 
+@pytest.mark.parametrize(
+    "body, loc",
+    [
+        ({"source": 1, "data": {}, "destination": 2}, ("destination",)),  # it had "loc": [] (explorer P8)
+        ({"source": 1, "data": {}, "requires_proof": True}, ("requires_proof",)),
+        ({"source": 0, "data": {"a": 1}}, ("data",)),
+        ({"source": 1, "data": "00ff"}, ("data",)),
+    ],
+)
+def test_refusals_of_a_field_name_it_in_loc(body, loc):
+    with pytest.raises(RequestError) as refused:
+        parse_input(body)
+    assert [tuple(e["loc"]) for e in refused.value.errors] == [loc]
+
+
 def test_error_body_has_string_code():
     assert error_body(413, "too big") == {"code": "413", "name": "Request Entity Too Large", "description": "too big"}
     assert error_body(400, "x", [{"loc": ["a"], "msg": "m"}])["errors"] == [{"loc": ["a"], "msg": "m"}]

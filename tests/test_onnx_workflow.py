@@ -105,6 +105,17 @@ def row_mixing_onnx(path: Path, centre: bool = False) -> Path:
     return save(graph, path)
 
 
+def square_onnx(path: Path) -> Path:
+    """x [n, n] float -> y = x (Identity): one input naming one dimension twice."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "square",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "n"])],
+    )
+    return save(graph, path)
+
+
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("onnx-models")
@@ -114,6 +125,7 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "two": two_input_onnx(folder / "two.onnx"),
         "mixing": row_mixing_onnx(folder / "mixing.onnx"),
         "centring": row_mixing_onnx(folder / "centring.onnx", centre=True),
+        "square": square_onnx(folder / "square.onnx"),
     }
 
 
@@ -222,6 +234,10 @@ def test_two_inputs_by_name_answer_each_output_by_name(onnx_models, tmp_path):
             },
             ["inputs.b.values[0][1]: 2.5 does not fit long"],
         ),
+        (  # both declared [n, 3]: onnxruntime would broadcast a's one row onto b's two (explorer P4)
+            {"a": [[1, 2, 3]], "b": [[1, 2, 3], [4, 5, 6]]},
+            ["data: inputs 'a' and 'b' differ in the model's dimension 'n' (1 in 'a', 2 in 'b')", "'a' float [n, 3]"],
+        ),
         ({"a": [[1, 2, 3]], "b": [[1, True, 3]]}, ["b[0][1]: long expects numbers, got true"]),
         ({"a": [[1, 2, 3]], "b": [[1, 2.5, 3]]}, ["b[0][1]: long expects integers, got 2.5"]),
         ({"dtype": "float", "values": [[1, 2, 3]]}, ["the model takes 2 inputs", "'b' long [n, 3]"]),
@@ -237,6 +253,14 @@ def test_malformed_requests_name_what_the_model_expects(onnx_models, tmp_path, d
         workflow.preprocess(data)
     for fragment in fragments:
         assert fragment in str(raised.value)
+
+
+def test_one_input_naming_a_dimension_twice_must_be_square(onnx_models, tmp_path):
+    workflow = build(onnx_models["square"], tmp_path)
+    # The contract's single tensor: the form /v2 requests reach the workflow in.
+    assert answer(workflow, {"dtype": "float", "values": [[1, 2], [3, 4]]})["values"] == [[1, 2], [3, 4]]
+    with pytest.raises(InputError, match=r"data: input 'x' differs in the model's dimension 'n' \(1 and 2\)"):
+        workflow.preprocess({"dtype": "float", "values": [[1, 2]]})
 
 
 def test_a_fixed_first_dimension_runs_alone(onnx_models, tmp_path):
@@ -395,6 +419,12 @@ def test_served_two_input_model_by_the_original_class_path(onnx_models, tmp_path
         }
         response = server.post(offchain({"a": [[1, 2, 3]]}))
         assert response.status_code == 400 and "missing input 'b'" in response.json()["description"]
+        # a and b share the declared first dimension n: one row and two rows was answered 200, broadcast (explorer P4)
+        response = server.post(offchain({"a": [[1, 2, 3]], "b": [[4, 5, 6], [7, 8, 9]]}))
+        assert response.status_code == 400, response.text
+        assert response.json()["description"].startswith(
+            "data: inputs 'a' and 'b' differ in the model's dimension 'n' (1 in 'a', 2 in 'b'), which must be one size"
+        )
 
 
 def test_the_start_up_log_names_the_onnx_workflow_for_an_onnx_file(onnx_models, capsys):

@@ -140,6 +140,23 @@ def test_tritonclients_binary_request_body_is_read():
         (request() | {"parameters": {"binary_data_output": "yes"}}, b"", "binary_data_output: expected true or false"),
         (request(), b"\x00\x01", "2 bytes of binary data follow the JSON but no input claims them"),
         ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}]}, b"", "inputs[0].data: missing"),
+        # A bare number was taken as a one-element array (explorer P8); Triton refuses it
+        (
+            request(data=5, shape=(1,)),
+            b"",
+            "inputs[0].data: expected an array of the tensor's elements (row-major), got a number",
+        ),
+        ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": None}]}, b"", "inputs[0].data: missing"),
+        (  # it said "give either 'data' or parameters.binary_data_size, not both": the bytes are what is missing
+            {
+                "inputs": [
+                    {"name": "x", "shape": [2], "datatype": "FP32", "data": None, "parameters": {"binary_data_size": 8}}
+                ]
+            },
+            b"",
+            "binary_data_size: 8 bytes claimed, but no binary data follows the JSON: send the tensor's bytes after the "
+            "JSON, and the JSON's length in the Inference-Header-Content-Length header",
+        ),
         (
             {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
             b"\x00" * 4,
@@ -260,6 +277,25 @@ def test_binary_answers_read_back_with_tritonclient(contract_dtype, values):
     result = triton.InferResult.from_response_body(header + binary, header_length=len(header))
     assert result.get_output("output_0")["parameters"]["binary_data_size"] == len(binary)
     np.testing.assert_array_equal(result.as_numpy("output_0"), np.array(values))
+
+
+@pytest.mark.parametrize(
+    "dtype, datatype, values",
+    [
+        (torch.uint16, "UINT16", [0, 65535]),
+        (torch.uint32, "UINT32", [1, 2**32 - 1]),
+        (torch.uint64, "UINT64", [2, 2**63 - 1]),
+    ],
+)
+def test_unsigned_outputs_answer_in_their_own_datatype(dtype, datatype, values):
+    # The contract's vocabulary names them int or long; the protocol has their own datatypes (explorer P7).
+    array = tensors.encode(torch.tensor(values, dtype=dtype))
+    read = read_request(request(parameters={"binary_data_output": True}), b"", MAX_ELEMENTS)
+    response, binary = answer(array, read, "m")
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    result = triton.InferResult.from_response_body(header + binary, header_length=len(header))
+    assert result.get_output("output_0")["datatype"] == datatype
+    assert result.as_numpy("output_0").tolist() == values
 
 
 def test_bfloat16_answers_as_bf16_in_json_and_binary():
@@ -414,6 +450,11 @@ def test_v2_errors_are_the_protocols_json(iris_server):
             requests.post(url, json=request("FP64", data=[1.0, 2.0, 3.0], shape=(1, 4)), timeout=30),
             400,
             "inputs[0].shape: [1, 4] holds 4 elements but data has 3",
+        ),
+        (  # a bare number was answered 200 (explorer P8)
+            requests.post(url, json=request("FP32", data=5, shape=(1,)), timeout=30),
+            400,
+            "inputs[0].data: expected an array of the tensor's elements (row-major), got a number",
         ),
         (
             requests.post(url, data=b"{}", headers={"Content-Encoding": "br"}, timeout=30),

@@ -191,6 +191,12 @@ def test_error_table(public, body, status, fragment):
 def test_validation_errors_carry_locations(public):
     body = assert_error(public.post({"source": 7, "data": 3}), 400)
     assert {tuple(e["loc"]) for e in body["errors"]} == {("source",), ("data",)}
+    # The STREAM refusal named no field (explorer P8)
+    body = assert_error(public.post({"source": 1, "data": {}, "destination": 2}), 400)
+    assert body["errors"] == [
+        {"loc": ["destination"], "msg": "STREAM (2) is not supported; use 0 (CHAIN) or 1 (OFFCHAIN)"}
+    ]
+    assert body["description"] == "destination: STREAM (2) is not supported; use 0 (CHAIN) or 1 (OFFCHAIN)"
 
 
 def test_unknown_routes_and_methods_are_json_with_allow(public):

@@ -8,7 +8,7 @@ import torch
 
 from core.errors import InputError, ModelError
 from core.terms import DTYPE_NAMES
-from workflows.tensors import DTYPES, cast_to_model, decode, encode, encode_output
+from workflows.tensors import DTYPES, cast_to_model, decode, encode, encode_output, widened_name
 
 SAMPLES = {
     "float": [[1.5, -2.0], [0.25, 3.0]],
@@ -144,9 +144,32 @@ def test_non_finite_outputs_stay_non_finite_for_the_writer():
     assert values[0] == 1.0 and math.isnan(values[1]) and math.isinf(values[2])
 
 
-def test_unusual_output_dtypes_are_written_in_the_vocabulary():
-    assert encode(torch.tensor([1, 2], dtype=torch.uint16))["dtype"] == "long"
-    assert encode(torch.tensor([1.0], dtype=torch.float8_e4m3fn))["dtype"] == "double"
+@pytest.mark.parametrize(
+    "dtype, name",
+    [
+        # The narrowest vocabulary dtype that holds every value (explorer P7: float8 was double, complex32 cdouble).
+        (torch.uint16, "int"),
+        (torch.uint32, "long"),
+        (torch.uint64, "long"),
+        (torch.float8_e4m3fn, "half"),
+        (torch.float8_e5m2, "half"),
+        (torch.float8_e4m3fnuz, "half"),
+        (torch.float8_e5m2fnuz, "half"),
+        (torch.float8_e8m0fnu, "bfloat16"),  # exponents to 2**127: beyond half
+        (torch.complex32, "cfloat"),
+    ],
+)
+def test_unusual_output_dtypes_are_written_as_the_narrowest_vocabulary_dtype_holding_them(dtype, name):
+    assert widened_name(dtype) == name
+    source = torch.tensor([0.5, 2.0, 4.0]).to(dtype) if dtype.is_floating_point or dtype.is_complex else None
+    tensor = torch.tensor([0, 1, 255], dtype=dtype) if source is None else source
+    encoded = encode(tensor)
+    assert encoded["dtype"] == name
+    assert decode({**encoded, "values": encoded["values"].tolist()}).to(tensor.dtype).tolist() == tensor.tolist()
+
+
+def test_dtypes_torch_cannot_describe_widen_to_the_widest_of_their_kind():
+    assert widened_name(torch.float4_e2m1fn_x2) == "double" and widened_name(torch.uint3) == "long"
 
 
 def test_structured_outputs_encode_each_tensor():

@@ -311,7 +311,27 @@ class ONNXInferenceWorkflow(
         total = sum(tensor.numel() for tensor, _, _ in decoded.values())
         if total > self.max_elements:
             raise InputError(f"data: {total} elements exceed the limit of {self.max_elements} per request")
-        return {port.name: self._fit(port, *decoded[port.name]) for port in self.inputs}
+        arrays = {port.name: self._fit(port, *decoded[port.name]) for port in self.inputs}
+        self._check_shared_dimensions(arrays)
+        return arrays
+
+    def _check_shared_dimensions(self, arrays: dict[str, np.ndarray]) -> None:
+        """A dimension the model names (``n`` in ``a [n, 4]`` and ``b [n, 2]``) is one size in every input that
+        names it: onnxruntime does not check it, and broadcasting would answer each input's rows mixed up."""
+        seen: dict[str, tuple[int, str]] = {}
+        for port in self.inputs:
+            for dim, size in zip(port.shape or [], arrays[port.name].shape):
+                if not isinstance(dim, str):
+                    continue
+                known, named_by = seen.setdefault(dim, (size, port.name))
+                if known != size:
+                    alone = named_by == port.name  # [n, n]: one input's own axes
+                    who = f"input {port.name!r} differs" if alone else f"inputs {named_by!r} and {port.name!r} differ"
+                    sizes = f"{known} and {size}" if alone else f"{known} in {named_by!r}, {size} in {port.name!r}"
+                    raise InputError(
+                        f"data: {who} in the model's dimension {dim!r} ({sizes}), which must be one size; the "
+                        f"model's inputs: {self._signature()}"
+                    )
 
     def _port(self, name: Any, label: str) -> _Port:
         port = self.by_name.get(name)

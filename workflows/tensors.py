@@ -42,6 +42,10 @@ _LARGEST: dict[torch.dtype, float] = {
 }
 
 _INTEGER = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": np.int32, "long": np.int64}
+_INTEGER_RANGE = {name: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for name, t in _INTEGER.items()}
+_WIDER_FLOATS = ("half", "bfloat16", "float", "double")  # narrowest first
+# Unsigned output dtypes beyond uint8: answered under the name of a wider signed dtype, values in their own dtype.
+KEPT_UNSIGNED = frozenset({torch.uint16, torch.uint32, torch.uint64})
 _COMPLEX = {"cfloat", "cdouble"}
 _FLOAT = {"float": np.float32, "double": np.float64, "half": np.float16}
 _MAX_DEPTH = MAX_RANK  # nested values and a `shape` alike
@@ -135,11 +139,15 @@ def encode(tensor: torch.Tensor) -> dict[str, Any]:
                 f"{MAX_DENSE_OUTPUT} to send"
             )
         tensor = tensor.to_dense()
-    name = NAMES.get(tensor.dtype) or _nearest_name(tensor.dtype)
+    name = NAMES.get(tensor.dtype) or widened_name(tensor.dtype)
     if name == "long" and not tensor.is_signed() and tensor.numel():
         largest = tensor.numpy().max()  # uint64 would wrap to a negative long
         if largest > _LONG_MAX:
             raise ModelError(f"output: {largest} ({tensor.dtype}) does not fit long, the widest integer dtype")
+    if tensor.dtype in KEPT_UNSIGNED:
+        # The values keep their own dtype: the layouts with a code for it (2.0's uint16/32/64, the protocol's
+        # UINT16/32/64) answer in it; the others read the name, the narrowest that holds every value.
+        return {"dtype": name, "shape": list(tensor.shape), "values": np.ascontiguousarray(tensor.numpy())}
     tensor = tensor.to(DTYPES[name])
     if name == "bfloat16":
         array = tensor.float().numpy()  # numpy has no bfloat16; float32 holds every value exactly
@@ -161,12 +169,37 @@ def encode_output(output: Any) -> Any:
     return output
 
 
-def _nearest_name(dtype: torch.dtype) -> str:
+def widened_name(dtype: torch.dtype) -> str:
+    """The vocabulary's name for an output dtype outside it: the narrowest dtype of its kind that holds every value of
+    ``dtype`` exactly (float8 -> half, float8_e8m0fnu -> bfloat16, complex32 -> cfloat, uint16 -> int, uint32 and
+    uint64 -> long); the widest of its kind for a dtype torch cannot describe. Pure; raises nothing."""
+    widest = "cdouble" if dtype.is_complex else "double" if dtype.is_floating_point else "long"
+    try:  # packed and sub-byte dtypes (float4_e2m1fn_x2, uint3) have no usable finfo/iinfo
+        if dtype.is_complex or dtype.is_floating_point:
+            own = _limits(torch.finfo(dtype))  # a complex dtype's finfo is its parts'
+        else:
+            info = torch.iinfo(dtype)
+    except (TypeError, NotImplementedError, RuntimeError):
+        return widest
     if dtype.is_complex:
-        return "cdouble"
+        return "cfloat" if _holds(_limits(torch.finfo(torch.float32)), own) else widest
     if dtype.is_floating_point:
-        return "double"
-    return "long"
+        return next((name for name in _WIDER_FLOATS if _holds(_limits(torch.finfo(DTYPES[name])), own)), widest)
+    return next(
+        (name for name in _INTEGER if _INTEGER_RANGE[name][0] <= info.min and info.max <= _INTEGER_RANGE[name][1]),
+        "long",
+    )
+
+
+def _limits(info: torch.finfo) -> tuple[float, float, float]:
+    """(eps, largest, smallest positive) of a floating dtype; the smallest positive is a subnormal, tiny times eps."""
+    return info.eps, info.max, info.tiny * info.eps
+
+
+def _holds(wide: tuple[float, float, float], narrow: tuple[float, float, float]) -> bool:
+    """Whether a floating dtype holds every finite value of another: as many fraction bits (eps), as large a maximum,
+    as small a smallest positive value."""
+    return wide[0] <= narrow[0] and wide[1] >= narrow[1] and wide[2] <= narrow[2]
 
 
 def _numeric_array(values: Any, max_elements: int | None) -> np.ndarray:
