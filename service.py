@@ -17,7 +17,7 @@ from bentoml.validators import ContentType
 from core import bentoml_seam
 from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
-from public import http_protocol
+from public import http_protocol, routes
 from public.app import PublicApp
 from public.openapi import DocumentedService, FastRouteService
 from public.runner_client import RunnerClient, through_bentoml
@@ -172,3 +172,8 @@ class InfernetService:
 
     async def __is_alive__(self) -> bool:  # BentoML's /livez, when the fast path is off
         return await public_app.stuck_model() is None
+
+
+# /livez, /healthz and /readyz in the contract's JSON wherever BentoML's stack serves them (INFERNET_FAST_PATH off,
+# CORS on, /healthz): BentoML's own answer in plain text. The fast path's own routes answer them the same way.
+InfernetService.add_asgi_middleware(routes.HealthRoutes, public=public_app)

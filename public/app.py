@@ -137,7 +137,7 @@ class PublicApp:
             elif path == "/":
                 routes.only_get(method, path)
                 return await routes.docs_page(send)
-            elif path == "/livez":
+            elif path in ("/livez", "/healthz"):  # /healthz: BentoML's other name for /livez
                 routes.only_get(method, path)
                 stuck = await self.stuck_model()
                 if stuck is not None:

@@ -15,7 +15,7 @@ import bentoml
 
 from core import bentoml_seam
 from core.terms import DTYPE_NAMES, InfernetInput, error_body
-from public import SERVICE_NAME, __version__
+from public import SERVICE_NAME, __version__, routes
 from public.app import PublicApp
 
 REF = "#/components/schemas/{model}"
@@ -224,7 +224,9 @@ class FastRouteService(DocumentedService):
         app = super().to_asgi(is_main)  # also applies this service's configuration to BentoML's container
         public = next((mounted for mounted, *_ in self.mount_apps if isinstance(mounted, PublicApp)), None)
         # CORS and middleware added to the service must see every request: then BentoML's stack serves them all.
-        if public is None or self.middlewares or bentoml_seam.cors_enabled():
+        # HealthRoutes (service.py) answers the health routes in that stack; it needs no request but those.
+        added = [cls for cls, _ in self.middlewares if cls is not routes.HealthRoutes]
+        if public is None or added or bentoml_seam.cors_enabled():
             return app
         logged = bentoml_seam.access_log_enabled()
         # /readyz and /livez too: BentoML answers a service still loading, or stuck, with plain text naming its

@@ -25,6 +25,27 @@ ROUTE_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
+class HealthRoutes:
+    """ASGI middleware for BentoML's stack (the public service's ``add_asgi_middleware``): ``/livez``, ``/healthz``
+    and ``/readyz`` answered by the public app (``public``, a ``PublicApp``), as the fast path's own routes answer
+    them. BentoML's routes for them match before the mount and answer in plain text: a service still loading or
+    stuck gets a 503 naming BentoML's internals (``.__is_ready__() returns False``), a healthy one an empty line.
+    Whatever reaches BentoML's stack passes here: every request with INFERNET_FAST_PATH off or CORS on, /healthz
+    on the fast path. On the API worker's event loop; raises nothing of its own."""
+
+    paths = frozenset({"/livez", "/healthz", "/readyz"})
+
+    def __init__(self, app: Any, public: Any) -> None:
+        self.app = app
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            await self.public.serve(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def bentoml_serves(path: str) -> bool:
     """Whether ``path`` is one of BentoML's own routes, which the public app hands back to BentoML."""
     return path in _BENTOML_GET_ROUTES or path.startswith(_BENTOML_STATIC)

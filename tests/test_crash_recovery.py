@@ -172,16 +172,22 @@ def test_killed_api_worker_is_respawned_and_the_other_keeps_answering(server):
 
 
 @pytest.mark.slow
-def test_a_model_stuck_in_one_forward_fails_livez(tmp_path):
+@pytest.mark.parametrize("fast_path", ["1", "0"], ids=["fast-path", "public-path"])
+def test_a_model_stuck_in_one_forward_fails_livez(tmp_path, fast_path):
     # A forward that never returned left /livez green and every later request 504 for good (explorer N5): an
     # orchestrator never restarted the pod. Past 10 x REQUEST_TIMEOUT_S on one batch, /livez says so.
     # One API worker: it has seen the runner ready (the fixture waits for /readyz), which /livez asks of it first.
-    with serving(env(tmp_path, REQUEST_TIMEOUT_S="1", API_WORKERS="1"), tmp_path) as server:
+    # On BentoML's public path (INFERNET_FAST_PATH=0) its /livez said so in plain text (explorer F-i).
+    server_env = env(tmp_path, REQUEST_TIMEOUT_S="1", API_WORKERS="1", INFERNET_FAST_PATH=fast_path)
+    with serving(server_env, tmp_path) as server:
         live = server.get("/livez")
         assert (live.status_code, live.json()) == (200, {"live": True})
         caller = threading.Thread(target=post, args=(server, sleeping(40.0)), kwargs={"timeout": 60}, daemon=True)
         caller.start()
         waited_s = wait_for(lambda: server.get("/livez").status_code == 503, timeout=35)
         assert waited_s >= 9, f"/livez failed after {waited_s:.1f} s, before the model had been busy 10 s"
-        body = assert_contract_error(server.get("/livez"), 503)
-        assert "more than 10 x REQUEST_TIMEOUT_S (10 s)" in body["description"] and "stuck" in body["description"]
+        for path in ("/livez", "/healthz"):  # /healthz: BentoML's other name for /livez
+            dead = server.get(path)
+            body = assert_contract_error(dead, 503)
+            assert "more than 10 x REQUEST_TIMEOUT_S (10 s)" in body["description"] and "stuck" in body["description"]
+            assert dead.headers["retry-after"] == "1"

@@ -100,6 +100,13 @@ def test_with_cors_on_every_route_goes_through_bentoml(tmp_path):
             f"{server.url}/service_output", headers={**origin, "Access-Control-Request-Method": "POST"}, timeout=30
         )
         answer = server.post(GOOD, headers=origin)
+        # BentoML's stack serves every route here, its health routes too: they answered in plain text (explorer F-i).
+        health = {path: server.get(path) for path in ("/readyz", "/livez", "/healthz")}
+    assert {path: (r.status_code, r.headers["content-type"], r.json()) for path, r in health.items()} == {
+        "/readyz": (200, "application/json", {"ready": True}),
+        "/livez": (200, "application/json", {"live": True}),
+        "/healthz": (200, "application/json", {"live": True}),
+    }
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "http://example.com"
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://example.com"

@@ -435,3 +435,17 @@ def test_the_start_up_log_names_the_onnx_workflow_for_an_onnx_file(onnx_models, 
     startup.build(ServiceSettings(workflow_kwargs={"model_path": str(onnx_models["iris"])}))
     [load] = [line for line in startup_lines(capsys.readouterr().err) if line[1] == "load"]
     assert f"workflow={ONNX_CLASS}" in load[4] and "format=onnx" in load[4], load
+
+
+def test_a_failed_load_of_an_onnx_file_names_the_onnx_workflow(tmp_path, capsys):
+    # The load line named the ONNX workflow only once the load had succeeded; a failed one named the torch workflow,
+    # which had handed the file on (explorer P8).
+    from tests.test_startup_progress import startup_lines
+    from workflows import startup
+
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(b"\x08\x07" + bytes(range(256)))
+    with pytest.raises(StartupError, match=r"cannot load damaged\.onnx as ONNX"):
+        startup.build(ServiceSettings(workflow_kwargs={"model_path": str(damaged)}))
+    [load] = [line for line in startup_lines(capsys.readouterr().err) if line[1] == "load"]
+    assert load[2] == "failed" and f"workflow={ONNX_CLASS}" in load[4], load

@@ -27,12 +27,15 @@ def error(response, status):
     return body["description"]
 
 
-def test_custom_workflow_from_env(tmp_path):
+# Both paths: BentoML's public one (INFERNET_FAST_PATH=0) answered the health routes in plain text (explorer F-i).
+@pytest.mark.parametrize("fast_path", ["1", "0"], ids=["fast-path", "public-path"])
+def test_custom_workflow_from_env(tmp_path, fast_path):
     env = {
         "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Toolbox",
         "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": '["hello"]',
         "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"scale": 3, "setup_seconds": 6}),
         "MAX_REQUEST_BYTES": "4096",
+        "INFERNET_FAST_PATH": fast_path,
     }
     server = start(env, tmp_path)
     try:
@@ -45,10 +48,25 @@ def test_custom_workflow_from_env(tmp_path):
             except requests.RequestException:
                 time.sleep(0.2)
         # Not ready: the contract's JSON 503 (BentoML's own was plain text naming `.__is_ready__()`).
-        assert "still loading" in error(requests.get(f"{server.url}/readyz", timeout=15), 503)
+        loading = requests.get(f"{server.url}/readyz", timeout=15)
+        assert "still loading" in error(loading, 503)
+        assert loading.headers["retry-after"] == "1"
         assert "still loading" in error(server.post({"source": 1, "data": {"echo": 1}}), 503)
+        for path in ("/livez", "/healthz"):  # alive while loading; /healthz is BentoML's other name for /livez
+            live = server.get(path)
+            assert (live.status_code, live.headers["content-type"], live.json()) == (
+                200,
+                "application/json",
+                {"live": True},
+            )
 
         wait_ready(server)
+        ready = server.get("/readyz")
+        assert (ready.status_code, ready.headers["content-type"], ready.json()) == (
+            200,
+            "application/json",
+            {"ready": True},
+        )
         response = server.post({"source": 1, "data": {"echo": [1, "two"]}})
         assert response.status_code == 200, response.text
         assert response.json() == {"prefix": "hello", "scale": 3, "echo": [1, "two"]}
@@ -115,6 +133,23 @@ IRIS = "models/iris/model.torch"
         (
             {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "model_name": "Org/repo"})},
             "CLASSIC_INF_WORKFLOW_KW_ARGS: model_path and model_name both name a model; keep one of them",
+        ),
+        # Explorer F-h: the embedded model's built-in (double) warm-up input failed as if the operator had given it.
+        (
+            {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": IRIS, "cast_inputs": False})},
+            "the embedded model's built-in warm-up input (double; no warmup_input was given) failed: RuntimeError: "
+            "mat1 and mat2 must have the same dtype, but got Double and Float; set cast_inputs to true, or give "
+            'CLASSIC_INF_WORKFLOW_KW_ARGS a warmup_input of the requests you will send, e.g. "warmup_input": '
+            '{"dtype":"float","values":[[1.0380048,0.5586108,1.1037828,1.712096]]}',
+        ),
+        # The operator's own warm-up input: the start-up line carried TorchScript's first line, not the reason.
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps(
+                    {"model_path": IRIS, "cast_inputs": False, "warmup_input": {"dtype": "double", "values": [[1] * 4]}}
+                )
+            },
+            "warmup_input: RuntimeError: mat1 and mat2 must have the same dtype, but got Double and Float",
         ),
     ],
 )

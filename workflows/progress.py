@@ -53,7 +53,9 @@ def stage(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
     try:
         yield extra
     except BaseException as e:
-        emit(name, "failed", time.monotonic() - started, **fields, error=type(e).__name__)
+        # What the block found before it failed (the workflow that serves) names the failure too.
+        found = {k: v for k, v in {**fields, **extra}.items() if k != "status"}
+        emit(name, "failed", time.monotonic() - started, **found, error=type(e).__name__)
         raise
     status = extra.pop("status", "ok")
     emit(name, status, time.monotonic() - started, **{**fields, **extra})  # the block's fields win

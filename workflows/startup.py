@@ -123,7 +123,7 @@ def build(settings: ServiceSettings) -> Any:
         except StartupError:
             raise
         except Exception as e:
-            raise StartupError(f"{cls.__name__}.setup() failed: {type(e).__name__}: {e}") from None
+            raise StartupError(f"{type(workflow).__name__}.setup() failed: {type(e).__name__}: {e}") from None
         described = getattr(workflow, "describe", None)
         info = described() if callable(described) else None
         loaded.update({key: info.get(key) for key in ("format", "dtype", "device")} if isinstance(info, dict) else {})

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import orjson
 import torch
 
 from core.errors import StartupError
@@ -74,9 +75,11 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         self.batching = batching
         self.cast_inputs = cast_inputs
         self.max_elements = max_elements or self.settings.max_elements
-        if warmup_input is None and self.spec.path is not None and _same_file(self.spec.path, EMBEDDED_MODEL):
-            warmup_input = EMBEDDED_WARMUP_INPUT
-        self.warmup_input = warmup_input
+        # The embedded model's own warm-up input, unless the operator gave one: its failure must not read as theirs.
+        self.builtin_warmup = (
+            warmup_input is None and self.spec.path is not None and _same_file(self.spec.path, EMBEDDED_MODEL)
+        )
+        self.warmup_input = EMBEDDED_WARMUP_INPUT if self.builtin_warmup else warmup_input
         self.model: Any = None
         self.info: dict[str, Any] = {}
 
@@ -125,7 +128,8 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         initialisation, then (batching on) in a batch with a variant of it (values reversed), which must give each the
         answer it gets alone; when it does not, or the model cannot take the batch, batching is turned off and
         ``describe()`` says why.
-        Raises StartupError when the model fails on the input alone."""
+        Raises StartupError when the model fails on the input alone (saying so when the input was the embedded
+        model's built-in one, not the operator's)."""
         if self.warmup_input is None:
             return False
         try:
@@ -136,7 +140,9 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
                 self.run_model(item)
                 problem, checked_with = None, ""
         except Exception as e:
-            raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
+            if self.builtin_warmup:
+                raise StartupError(self._builtin_warmup_failed(e)) from None
+            raise StartupError(f"warmup_input: {_reason(e)}") from None
         if not self.batching:
             return True
         if self.batch_key(item) is None:
@@ -149,6 +155,20 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             self.batching = False
             self.info["batching"] = {"enabled": False, "checked": True, "reason": f"{problem}; each request runs alone"}
         return True
+
+    def _builtin_warmup_failed(self, error: Exception) -> str:
+        """Why the embedded model's built-in warm-up input failed, and how to get past it: that input is double,
+        which reaches a float model only cast (``cast_inputs``)."""
+        dtype = self.warmup_input["dtype"]
+        model = tensors.NAMES.get(self.model_dtype) if self.model_dtype is not None else None
+        reason = _reason(error)
+        fix = "give CLASSIC_INF_WORKFLOW_KW_ARGS a warmup_input of the requests you will send"
+        if not self.cast_inputs and model is not None and model != dtype:
+            example = orjson.dumps({**self.warmup_input, "dtype": model}).decode()
+            fix = f'set cast_inputs to true, or {fix}, e.g. "warmup_input": {example}'
+        return (
+            f"the embedded model's built-in warm-up input ({dtype}; no warmup_input was given) failed: {reason}; {fix}"
+        )
 
     def describe(self) -> dict[str, Any]:
         """In the runner process. ``gpu`` (None on a CPU) is measured at each call: the runner asks once, when the
@@ -177,6 +197,13 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
                 batch = batch.to(compute)  # on the device: a GPU casts faster than the model thread would
             output = self.model(batch)
             return to_host(output, {compute: own} if compute != own else None)
+
+
+def _reason(error: Exception) -> str:
+    """``error`` in one line for the start-up line: TorchScript's errors carry the script's traceback, whose last
+    line says what went wrong (and names the exception itself)."""
+    last = (str(error).strip().splitlines() or [""])[-1]
+    return last if last.startswith(f"{type(error).__name__}:") else f"{type(error).__name__}: {last}"
 
 
 def _variant(item: torch.Tensor) -> tuple[torch.Tensor, str] | None:
