@@ -104,9 +104,13 @@ class WorkflowRunner:
     # (not BentoML's batchable API: docs/performance.md, section 11). Pre- and post-processing run here, on the
     # event loop, alongside the forward of another batch (section 15).
     @bentoml.api
-    async def infer(self, requests: list[Any]) -> Annotated[list[Any], PICKLED]:  # one Outcome per request
+    async def infer(self, requests: list[Any], alone: bool = False) -> Annotated[list[Any], PICKLED]:
+        # One Outcome per request. ``alone``: an API worker's suspect (public/runner_client.py CrashWatch), run as a
+        # batch of its own.
         with self.drain.working():
             batches = self.batches
+            if alone:
+                return await batches.infer_alone(requests)
             if batches.names_models(requests):
                 return await batches.infer_for_models(requests)
             return batches.postprocess(await batches.submit(batches.preprocess(requests)))
@@ -154,7 +158,11 @@ class InfernetService:
         client = self.runner.to_async
         if FAST_PATH:  # the hot call skips BentoML's client (same address, same wire format): public/runner_client.py
             runner_client = RunnerClient(client.url, client.timeout)
-            infer = lambda requests: runner_client.call("infer", requests=requests)  # noqa: E731
+
+            async def infer(requests: list[Any], alone: bool = False) -> list[Any]:
+                if alone:  # rare (public/runner_client.py CrashWatch): the usual call's bytes stay as they were
+                    return await runner_client.call("infer", requests=requests, alone=True)
+                return await runner_client.call("infer", requests=requests)
         else:
             infer = through_bentoml(client)
         public_app.bind(

@@ -102,6 +102,8 @@ class PublicApp:
         """Connect to the runner; called by the BentoML service in each API worker. ``infer`` sends a list of
         requests' data to the runner and returns their ``Outcome``s in order (one call per group, RunnerCallBatcher)."""
         self._calls = RunnerCallBatcher(infer, max_items=self.settings.max_batch_size)
+        # A poison's death is answered 422, not raised: the runner is restarting all the same, so probe it again.
+        self._calls.crashes.on_death = self._runner_lost
         self._describe = describe
         self._is_ready = is_ready
         self._health = health
@@ -246,6 +248,9 @@ class PublicApp:
         except Exception as e:
             self._runner_seen_ready = False  # probe again: /readyz must show an outage
             raise runner_failure(e) from None
+
+    def _runner_lost(self) -> None:
+        self._runner_seen_ready = False
 
     async def _check_runner_ready(self) -> None:
         """Until the runner has answered once, ask it first: a request must not queue behind a loading model."""

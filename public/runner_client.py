@@ -18,24 +18,38 @@ sends the same bytes to the same address (the runner's URL from ``bentoml.depend
 call per connection at a time, and reads the answer with httptools (uvicorn's parser). ``describe`` and the
 readiness probe stay on BentoML's client: they are rare. On the runner, ``PickledCall`` (core/bentoml_seam.py)
 answers it.
+
+Crashes: a request whose forward kills the runner's process (``os._exit``, a segfault, the OOM killer) would crash
+it again each time a client retries. ``CrashWatch`` remembers the requests that were in the runner when it died and
+sends each alone if it comes again; one that kills the process again while running alone is refused (422) for a
+while (docs/reliability.md, "A request that kills the runner"). Until the runner dies, it costs one attribute test
+per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import pickle
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import aiohttp
 import httptools
+import orjson
 
 from core import bentoml_seam
 from core.bentoml_seam import PICKLE
 from core.errors import Outcome
 
-# Sends the data of several requests to the runner in one call; one outcome per request, in order.
-RunnerCall = Callable[[list[Any]], Awaitable[list[Outcome]]]
+log = logging.getLogger("public.runner_client")
+
+# Sends the data of several requests to the runner in one call; one outcome per request, in order. Called with
+# ``alone=True`` for a call the runner must run as a batch of its own (``CrashWatch``).
+RunnerCall = Callable[..., Awaitable[list[Outcome]]]
 
 
 class RunnerCallBatcher:
@@ -52,14 +66,44 @@ class RunnerCallBatcher:
         self._inflight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
+        self.crashes = CrashWatch()
 
     async def submit(self, item: Any) -> Outcome:
-        """The outcome of one request's ``item`` (its data), sent with the others waiting now."""
+        """The outcome of one request's ``item`` (its data), sent with the others waiting now; sent alone, or
+        refused, when it was in the runner when its process died (``CrashWatch``)."""
+        if self.crashes.watching:  # only for a few minutes after the runner's process died
+            outcome = await self._watched(item)
+            if outcome is not None:
+                return outcome
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((item, future))
         self._schedule(loop)
         return await future
+
+    async def _watched(self, item: Any) -> Outcome | None:
+        """A suspect's outcome, sent in a call of its own that the runner runs as a batch of its own (``alone``); a
+        known poison's refusal; None for any other request (it goes with the others)."""
+        crashes = self.crashes
+        crashes.forget_expired()
+        if not crashes.watching:
+            return None
+        key = request_digest(item)
+        if crashes.is_poison(key):
+            return crashes.refusal()
+        if not crashes.is_suspect(key):
+            return None
+        try:
+            [outcome] = await self._call([item], alone=True)
+        except BaseException as e:
+            if not runner_died(e):
+                raise
+            # It ran in a batch of its own: the process died while running this request (or while it waited
+            # for the model behind another API worker's batch: docs/reliability.md says when that can happen).
+            crashes.died([item], poison=key)
+            return crashes.refusal()
+        crashes.cleared(key)
+        return outcome
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._scheduled and self._pending and self._inflight < self._max_inflight:
@@ -86,6 +130,8 @@ class RunnerCallBatcher:
                 if not future.done():
                     future.set_result(result)
         except BaseException as e:  # every waiting caller must hear of the failure
+            if runner_died(e):
+                self.crashes.died([item for item, _ in group])
             for _, future in group:
                 if not future.done():
                     future.set_exception(e)
@@ -96,13 +142,134 @@ class RunnerCallBatcher:
             self._schedule(asyncio.get_running_loop())
 
 
-def through_bentoml(client: Any) -> Callable[[list[Any]], Awaitable[list[Outcome]]]:
+# How long a request that was in the runner when its process died is sent alone if it comes again; how long an input
+# that killed the process while running alone is refused; how many of each one API worker remembers (the oldest go).
+SUSPECT_S = 300.0
+POISON_S = 600.0
+MAX_REMEMBERED = 1024
+
+
+class CrashWatch:
+    """One API worker's memory of the runner's deaths: the requests (digests of their data, ``request_digest``) that
+    were in the runner when its process died, and those that killed it while running alone. On the worker's event
+    loop. Empty, and costing one attribute test per request, until the runner dies; each entry expires."""
+
+    def __init__(
+        self, suspect_s: float = SUSPECT_S, poison_s: float = POISON_S, max_remembered: int = MAX_REMEMBERED
+    ) -> None:
+        self.suspect_s = suspect_s
+        self.poison_s = poison_s
+        self._max = max_remembered
+        self.watching = False  # anything remembered: only then is a request's digest computed
+        self._suspects: dict[bytes, float] = {}  # digest -> when it is forgotten (time.monotonic())
+        self._poison: dict[bytes, float] = {}
+        self._lost = 0  # requests in the calls lost since the last log line
+        self._poisoned = 0
+        self.on_death: Callable[[], None] | None = None  # told of each death (PublicApp: probe the runner again)
+
+    def died(self, items: list[Any], poison: bytes | None = None) -> None:
+        """The runner's connection was lost while ``items`` were in it: its process died. They become suspects
+        (``poison``: the digest of a suspect that was running alone, which becomes poison). One ERROR line per
+        death, however many calls it cut, and never the requests' data."""
+        now = time.monotonic()
+        if poison is not None:
+            self._suspects.pop(poison, None)
+            _remember(self._poison, poison, now + self.poison_s, self._max)
+            self._poisoned += 1
+        else:
+            for item in items:
+                _remember(self._suspects, request_digest(item), now + self.suspect_s, self._max)
+        self.watching = True
+        if self.on_death is not None:
+            self.on_death()
+        if self._lost == 0:  # the other calls the same death cut fail within the next few turns of the loop
+            asyncio.get_running_loop().call_later(0.1, self._report)
+        self._lost += len(items)
+
+    def _report(self) -> None:
+        lost, poisoned, self._lost, self._poisoned = self._lost, self._poisoned, 0, 0
+        if poisoned:
+            log.error(
+                "the model runner process died while running %d request(s) of this API worker, %d of them sent alone "
+                "after an earlier death: those inputs are refused (422) for %g s",
+                lost,
+                poisoned,
+                self.poison_s,
+            )
+        else:
+            log.error(
+                "the model runner process died while running %d request(s) of this API worker; each is sent to the "
+                "runner alone if it comes again within %g s",
+                lost,
+                self.suspect_s,
+            )
+
+    def is_suspect(self, key: bytes) -> bool:
+        return self._suspects.get(key, 0.0) > time.monotonic()
+
+    def is_poison(self, key: bytes) -> bool:
+        return self._poison.get(key, 0.0) > time.monotonic()
+
+    def cleared(self, key: bytes) -> None:
+        """A suspect that ran alone and was answered: it did not kill the process."""
+        self._suspects.pop(key, None)
+        self.watching = bool(self._suspects or self._poison)
+
+    def forget_expired(self) -> None:
+        """Drop what has expired (each dict is in the order its entries expire); stop watching once both are empty."""
+        now = time.monotonic()
+        for remembered in (self._suspects, self._poison):
+            while remembered and next(iter(remembered.values())) <= now:
+                del remembered[next(iter(remembered))]
+        self.watching = bool(self._suspects or self._poison)
+
+    def refusal(self) -> Outcome:
+        return Outcome(
+            422,
+            None,
+            f"this input crashed the model's process; it is not run again for {self.poison_s:g} s",
+        )
+
+
+def _remember(remembered: dict[bytes, float], key: bytes, until: float, most: int) -> None:
+    remembered.pop(key, None)  # to the end: the dict's order is the order they are forgotten in
+    remembered[key] = until
+    while len(remembered) > most:
+        del remembered[next(iter(remembered))]
+
+
+def runner_died(error: BaseException) -> bool:
+    """Whether a runner call failed because the runner's connection was lost while the call was in it: its process
+    died (the fast path's own client, or BentoML's aiohttp client on the public path)."""
+    return isinstance(error, (ConnectionLost, aiohttp.ServerDisconnectedError))
+
+
+def request_digest(item: Any) -> bytes:
+    """A digest of one request's item for the runner (its data, or a ``ForModel``): equal data, equal digest,
+    whatever the order of its JSON keys. Computed only while ``CrashWatch`` remembers a death."""
+    try:
+        text = orjson.dumps(item, default=_canonical, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except TypeError:  # not JSON-like (integers beyond 64 bits, a custom workflow's objects)
+        text = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    return hashlib.blake2b(text, digest_size=16).digest()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return value.hex()
+    if hasattr(value, "dtype") and hasattr(value, "tobytes"):  # numpy arrays and scalars (CHAIN data)
+        return [str(value.dtype), list(getattr(value, "shape", ())), hashlib.blake2b(value.tobytes()).hexdigest()]
+    raise TypeError(type(value).__name__)
+
+
+def through_bentoml(client: Any) -> RunnerCall:
     """The runner call on BentoML's public path (fast path off): BentoML's own client of ``bentoml.depends``.
     BentoML's typed route dumps the answer with pydantic, which turns each ``Outcome`` into a dict; they are
     turned back here, on the event loop."""
 
-    async def infer(requests: list[Any]) -> list[Outcome]:
-        return [Outcome(**o) if isinstance(o, dict) else o for o in await client.call("infer", requests=requests)]
+    async def infer(requests: list[Any], alone: bool = False) -> list[Outcome]:
+        call = client.call("infer", requests=requests, alone=True) if alone else client.call("infer", requests=requests)
+        return [Outcome(**o) if isinstance(o, dict) else o for o in await call]
 
     return infer
 

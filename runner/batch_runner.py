@@ -77,11 +77,11 @@ class BatchRunner:
         """On the event loop: per request, its model input and batch key, or the ``Outcome`` of its failure."""
         return preprocess_all(self.workflow, requests)
 
-    async def submit(self, prepared: list[Any]) -> list[Any]:
+    async def submit(self, prepared: list[Any], alone: bool = False) -> list[Any]:
         """On the event loop: queue ``prepared`` for the model thread and wait for its share of the batch it ran in
-        (per entry: the model's output, or an ``Outcome``)."""
+        (per entry: the model's output, or an ``Outcome``). ``alone``: the call forms a batch of its own."""
         loop = asyncio.get_running_loop()
-        call = _Call(prepared, loop, loop.create_future())
+        call = _Call(prepared, loop, loop.create_future(), alone)
         with self._queued:
             self._calls.append(call)
             self._queued.notify()
@@ -91,11 +91,19 @@ class BatchRunner:
         """On the event loop: per request, its ``Outcome``."""
         return postprocess_all(self.workflow, forwarded)
 
+    async def infer_alone(self, requests: list[Any]) -> list[Outcome]:
+        """On the event loop: ``infer`` for a call marked ``alone``, whose request was in the runner when its process
+        died. The model thread runs the call as a batch of its own, no other call's requests with it, so if the
+        process dies again the API worker knows this request was running (public/runner_client.py ``CrashWatch``)."""
+        if self.names_models(requests):
+            return await self.infer_for_models(requests, alone=True)
+        return self.postprocess(await self.submit(self.preprocess(requests), alone=True))
+
     def names_models(self, requests: list[Any]) -> bool:
         """Whether any request names a per-request model (``ForModel``); False at once without a registry."""
         return self.registry is not None and any(type(r) is ForModel for r in requests)
 
-    async def infer_for_models(self, requests: list[Any]) -> list[Outcome]:
+    async def infer_for_models(self, requests: list[Any], alone: bool = False) -> list[Outcome]:
         """On the event loop: ``infer`` for a call where some requests name a per-request model. Each model is
         looked up (or loaded, once, off the model thread) in the registry; each request is pre- and
         postprocessed by its model's workflow, and in the model thread requests of different models never share
@@ -124,7 +132,7 @@ class BatchRunner:
                 continue
             [entry] = preprocess_all(workflow, [data])
             prepared.append(_Routed(None, entry) if isinstance(entry, Outcome) else _Routed(workflow, entry))
-        forwarded = await self.submit(prepared)
+        forwarded = await self.submit(prepared, alone)
         return [
             result if isinstance(result, Outcome) else postprocess_all(workflow, [result])[0]
             for workflow, result in zip(chosen, forwarded)
@@ -176,17 +184,22 @@ class BatchRunner:
                 self._run_batch(ready)
 
     def _form_batch(self) -> list[_Call]:
-        """Wait for a call; take it and every call queued behind it, up to ``max_items`` requests in all."""
+        """Wait for a call; take it and every call queued behind it, up to ``max_items`` requests in all. A call
+        marked ``alone`` is a batch of its own."""
         with self._queued:
             while not self._calls:
                 self._queued.wait()
             calls: list[_Call] = []
             size = 0
             while self._calls and (not calls or size + len(self._calls[0].items) <= self._max_items):
+                if calls and self._calls[0].alone:
+                    break
                 call = self._calls.popleft()
                 if not call.future.done():  # a caller that gave up is not run
                     calls.append(call)
                     size += len(call.items)
+                    if call.alone:
+                        break
         return calls
 
     def busy_for_s(self) -> float:
@@ -251,6 +264,7 @@ class _Call:
     items: list[Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[Any]]
+    alone: bool = False  # a batch of its own (``BatchRunner.infer_alone``)
     queued: float = field(default_factory=time.monotonic)
 
     def answer(self, outcomes: list[Any] | None, error: BaseException | None = None) -> None:

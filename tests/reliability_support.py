@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +23,14 @@ import torch
 
 from tests.fixtures.server import Server
 
-RAISE, NAN, WRONG_BATCH, SLEEP = -1.0, -2.0, -3.0, -4.0
+RAISE, NAN, WRONG_BATCH, SLEEP, EXIT = -1.0, -2.0, -3.0, -4.0, -5.0
 FEATURES = 4
 
 
 class Hostile(torch.nn.Module):
-    """``y = 2 * x[:, 1:]`` for good rows; a row starting with a marker raises, gives NaN, a wrong batch or sleeps."""
+    """``y = 2 * x[:, 1:]`` for good rows; a row starting with a marker raises, gives NaN, a wrong batch, sleeps, or
+    kills the runner's process (``EXIT``: after sleeping its second feature's seconds, ``os._exit(3)``, as a
+    segfaulting extension would: no exception, no answer)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,6 +42,9 @@ class Hostile(torch.nn.Module):
         marker = x[:, 0]
         if (marker == RAISE).any():
             raise RuntimeError("hostile model: asked to raise")
+        if (marker == EXIT).any():
+            time.sleep(float(x[marker == EXIT, 1].max()))
+            os._exit(3)
         if (marker == SLEEP).any():
             time.sleep(float(x[marker == SLEEP, 1].max()))
         y = self.scale * x[:, 1:]

@@ -137,3 +137,22 @@ def test_a_call_with_no_requests_is_answered_with_none():
     thread = ModelThread(model, max_items=64, max_wait_s=10)
     assert asyncio.run(thread.submit([])) == []
     assert asyncio.run(thread.submit([7])) == [("out", 7)]
+
+
+def test_a_call_marked_alone_is_a_batch_of_its_own():
+    # An API worker's suspect (a request that was in the runner when its process died) must run with no other call's
+    # requests: if the process dies again, that request was running (public/runner_client.py CrashWatch).
+    async def scenario():
+        model = Model(hold_first=True)
+        thread = ModelThread(model, max_items=64, max_wait_s=10)
+        first = await occupy(thread, model)
+        later = await queued(
+            thread.submit(["a1"]), thread.submit(["s"], alone=True), thread.submit(["b1"]), thread.submit(["c1"])
+        )
+        model.release.set()
+        await first
+        return model.batches, await asyncio.gather(*later)
+
+    batches, later = asyncio.run(scenario())
+    assert batches == [["first"], ["a1"], ["s"], ["b1", "c1"]]
+    assert later == [[("out", "a1")], [("out", "s")], [("out", "b1")], [("out", "c1")]]

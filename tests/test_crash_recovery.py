@@ -14,6 +14,7 @@ import pytest
 
 from tests.fixtures.server import serving
 from tests.reliability_support import (
+    EXIT,
     NAN,
     RAISE,
     WRONG_BATCH,
@@ -191,3 +192,56 @@ def test_a_model_stuck_in_one_forward_fails_livez(tmp_path, fast_path):
             body = assert_contract_error(dead, 503)
             assert "more than 10 x REQUEST_TIMEOUT_S (10 s)" in body["description"] and "stuck" in body["description"]
             assert dead.headers["retry-after"] == "1"
+
+
+def respawned(server, old_pid: int) -> int:
+    """The new runner's pid, once BentoML's process manager has replaced ``old_pid`` and the service is ready."""
+    wait_for(lambda: [p.pid for p in processes(server)["runner"]] not in ([], [old_pid]), timeout=60)
+    wait_for(lambda: ready_status(server) == 200, timeout=60)
+    return processes(server)["runner"][0].pid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fast_path", ["1", "0"])
+def test_a_request_that_kills_the_runner_runs_alone_then_is_refused_and_the_others_are_served(tmp_path, fast_path):
+    # A forward that kills the runner's process (os._exit, a segfault) was answered 503 Retry-After: 1 each time, so a
+    # client that obeyed crashed the service again and again, for everyone (explorer N3). One API worker: each
+    # worker remembers the deaths it saw, so the retries must reach the one that saw them.
+    crasher = row(EXIT, 2.0)  # holds the model 2 s, then os._exit(3)
+    with serving(
+        env(tmp_path, API_WORKERS="1", REQUEST_TIMEOUT_S=str(TIMEOUT_S), INFERNET_FAST_PATH=fast_path), tmp_path
+    ) as server:
+        runner = processes(server)["runner"][0].pid
+        with ThreadPoolExecutor(2) as pool:
+            crashing = pool.submit(post, server, crasher)
+            time.sleep(0.5)  # the good row reaches the runner while the crasher's forward runs
+            innocent = pool.submit(post, server, GOOD)
+            first = [crashing.result(), innocent.result()]
+        for outcome in first:  # nobody can tell yet which one killed it: both may retry
+            assert_contract_error(outcome.response, 503)
+        runner = respawned(server, runner)
+
+        # The innocent row, retried, runs alone and is answered.
+        retried = post(server, GOOD)
+        assert retried.status == 200 and retried.response.json()["values"] == GOOD_VALUES, retried.response.text
+        assert processes(server)["runner"][0].pid == runner
+
+        # The crasher, retried, runs alone and kills the process once more: now it is known, and refused for good.
+        again = post(server, crasher)
+        body = assert_contract_error(again.response, 422)
+        assert "crashed the model's process" in body["description"], body
+        assert "retry-after" not in again.response.headers
+        assert ready_status(server) == 503  # the runner is restarting, answered 422 or not
+        runner = respawned(server, runner)
+
+        # Later: refused without reaching the model, while the others are served; the runner stays up.
+        outcomes = post_many(server, [crasher, GOOD, crasher, GOOD], workers=4)
+        for outcome in outcomes[::2]:
+            assert "crashed the model's process" in assert_contract_error(outcome.response, 422)["description"]
+        for outcome in outcomes[1::2]:
+            assert outcome.status == 200 and outcome.response.json()["values"] == GOOD_VALUES, outcome.response.text
+        assert processes(server)["runner"][0].pid == runner
+        log = server.log()
+    assert "the model runner process died while running 2 request(s)" in log, log[-3000:]
+    assert "1 of them sent alone after an earlier death" in log, log[-3000:]
+    assert "-5.0" not in log  # the crasher's data never reaches the log

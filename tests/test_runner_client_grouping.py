@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from public.runner_client import RunnerCallBatcher
+from core.errors import Outcome
+from public.runner_client import ConnectionLost, CrashWatch, RunnerCallBatcher, request_digest
 
 
 class Runner:
@@ -129,3 +130,67 @@ def test_a_caller_that_gave_up_is_not_sent():
         return await first, await kept, runner.calls
 
     assert asyncio.run(scenario()) == ("out a", "out kept", [["a"], ["kept"]])
+
+
+class DyingRunner:
+    """A stand-in runner whose process dies (the connection is lost) whenever a call holds "crash"; records each call
+    and whether it was marked ``alone``. The real runner's death is tested over HTTP in tests/test_crash_recovery.py;
+    here the clock and the memory's bounds are."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[object], bool]] = []
+
+    async def __call__(self, items: list[object], alone: bool = False) -> list[Outcome]:
+        self.calls.append((list(items), alone))
+        await asyncio.sleep(0)
+        if "crash" in items:
+            raise ConnectionLost(answered=False)
+        return [Outcome(200, f"out {item}") for item in items]
+
+
+def test_requests_in_the_runner_when_it_died_are_sent_alone_and_a_second_death_refuses_the_input(caplog):
+    async def scenario():
+        runner = DyingRunner()
+        gather = RunnerCallBatcher(runner, max_items=64)
+        assert not gather.crashes.watching
+        first = await asyncio.gather(gather.submit("crash"), gather.submit("good"), return_exceptions=True)
+        assert [type(e) for e in first] == [ConnectionLost, ConnectionLost]
+        await asyncio.sleep(0.2)  # the death's one log line
+        good, crashed = await gather.submit("good"), await gather.submit("crash")
+        refused, other = await gather.submit("crash"), await gather.submit("other")
+        await asyncio.sleep(0.2)
+        return runner.calls, good, crashed, refused, other, gather.crashes
+
+    calls, good, crashed, refused, other, crashes = asyncio.run(scenario())
+    assert calls == [(["crash", "good"], False), (["good"], True), (["crash"], True), (["other"], False)]
+    assert good == Outcome(200, "out good") and other == Outcome(200, "out other")
+    assert crashed == refused and crashed.status == 422 and "crashed the model's process" in crashed.description
+    died = [r for r in caplog.records if "runner process died" in r.getMessage()]
+    assert [r.levelname for r in died] == ["ERROR", "ERROR"]
+    assert "2 request(s)" in died[0].getMessage() and "1 of them sent alone" in died[1].getMessage()
+    assert all("crash" not in r.getMessage().replace("crashed", "") for r in died)  # no request data
+    assert crashes.watching  # the poison is remembered
+
+
+def test_the_memory_of_a_death_is_bounded_and_expires():
+    async def scenario():
+        runner = DyingRunner()
+        gather = RunnerCallBatcher(runner, max_items=64)
+        gather.crashes = CrashWatch(suspect_s=0.2, poison_s=0.2, max_remembered=2)
+        await asyncio.gather(*(gather.submit(i) for i in ("crash", "a", "b")), return_exceptions=True)
+        # Evicted by "a" and "b": batched again, and the runner dies again.
+        await asyncio.gather(gather.submit("crash"), return_exceptions=True)
+        await asyncio.sleep(0.3)
+        gather.crashes.forget_expired()
+        return runner.calls, gather.crashes.watching
+
+    calls, watching = asyncio.run(scenario())
+    assert calls == [(["crash", "a", "b"], False), (["crash"], False)]
+    assert not watching  # expired: requests are no longer hashed
+
+
+def test_equal_data_has_equal_digests_whatever_the_key_order():
+    first = {"dtype": "float", "values": [[1.0, 2.0]], "shape": [1, 2]}
+    assert request_digest(first) == request_digest({"shape": [1, 2], "values": [[1.0, 2.0]], "dtype": "float"})
+    assert request_digest(first) != request_digest({**first, "values": [[1.0, 2.5]]})
+    assert request_digest(2**70) == request_digest(2**70)  # beyond JSON's integers: pickled instead
