@@ -49,6 +49,7 @@ def _stand_in_for_pydantic() -> None:
         stand_in.Field = lambda *args, **kwargs: None
         stand_in.StrictBool = bool
         stand_in.ValidationError = type("ValidationError", (ValueError,), {})
+        stand_in.ValidationInfo = object
         stand_in.field_validator = stand_in.model_validator = decorator
         sys.modules["pydantic"] = stand_in
 
