@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from core import bentoml_seam
+from core import bentoml_seam, model_call
 from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
 from public import http_protocol, routes
@@ -104,9 +104,15 @@ class WorkflowRunner:
     # (not BentoML's batchable API: docs/performance.md, section 11). Pre- and post-processing run here, on the
     # event loop, alongside the forward of another batch (section 15).
     @bentoml.api
-    async def infer(self, requests: list[Any], alone: bool = False) -> Annotated[list[Any], PICKLED]:
+    async def infer(
+        self, requests: list[Any] | None = None, alone: bool = False, sealed: bytes = b""
+    ) -> Annotated[list[Any], PICKLED]:
         # One Outcome per request. ``alone``: an API worker's suspect (public/runner_client.py CrashWatch), run as a
-        # batch of its own.
+        # batch of its own. ``sealed``: the requests from BentoML's public path, pickled so that they keep their
+        # types (core/model_call.py seal); the fast path sends ``requests`` as they are.
+        if sealed:
+            requests = model_call.unseal(sealed)
+        requests = requests or []
         with self.drain.working():
             batches = self.batches
             if alone:
