@@ -108,18 +108,20 @@ class WorkflowRunner:
         self, requests: list[Any] | None = None, alone: bool = False, sealed: bytes = b""
     ) -> Annotated[list[Any], PICKLED]:
         # One Outcome per request. ``alone``: an API worker's suspect (public/runner_client.py CrashWatch), run as a
-        # batch of its own. ``sealed``: the requests from BentoML's public path, pickled so that they keep their
-        # types (core/model_call.py seal); the fast path sends ``requests`` as they are.
-        if sealed:
-            requests = model_call.unseal(sealed)
-        requests = requests or []
+        # batch of its own. ``sealed``: the call from BentoML's public path, its requests pickled so that they keep
+        # their types, answered sealed the same way (core/model_call.py seal); the fast path sends them as they are.
         with self.drain.working():
-            batches = self.batches
-            if alone:
-                return await batches.infer_alone(requests)
-            if batches.names_models(requests):
-                return await batches.infer_for_models(requests)
-            return batches.postprocess(await batches.submit(batches.preprocess(requests)))
+            if sealed:
+                return [model_call.seal(await self._infer(model_call.unseal(sealed), alone))]
+            return await self._infer(requests or [], alone)
+
+    async def _infer(self, requests: list[Any], alone: bool) -> list[Any]:
+        batches = self.batches
+        if alone:
+            return await batches.infer_alone(requests)
+        if batches.names_models(requests):
+            return await batches.infer_for_models(requests)
+        return batches.postprocess(await batches.submit(batches.preprocess(requests)))
 
     @bentoml.api
     async def health(self) -> Annotated[dict[str, Any], PICKLED]:

@@ -8,8 +8,9 @@ worker. Built on an API worker's event loop, read on the runner's.
 On BentoML's public path (INFERNET_FAST_PATH off) the call's items cross sealed (``seal``, ``unseal``): BentoML's
 client dumps its arguments with pydantic before pickling them, which turns a ``ForModel`` into a dict and a
 ``core.terms.SentValues`` into a plain list, so the runner read a per-request model's request as today's layout
-("dtype: missing") and named CHAIN values as their floats (explorer K7). Sealed, they arrive as the fast path's
-pickle delivers them, whatever types a layout or custom workflow puts in them.
+("dtype: missing") and named CHAIN values as their floats (explorer K7); its typed route dumps the answer the same
+way. Sealed, items and outcomes arrive as the fast path's pickle delivers them, whatever types a layout or custom
+workflow puts in them.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ class ForModel:
         return (ForModel, (self.model_id, self.data))
 
 
-def seal(requests: list[Any]) -> bytes:
-    """The runner call's items as one pickle, which BentoML's client carries as bytes untouched. On an API worker's
-    event loop; raises what ``pickle.dumps`` raises for an item that cannot be pickled (so would the fast path)."""
-    return pickle.dumps(requests, protocol=pickle.HIGHEST_PROTOCOL)
+def seal(items: list[Any]) -> bytes:
+    """A runner call's items (on an API worker's event loop) or its outcomes (on the runner's) as one pickle, which
+    BentoML's client and typed route carry as bytes untouched. Raises what ``pickle.dumps`` raises for something that
+    cannot be pickled (as the fast path would)."""
+    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def unseal(sealed: bytes) -> list[Any]:
-    """The items ``seal`` sealed, with their own types. On the runner's event loop. The bytes come only from the
-    service's own API workers (the runner's socket is theirs alone), as the fast path's pickled call does."""
+    """What ``seal`` sealed, with its own types. The bytes come only from the service's own processes (the runner's
+    socket is the API workers' alone), as on the fast path, whose calls and answers are pickles too."""
     return pickle.loads(sealed)
