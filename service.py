@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from core import bentoml_seam
+from core import bentoml_seam, model_call
 from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
 from public import http_protocol, routes
@@ -104,16 +104,24 @@ class WorkflowRunner:
     # (not BentoML's batchable API: docs/performance.md, section 11). Pre- and post-processing run here, on the
     # event loop, alongside the forward of another batch (section 15).
     @bentoml.api
-    async def infer(self, requests: list[Any], alone: bool = False) -> Annotated[list[Any], PICKLED]:
+    async def infer(
+        self, requests: list[Any] | None = None, alone: bool = False, sealed: bytes = b""
+    ) -> Annotated[list[Any], PICKLED]:
         # One Outcome per request. ``alone``: an API worker's suspect (public/runner_client.py CrashWatch), run as a
-        # batch of its own.
+        # batch of its own. ``sealed``: the call from BentoML's public path, its requests pickled so that they keep
+        # their types, answered sealed the same way (core/model_call.py seal); the fast path sends them as they are.
         with self.drain.working():
-            batches = self.batches
-            if alone:
-                return await batches.infer_alone(requests)
-            if batches.names_models(requests):
-                return await batches.infer_for_models(requests)
-            return batches.postprocess(await batches.submit(batches.preprocess(requests)))
+            if sealed:
+                return [model_call.seal(await self._infer(model_call.unseal(sealed), alone))]
+            return await self._infer(requests or [], alone)
+
+    async def _infer(self, requests: list[Any], alone: bool) -> list[Any]:
+        batches = self.batches
+        if alone:
+            return await batches.infer_alone(requests)
+        if batches.names_models(requests):
+            return await batches.infer_for_models(requests)
+        return batches.postprocess(await batches.submit(batches.preprocess(requests)))
 
     @bentoml.api
     async def health(self) -> Annotated[dict[str, Any], PICKLED]:

@@ -4,10 +4,18 @@ A request for the default model crosses the hop as its tensor data alone (unchan
 what it did before many models); a request that names a model crosses as ``ForModel(model_id, data)``, the id in
 its canonical text form (``core.model_ids.ModelId.__str__``), already checked against ``ALLOWED_MODELS`` by the API
 worker. Built on an API worker's event loop, read on the runner's.
+
+On BentoML's public path (INFERNET_FAST_PATH off) the call's items cross sealed (``seal``, ``unseal``): BentoML's
+client dumps its arguments with pydantic before pickling them, which turns a ``ForModel`` into a dict and a
+``core.terms.SentValues`` into a plain list, so the runner read a per-request model's request as today's layout
+("dtype: missing") and named CHAIN values as their floats (explorer K7); its typed route dumps the answer the same
+way. Sealed, items and outcomes arrive as the fast path's pickle delivers them, whatever types a layout or custom
+workflow puts in them.
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,3 +28,16 @@ class ForModel:
     def __reduce__(self) -> tuple[Any, ...]:
         # A constructor call pickles several times faster than the dataclass's default state protocol (as Outcome).
         return (ForModel, (self.model_id, self.data))
+
+
+def seal(items: list[Any]) -> bytes:
+    """A runner call's items (on an API worker's event loop) or its outcomes (on the runner's) as one pickle, which
+    BentoML's client and typed route carry as bytes untouched. Raises what ``pickle.dumps`` raises for something that
+    cannot be pickled (as the fast path would)."""
+    return pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unseal(sealed: bytes) -> list[Any]:
+    """What ``seal`` sealed, with its own types. The bytes come only from the service's own processes (the runner's
+    socket is the API workers' alone), as on the fast path, whose calls and answers are pickles too."""
+    return pickle.loads(sealed)

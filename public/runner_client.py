@@ -41,7 +41,7 @@ import aiohttp
 import httptools
 import orjson
 
-from core import bentoml_seam
+from core import bentoml_seam, model_call
 from core.bentoml_seam import PICKLE
 from core.errors import Outcome
 
@@ -264,12 +264,16 @@ def _canonical(value: Any) -> Any:
 
 def through_bentoml(client: Any) -> RunnerCall:
     """The runner call on BentoML's public path (fast path off): BentoML's own client of ``bentoml.depends``.
-    BentoML's typed route dumps the answer with pydantic, which turns each ``Outcome`` into a dict; they are
-    turned back here, on the event loop."""
+    BentoML's client dumps the arguments with pydantic, which turned a ``ForModel`` into a dict and CHAIN values
+    (``SentValues``) into plain lists, and its typed route dumps the answer the same way (each ``Outcome`` a dict):
+    so the items go sealed and the outcomes come back sealed (core/model_call.py ``seal``), with the types the fast
+    path's pickle keeps. On the API worker's event loop."""
 
     async def infer(requests: list[Any], alone: bool = False) -> list[Outcome]:
-        call = client.call("infer", requests=requests, alone=True) if alone else client.call("infer", requests=requests)
-        return [Outcome(**o) if isinstance(o, dict) else o for o in await call]
+        sealed = model_call.seal(requests)
+        call = client.call("infer", sealed=sealed, alone=True) if alone else client.call("infer", sealed=sealed)
+        [answer] = await call
+        return model_call.unseal(answer)
 
     return infer
 

@@ -114,6 +114,25 @@ def server(
         yield running
 
 
+@pytest.fixture(scope="module")
+def public_path_models(models_hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The Hub's models on BentoML's public path (INFERNET_FAST_PATH=0, as on another BentoML version), where every
+    request naming a model was a 400 "dtype: missing": BentoML's client turned the runner call's items into dicts
+    (explorer K7)."""
+    env = {
+        "HF_ENDPOINT": models_hub.url,
+        "ALLOWED_MODELS": json.dumps(["huggingface/models/*"]),
+        "INFERNET_FAST_PATH": "0",
+    }
+    with serving(env, tmp_path_factory.mktemp("many-models-public-path")) as running:
+        yield running
+
+
+@pytest.fixture(params=["fast path", "public path"])
+def either_path(request: pytest.FixtureRequest) -> Server:
+    return request.getfixturevalue("server" if request.param == "fast path" else "public_path_models")
+
+
 def post_data(server: Server, data: object, **body: object) -> dict:
     response = server.post({"source": 1, "data": data, **body})
     assert response.status_code == 200, response.text
@@ -139,7 +158,8 @@ def test_default_model_unaffected(server: Server):
     assert iris_class(answer["values"]) == 2
 
 
-def test_per_request_model_in_offchain_layouts(server: Server):
+def test_per_request_model_in_offchain_layouts(either_path: Server):
+    server = either_path
     v2 = post_data(server, {"model_id": HOUSING_ID, "input": {"dtype": 2, "shape": [1, 8], "values": HOUSING}})
     assert v2["dtype"] == 2 and v2["shape"] == [1, 1]
     assert v2["values"][0] == pytest.approx(HOUSING_ANSWER, abs=1e-9)
@@ -169,7 +189,8 @@ def chain(server: Server, hex_data: str) -> dict:
     return response.json()
 
 
-def test_chain_layouts(server: Server):
+def test_chain_layouts(either_path: Server):
+    server = either_path
     vector = encode_vector_v1("double", [1, 8], HOUSING)
     v1 = chain(
         server,
@@ -189,6 +210,19 @@ def test_chain_layouts(server: Server):
     assert iris_class(decode_vector_v2(bytes.fromhex(default_v2["raw_output"]))["values"]) == 2
     today = chain(server, encode(["int256[]"], [[round(v * 10**18) for v in IRIS]]).hex())
     assert today["raw_output"]
+    # A value the named model's dtype (float) cannot hold is refused naming it as sent, in both layouts.
+    iris_model = encode_model_id_abi(ModelId("huggingface", "models", "iris", "iris.pt"))
+    wide_v2 = encode(["bytes", "bytes"], [iris_model, encode_vector_v2("double", [1, 4], [1e300, 1.0, 1.0, 1.0])])
+    refused = server.post({"source": 0, "destination": 0, "data": wide_v2.hex()})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["description"] == "vector.values[0]: 1e+300 (float64) does not fit float (the model's dtype)"
+    wide_v1 = encode_vector_v1("double", [1, 4], [[1e300, 1.0, 1.0, 1.0]])
+    layout_v1 = ["uint8", "string", "string", "string", "bytes"]
+    refused = server.post(
+        {"source": 0, "destination": 0, "data": encode(layout_v1, [2, "models/iris", "iris.pt", "", wide_v1]).hex()}
+    )
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["description"] == "vector.values[0]: 1e+300 (double) does not fit float (the model's dtype)"
 
 
 def test_not_allowed_and_malformed_models_refused_without_download(server: Server, models_hub: Hub):
@@ -273,7 +307,8 @@ def test_arweave_model_per_request(server: Server, publisher: dict[str, str]):
         assert absent.status_code == 404 and absent.json()["code"] == "404", absent.text
 
 
-def test_onnx_model_per_request(server: Server):
+def test_onnx_model_per_request(either_path: Server):
+    server = either_path
     answer = post_data(server, {"model_id": ONNX_ID, "input": {"dtype": 2, "shape": [1, 4], "values": IRIS}})
     assert answer["shape"] == [1, 3] and iris_class(answer["values"]) == 2
     assert any(entry["model_id"] == ONNX_ID for entry in server.get("/info").json()["models"]["loaded"])

@@ -14,6 +14,7 @@ import requests
 import torch
 from eth_abi import decode, encode
 
+from public.infernet_ml_layouts import encode_vector_v1
 from tests.fixtures.server import Server, serving
 from tests.reliability_support import assert_contract_error
 
@@ -130,13 +131,37 @@ def test_an_integer_the_model_dtype_would_round_is_refused(iris_server):
     assert post_raw(iris_server, offchain("long", "[[1, 16777216, 2, 3]]")).status_code == 200
 
 
+@pytest.fixture(params=["fast path", "public path"])
+def either_path(request):
+    """The embedded iris model on BentoML's fast path and on its public path (INFERNET_FAST_PATH=0), where BentoML's
+    client turned the values' own types into plain lists on the way to the runner (explorer K7)."""
+    return request.getfixturevalue("iris_server" if request.param == "fast path" else "public_path_server")
+
+
 @pytest.mark.parametrize("destination", [0, 1])
-def test_chain_input_beyond_the_model_dtype_is_refused(iris_server, destination):
+def test_chain_input_beyond_the_model_dtype_is_refused(either_path, destination):
     largest = 2**255 - 1  # int256's maximum: 5.8e58 in 18-decimal fixed point, beyond float's 3.4e38
     data = encode(["int256[]"], [[largest, 10**18, 10**18, 10**18]]).hex()
-    response = iris_server.post({"source": 0, "data": data, "destination": destination})
+    response = either_path.post({"source": 0, "data": data, "destination": destination})
     # Named as the contract sent it: the int256 itself, at its place in the int256[].
     refused(response, f"data[0]: {largest} (int256) does not fit float (the model's dtype)")
+
+
+def test_widened_values_are_named_as_sent_on_both_paths(either_path):
+    uint32 = encode(["uint8", "uint8", "uint8", "uint16[]", "uint32[]"], [0, 18, 11, [1, 4], [4294967295, 1, 1, 1]])
+    chain_v2 = encode(["bytes", "bytes"], [b"", uint32]).hex()
+    refused(
+        either_path.post({"source": 0, "data": chain_v2}),
+        "values[0]: 4294967295 (uint32) does not fit float (the model's dtype)",
+    )
+    offchain_v2 = {"source": 1, "data": {"dtype": 11, "shape": [1, 4], "values": [4294967295, 1, 1, 1]}}
+    refused(either_path.post(offchain_v2), "values[0]: 4294967295 (uint32) does not fit float (the model's dtype)")
+    vector = encode_vector_v1("double", [1, 4], [[1e300, 1, 1, 1]])
+    chain_v1 = encode(["uint8", "string", "string", "string", "bytes"], [0, "", "", "", vector]).hex()
+    refused(
+        either_path.post({"source": 0, "data": chain_v1}),
+        "vector.values[0]: 1e+300 (double) does not fit float (the model's dtype)",
+    )
 
 
 def test_half_models_refuse_what_half_cannot_hold(half_server):
