@@ -86,8 +86,11 @@ def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
     return tensor
 
 
-def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torch.Tensor:
-    """A decoded input as the model's ``dtype``; ``values`` is what it was decoded from, to name a value as sent.
+def cast_to_model(
+    tensor: torch.Tensor, dtype: torch.dtype, values: Any, role: str = "the model's dtype"
+) -> torch.Tensor:
+    """A decoded input as the model's ``dtype``; ``values`` is what it was decoded from, to name a value as sent;
+    ``role`` says in the refusal what ``dtype`` is to the model (its own, or the precision it runs in).
 
     Runs where the workflow's preprocess runs (the runner's event loop). Raises InputError naming the first value
     the cast does not keep (a float that overflows a floating dtype, an integer that does not come back exactly from a
@@ -118,11 +121,9 @@ def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torc
     index = int(bad.flatten().nonzero()[0])
     target = NAMES.get(dtype, str(dtype).removeprefix("torch."))
     if isinstance(values, SentValues):  # decoded from CHAIN data or a wider 2.0 dtype: name it as the client sent it
-        raise InputError(f"{values.describe(index)} does not fit {target} (the model's dtype)")
+        raise InputError(f"{values.describe(index)} does not fit {target} ({role})")
     place, sent = _sent_at(values, index)
-    raise InputError(
-        f"{place}: {_number(sent)} does not fit {target} (the model's dtype), cast from {NAMES[tensor.dtype]}"
-    )
+    raise InputError(f"{place}: {_number(sent)} does not fit {target} ({role}), cast from {NAMES[tensor.dtype]}")
 
 
 def encode(tensor: torch.Tensor) -> dict[str, Any]:
