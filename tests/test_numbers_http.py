@@ -24,7 +24,7 @@ INTEGER_BOUNDS = {"uint8": (0, 255), "int8": (-128, 127), "short": (-(2**15), 2*
 
 class Same(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0  # keeps the integer dtype
+        return x.clone()  # keeps the dtype, and -0.0 (x + 0 would make it 0.0)
 
 
 class HalfScale(torch.nn.Module):
@@ -206,3 +206,15 @@ def test_a_lowered_precision_refuses_what_it_cannot_hold_on_every_route(lowered_
     response = post_raw(lowered_server, offchain("float", "[[0.1, 65504]]"))
     assert response.status_code == 200, response.text
     assert response.json() == {"dtype": "float", "shape": [1, 2], "values": [[0.099975586, 65504.0]]}
+
+
+def test_complex_inputs_keep_the_sign_of_zero(integer_server):
+    # K4: [-0.0, 5] arrived as 0+5j (real + 1j * imag is IEEE arithmetic: -0.0 + 0.0 is 0.0).
+    response = post_raw(integer_server, offchain("cdouble", "[[[-0.0, 5.0], [1.0, -0.0], [-0.0, -0.0]]]"))
+    assert response.status_code == 200, response.text
+    assert response.text.count("-0.0") == 4, response.text
+    body = '{"source": 1, "data": {"dtype": 13, "shape": [1, 2], "values": [[-0.0, -0.0], [1, -0.0]]}}'
+    response = post_raw(integer_server, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["values"] == [[-0.0, -0.0], [1.0, -0.0]]
+    assert '"values":[[-0.0,-0.0],[1.0,-0.0]]' in response.text

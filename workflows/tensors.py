@@ -292,7 +292,9 @@ def _fit(array: np.ndarray, name: str, values: list) -> torch.Tensor:
         if array.ndim == 0 or array.shape[-1] != 2:
             raise InputError(f"values: {name} values travel as [real, imag] pairs on the innermost axis")
         parts = _floats(array, np.float32 if name == "cfloat" else np.float64, name, values)
-        return torch.from_numpy(np.ascontiguousarray(parts[..., 0] + 1j * parts[..., 1]))
+        # A view of the [real, imag] pairs, not ``real + 1j * imag``: that sum turns a part of -0.0 into 0.0.
+        pairs = np.ascontiguousarray(parts, dtype=np.float32 if name == "cfloat" else np.float64)
+        return torch.from_numpy(pairs.view(np.complex64 if name == "cfloat" else np.complex128)[..., 0])
     if name in _FLOAT:  # numpy's cast and check cost a few microseconds less per request than torch's
         return torch.from_numpy(np.ascontiguousarray(_floats(array, _FLOAT[name], name, values)))
     tensor = torch.from_numpy(np.ascontiguousarray(array)).to(DTYPES[name])  # numpy has no bfloat16
