@@ -16,6 +16,7 @@ import functools
 import itertools
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,7 +247,25 @@ async def _infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple
     outcome = await app.infer(request.data)
     if outcome.status != 200:
         raise ProtocolError(outcome.status, in_protocol_terms(outcome.description))
-    return answer(outcome.body, request, app.settings.model_name)
+    lone = await _lone_output_name(app) if _is_tensor(outcome.body) else LONE_OUTPUT
+    return answer(outcome.body, request, app.settings.model_name, lone)
+
+
+async def _lone_output_name(app: public.PublicApp) -> str:
+    """The name of an answer that is one bare tensor: the output the model declares when it declares just one (an
+    ONNX model's, as the metadata lists it), else "output_0". Asked of the runner once: the default model, the only
+    one /v2 serves, does not change while the service runs."""
+    name = _LONE_NAMES.get(app)
+    if name is None:
+        model = (await app.info()).get("model") or {}
+        outputs = model.get("outputs") if model.get("format") == "onnx" else None
+        single = isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], dict)
+        name = _LONE_NAMES[app] = str(outputs[0]["name"]) if single else LONE_OUTPUT  # type: ignore[index]
+    return name
+
+
+LONE_OUTPUT = "output_0"
+_LONE_NAMES: weakref.WeakKeyDictionary[public.PublicApp, str] = weakref.WeakKeyDictionary()
 
 
 def split_body(raw: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
@@ -380,11 +399,14 @@ def _from_bytes(binary: bytes, size: Any, datatype: str, shape: list[int]) -> li
     return array.tolist()
 
 
-def answer(body: Any, request: InferRequest, model_name: str) -> tuple[dict[str, Any], bytes | None]:
+def answer(
+    body: Any, request: InferRequest, model_name: str, lone: str = LONE_OUTPUT
+) -> tuple[dict[str, Any], bytes | None]:
     """The runner's answer (a contract tensor, or tensors in dicts and lists) -> the protocol's response JSON and the
-    binary data that follows it. Raises ProtocolError: 400 for an unknown requested output, 422 for an answer the
-    protocol cannot carry (the model's answer, not a fault of the service; /service_output carries it)."""
-    found = output_tensors(body)
+    binary data that follows it; ``lone`` names an answer that is one bare tensor. Raises ProtocolError: 400 for an
+    unknown requested output, 422 for an answer the protocol cannot carry (the model's answer, not a fault of the
+    service; /service_output carries it)."""
+    found = [(lone, body)] if _is_tensor(body) else output_tensors(body)
     tensors = dict(found)
     if len(tensors) != len(found):  # e.g. {"a": {"b": t1}, "a.b": t2}: one name, two tensors, one would be lost
         name = next(name for name, _ in found if sum(other == name for other, _ in found) > 1)
@@ -415,10 +437,14 @@ def answer(body: Any, request: InferRequest, model_name: str) -> tuple[dict[str,
     return response, b"".join(chunks) if chunks else None
 
 
+def _is_tensor(body: Any) -> bool:
+    return isinstance(body, dict) and isinstance(body.get("dtype"), str) and "values" in body and "shape" in body
+
+
 def output_tensors(body: Any, name: str = "") -> list[tuple[str, dict[str, Any]]]:
     """(name, contract tensor) for every tensor of an answer: "output_0" for a lone tensor or a list's items, the
     key for a dict's, joined with "." when nested."""
-    if isinstance(body, dict) and isinstance(body.get("dtype"), str) and "values" in body and "shape" in body:
+    if _is_tensor(body):
         return [(name or "output_0", body)]
     if isinstance(body, dict):
         items = [(f"{name}.{key}" if name else str(key), value) for key, value in body.items()]

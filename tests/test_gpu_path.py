@@ -106,6 +106,22 @@ def test_precision_float64_runs_a_float_model_in_double(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("precision", "values", "refusal"),
+    [
+        ("bfloat16", {"dtype": "long", "values": [[1, 2, 3, 257]]}, "values[0][3]: 257 does not fit bfloat16"),
+        ("float16", {"dtype": "long", "values": [[2049, 2, 3, 4]]}, "values[0][0]: 2049 does not fit half"),
+        ("float16", {"dtype": "double", "values": [[1, 2, 7e4, 4]]}, "values[0][2]: 70000.0 does not fit half"),
+    ],
+)
+def test_inputs_the_lowered_precision_cannot_hold_are_refused(tmp_path, precision, values, refusal):
+    # K2: the forward runs in the precision, so its cast is held to the contract's fit rules as the model's own.
+    flow = built(tmp_path, SmallNet(), device="cpu", precision=precision, batching=False)
+    [outcome] = run_batch(flow, [values])
+    assert outcome.status == 400 and refusal in outcome.description, outcome
+    assert "(the precision the model runs in)" in outcome.description
+
+
+@pytest.mark.parametrize(
     ("model", "precision", "message"),
     [
         (SmallNet(), "float8", "precision: unknown precision 'float8'; expected one of float64, float32, float16"),

@@ -30,7 +30,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     root = tmp_path_factory.mktemp("refusal-models")
     default = save(Affine(4, 3), root / "default.torch", "torchscript", torch.zeros(1, 4)).read_bytes()
     other = save(Affine(4, 2), root / "other.torch", "torchscript", torch.zeros(1, 4)).read_bytes()
-    return {"default": default, "other": other, "truncated": default[: len(default) // 2]}
+    same = save(Same(), root / "same.torch", "torchscript", torch.zeros(1, 4)).read_bytes()
+    return {"default": default, "other": other, "truncated": default[: len(default) // 2], "same": same}
+
+
+class Same(torch.nn.Module):
+    """No parameters at all: its input back, in its own dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,12 @@ def refusals_hub(files: dict[str, bytes], tmp_path_factory: pytest.TempPathFacto
         "dflt/lin": Repo(make_repo(root / "dflt", [{"model.torch": files["default"]}])),
         "org/private": Repo(make_repo(root / "private", [{"model.torch": files["other"]}]), "private"),
         "org/broken": Repo(
-            make_repo(root / "broken", [{"garbage.torch": GARBAGE, "truncated.torch": files["truncated"]}])
+            make_repo(
+                root / "broken",
+                [{"garbage.torch": GARBAGE, "truncated.torch": files["truncated"], "garbage.onnx": GARBAGE}],
+            )
         ),
+        "org/lin": Repo(make_repo(root / "lin", [{"model.torch": files["other"], "same.torch": files["same"]}])),
     }
     server = Hub(repos, frozenset({TOKEN})).start()
     try:
@@ -120,12 +132,14 @@ def test_a_file_that_is_no_model_is_named_without_server_paths(server: Server, f
     for name, data, reason in (
         ("garbage.torch", GARBAGE, "not a TorchScript, torch.export or pickle file"),
         ("truncated.torch", files["truncated"], "a damaged zip archive"),
+        # K6: an ONNX file's reason, without the start-up line's "source=local repo=garbage.onnx" prefix.
+        ("garbage.onnx", GARBAGE, "cannot load garbage.onnx as ONNX: "),
     ):
         model_id = f"huggingface/org/broken:{name}"
         response = server.post(v2_request(model_id))
         assert response.status_code == 422, response.text  # not 403 "a pickle"
         description = response.json()["description"]
-        assert description.startswith(f"model {model_id} does not load: ") and reason in description
+        assert description.startswith(f"model {model_id} does not load: {reason}"), description
         assert str(Path(server.env["HF_HOME"]).parent) not in description and "source=local" not in description
         assert hashlib.sha256(data).hexdigest() not in description and "is a pickle" not in description
 
@@ -144,3 +158,40 @@ def test_ids_clients_invent_keep_info_and_metrics_bounded(server: Server, refusa
     assert "invented" not in server.get("/metrics").text
     probe = server.get("/service-resources", params={"model_id": "huggingface/org/again:model.torch"}).json()
     assert probe == {"supported": False, "error": "not found"}
+
+
+# K10: the operator's precision and cast_inputs tune the default model; a model a client names runs with the defaults.
+
+
+@pytest.fixture(scope="module")
+def tuned_server(refusals_hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    env = {
+        "HF_ENDPOINT": refusals_hub.url,
+        "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps(
+            {"model_name": "dflt/lin", "precision": "float16", "cast_inputs": False}
+        ),
+        "ALLOWED_MODELS": json.dumps(["huggingface/org/*"]),
+    }
+    with serving(env, tmp_path_factory.mktemp("tuned-server")) as running:
+        yield running
+
+
+def test_per_request_models_do_not_take_the_defaults_precision_nor_cast_inputs(tuned_server: Server):
+    # No floating parameters: a precision cannot apply to it (before: 422 "does not load: precision: ...").
+    same = {"model_id": "huggingface/org/lin:same.torch", "input": {"dtype": 1, "shape": [1, 4], "values": ROW}}
+    same["input"]["values"] = [70000.0, 2.0, 3.0, 4.0]
+    response = tuned_server.post({"source": 1, "data": same})
+    assert response.status_code == 200, response.text
+    assert response.json()["values"] == [70000.0, 2.0, 3.0, 4.0]
+    # A float32 model in its own precision (before: float16, 70000 answered null) and with long inputs cast to float
+    # as by default (before: cast_inputs false reached the Linear as long, and it failed).
+    expected = Affine(4, 2)(torch.tensor([[70000.0, 2.0, 3.0, 4.0]])).tolist()[0]
+    for dtype in (1, 8):  # float, long
+        data = {"model_id": "huggingface/org/lin:model.torch", "input": {"dtype": dtype, "shape": [1, 4]}}
+        data["input"]["values"] = [70000, 2, 3, 4]
+        response = tuned_server.post({"source": 1, "data": data})
+        assert response.status_code == 200, response.text
+        assert response.json()["values"] == pytest.approx(expected), dtype
+    # The default model keeps the operator's choices: it runs in float16, where 70000 does not fit.
+    response = tuned_server.post({"source": 1, "data": {"dtype": "float", "values": [[70000.0, 2.0, 3.0, 4.0]]}})
+    assert response.status_code == 400, response.text

@@ -14,7 +14,7 @@ import requests
 import torch
 from eth_abi import decode, encode
 
-from public.infernet_ml_layouts import encode_vector_v1
+from public.infernet_ml_layouts import encode_vector_v1, encode_vector_v2
 from tests.fixtures.server import Server, serving
 from tests.reliability_support import assert_contract_error
 
@@ -24,7 +24,7 @@ INTEGER_BOUNDS = {"uint8": (0, 255), "int8": (-128, 127), "short": (-(2**15), 2*
 
 class Same(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0  # keeps the integer dtype
+        return x.clone()  # keeps the dtype, and -0.0 (x + 0 would make it 0.0)
 
 
 class HalfScale(torch.nn.Module):
@@ -45,6 +45,22 @@ def serve(model: torch.nn.Module, tmp, **kw_args) -> contextlib.AbstractContextM
 @pytest.fixture(scope="module")
 def integer_server(tmp_path_factory):
     with serve(Same(), tmp_path_factory.mktemp("integers"), cast_inputs=False) as server:
+        yield server
+
+
+class FloatScale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+@pytest.fixture(scope="module")
+def lowered_server(tmp_path_factory):
+    """A float32 model the operator runs in float16 (KW_ARG ``precision``): the model computes in half."""
+    with serve(FloatScale(), tmp_path_factory.mktemp("lowered"), precision="float16") as server:
         yield server
 
 
@@ -175,3 +191,54 @@ def test_half_models_refuse_what_half_cannot_hold(half_server):
     )
     response = post_raw(half_server, offchain("double", "[[65504.0, -1.5]]"))
     assert response.status_code == 200 and response.json()["values"] == [[65504.0, -1.5]], response.text
+
+
+# K2: the forward of a model run in a lowered precision takes its input in that precision, so a value that does not fit
+# it is refused as for a model whose own dtype it is (before: 70000 answered null, 2049 reached the model as 2048).
+
+
+def test_a_lowered_precision_refuses_what_it_cannot_hold_on_every_route(lowered_server):
+    runs_in = "does not fit half (the precision the model runs in)"
+    refused(
+        post_raw(lowered_server, offchain("float", "[[70000, 1]]")), f"values[0][0]: 70000 {runs_in}, cast from float"
+    )
+    refused(post_raw(lowered_server, offchain("long", "[[1, 2049]]")), f"values[0][1]: 2049 {runs_in}, cast from long")
+    refused(post_raw(lowered_server, offchain("double", "[[1e30, 1]]")), f"values[0][0]: 1e+30 {runs_in}")
+    for data in (
+        {"input": {"dtype": "float", "shape": [1, 2], "values": [[70000, 1]]}},  # 1.x
+        {"input": {"dtype": 1, "shape": [1, 2], "values": [70000, 1]}},  # 2.0
+        {"dtype": 8, "shape": [1, 2], "values": [2049, 1]},  # 2.0, bare
+    ):
+        body = assert_contract_error(lowered_server.post({"source": 1, "data": data}), 400)
+        assert runs_in in body["description"], (data, body)
+    v2 = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [70000, 1]}]}
+    response = requests.post(f"{lowered_server.url}/v2/models/model/infer", json=v2, timeout=30)
+    assert response.status_code == 400 and runs_in in response.text, response.text
+    v1_vector = encode_vector_v1("double", [1, 2], [70000.0, 1.0])
+    v2_vector = encode_vector_v2("long", [1, 2], [2049, 1])
+    for hex_data, named in [
+        (encode(["int256[]"], [[70000 * 10**18, 10**18]]).hex(), f"data[0]: {70000 * 10**18} (int256) {runs_in}"),
+        (encode(["uint8", "string", "string", "string", "bytes"], [0, "", "", "", v1_vector]).hex(), runs_in),
+        (encode(["bytes", "bytes"], [b"", v2_vector]).hex(), runs_in),
+    ]:
+        for destination in (0, 1):
+            response = lowered_server.post({"source": 0, "destination": destination, "data": hex_data})
+            refused(response, named)
+    # What half holds is answered, rounded as half rounds a float.
+    response = post_raw(lowered_server, offchain("long", "[[2048, -65504]]"))
+    assert response.status_code == 200 and response.json()["values"] == [[2048.0, -65504.0]], response.text
+    response = post_raw(lowered_server, offchain("float", "[[0.1, 65504]]"))
+    assert response.status_code == 200, response.text
+    assert response.json() == {"dtype": "float", "shape": [1, 2], "values": [[0.099975586, 65504.0]]}
+
+
+def test_complex_inputs_keep_the_sign_of_zero(integer_server):
+    # K4: [-0.0, 5] arrived as 0+5j (real + 1j * imag is IEEE arithmetic: -0.0 + 0.0 is 0.0).
+    response = post_raw(integer_server, offchain("cdouble", "[[[-0.0, 5.0], [1.0, -0.0], [-0.0, -0.0]]]"))
+    assert response.status_code == 200, response.text
+    assert response.text.count("-0.0") == 4, response.text
+    body = '{"source": 1, "data": {"dtype": 13, "shape": [1, 2], "values": [[-0.0, -0.0], [1, -0.0]]}}'
+    response = post_raw(integer_server, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["values"] == [[-0.0, -0.0], [1.0, -0.0]]
+    assert '"values":[[-0.0,-0.0],[1.0,-0.0]]' in response.text

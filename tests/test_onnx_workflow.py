@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import requests
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -370,6 +371,20 @@ def test_served_info_describes_the_onnx_model(onnx_server):
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
         "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 3]}],
     }
+
+
+def test_v2_names_a_lone_output_as_the_metadata_does(onnx_server):
+    # K9: the metadata lists "output", and inference called it "output_0" (asking for "output" was a 400).
+    v2 = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": IRIS_VECTOR}]}
+    url = f"{onnx_server.url}/v2/models/model/infer"
+    for body in (v2, {**v2, "outputs": [{"name": "output"}]}):
+        response = requests.post(url, json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        [output] = response.json()["outputs"]
+        assert output["name"] == "output" and output["shape"] == [1, 3], output
+        assert output["data"] == pytest.approx(torch_iris([IRIS_VECTOR])[0], rel=1e-5, abs=1e-7)
+    response = requests.post(url, json={**v2, "outputs": [{"name": "output_0"}]}, timeout=30)
+    assert response.status_code == 400 and "this model's outputs are output" in response.text, response.text
 
 
 def test_served_concurrent_callers_batch_and_get_their_solo_answers(onnx_server):

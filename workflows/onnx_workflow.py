@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -180,15 +180,15 @@ class ONNXInferenceWorkflow(
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise StartupError(f"model {self.spec.describe()}: cannot load {path.name} as ONNX: {reason}") from None
+            self._model_error(f"cannot load {path.name} as ONNX: {reason}")
         self.inputs = [_Port(arg) for arg in self.session.get_inputs()]
         declared = [_Port(arg) for arg in self.session.get_outputs()]
         self.outputs = self._chosen_outputs(declared)
         for port in self.inputs + self.outputs:
             if port.dtype is None:
                 kind = "input" if port in self.inputs else "output"
-                raise StartupError(
-                    f"model {self.spec.describe()}: {kind} {port.name!r} has type {port.type}, which requests and "
+                self._model_error(
+                    f"{kind} {port.name!r} has type {port.type}, which requests and "
                     f"answers cannot carry (supported: {', '.join(sorted(set(_ORT_TYPES.values())))})"
                     + ("; choose other outputs with output_names" if kind == "output" else "")
                 )
@@ -216,6 +216,11 @@ class ONNXInferenceWorkflow(
                 or "not checked: no warmup_input (CLASSIC_INF_WORKFLOW_KW_ARGS) to compare a batch with",
             },
         }
+
+    def _model_error(self, reason: str) -> NoReturn:
+        """Raises StartupError: the start-up line names the model's source and place; the reason alone is its cause,
+        which is what a per-request model's client is told (workflows/per_request.py), as for the torch workflow."""
+        raise StartupError(f"model {self.spec.describe()}: {reason}") from StartupError(reason)
 
     def _chosen_outputs(self, declared: list[_Port]) -> list[_Port]:
         if not self.requested_outputs:

@@ -23,7 +23,8 @@ from workflows.sources import ModelSpec
 ONNX_WORKFLOW = "workflows.onnx_workflow.ONNXInferenceWorkflow"
 # KW_ARGS that name the default model (or are tied to it); a per-request model replaces them all.
 _MODEL_KWARGS = ("model_path", "model_name", "model_source", "model_args", "load_args", "revision", "sha256")
-_MODEL_ONLY_KWARGS = ("warmup_input", "output_names")
+# The default model's own tuning, chosen by the operator for that model: a per-request model runs with the defaults.
+_MODEL_ONLY_KWARGS = ("warmup_input", "output_names", "precision", "cast_inputs")
 _TORCH_ONLY_KWARGS = ("use_jit", "device", "precision", "cast_inputs")
 _ONNX_ONLY_KWARGS = ("output_names", "providers")
 

@@ -86,8 +86,11 @@ def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
     return tensor
 
 
-def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torch.Tensor:
-    """A decoded input as the model's ``dtype``; ``values`` is what it was decoded from, to name a value as sent.
+def cast_to_model(
+    tensor: torch.Tensor, dtype: torch.dtype, values: Any, role: str = "the model's dtype"
+) -> torch.Tensor:
+    """A decoded input as the model's ``dtype``; ``values`` is what it was decoded from, to name a value as sent;
+    ``role`` says in the refusal what ``dtype`` is to the model (its own, or the precision it runs in).
 
     Runs where the workflow's preprocess runs (the runner's event loop). Raises InputError naming the first value
     the cast does not keep (a float that overflows a floating dtype, an integer that does not come back exactly from a
@@ -118,11 +121,9 @@ def cast_to_model(tensor: torch.Tensor, dtype: torch.dtype, values: Any) -> torc
     index = int(bad.flatten().nonzero()[0])
     target = NAMES.get(dtype, str(dtype).removeprefix("torch."))
     if isinstance(values, SentValues):  # decoded from CHAIN data or a wider 2.0 dtype: name it as the client sent it
-        raise InputError(f"{values.describe(index)} does not fit {target} (the model's dtype)")
+        raise InputError(f"{values.describe(index)} does not fit {target} ({role})")
     place, sent = _sent_at(values, index)
-    raise InputError(
-        f"{place}: {_number(sent)} does not fit {target} (the model's dtype), cast from {NAMES[tensor.dtype]}"
-    )
+    raise InputError(f"{place}: {_number(sent)} does not fit {target} ({role}), cast from {NAMES[tensor.dtype]}")
 
 
 def encode(tensor: torch.Tensor) -> dict[str, Any]:
@@ -291,7 +292,9 @@ def _fit(array: np.ndarray, name: str, values: list) -> torch.Tensor:
         if array.ndim == 0 or array.shape[-1] != 2:
             raise InputError(f"values: {name} values travel as [real, imag] pairs on the innermost axis")
         parts = _floats(array, np.float32 if name == "cfloat" else np.float64, name, values)
-        return torch.from_numpy(np.ascontiguousarray(parts[..., 0] + 1j * parts[..., 1]))
+        # A view of the [real, imag] pairs, not ``real + 1j * imag``: that sum turns a part of -0.0 into 0.0.
+        pairs = np.ascontiguousarray(parts, dtype=np.float32 if name == "cfloat" else np.float64)
+        return torch.from_numpy(pairs.view(np.complex64 if name == "cfloat" else np.complex128)[..., 0])
     if name in _FLOAT:  # numpy's cast and check cost a few microseconds less per request than torch's
         return torch.from_numpy(np.ascontiguousarray(_floats(array, _FLOAT[name], name, values)))
     tensor = torch.from_numpy(np.ascontiguousarray(array)).to(DTYPES[name])  # numpy has no bfloat16

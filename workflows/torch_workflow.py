@@ -176,10 +176,15 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         return {**self.info, "gpu": gpu_info(self.device)} if self.info else self.info
 
     def preprocess(self, data: dict[str, Any]) -> torch.Tensor:
-        tensor = tensors.decode(data, self.max_elements)
-        dtype = self.model_dtype
+        sent = tensors.decode(data, self.max_elements)
+        tensor, dtype = sent, self.model_dtype
         if self.cast_inputs and dtype is not None and tensor.dtype != dtype and not tensor.is_complex():
             tensor = tensors.cast_to_model(tensor, dtype, data["values"])
+        compute = self.compute_dtype
+        if compute != dtype and tensor.is_floating_point() and tensor.dtype != compute:
+            # The forward runs in the lowered precision: the value that reaches the model is the one cast from what
+            # was sent (2049 as half is 2048, 70000 is inf), so the contract's fit rules apply to that dtype too.
+            tensor = tensors.cast_to_model(sent, compute, data["values"], "the precision the model runs in")
         return tensor
 
     def run_model(self, batch: torch.Tensor) -> Any:
