@@ -110,6 +110,10 @@ class InferenceWorkflow(Generic[DataT, ItemT, BatchT, OutputT]):
     def __new__(cls, *args: Any, **kwargs: Any) -> InferenceWorkflow[Any, Any, Any, Any]:
         # Here rather than in __init__: subclasses define their own __init__ without calling super().
         _check_complete(cls)
+        if (args or kwargs) and cls.__init__ is object.__init__:
+            # Python checks excess arguments only when neither __new__ nor __init__ is overridden: without this, a
+            # class with no __init__ of its own would silently drop every argument (CLASSIC_INF_WORKFLOW_KW_ARGS).
+            raise TypeError(f"{cls.__name__}() takes no arguments")
         return super().__new__(cls)
 
     def setup(self) -> None:
@@ -197,9 +201,9 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
     rank >= 2 with equal dtype and trailing shape share a forward, concatenated on dim 0.
 
     Defaults: ``preprocess`` decodes the contract's tensor (``{"dtype", "shape"?, "values"}``, at most
-    ``max_elements`` values; workflows/tensors.py), ``postprocess`` encodes tensors back the same way (containers
-    walked). Set ``batching = False`` (class or instance) to run every request alone. torch is imported when the
-    first one is built (``_import_torch``), not with the module.
+    ``max_elements`` values and never more than MAX_REQUEST_ELEMENTS; workflows/tensors.py), ``postprocess`` encodes
+    tensors back the same way (containers walked). Set ``batching = False`` (class or instance) to run every request
+    alone. torch is imported when the first one is built (``_import_torch``), not with the module.
     """
 
     batching: bool = True

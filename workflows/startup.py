@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import inspect
 import os
 import signal
 import sys
@@ -113,7 +114,7 @@ def build(settings: ServiceSettings) -> Any:
             workflow = cls(*settings.workflow_args, **settings.workflow_kwargs)
         except TypeError as e:
             raise StartupError(
-                f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {e}"
+                f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {e}; {_takes(cls)}"
             ) from None
         if settings.workflow_class == BUILTIN_TORCH_WORKFLOW:
             workflow = _onnx_if_onnx_file(workflow, settings)
@@ -130,7 +131,7 @@ def build(settings: ServiceSettings) -> Any:
     with progress.stage("warmup") as warmed:
         warmup = getattr(workflow, "warmup", None)
         if not (callable(warmup) and warmup()):
-            warmed.update(status="skipped", reason="no warm-up input (KW_ARGS warmup_input)")
+            warmed.update(status="skipped", reason=_no_warmup(workflow))
         info = described() if callable(described) else None
         batching = info.get("batching") if isinstance(info, dict) else None
         if isinstance(batching, dict) and "enabled" in batching:
@@ -138,6 +139,40 @@ def build(settings: ServiceSettings) -> Any:
             warmed.update(batching="on" if batching["enabled"] else "off", batching_reason=batching.get("reason"))
     progress.emit("ready", seconds=progress.since_start(), workflow=qualified_name(workflow))
     return workflow
+
+
+def _parameters(cls: type) -> list[inspect.Parameter] | None:
+    """The parameters ``cls(...)`` takes (self left out); None when they cannot be read (a C extension's class)."""
+    if cls.__init__ is object.__init__:
+        return []
+    try:
+        return list(inspect.signature(cls.__init__, eval_str=True).parameters.values())[1:]
+    except NameError:  # an annotation that names what only a type checker imports
+        return list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+
+
+def _takes(cls: type) -> str:
+    """What ``cls`` accepts, for the start-up line when the arguments do not fit: the fix is in it."""
+    parameters = _parameters(cls)
+    if parameters is None:
+        return f"see {cls.__name__}.__init__ for the arguments it takes"
+    if not parameters:
+        return (
+            f"it defines no __init__: unset CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS and _KW_ARGS, or give "
+            f"{cls.__name__} an __init__(self, ...) that takes them"
+        )
+    return f"{cls.__name__} takes {inspect.Signature(parameters)}"
+
+
+def _no_warmup(workflow: Any) -> str:
+    """Why the warm-up ran nothing, pointing at what the operator can change: KW_ARGS warmup_input for a workflow
+    that takes one (the built-in ones), else the class's own warmup()."""
+    parameters = _parameters(type(workflow)) or []
+    if any(p.name == "warmup_input" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return "no warm-up input (KW_ARGS warmup_input)"
+    return f"{type(workflow).__name__}.warmup() ran no sample (define warmup() to run one)"
 
 
 # Keyword arguments only the torch workflow reads; the ONNX workflow is handed the rest.
