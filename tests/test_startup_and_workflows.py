@@ -88,6 +88,27 @@ def test_custom_workflow_from_env(tmp_path, fast_path):
         stop(server)
 
 
+def test_a_tensor_workflow_of_its_own_keeps_the_element_limit_and_its_warmup_line_points_at_warmup(tmp_path):
+    # Explorer F14: a TensorWorkflow that never set max_elements decoded any number of values while /info reported
+    # MAX_REQUEST_ELEMENTS as the limit. F2: its warm-up line pointed at KW_ARGS warmup_input, which it cannot take.
+    env = {"CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Doubler", "MAX_REQUEST_ELEMENTS": "10"}
+    with serving(env, tmp_path) as server:
+        assert server.get("/info").json()["limits"]["max_request_elements"] == 10
+        small = server.post({"source": 1, "data": {"dtype": "float", "values": [[1, 2, 3, 4]]}})
+        assert small.status_code == 200, small.text
+        assert small.json()["values"] == [[2, 4, 6, 8]]
+        values = [list(range(20))]
+        for data in ({"dtype": "float", "values": values}, {"input": {"dtype": "float", "values": values}}):
+            refused = error(server.post({"source": 1, "data": data}), 400)
+            assert refused == "values: 20 elements exceed the limit of 10 per request", data
+        [warmup] = [line for line in server.log().splitlines() if "stage=warmup" in line]
+        assert (
+            "status=skipped" in warmup
+            and 'reason="Doubler.warmup() ran no sample (define warmup() to run one)"' in warmup
+        )
+        assert "KW_ARGS warmup_input" not in warmup
+
+
 IRIS = "models/iris/model.torch"
 
 
@@ -150,6 +171,34 @@ IRIS = "models/iris/model.torch"
                 )
             },
             "warmup_input: RuntimeError: mat1 and mat2 must have the same dtype, but got Double and Float",
+        ),
+        # Explorer F2: a workflow without __init__ (the README's Scaler) silently dropped every argument, because
+        # InferenceWorkflow overrides __new__ and Python then never checks them.
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Doubler",
+                "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"warmup_input": {"dtype": "float", "values": [[1]]}}),
+            },
+            "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit Doubler: Doubler() takes no arguments; it "
+            "defines no __init__: unset CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS and _KW_ARGS, or give Doubler an "
+            "__init__(self, ...) that takes them",
+        ),
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Doubler",
+                "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": "[2]",
+            },
+            "do not fit Doubler: Doubler() takes no arguments; it defines no __init__",
+        ),
+        # A class with __init__: the line shows what it takes, so the typo is plain.
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Toolbox",
+                "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": '["p"]',
+                "CLASSIC_INF_WORKFLOW_KW_ARGS": '{"scal": 2}',
+            },
+            "do not fit Toolbox: Toolbox.__init__() got an unexpected keyword argument 'scal'; "
+            "Toolbox takes (prefix: str, *, scale: int = 1, setup_seconds: float = 0.0)",
         ),
     ],
 )
