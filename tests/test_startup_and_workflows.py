@@ -17,7 +17,7 @@ import torch
 
 from core.errors import StartupError
 from tests.fixtures.server import run_to_exit, serving, start, stop, wait_ready
-from tests.models import Affine, save
+from tests.models import Affine, EmbeddingSum, save
 
 
 def error(response, status):
@@ -107,6 +107,26 @@ def test_a_tensor_workflow_of_its_own_keeps_the_element_limit_and_its_warmup_lin
             and 'reason="Doubler.warmup() ran no sample (define warmup() to run one)"' in warmup
         )
         assert "KW_ARGS warmup_input" not in warmup
+
+
+def test_an_integer_id_model_under_cast_inputs_says_how_to_fix_it(tmp_path):
+    # Explorer F11: the default cast_inputs casts the client's long ids to the model's float, and the model's error
+    # blamed a FloatTensor the client never sent, with no word of cast_inputs, in the 422 and at start-up alike.
+    path = save(EmbeddingSum(), tmp_path / "ids.torch", "torchscript", torch.tensor([[1, 2, 3]]))
+    ids = {"dtype": "long", "values": [[1, 2, 3]]}
+    hint = (
+        "(cast_inputs is true, so inputs are cast to the model's float; for a model that takes integer ids set "
+        '"cast_inputs": false in CLASSIC_INF_WORKFLOW_KW_ARGS)'
+    )
+    with serving({"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(path)})}, tmp_path) as server:
+        described = error(server.post({"source": 1, "data": ids}), 422)
+        assert "but got torch.FloatTensor instead" in described and described.endswith(hint), described
+    env = {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(path), "warmup_input": ids})}
+    (tmp_path / "warmup").mkdir()
+    status, output = run_to_exit(env, tmp_path / "warmup")
+    assert status == 2, output[-2000:]
+    [line] = [line for line in output.splitlines() if "start-up failed" in line]
+    assert "warmup_input: RuntimeError: Expected tensor for argument #1 'indices'" in line and line.endswith(hint)
 
 
 IRIS = "models/iris/model.torch"
