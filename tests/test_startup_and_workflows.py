@@ -84,6 +84,10 @@ def test_custom_workflow_from_env(tmp_path, fast_path):
 
         info = server.get("/info").json()
         assert info["workflow"] == "tests.workflows_for_tests.Toolbox" and info["model"] == {"prefix": "hello"}
+        # Explorer F15: its description names no model repository, so there is no model a node could name; it was
+        # listed as a blank one (name "", repo_id "local/local", an id the service itself refuses).
+        compute = server.get("/service-resources").json()["compute_capability"][0]
+        assert (compute["models"], compute["cached_models"]) == ([], [])
     finally:
         stop(server)
 
@@ -209,6 +213,13 @@ IRIS = "models/iris/model.torch"
                 "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": "[2]",
             },
             "do not fit Doubler: Doubler() takes no arguments; it defines no __init__",
+        ),
+        # Explorer F15: a describe() that /info cannot send started fine, then every /info was a 500 blaming "the
+        # workflow's output".
+        (
+            {"CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.BadDescribe"},
+            "BadDescribe.describe() returned what GET /info cannot send as JSON (Type is not JSON serializable: Linear)"
+            ": return names, numbers, lists and dicts of them",
         ),
         # A class with __init__: the line shows what it takes, so the typo is plain.
         (

@@ -45,3 +45,15 @@ class Doubler(TensorWorkflow):
 
     def run_model(self, batch: Any) -> Any:
         return batch * 2
+
+
+class BadDescribe(Doubler):
+    """describe() returns the model object, the mistake base.py's docstring warns of: /info cannot send it."""
+
+    def setup(self) -> None:
+        import torch  # here, not at the top: the module is imported where torch must not be (the arbiter)
+
+        self.model = torch.nn.Linear(2, 2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "x", "model": self.model}

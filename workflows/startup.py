@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from core.errors import StartupError
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows import progress, sources
@@ -125,20 +127,39 @@ def build(settings: ServiceSettings) -> Any:
             raise
         except Exception as e:
             raise StartupError(f"{type(workflow).__name__}.setup() failed: {type(e).__name__}: {e}") from None
-        described = getattr(workflow, "describe", None)
-        info = described() if callable(described) else None
+        info = _described(workflow)
         loaded.update({key: info.get(key) for key in ("format", "dtype", "device")} if isinstance(info, dict) else {})
     with progress.stage("warmup") as warmed:
         warmup = getattr(workflow, "warmup", None)
         if not (callable(warmup) and warmup()):
             warmed.update(status="skipped", reason=_no_warmup(workflow))
-        info = described() if callable(described) else None
+        info = _described(workflow)
         batching = info.get("batching") if isinstance(info, dict) else None
         if isinstance(batching, dict) and "enabled" in batching:
             # The warm-up may have found that a batch changes answers and turned batching off: say so where it happened.
             warmed.update(batching="on" if batching["enabled"] else "off", batching_reason=batching.get("reason"))
     progress.emit("ready", seconds=progress.since_start(), workflow=qualified_name(workflow))
     return workflow
+
+
+def _described(workflow: Any) -> Any:
+    """``workflow.describe()`` (None without one), checked to be what ``GET /info`` can send: a value that is not JSON
+    (the model object, a tensor) stops start-up naming describe(), rather than failing every /info later."""
+    described = getattr(workflow, "describe", None)
+    if not callable(described):
+        return None
+    try:
+        info = described()
+    except Exception as e:
+        raise StartupError(f"{type(workflow).__name__}.describe() failed: {type(e).__name__}: {e}") from None
+    try:
+        orjson.dumps(info, option=orjson.OPT_SERIALIZE_NUMPY)  # as public/app.py sends it
+    except TypeError as e:
+        raise StartupError(
+            f"{type(workflow).__name__}.describe() returned what GET /info cannot send as JSON ({e}): return names, "
+            "numbers, lists and dicts of them, e.g. {'name': 'scaler', 'features': 4}"
+        ) from None
+    return info
 
 
 def _parameters(cls: type) -> list[inspect.Parameter] | None:
