@@ -221,6 +221,12 @@ IRIS = "models/iris/model.torch"
             "BadDescribe.describe() returned what GET /info cannot send as JSON (Type is not JSON serializable: Linear)"
             ": return names, numbers, lists and dicts of them",
         ),
+        # Explorer F5a: the commonest newcomer mistake (the workflow's folder not on PYTHONPATH) got no hint.
+        (
+            {"CLASSIC_INF_WORKFLOW_CLASS": "my_workflows.scaler.Scaler"},
+            "CLASSIC_INF_WORKFLOW_CLASS: cannot import 'my_workflows.scaler' (No module named 'my_workflows'); the "
+            "folder that holds my_workflows/ (or my_workflows.py) must be on PYTHONPATH or be the repository folder",
+        ),
         # A class with __init__: the line shows what it takes, so the typo is plain.
         (
             {

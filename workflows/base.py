@@ -376,7 +376,7 @@ def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
         except ServiceError as e:
             prepared.append(failure(e))
         except _RAISED_ON_THE_LOOP as e:  # a workflow's own validation that raised something generic
-            prepared.append(failure(InputError(first_line(e))))
+            prepared.append(failure(InputError(_said(e))))
     return prepared
 
 
@@ -517,4 +517,10 @@ def _as_model_error(error: BaseException) -> ServiceError:
         return error
     if not isinstance(error, Exception):
         return ModelError(f"the model failed on this input: it raised {type(error).__name__}({first_line(error)})")
-    return ModelError(f"the model failed on this input: {first_line(error)}")
+    return ModelError(f"the model failed on this input: {_said(error)}")
+
+
+def _said(error: BaseException) -> str:
+    """``first_line(error)``, named as a KeyError when it is one: its text is only the key (``'x'``), which tells the
+    client nothing."""
+    return f"KeyError: {first_line(error)}" if isinstance(error, KeyError) else first_line(error)

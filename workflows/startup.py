@@ -65,7 +65,17 @@ def resolve_class(path: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise StartupError(f"CLASSIC_INF_WORKFLOW_CLASS: cannot import {module_name!r} ({e})") from None
+        missing = getattr(e, "name", None) or ""
+        if missing and "." not in missing and (module_name + ".").startswith(missing + "."):
+            hint = (
+                f"; the folder that holds {missing}/ (or {missing}.py) must be on PYTHONPATH or be the repository "
+                "folder, and in an image the module listed under include in bentofile.yaml"
+            )
+        elif missing and not (module_name + ".").startswith(missing + "."):
+            hint = f"; it imports {missing!r}, which is not installed"
+        else:
+            hint = ""
+        raise StartupError(f"CLASSIC_INF_WORKFLOW_CLASS: cannot import {module_name!r} ({e}){hint}") from None
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise StartupError(f"CLASSIC_INF_WORKFLOW_CLASS: {module_name!r} has no class {class_name!r}")
