@@ -19,6 +19,7 @@ methods of each route and BentoML's own routes in public/routes.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
@@ -206,7 +207,12 @@ class PublicApp:
                 split = _layout(split_chain_request, data, layout, self.settings.max_elements)
                 data, reply = await self._named_model(*split)
         elif not isinstance(data.get("dtype"), str):  # not today's form: a 1.x/2.0 envelope or a 2.0 vector
-            data, reply = await self._named_model(*_layout(split_request, data, self.settings.max_elements))
+            names_served = None
+            if isinstance(data.get("model_id"), str):
+                # Any name /service-resources?model_id= says is supported (a file name, a sha256) is the default call.
+                names_served = functools.partial(resources.supports, info={"model": await self._served_model()})
+            split = _layout(split_request, data, self.settings.max_elements, names_served)
+            data, reply = await self._named_model(*split)
         outcome = await self.infer(data)
         if outcome.status != 200:
             raise RequestError(outcome.status, outcome.description)

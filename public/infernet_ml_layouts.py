@@ -54,6 +54,7 @@ CHAIN (``data`` is hex of ABI bytes)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
@@ -169,8 +170,14 @@ class Reply:
     raw_input: str = ""
 
 
-def split_request(data: Any, max_elements: int | None = None) -> tuple[ModelId | None, Any, Reply]:
+def split_request(
+    data: Any, max_elements: int | None = None, names_served: Callable[[str], bool] | None = None
+) -> tuple[ModelId | None, Any, Reply]:
     """OFFCHAIN ``data`` of any supported layout -> (model named or None, tensor data in our form, reply layout).
+
+    ``names_served(model_id)``: whether a ``model_id`` names the served model in a form that is no model id (its file
+    name, path or sha256: public/resources.py ``supports``); such a request is the default call (model None), as
+    ``/service-resources?model_id=`` says it is supported.
 
     Today's form and anything unrecognised come back unchanged (the tensor decoder reports what is wrong, as
     today). An ``input`` is an envelope's only when the data names a model or ``input`` holds a ``dtype``; any other
@@ -198,7 +205,11 @@ def split_request(data: Any, max_elements: int | None = None) -> tuple[ModelId |
         raise LayoutError("data: model_id (2.0) and model_source/load_args (1.x) together; name the model one way")
     if "model_id" in data:
         # A local id may name the served model (public/app.py refuses any other: a request never names a file).
-        model = None if data["model_id"] is None else parse_model_id(data["model_id"], allow_local=True)
+        text = data["model_id"]
+        if text is None or (names_served is not None and isinstance(text, str) and names_served(text)):
+            model = None
+        else:
+            model = parse_model_id(text, allow_local=True)
     else:
         model = model_id_from_v1(data.get("model_source"), data.get("load_args"))
     if _is_code(vector.get("dtype")):

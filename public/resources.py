@@ -72,7 +72,8 @@ def model_support(asked: str, info: dict[str, Any], allowed_models: Any) -> dict
 
 def resources(service_id: str, info: dict[str, Any], cache_dir: Path | None = None) -> dict[str, Any]:
     model = info.get("model") or {}
-    models = [ml_model(model)] if model else []
+    # A workflow of one's own describes what it likes; only a model with a repository is one a node can name.
+    models = [ml_model(model)] if model.get("repo") else []
     return {
         "version": SPEC_VERSION,
         "service_id": service_id,
@@ -152,7 +153,7 @@ def supports(model_id: str, info: dict[str, Any]) -> bool:
     """Whether ``model_id`` names the model this container serves: its Ritual id (with or without version and
     files), its repository, its file name or its sha256."""
     model = info.get("model") or {}
-    if not model:
+    if not model.get("repo"):
         return False
     ours = ml_model(model)
     base, _, files = model_id.strip().partition(":")

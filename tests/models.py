@@ -83,3 +83,14 @@ class Sleepy(torch.nn.Module):
         with open(self.log_path, "a") as log:
             log.write(f"{started} {time.time()}\n")
         return x + 0
+
+
+class EmbeddingSum(torch.nn.Module):
+    """Integer ids in (an embedding, as a text model's first layer), float parameters: the ids must stay integers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(10, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids).sum(1)

@@ -132,7 +132,7 @@ def test_base_class_defaults_and_inference():
     workflow = Doubler()
     assert run_batch(workflow, [{"x": 2}, {"y": 1}]) == [
         Outcome(200, 4),
-        Outcome(400, None, "'x'"),
+        Outcome(400, None, "KeyError: 'x'"),  # the bare key said nothing (explorer F5c)
     ]
     assert workflow.inference({"x": 5}) == 10
 
@@ -195,7 +195,7 @@ def test_a_call_is_preprocessed_while_the_model_runs_another_batch():
     assert first == [Outcome(200, {"y": 10})]
     assert second == [
         Outcome(200, {"y": 20}),
-        Outcome(400, None, "'x'"),
+        Outcome(400, None, "KeyError: 'x'"),
         Outcome(200, {"y": 30}),
     ]
     # after the release the model thread may start the second batch before the loop finishes the first

@@ -39,7 +39,7 @@ def test_readme_workflow_batches_and_isolates_failures():
     rows = [[1.0, 2.0, 3.0, 4.0]], [[0.5, 0.5, 0.5, 0.5], [2.0, 0.0, 1.0, 0.0]]
     outcomes = run_batch(workflow, [{"rows": rows[0]}, {"nope": 1}, {"rows": rows[1]}])
     assert [o.status for o in outcomes] == [200, 400, 200]
-    assert outcomes[1] == Outcome(400, None, "rows: 'rows'")
+    assert outcomes[1] == Outcome(400, None, "rows: missing")
     assert forwards == [(3, 4)]  # both good requests in one forward, by TensorWorkflow's default batching
     with torch.no_grad():
         alone = [workflow.model(torch.tensor(r, dtype=torch.float64)).tolist() for r in rows]
@@ -68,7 +68,7 @@ def test_readme_workflow_behind_bentoml_serve(tmp_path):
 
         bad = ask({"nope": 1})
         assert bad.status_code == 400
-        assert bad.json() == {"code": "400", "name": "Bad Request", "description": "rows: 'rows'"}
+        assert bad.json() == {"code": "400", "name": "Bad Request", "description": "rows: missing"}
         wrong_width = ask({"rows": [[1.0, 2.0, 3.0]]})  # the Linear(4, 2) raises: run_model's failure
         assert wrong_width.status_code == 422
         assert wrong_width.json()["code"] == "422"

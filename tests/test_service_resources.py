@@ -109,3 +109,22 @@ def test_model_query_says_whether_this_container_serves_the_model(iris_server):
     for other in ("huggingface/Ritual-Net/iris-classification:iris.torch", f"{model['repo_id']}x", "0" * 64):
         assert ModelSupport.model_validate(collect(iris_server, other)).supported is False, other
     assert collect(iris_server, f"{model['repo_id'].partition(':')[0]}:other.torch")["supported"] is False
+
+
+def test_every_name_the_model_query_supports_is_served_by_a_request_naming_it(iris_server):
+    # Explorer F12: the probe said supported for the file name, sha256 and path, and a request naming them got 400
+    # "malformed model id"; a node that trusts the probe sends a job that fails. Contract §5: they are the default call.
+    model = collect(iris_server)["compute_capability"][0]["models"][0]
+    sha256 = iris_server.get("/info").json()["model"]["sha256"]
+    row = {"dtype": 2, "shape": [1, 4], "values": [1.0380048, 0.5586108, 1.1037828, 1.712096]}
+    expected = iris_server.post({"source": 1, "data": {"input": row}})
+    assert expected.status_code == 200, expected.text
+    for served in (model["repo_id"], model["repository"], model["files"][0], sha256):
+        assert collect(iris_server, served) == {"supported": True}, served
+        response = iris_server.post({"source": 1, "data": {"model_id": served, "input": row}})
+        assert response.status_code == 200, (served, response.text)
+        assert response.json() == expected.json(), served
+    # A name that is neither a model id nor the served model's stays a malformed model id, both ways.
+    assert collect(iris_server, "other.torch")["supported"] is False
+    refused = iris_server.post({"source": 1, "data": {"model_id": "other.torch", "input": row}})
+    assert refused.status_code == 400 and "model id 'other.torch'" in refused.json()["description"], refused.text

@@ -17,7 +17,7 @@ import torch
 
 from core.errors import StartupError
 from tests.fixtures.server import run_to_exit, serving, start, stop, wait_ready
-from tests.models import Affine, save
+from tests.models import Affine, EmbeddingSum, save
 
 
 def error(response, status):
@@ -84,8 +84,53 @@ def test_custom_workflow_from_env(tmp_path, fast_path):
 
         info = server.get("/info").json()
         assert info["workflow"] == "tests.workflows_for_tests.Toolbox" and info["model"] == {"prefix": "hello"}
+        # Explorer F15: its description names no model repository, so there is no model a node could name; it was
+        # listed as a blank one (name "", repo_id "local/local", an id the service itself refuses).
+        compute = server.get("/service-resources").json()["compute_capability"][0]
+        assert (compute["models"], compute["cached_models"]) == ([], [])
     finally:
         stop(server)
+
+
+def test_a_tensor_workflow_of_its_own_keeps_the_element_limit_and_its_warmup_line_points_at_warmup(tmp_path):
+    # Explorer F14: a TensorWorkflow that never set max_elements decoded any number of values while /info reported
+    # MAX_REQUEST_ELEMENTS as the limit. F2: its warm-up line pointed at KW_ARGS warmup_input, which it cannot take.
+    env = {"CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Doubler", "MAX_REQUEST_ELEMENTS": "10"}
+    with serving(env, tmp_path) as server:
+        assert server.get("/info").json()["limits"]["max_request_elements"] == 10
+        small = server.post({"source": 1, "data": {"dtype": "float", "values": [[1, 2, 3, 4]]}})
+        assert small.status_code == 200, small.text
+        assert small.json()["values"] == [[2, 4, 6, 8]]
+        values = [list(range(20))]
+        for data in ({"dtype": "float", "values": values}, {"input": {"dtype": "float", "values": values}}):
+            refused = error(server.post({"source": 1, "data": data}), 400)
+            assert refused == "values: 20 elements exceed the limit of 10 per request", data
+        [warmup] = [line for line in server.log().splitlines() if "stage=warmup" in line]
+        assert (
+            "status=skipped" in warmup
+            and 'reason="Doubler.warmup() ran no sample (define warmup() to run one)"' in warmup
+        )
+        assert "KW_ARGS warmup_input" not in warmup
+
+
+def test_an_integer_id_model_under_cast_inputs_says_how_to_fix_it(tmp_path):
+    # Explorer F11: the default cast_inputs casts the client's long ids to the model's float, and the model's error
+    # blamed a FloatTensor the client never sent, with no word of cast_inputs, in the 422 and at start-up alike.
+    path = save(EmbeddingSum(), tmp_path / "ids.torch", "torchscript", torch.tensor([[1, 2, 3]]))
+    ids = {"dtype": "long", "values": [[1, 2, 3]]}
+    hint = (
+        "(cast_inputs is true, so inputs are cast to the model's float; for a model that takes integer ids set "
+        '"cast_inputs": false in CLASSIC_INF_WORKFLOW_KW_ARGS)'
+    )
+    with serving({"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(path)})}, tmp_path) as server:
+        described = error(server.post({"source": 1, "data": ids}), 422)
+        assert "but got torch.FloatTensor instead" in described and described.endswith(hint), described
+    env = {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(path), "warmup_input": ids})}
+    (tmp_path / "warmup").mkdir()
+    status, output = run_to_exit(env, tmp_path / "warmup")
+    assert status == 2, output[-2000:]
+    [line] = [line for line in output.splitlines() if "start-up failed" in line]
+    assert "warmup_input: RuntimeError: Expected tensor for argument #1 'indices'" in line and line.endswith(hint)
 
 
 IRIS = "models/iris/model.torch"
@@ -150,6 +195,47 @@ IRIS = "models/iris/model.torch"
                 )
             },
             "warmup_input: RuntimeError: mat1 and mat2 must have the same dtype, but got Double and Float",
+        ),
+        # Explorer F2: a workflow without __init__ (the README's Scaler) silently dropped every argument, because
+        # InferenceWorkflow overrides __new__ and Python then never checks them.
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Doubler",
+                "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"warmup_input": {"dtype": "float", "values": [[1]]}}),
+            },
+            "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit Doubler: Doubler() takes no arguments; it "
+            "defines no __init__: unset CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS and _KW_ARGS, or give Doubler an "
+            "__init__(self, ...) that takes them",
+        ),
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Doubler",
+                "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": "[2]",
+            },
+            "do not fit Doubler: Doubler() takes no arguments; it defines no __init__",
+        ),
+        # Explorer F15: a describe() that /info cannot send started fine, then every /info was a 500 blaming "the
+        # workflow's output".
+        (
+            {"CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.BadDescribe"},
+            "BadDescribe.describe() returned what GET /info cannot send as JSON (Type is not JSON serializable: Linear)"
+            ": return names, numbers, lists and dicts of them",
+        ),
+        # Explorer F5a: the commonest newcomer mistake (the workflow's folder not on PYTHONPATH) got no hint.
+        (
+            {"CLASSIC_INF_WORKFLOW_CLASS": "my_workflows.scaler.Scaler"},
+            "CLASSIC_INF_WORKFLOW_CLASS: cannot import 'my_workflows.scaler' (No module named 'my_workflows'); the "
+            "folder that holds my_workflows/ (or my_workflows.py) must be on PYTHONPATH or be the repository folder",
+        ),
+        # A class with __init__: the line shows what it takes, so the typo is plain.
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Toolbox",
+                "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": '["p"]',
+                "CLASSIC_INF_WORKFLOW_KW_ARGS": '{"scal": 2}',
+            },
+            "do not fit Toolbox: Toolbox.__init__() got an unexpected keyword argument 'scal'; "
+            "Toolbox takes (prefix: str, *, scale: int = 1, setup_seconds: float = 0.0)",
         ),
     ],
 )

@@ -129,9 +129,13 @@ def test_inference_only_classes_run_one_request_at_a_time():
         def inference(self, data):
             if data == "bad":
                 raise ValueError("bad data")
+            if data == {}:
+                return data["x"]
             return {"got": data}
 
     assert run_batch(Plain(), [1, 2]) == [Outcome(200, {"got": 1}), Outcome(200, {"got": 2})]
+    # Explorer F5c: a KeyError's text is only the key, so the 422 said "'x'"; it says which error it was.
+    assert run_batch(Subclassed(), [{}]) == [Outcome(422, None, "the model failed on this input: KeyError: 'x'")]
     assert run_batch(Subclassed(), [1, "bad"]) == [
         Outcome(200, {"got": 1}),
         Outcome(422, None, "the model failed on this input: bad data"),

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from core.errors import InputError
-from workflows.base import InferenceWorkflow
+from workflows.base import InferenceWorkflow, TensorWorkflow
 
 
 class Toolbox(InferenceWorkflow):
@@ -38,3 +38,22 @@ class Toolbox(InferenceWorkflow):
 
     def describe(self) -> dict[str, Any]:
         return {"prefix": self.prefix}
+
+
+class Doubler(TensorWorkflow):
+    """The README's Scaler's shape: no __init__ and no warmup; the contract's tensors in, each value doubled."""
+
+    def run_model(self, batch: Any) -> Any:
+        return batch * 2
+
+
+class BadDescribe(Doubler):
+    """describe() returns the model object, the mistake base.py's docstring warns of: /info cannot send it."""
+
+    def setup(self) -> None:
+        import torch  # here, not at the top: the module is imported where torch must not be (the arbiter)
+
+        self.model = torch.nn.Linear(2, 2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "x", "model": self.model}

@@ -110,6 +110,10 @@ class InferenceWorkflow(Generic[DataT, ItemT, BatchT, OutputT]):
     def __new__(cls, *args: Any, **kwargs: Any) -> InferenceWorkflow[Any, Any, Any, Any]:
         # Here rather than in __init__: subclasses define their own __init__ without calling super().
         _check_complete(cls)
+        if (args or kwargs) and cls.__init__ is object.__init__:
+            # Python checks excess arguments only when neither __new__ nor __init__ is overridden: without this, a
+            # class with no __init__ of its own would silently drop every argument (CLASSIC_INF_WORKFLOW_KW_ARGS).
+            raise TypeError(f"{cls.__name__}() takes no arguments")
         return super().__new__(cls)
 
     def setup(self) -> None:
@@ -197,9 +201,9 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
     rank >= 2 with equal dtype and trailing shape share a forward, concatenated on dim 0.
 
     Defaults: ``preprocess`` decodes the contract's tensor (``{"dtype", "shape"?, "values"}``, at most
-    ``max_elements`` values; workflows/tensors.py), ``postprocess`` encodes tensors back the same way (containers
-    walked). Set ``batching = False`` (class or instance) to run every request alone. torch is imported when the
-    first one is built (``_import_torch``), not with the module.
+    ``max_elements`` values and never more than MAX_REQUEST_ELEMENTS; workflows/tensors.py), ``postprocess`` encodes
+    tensors back the same way (containers walked). Set ``batching = False`` (class or instance) to run every request
+    alone. torch is imported when the first one is built (``_import_torch``), not with the module.
     """
 
     batching: bool = True
@@ -372,7 +376,7 @@ def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
         except ServiceError as e:
             prepared.append(failure(e))
         except _RAISED_ON_THE_LOOP as e:  # a workflow's own validation that raised something generic
-            prepared.append(failure(InputError(first_line(e))))
+            prepared.append(failure(InputError(_said(e))))
     return prepared
 
 
@@ -513,4 +517,10 @@ def _as_model_error(error: BaseException) -> ServiceError:
         return error
     if not isinstance(error, Exception):
         return ModelError(f"the model failed on this input: it raised {type(error).__name__}({first_line(error)})")
-    return ModelError(f"the model failed on this input: {first_line(error)}")
+    return ModelError(f"the model failed on this input: {_said(error)}")
+
+
+def _said(error: BaseException) -> str:
+    """``first_line(error)``, named as a KeyError when it is one: its text is only the key (``'x'``), which tells the
+    client nothing."""
+    return f"KeyError: {first_line(error)}" if isinstance(error, KeyError) else first_line(error)

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from core.errors import InputError, ModelError, StartupError
+from core.errors import InputError, ModelError, StartupError, first_line
 from core.settings import TorchSettings
 from workflows import sources, tensors
 from workflows.base import InferenceWorkflow, check_batch_of_two, check_kwargs
@@ -262,7 +262,7 @@ class ONNXInferenceWorkflow(
             else:
                 self.unbatch(self.run_model(self.batch([item])), [item])
         except Exception as e:
-            raise StartupError(f"warmup_input: {type(e).__name__}: {e}") from None
+            raise StartupError(f"warmup_input: {type(e).__name__}: {first_line(e)}") from None
         if not self.batching:
             return True
         if self.batch_key(item) is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import inspect
 import os
 import signal
 import sys
@@ -16,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from core.errors import StartupError
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
@@ -62,7 +65,17 @@ def resolve_class(path: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise StartupError(f"CLASSIC_INF_WORKFLOW_CLASS: cannot import {module_name!r} ({e})") from None
+        missing = getattr(e, "name", None) or ""
+        if missing and "." not in missing and (module_name + ".").startswith(missing + "."):
+            hint = (
+                f"; the folder that holds {missing}/ (or {missing}.py) must be on PYTHONPATH or be the repository "
+                "folder, and in an image the module listed under include in bentofile.yaml"
+            )
+        elif missing and not (module_name + ".").startswith(missing + "."):
+            hint = f"; it imports {missing!r}, which is not installed"
+        else:
+            hint = ""
+        raise StartupError(f"CLASSIC_INF_WORKFLOW_CLASS: cannot import {module_name!r} ({e}){hint}") from None
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise StartupError(f"CLASSIC_INF_WORKFLOW_CLASS: {module_name!r} has no class {class_name!r}")
@@ -113,7 +126,7 @@ def build(settings: ServiceSettings) -> Any:
             workflow = cls(*settings.workflow_args, **settings.workflow_kwargs)
         except TypeError as e:
             raise StartupError(
-                f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {e}"
+                f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {e}; {_takes(cls)}"
             ) from None
         if settings.workflow_class == BUILTIN_TORCH_WORKFLOW:
             workflow = _onnx_if_onnx_file(workflow, settings)
@@ -124,20 +137,73 @@ def build(settings: ServiceSettings) -> Any:
             raise
         except Exception as e:
             raise StartupError(f"{type(workflow).__name__}.setup() failed: {type(e).__name__}: {e}") from None
-        described = getattr(workflow, "describe", None)
-        info = described() if callable(described) else None
+        info = _described(workflow)
         loaded.update({key: info.get(key) for key in ("format", "dtype", "device")} if isinstance(info, dict) else {})
     with progress.stage("warmup") as warmed:
         warmup = getattr(workflow, "warmup", None)
         if not (callable(warmup) and warmup()):
-            warmed.update(status="skipped", reason="no warm-up input (KW_ARGS warmup_input)")
-        info = described() if callable(described) else None
+            warmed.update(status="skipped", reason=_no_warmup(workflow))
+        info = _described(workflow)
         batching = info.get("batching") if isinstance(info, dict) else None
         if isinstance(batching, dict) and "enabled" in batching:
             # The warm-up may have found that a batch changes answers and turned batching off: say so where it happened.
             warmed.update(batching="on" if batching["enabled"] else "off", batching_reason=batching.get("reason"))
     progress.emit("ready", seconds=progress.since_start(), workflow=qualified_name(workflow))
     return workflow
+
+
+def _described(workflow: Any) -> Any:
+    """``workflow.describe()`` (None without one), checked to be what ``GET /info`` can send: a value that is not JSON
+    (the model object, a tensor) stops start-up naming describe(), rather than failing every /info later."""
+    described = getattr(workflow, "describe", None)
+    if not callable(described):
+        return None
+    try:
+        info = described()
+    except Exception as e:
+        raise StartupError(f"{type(workflow).__name__}.describe() failed: {type(e).__name__}: {e}") from None
+    try:
+        orjson.dumps(info, option=orjson.OPT_SERIALIZE_NUMPY)  # as public/app.py sends it
+    except TypeError as e:
+        raise StartupError(
+            f"{type(workflow).__name__}.describe() returned what GET /info cannot send as JSON ({e}): return names, "
+            "numbers, lists and dicts of them, e.g. {'name': 'scaler', 'features': 4}"
+        ) from None
+    return info
+
+
+def _parameters(cls: type) -> list[inspect.Parameter] | None:
+    """The parameters ``cls(...)`` takes (self left out); None when they cannot be read (a C extension's class)."""
+    if cls.__init__ is object.__init__:
+        return []
+    try:
+        return list(inspect.signature(cls.__init__, eval_str=True).parameters.values())[1:]
+    except NameError:  # an annotation that names what only a type checker imports
+        return list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+
+
+def _takes(cls: type) -> str:
+    """What ``cls`` accepts, for the start-up line when the arguments do not fit: the fix is in it."""
+    parameters = _parameters(cls)
+    if parameters is None:
+        return f"see {cls.__name__}.__init__ for the arguments it takes"
+    if not parameters:
+        return (
+            f"it defines no __init__: unset CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS and _KW_ARGS, or give "
+            f"{cls.__name__} an __init__(self, ...) that takes them"
+        )
+    return f"{cls.__name__} takes {inspect.Signature(parameters)}"
+
+
+def _no_warmup(workflow: Any) -> str:
+    """Why the warm-up ran nothing, pointing at what the operator can change: KW_ARGS warmup_input for a workflow
+    that takes one (the built-in ones), else the class's own warmup()."""
+    parameters = _parameters(type(workflow)) or []
+    if any(p.name == "warmup_input" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return "no warm-up input (KW_ARGS warmup_input)"
+    return f"{type(workflow).__name__}.warmup() ran no sample (define warmup() to run one)"
 
 
 # Keyword arguments only the torch workflow reads; the ONNX workflow is handed the rest.

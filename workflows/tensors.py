@@ -8,8 +8,10 @@ floats as ``null``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from core.errors import InputError, ModelError
+from core.settings import ServiceSettings, integer
 from core.terms import DTYPE_NAMES, MAX_RANK, SentValues, json_text, json_type, too_many_dimensions
 
 DTYPES: dict[str, torch.dtype] = {
@@ -57,7 +60,9 @@ _SCAN_AT_MOST = 100  # values; measured on the development box: about where a ty
 
 
 def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
-    """Request data -> CPU tensor of the named dtype. Raises InputError saying what is wrong and where."""
+    """Request data -> CPU tensor of the named dtype, at most ``max_elements`` values and never more than
+    MAX_REQUEST_ELEMENTS (what /info reports as the limit, whichever workflow decodes). Raises InputError saying what
+    is wrong and where."""
     if not isinstance(data, dict):
         raise InputError("data: expected an object with 'dtype' and 'values'")
     if "dtype" not in data:
@@ -71,7 +76,8 @@ def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
     if shaped:
         _check_shape(data["shape"])  # before anything is built: torch would build any rank numpy cannot write back
     values = data["values"]
-    array = _numeric_array(values, max_elements)
+    limit = request_element_limit()
+    array = _numeric_array(values, limit if max_elements is None else min(max_elements, limit))
     if array.size == 0:
         raise InputError("values: empty")
     if name != "bool":
@@ -201,6 +207,13 @@ def _holds(wide: tuple[float, float, float], narrow: tuple[float, float, float])
     """Whether a floating dtype holds every finite value of another: as many fraction bits (eps), as large a maximum,
     as small a smallest positive value."""
     return wide[0] <= narrow[0] and wide[1] >= narrow[1] and wide[2] <= narrow[2]
+
+
+@functools.cache
+def request_element_limit() -> int:
+    """MAX_REQUEST_ELEMENTS, read from this process's environment once: the bound of every ``decode``, so a custom
+    workflow (a ``TensorWorkflow`` that never sets ``max_elements``) keeps the limit /info advertises too."""
+    return integer(os.environ, "MAX_REQUEST_ELEMENTS", ServiceSettings.max_elements, minimum=1)
 
 
 def _numeric_array(values: Any, max_elements: int | None) -> np.ndarray:

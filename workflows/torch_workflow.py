@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import orjson
 import torch
 
-from core.errors import StartupError
+from core.errors import ModelError, StartupError, first_line
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
 from workflows import model_formats, sources, tensors
 from workflows.base import TensorWorkflow, check_batch_of_two, check_kwargs
@@ -200,13 +201,31 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             compute, own = self.compute_dtype, self.model_dtype
             if compute != own and batch.is_floating_point():
                 batch = batch.to(compute)  # on the device: a GPU casts faster than the model thread would
-            output = self.model(batch)
+            try:
+                output = self.model(batch)
+            except Exception as e:
+                cast = self.cast_inputs and own is not None and batch.is_floating_point()
+                if not (cast and _WANTS_INTEGERS.search(first_line(e))):
+                    raise
+                # The client's integer ids reached the model cast to its float dtype: the error blames a FloatTensor
+                # nobody sent, and the fix is the operator's.
+                raise ModelError(
+                    f"the model failed on this input: {first_line(e)} (cast_inputs is true, so inputs are cast to the "
+                    f'model\'s {tensors.NAMES.get(own, own)}; for a model that takes integer ids set "cast_inputs": '
+                    "false in CLASSIC_INF_WORKFLOW_KW_ARGS)"
+                ) from None
             return to_host(output, {compute: own} if compute != own else None)
+
+
+# A model error that asks for an integer tensor (embeddings, indexing): what the cast to a float dtype breaks.
+_WANTS_INTEGERS = re.compile(r"\b(Long|Int)\b|must be long|integer tensor", re.IGNORECASE)
 
 
 def _reason(error: Exception) -> str:
     """``error`` in one line for the start-up line: TorchScript's errors carry the script's traceback, whose last
     line says what went wrong (and names the exception itself)."""
+    if isinstance(error, ModelError):
+        return str(error).removeprefix("the model failed on this input: ")
     last = (str(error).strip().splitlines() or [""])[-1]
     return last if last.startswith(f"{type(error).__name__}:") else f"{type(error).__name__}: {last}"
 
