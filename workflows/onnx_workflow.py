@@ -435,6 +435,9 @@ def _relabel(message: str, prefix: str, strip: str) -> str:
     return f"{prefix}{message}" if prefix else message
 
 
+_REVERSED = "values reversed along the last axis"
+
+
 def _variants(item: dict[str, np.ndarray]) -> list[tuple[dict[str, np.ndarray], str]]:
     """Other inputs of ``item``'s shapes and dtypes, for the batching check, each (input, how it was made): as the
     torch workflow's ``_variants``, per array: values reversed along the last axis; floats times 2 plus 1 and times
@@ -448,7 +451,7 @@ def _variants(item: dict[str, np.ndarray]) -> list[tuple[dict[str, np.ndarray], 
         return np.full_like(array, pick(array)) if array.dtype.kind in "iub" and array.size else array
 
     made = [
-        ({name: np.ascontiguousarray(np.flip(a, -1)) for name, a in item.items()}, "values reversed along the last axis"),
+        ({name: np.ascontiguousarray(np.flip(a, -1)) for name, a in item.items()}, _REVERSED),
         ({name: scaled(a, 2, 1) for name, a in item.items()}, "float values times 2 plus 1"),
         ({name: scaled(a, -3, 0.5) for name, a in item.items()}, "float values times -3 plus 0.5"),
         ({name: filled(a, np.min) for name, a in item.items()}, "integers filled with their smallest value"),
