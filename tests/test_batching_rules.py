@@ -59,6 +59,39 @@ class CentreDim0(torch.nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
+class SumThenCentre(torch.nn.Module):
+    """Each row's sum minus the batch's mean of those sums: a row with its values reversed has the same sum, so a
+    batch with that variant looked like two copies (explore_kinds K1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.sum(-1, keepdim=True)
+        return y - y.mean(0, keepdim=True)
+
+
+class SortThenCentre(torch.nn.Module):
+    """Each row sorted, minus the batch's mean of the sorted rows: blind to a reversal, like any per-row sort."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.sort(-1).values
+        return y - y.mean(0, keepdim=True)
+
+
+class MaxPoolThenNormalise(torch.nn.Module):
+    """Each row's largest value over the batch's: max-pooling, then a norm over dim 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.amax(-1, keepdim=True)
+        return y / y.abs().amax(0, keepdim=True)
+
+
+class SortedIdsMinusSmallest(torch.nn.Module):
+    """Integer inputs (ids): each row sorted, minus the batch's smallest sorted row; integers stay integers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.sort(-1).values
+        return y - y.min(0, keepdim=True).values
+
+
 class Twice(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2
@@ -91,10 +124,14 @@ class Counting(torch.nn.Module):
 # The reported mix: alone, [1, 2, 3] -> [0.0900, 0.2447, 0.6652] and [1, 1, 1, 1, 1] -> [0.2] * 5.
 RANK_1 = [{"dtype": "float", "values": [1, 2, 3]}, {"dtype": "float", "values": [1, 1, 1, 1, 1]}] * 4
 ROWS_WARMUP = {"dtype": "float", "values": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]}
+ONE_ROW_WARMUP = {"dtype": "float", "values": [[1.0, 2.0, 3.0]]}
+MIRRORED_WARMUP = {"dtype": "float", "values": [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]}  # the same rows reversed
+VARIANTS = "its values reversed along the last axis; its values times 2 plus 1; its values times -3 plus 0.5"
 
 
-def rows(caller: int) -> dict:
-    return {"dtype": "float", "values": [[caller + 1.0, 2.0, 3.0], [4.0, caller + 5.0, 6.0]][: 1 + caller % 2]}
+def rows(caller: int, dtype: str = "float") -> dict:
+    values = [[caller + 1, 2, 3], [4, caller + 5, 6]][: 1 + caller % 2]
+    return {"dtype": dtype, "values": [[float(v) for v in row] for row in values] if dtype == "float" else values}
 
 
 def model_file(tmp_path, model: torch.nn.Module) -> str:
@@ -161,20 +198,39 @@ def test_the_warmup_check_batches_the_input_with_a_different_row(tmp_path, model
     workflow = workflow_for(tmp_path, model, warmup_input=ROWS_WARMUP)
     batching = workflow.describe()["batching"]
     assert batching["enabled"] is False and batching["checked"] is True
-    assert (
-        "a batch of the warm-up input and a variant of it (its values reversed along the last axis)"
-        in (batching["reason"])
-    )
+    assert f"a batch of the warm-up input and variants of it ({VARIANTS})" in batching["reason"]
     assert_solo_answers(workflow, [rows(caller) for caller in range(6)])
+
+
+@pytest.mark.parametrize(
+    ("model", "warmup", "dtype"),
+    [
+        (SumThenCentre(), ONE_ROW_WARMUP, "float"),
+        (SortThenCentre(), ONE_ROW_WARMUP, "float"),
+        (MaxPoolThenNormalise(), ONE_ROW_WARMUP, "float"),
+        (CentreDim0(), MIRRORED_WARMUP, "float"),
+        (SortedIdsMinusSmallest(), {"dtype": "long", "values": [[1, 2, 3]]}, "long"),
+    ],
+    ids=["sum-then-centre", "sort-then-centre", "max-pool-then-normalise", "mirrored-warmup", "integer-ids"],
+)
+def test_the_warmup_check_catches_mixing_that_a_reversed_variant_hides(tmp_path, model, warmup, dtype):
+    # A variant with its values reversed is the same input to a model whose per-row features ignore the order, and
+    # mirrored warm-up rows are their own reversal: batching stayed on and rows mixed (explore_kinds K1).
+    workflow = workflow_for(tmp_path, model, warmup_input=warmup)
+    batching = workflow.describe()["batching"]
+    assert batching["enabled"] is False and batching["checked"] is True, batching
+    assert "answered differently from each alone" in batching["reason"]
+    assert_solo_answers(workflow, [rows(caller, dtype) for caller in range(6)])
 
 
 @pytest.mark.parametrize(
     ("warmup", "checked_with"),
     [
-        ({"dtype": "float", "values": [[2.0, 2.0, 2.0]]}, "a variant of it (its values plus one)"),
-        ({"dtype": "long", "values": [[3, 3, 3]]}, "two copies of the warm-up input"),
+        ({"dtype": "float", "values": [[2.0, 2.0, 2.0]]}, "variants of it (its values times 2 plus 1; its"),
+        ({"dtype": "long", "values": [[3, 3, 3]]}, "a variant of it (its values halved)"),
+        ({"dtype": "long", "values": [[0, 0, 0]]}, "two copies of the warm-up input"),
     ],
-    ids=["same-reversed-float", "same-reversed-integer"],
+    ids=["same-reversed-float", "same-reversed-integer", "all-zero-integer"],
 )
 def test_inputs_that_read_the_same_reversed_get_another_variant_or_two_copies(tmp_path, warmup, checked_with):
     model = Affine(features=3) if warmup["dtype"] == "float" else Twice()  # Twice keeps integers integers
@@ -187,8 +243,8 @@ def test_a_model_that_cannot_split_a_batch_gets_batching_off_at_warmup(tmp_path)
     workflow = workflow_for(tmp_path, SumScalar(), warmup_input=ROWS_WARMUP)
     batching = workflow.describe()["batching"]
     assert batching["enabled"] is False
-    assert "the model failed on a batch of the warm-up input and a variant of it" in batching["reason"]
-    assert "does not split into 2 items" in batching["reason"]
+    assert "the model failed on a batch of the warm-up input and variants of it" in batching["reason"]
+    assert "does not split into 4 items" in batching["reason"]
     assert_solo_answers(workflow, [rows(caller) for caller in range(4)])
 
 
@@ -197,8 +253,7 @@ def test_a_row_wise_model_keeps_batching_and_shares_forwards(tmp_path):
     assert workflow.describe()["batching"] == {
         "enabled": True,
         "checked": True,
-        "reason": "a batch of the warm-up input and a variant of it (its values reversed along the last axis) "
-        "gave each the answer it gets alone",
+        "reason": f"a batch of the warm-up input and variants of it ({VARIANTS}) gave each the answer it gets alone",
     }
     counting = Counting(workflow.model)
     workflow.model = counting

@@ -441,14 +441,19 @@ _REVERSED = "values reversed along the last axis"
 def _variants(item: dict[str, np.ndarray]) -> list[tuple[dict[str, np.ndarray], str]]:
     """Other inputs of ``item``'s shapes and dtypes, for the batching check, each (input, how it was made): as the
     torch workflow's ``_variants``, per array: values reversed along the last axis; floats times 2 plus 1 and times
-    -3 plus 0.5; integers (ids, indices) filled with their own smallest and largest value. Variants equal to ``item``
-    are left out."""
+    -3 plus 0.5; integers (ids, indices) filled with their own smallest and largest value, and halved (rounded down);
+    booleans negated. Variants equal to ``item`` are left out."""
 
     def scaled(array: np.ndarray, times: float, plus: float) -> np.ndarray:
         return (array * times + plus).astype(array.dtype) if array.dtype.kind in "fc" else array
 
     def filled(array: np.ndarray, pick: Callable[[np.ndarray], Any]) -> np.ndarray:
-        return np.full_like(array, pick(array)) if array.dtype.kind in "iub" and array.size else array
+        return np.full_like(array, pick(array)) if array.dtype.kind in "iu" and array.size else array
+
+    def changed(array: np.ndarray) -> np.ndarray:
+        if array.dtype.kind == "b":
+            return ~array
+        return array // 2 if array.dtype.kind in "iu" else array
 
     made = [
         ({name: np.ascontiguousarray(np.flip(a, -1)) for name, a in item.items()}, _REVERSED),
@@ -456,6 +461,7 @@ def _variants(item: dict[str, np.ndarray]) -> list[tuple[dict[str, np.ndarray], 
         ({name: scaled(a, -3, 0.5) for name, a in item.items()}, "float values times -3 plus 0.5"),
         ({name: filled(a, np.min) for name, a in item.items()}, "integers filled with their smallest value"),
         ({name: filled(a, np.max) for name, a in item.items()}, "integers filled with their largest value"),
+        ({name: changed(a) for name, a in item.items()}, "integers halved and booleans negated"),
     ]
     return [
         (other, f"its {how}")

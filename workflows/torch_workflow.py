@@ -216,13 +216,18 @@ def _variants(item: torch.Tensor) -> list[tuple[torch.Tensor, str]]:
     that a row's own symmetries keep (sums, means, sorts, max-pooling: all the same for values reversed) must differ
     too, so the values also change: floats times 2 plus 1 and times -3 plus 0.5 (no value but -1, resp. 0.125, stays
     put: between them they move every row); integers, which may be token ids or indices, only take values the input
-    already has (filled with its smallest, and with its largest). Variants equal to ``item`` are left out."""
+    already has (filled with its smallest, and with its largest) or values between 0 and its own (halved, rounded
+    down: a constant row of ids changes too); booleans (masks) are negated. Variants equal to ``item`` are left
+    out."""
     made = [(item.flip(-1), "its values reversed along the last axis")]
     if item.is_floating_point() or item.is_complex():
         made += [(item * 2 + 1, "its values times 2 plus 1"), (item * -3 + 0.5, "its values times -3 plus 0.5")]
+    elif item.dtype == torch.bool:
+        made += [(~item, "its values negated")]
     elif item.numel():
         made += [(torch.full_like(item, item.min().item()), "filled with its smallest value")]
         made += [(torch.full_like(item, item.max().item()), "filled with its largest value")]
+        made += [(torch.div(item, 2, rounding_mode="floor"), "its values halved")]
     return [(other, how) for other, how in made if not torch.equal(other, item)]
 
 
