@@ -8,6 +8,7 @@ two, and then serves every request alone. The models here break naive batching i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ import torch
 from core.errors import StartupError
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, ServiceSettings, TorchSettings
 from tests.fixtures.server import serving
+from tests.hubserver import Hub, Repo, make_repo
 from tests.models import Affine, save
 from tests.test_batching_http import batch_histogram, batches_larger_than_one, fire_together
+from tests.test_onnx_workflow import sum_then_centre, sum_then_centre_onnx
 from tests.test_startup_progress import startup_lines
 from workflows import startup
 from workflows.base import run_batch
@@ -352,6 +355,103 @@ def test_a_model_that_mixes_rows_serves_every_request_alone_over_http(tmp_path, 
         assert "answered differently from each alone" in batching["reason"]
         assert "batching=off" in server.log()
         assert_concurrent_answers_are_solo_answers(server, [rows(caller) for caller in range(32)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "warmup"),
+    [(SumThenCentre(), ONE_ROW_WARMUP), (CentreDim0(), MIRRORED_WARMUP)],
+    ids=["sum-then-centre", "centre-dim-0-mirrored-warmup"],
+)
+def test_mixing_that_a_reversed_variant_hides_serves_every_request_alone_over_http(tmp_path, model, warmup):
+    # Both passed the start-up check with batching on, and concurrent callers got each other's rows (explore_kinds K1).
+    with serving(kw_args(model_file(tmp_path, model), warmup_input=warmup), tmp_path) as server:
+        assert server.get("/info").json()["model"]["batching"]["enabled"] is False
+        datas = [rows(caller) for caller in range(20)]
+        assert_concurrent_answers_are_solo_answers(server, datas)
+        with torch.inference_mode():  # and the solo answers are the model's own, run here in-process
+            for data, answer in zip(datas, (server.post({"source": 1, "data": d}).json() for d in datas), strict=True):
+                assert np.allclose(answer["values"], model(torch.tensor(data["values"])).numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def per_request_server(tmp_path_factory):
+    """ALLOWED_MODELS on, and a loopback Hub (tests/hubserver.py) holding models a client may name: two that mix the
+    rows of a batch (TorchScript and ONNX) and a row-wise one."""
+    root = tmp_path_factory.mktemp("per-request-batching")
+    files = {
+        "org/centre": ("model.pt", model_file(root, CentreDim0())),
+        "org/sum-centre": ("model.pt", model_file(root, SumThenCentre())),
+        "org/affine": ("model.pt", model_file(root, Affine(features=3))),
+        "org/sum-centre-onnx": ("model.onnx", str(sum_then_centre_onnx(root / "sum-centre.onnx"))),
+    }
+    repos = {
+        repo: Repo(make_repo(root / repo.replace("/", "-"), [{name: Path(path).read_bytes()}]))
+        for repo, (name, path) in files.items()
+    }
+    hub = Hub(repos).start()
+    try:
+        env = {"HF_ENDPOINT": hub.url, "ALLOWED_MODELS": json.dumps(["huggingface/org/*"])}
+        with serving(env, root) as server:
+            yield server
+    finally:
+        hub.stop()
+
+
+def per_request_rows(caller: int) -> list[list[float]]:
+    return [[float(caller), 2.0 * caller, 0.5 - caller + row] for row in range(1 + caller % 2)]
+
+
+def in_process_answer(model_id: str, rows_: list[list[float]]) -> np.ndarray:
+    """What the Hub's model ``model_id`` answers for ``rows_`` run alone, here."""
+    if model_id.endswith(".onnx"):
+        return np.asarray(sum_then_centre(rows_))
+    model = {"huggingface/org/centre:model.pt": CentreDim0(), "huggingface/org/sum-centre:model.pt": SumThenCentre()}
+    with torch.inference_mode():
+        return model[model_id](torch.tensor(rows_)).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "huggingface/org/centre:model.pt",
+        "huggingface/org/sum-centre:model.pt",
+        "huggingface/org/sum-centre-onnx:model.onnx",
+    ],
+    ids=["torchscript-centre", "torchscript-sum-then-centre", "onnx-sum-then-centre"],
+)
+def test_a_per_request_model_that_mixes_rows_answers_each_caller_alone(per_request_server, model_id):
+    # A per-request model has no warm-up input, and was batched unchecked: concurrent callers of a model that
+    # mixes rows got each other's values (explore_kinds K3). Its first requests arrive together here.
+    for _ in range(3):
+        bodies = [
+            {
+                "source": 1,
+                "data": {
+                    "model_id": model_id,
+                    "input": {"dtype": 1, "shape": [len(r), 3], "values": [v for row in r for v in row]},
+                },
+            }
+            for r in map(per_request_rows, range(20))
+        ]
+        for caller, response in enumerate(fire_together(per_request_server, bodies)):
+            assert response.status_code == 200, response.text
+            expected = in_process_answer(model_id, per_request_rows(caller))
+            assert np.allclose(np.reshape(response.json()["values"], expected.shape), expected, atol=1e-5), caller
+    [loaded] = [m for m in per_request_server.get("/info").json()["models"]["loaded"] if m["model_id"] == model_id]
+    assert loaded["batching"]["enabled"] is False and loaded["batching"]["checked"] is True, loaded
+    assert "a batch of a request's input and variants of it" in loaded["batching"]["reason"]
+
+
+@pytest.mark.slow
+def test_a_row_wise_per_request_model_is_checked_and_keeps_batching(per_request_server):
+    model_id = "huggingface/org/affine:model.pt"
+    data = {"model_id": model_id, "input": {"dtype": 1, "shape": [1, 3], "values": [1.0, 2.0, 3.0]}}
+    response = per_request_server.post({"source": 1, "data": data})
+    assert response.status_code == 200, response.text
+    [loaded] = [m for m in per_request_server.get("/info").json()["models"]["loaded"] if m["model_id"] == model_id]
+    assert loaded["batching"]["enabled"] is True and loaded["batching"]["checked"] is True, loaded
 
 
 @pytest.mark.slow
