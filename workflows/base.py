@@ -484,7 +484,7 @@ def check_on_first_request(workflow: Any, prepared: list[Any]) -> list[Any]:
     request that could share a forward is checked first (its workflow's ``check_batching``, the start-up check with
     that request's input), and until a check has passed nothing shares a forward. Whenever the workflow's batching
     is off (the check failed, or the model fails on that input alone: the next request checks), every item runs
-    alone, also those keyed before the check turned it off."""
+    alone, also those keyed before the check turned it off. Raises nothing: a failed check is logged."""
     if getattr(workflow, "batching_check_pending", False):
         first = next((e for e in prepared if isinstance(e, _Item) and e.key is not None), None)
         if first is None:
