@@ -37,7 +37,7 @@ from typing import Any
 from core.asgi import bound_uvicorn
 from core.errors import Outcome, Overloaded, failure
 from core.model_call import ForModel
-from workflows.base import forward_groups, postprocess_all, preprocess_all
+from workflows.base import check_on_first_request, forward_groups, postprocess_all, preprocess_all
 
 log = logging.getLogger("runner.batch_runner")
 
@@ -165,7 +165,7 @@ class BatchRunner:
         if done:
             yield done, [prepared[i].entry for i in done]
         for workflow, indices, values in groups.values():
-            for places, results in forward_groups(workflow, values):
+            for places, results in forward_groups(workflow, check_on_first_request(workflow, values)):
                 yield [indices[p] for p in places], results
 
     def _serve(self) -> None:

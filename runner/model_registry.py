@@ -212,7 +212,10 @@ class ModelRegistry:
         return {
             "max_loaded_models": self.max_models,
             "max_loaded_model_bytes": self.max_bytes,
-            "loaded": [{"model_id": key, "bytes": entry.size_bytes} for key, entry in self._loaded.items()],
+            "loaded": [
+                {"model_id": key, "bytes": entry.size_bytes, **_batching(entry.workflow)}
+                for key, entry in self._loaded.items()
+            ],
             "loading": list(self._loading),
             "counts": {key: dict(stats) for key, stats in self._stats.items()},
             "failed": {key: {"status": status, "reason": reason} for key, (status, reason) in failed.items()},
@@ -230,6 +233,13 @@ class ModelRegistry:
                 log.exception("listing the model cache failed")
                 report["cached"] = []
         return report
+
+
+def _batching(workflow: Any) -> dict[str, Any]:
+    """A loaded model's batching state for /info (whether its first request's check has run, and what it found)."""
+    info = getattr(workflow, "info", None)
+    batching = info.get("batching") if isinstance(info, dict) else None
+    return {"batching": batching} if batching else {}
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -8,6 +8,7 @@ two, and then serves every request alone. The models here break naive batching i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ import torch
 from core.errors import StartupError
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, ServiceSettings, TorchSettings
 from tests.fixtures.server import serving
+from tests.hubserver import Hub, Repo, make_repo
 from tests.models import Affine, save
 from tests.test_batching_http import batch_histogram, batches_larger_than_one, fire_together
+from tests.test_onnx_workflow import sum_then_centre, sum_then_centre_onnx
 from tests.test_startup_progress import startup_lines
 from workflows import startup
 from workflows.base import run_batch
@@ -59,6 +62,39 @@ class CentreDim0(torch.nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
+class SumThenCentre(torch.nn.Module):
+    """Each row's sum minus the batch's mean of those sums: a row with its values reversed has the same sum, so a
+    batch with that variant looked like two copies (explore_kinds K1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.sum(-1, keepdim=True)
+        return y - y.mean(0, keepdim=True)
+
+
+class SortThenCentre(torch.nn.Module):
+    """Each row sorted, minus the batch's mean of the sorted rows: blind to a reversal, like any per-row sort."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.sort(-1).values
+        return y - y.mean(0, keepdim=True)
+
+
+class MaxPoolThenNormalise(torch.nn.Module):
+    """Each row's largest value over the batch's: max-pooling, then a norm over dim 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.amax(-1, keepdim=True)
+        return y / y.abs().amax(0, keepdim=True)
+
+
+class SortedIdsMinusSmallest(torch.nn.Module):
+    """Integer inputs (ids): each row sorted, minus the batch's smallest sorted row; integers stay integers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.sort(-1).values
+        return y - y.min(0, keepdim=True).values
+
+
 class Twice(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2
@@ -91,10 +127,14 @@ class Counting(torch.nn.Module):
 # The reported mix: alone, [1, 2, 3] -> [0.0900, 0.2447, 0.6652] and [1, 1, 1, 1, 1] -> [0.2] * 5.
 RANK_1 = [{"dtype": "float", "values": [1, 2, 3]}, {"dtype": "float", "values": [1, 1, 1, 1, 1]}] * 4
 ROWS_WARMUP = {"dtype": "float", "values": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]}
+ONE_ROW_WARMUP = {"dtype": "float", "values": [[1.0, 2.0, 3.0]]}
+MIRRORED_WARMUP = {"dtype": "float", "values": [[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]}  # the same rows reversed
+VARIANTS = "its values reversed along the last axis; its values times 2 plus 1; its values times -3 plus 0.5"
 
 
-def rows(caller: int) -> dict:
-    return {"dtype": "float", "values": [[caller + 1.0, 2.0, 3.0], [4.0, caller + 5.0, 6.0]][: 1 + caller % 2]}
+def rows(caller: int, dtype: str = "float") -> dict:
+    values = [[caller + 1, 2, 3], [4, caller + 5, 6]][: 1 + caller % 2]
+    return {"dtype": dtype, "values": [[float(v) for v in row] for row in values] if dtype == "float" else values}
 
 
 def model_file(tmp_path, model: torch.nn.Module) -> str:
@@ -161,20 +201,39 @@ def test_the_warmup_check_batches_the_input_with_a_different_row(tmp_path, model
     workflow = workflow_for(tmp_path, model, warmup_input=ROWS_WARMUP)
     batching = workflow.describe()["batching"]
     assert batching["enabled"] is False and batching["checked"] is True
-    assert (
-        "a batch of the warm-up input and a variant of it (its values reversed along the last axis)"
-        in (batching["reason"])
-    )
+    assert f"a batch of the warm-up input and variants of it ({VARIANTS})" in batching["reason"]
     assert_solo_answers(workflow, [rows(caller) for caller in range(6)])
+
+
+@pytest.mark.parametrize(
+    ("model", "warmup", "dtype"),
+    [
+        (SumThenCentre(), ONE_ROW_WARMUP, "float"),
+        (SortThenCentre(), ONE_ROW_WARMUP, "float"),
+        (MaxPoolThenNormalise(), ONE_ROW_WARMUP, "float"),
+        (CentreDim0(), MIRRORED_WARMUP, "float"),
+        (SortedIdsMinusSmallest(), {"dtype": "long", "values": [[1, 2, 3]]}, "long"),
+    ],
+    ids=["sum-then-centre", "sort-then-centre", "max-pool-then-normalise", "mirrored-warmup", "integer-ids"],
+)
+def test_the_warmup_check_catches_mixing_that_a_reversed_variant_hides(tmp_path, model, warmup, dtype):
+    # A variant with its values reversed is the same input to a model whose per-row features ignore the order, and
+    # mirrored warm-up rows are their own reversal: batching stayed on and rows mixed (explore_kinds K1).
+    workflow = workflow_for(tmp_path, model, warmup_input=warmup)
+    batching = workflow.describe()["batching"]
+    assert batching["enabled"] is False and batching["checked"] is True, batching
+    assert "answered differently from each alone" in batching["reason"]
+    assert_solo_answers(workflow, [rows(caller, dtype) for caller in range(6)])
 
 
 @pytest.mark.parametrize(
     ("warmup", "checked_with"),
     [
-        ({"dtype": "float", "values": [[2.0, 2.0, 2.0]]}, "a variant of it (its values plus one)"),
-        ({"dtype": "long", "values": [[3, 3, 3]]}, "two copies of the warm-up input"),
+        ({"dtype": "float", "values": [[2.0, 2.0, 2.0]]}, "variants of it (its values times 2 plus 1; its"),
+        ({"dtype": "long", "values": [[3, 3, 3]]}, "a variant of it (its values halved)"),
+        ({"dtype": "long", "values": [[0, 0, 0]]}, "two copies of the warm-up input"),
     ],
-    ids=["same-reversed-float", "same-reversed-integer"],
+    ids=["same-reversed-float", "same-reversed-integer", "all-zero-integer"],
 )
 def test_inputs_that_read_the_same_reversed_get_another_variant_or_two_copies(tmp_path, warmup, checked_with):
     model = Affine(features=3) if warmup["dtype"] == "float" else Twice()  # Twice keeps integers integers
@@ -187,8 +246,8 @@ def test_a_model_that_cannot_split_a_batch_gets_batching_off_at_warmup(tmp_path)
     workflow = workflow_for(tmp_path, SumScalar(), warmup_input=ROWS_WARMUP)
     batching = workflow.describe()["batching"]
     assert batching["enabled"] is False
-    assert "the model failed on a batch of the warm-up input and a variant of it" in batching["reason"]
-    assert "does not split into 2 items" in batching["reason"]
+    assert "the model failed on a batch of the warm-up input and variants of it" in batching["reason"]
+    assert "does not split into 4 items" in batching["reason"]
     assert_solo_answers(workflow, [rows(caller) for caller in range(4)])
 
 
@@ -197,8 +256,7 @@ def test_a_row_wise_model_keeps_batching_and_shares_forwards(tmp_path):
     assert workflow.describe()["batching"] == {
         "enabled": True,
         "checked": True,
-        "reason": "a batch of the warm-up input and a variant of it (its values reversed along the last axis) "
-        "gave each the answer it gets alone",
+        "reason": f"a batch of the warm-up input and variants of it ({VARIANTS}) gave each the answer it gets alone",
     }
     counting = Counting(workflow.model)
     workflow.model = counting
@@ -297,6 +355,103 @@ def test_a_model_that_mixes_rows_serves_every_request_alone_over_http(tmp_path, 
         assert "answered differently from each alone" in batching["reason"]
         assert "batching=off" in server.log()
         assert_concurrent_answers_are_solo_answers(server, [rows(caller) for caller in range(32)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "warmup"),
+    [(SumThenCentre(), ONE_ROW_WARMUP), (CentreDim0(), MIRRORED_WARMUP)],
+    ids=["sum-then-centre", "centre-dim-0-mirrored-warmup"],
+)
+def test_mixing_that_a_reversed_variant_hides_serves_every_request_alone_over_http(tmp_path, model, warmup):
+    # Both passed the start-up check with batching on, and concurrent callers got each other's rows (explore_kinds K1).
+    with serving(kw_args(model_file(tmp_path, model), warmup_input=warmup), tmp_path) as server:
+        assert server.get("/info").json()["model"]["batching"]["enabled"] is False
+        datas = [rows(caller) for caller in range(20)]
+        assert_concurrent_answers_are_solo_answers(server, datas)
+        with torch.inference_mode():  # and the solo answers are the model's own, run here in-process
+            for data, answer in zip(datas, (server.post({"source": 1, "data": d}).json() for d in datas), strict=True):
+                assert np.allclose(answer["values"], model(torch.tensor(data["values"])).numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def per_request_server(tmp_path_factory):
+    """ALLOWED_MODELS on, and a loopback Hub (tests/hubserver.py) holding models a client may name: two that mix the
+    rows of a batch (TorchScript and ONNX) and a row-wise one."""
+    root = tmp_path_factory.mktemp("per-request-batching")
+    files = {
+        "org/centre": ("model.pt", model_file(root, CentreDim0())),
+        "org/sum-centre": ("model.pt", model_file(root, SumThenCentre())),
+        "org/affine": ("model.pt", model_file(root, Affine(features=3))),
+        "org/sum-centre-onnx": ("model.onnx", str(sum_then_centre_onnx(root / "sum-centre.onnx"))),
+    }
+    repos = {
+        repo: Repo(make_repo(root / repo.replace("/", "-"), [{name: Path(path).read_bytes()}]))
+        for repo, (name, path) in files.items()
+    }
+    hub = Hub(repos).start()
+    try:
+        env = {"HF_ENDPOINT": hub.url, "ALLOWED_MODELS": json.dumps(["huggingface/org/*"])}
+        with serving(env, root) as server:
+            yield server
+    finally:
+        hub.stop()
+
+
+def per_request_rows(caller: int) -> list[list[float]]:
+    return [[float(caller), 2.0 * caller, 0.5 - caller + row] for row in range(1 + caller % 2)]
+
+
+def in_process_answer(model_id: str, rows_: list[list[float]]) -> np.ndarray:
+    """What the Hub's model ``model_id`` answers for ``rows_`` run alone, here."""
+    if model_id.endswith(".onnx"):
+        return np.asarray(sum_then_centre(rows_))
+    model = {"huggingface/org/centre:model.pt": CentreDim0(), "huggingface/org/sum-centre:model.pt": SumThenCentre()}
+    with torch.inference_mode():
+        return model[model_id](torch.tensor(rows_)).numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "huggingface/org/centre:model.pt",
+        "huggingface/org/sum-centre:model.pt",
+        "huggingface/org/sum-centre-onnx:model.onnx",
+    ],
+    ids=["torchscript-centre", "torchscript-sum-then-centre", "onnx-sum-then-centre"],
+)
+def test_a_per_request_model_that_mixes_rows_answers_each_caller_alone(per_request_server, model_id):
+    # A per-request model has no warm-up input, and was batched unchecked: concurrent callers of a model that
+    # mixes rows got each other's values (explore_kinds K3). Its first requests arrive together here.
+    for _ in range(3):
+        bodies = [
+            {
+                "source": 1,
+                "data": {
+                    "model_id": model_id,
+                    "input": {"dtype": 1, "shape": [len(r), 3], "values": [v for row in r for v in row]},
+                },
+            }
+            for r in map(per_request_rows, range(20))
+        ]
+        for caller, response in enumerate(fire_together(per_request_server, bodies)):
+            assert response.status_code == 200, response.text
+            expected = in_process_answer(model_id, per_request_rows(caller))
+            assert np.allclose(np.reshape(response.json()["values"], expected.shape), expected, atol=1e-5), caller
+    [loaded] = [m for m in per_request_server.get("/info").json()["models"]["loaded"] if m["model_id"] == model_id]
+    assert loaded["batching"]["enabled"] is False and loaded["batching"]["checked"] is True, loaded
+    assert "a batch of a request's input and variants of it" in loaded["batching"]["reason"]
+
+
+@pytest.mark.slow
+def test_a_row_wise_per_request_model_is_checked_and_keeps_batching(per_request_server):
+    model_id = "huggingface/org/affine:model.pt"
+    data = {"model_id": model_id, "input": {"dtype": 1, "shape": [1, 3], "values": [1.0, 2.0, 3.0]}}
+    response = per_request_server.post({"source": 1, "data": data})
+    assert response.status_code == 200, response.text
+    [loaded] = [m for m in per_request_server.get("/info").json()["models"]["loaded"] if m["model_id"] == model_id]
+    assert loaded["batching"]["enabled"] is True and loaded["batching"]["checked"] is True, loaded
 
 
 @pytest.mark.slow

@@ -106,6 +106,30 @@ def row_mixing_onnx(path: Path, centre: bool = False) -> Path:
     return save(graph, path)
 
 
+def sum_then_centre_onnx(path: Path) -> Path:
+    """x [batch, 3] float -> y [batch, 1]: each row's sum minus the batch's mean of those sums. A row's sum ignores
+    the order of its values, so a batch with the input reversed read as two copies (explore_kinds K1)."""
+    nodes = [
+        helper.make_node("ReduceSum", ["x", "last"], ["sums"], keepdims=1),
+        helper.make_node("ReduceMean", ["sums"], ["mean"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["sums", "mean"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sum_then_centre",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [numpy_helper.from_array(np.array([-1], dtype=np.int64), "last")],
+    )
+    return save(graph, path)
+
+
+def sum_then_centre(rows: list[list[float]]) -> list[list[float]]:
+    """What ``sum_then_centre_onnx`` answers for ``rows`` alone."""
+    sums = np.asarray(rows, dtype=np.float32).sum(-1, keepdims=True)
+    return (sums - sums.mean(0, keepdims=True)).tolist()
+
+
 def square_onnx(path: Path) -> Path:
     """x [n, n] float -> y = x (Identity): one input naming one dimension twice."""
     graph = helper.make_graph(
@@ -126,6 +150,7 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "two": two_input_onnx(folder / "two.onnx"),
         "mixing": row_mixing_onnx(folder / "mixing.onnx"),
         "centring": row_mixing_onnx(folder / "centring.onnx", centre=True),
+        "sum-then-centre": sum_then_centre_onnx(folder / "sum-then-centre.onnx"),
         "square": square_onnx(folder / "square.onnx"),
     }
 
@@ -277,11 +302,18 @@ def test_a_fixed_first_dimension_runs_alone(onnx_models, tmp_path):
         workflow.preprocess({"input": [IRIS_VECTOR, IRIS_VECTOR]})
 
 
-@pytest.mark.parametrize("model", ["mixing", "centring"])
-def test_start_up_turns_batching_off_for_a_model_that_mixes_rows(onnx_models, tmp_path, model):
-    workflow = build(
-        onnx_models[model], tmp_path, warmup_input={"inputs": {"x": {"dtype": "float", "values": [[1, 3]]}}}
-    )
+@pytest.mark.parametrize(
+    ("model", "warmup"),
+    [
+        ("mixing", [[1, 3]]),
+        ("centring", [[1, 3]]),
+        ("centring", [[1, 3], [3, 1]]),  # rows that are each other reversed: the reversed variant is the same batch
+        ("sum-then-centre", [[1, 2, 3]]),
+    ],
+    ids=["mixing", "centring", "centring-mirrored-warmup", "sum-then-centre"],
+)
+def test_start_up_turns_batching_off_for_a_model_that_mixes_rows(onnx_models, tmp_path, model, warmup):
+    workflow = build(onnx_models[model], tmp_path, warmup_input={"inputs": {"x": {"dtype": "float", "values": warmup}}})
     batching = workflow.describe()["batching"]
     assert (
         batching
@@ -292,7 +324,7 @@ def test_start_up_turns_batching_off_for_a_model_that_mixes_rows(onnx_models, tm
         }
         and "answered differently from each alone" in batching["reason"]
     )
-    assert workflow.batch_key(workflow.preprocess({"x": [[1, 3], [5, 7]]})) is None
+    assert workflow.batch_key(workflow.preprocess({"x": [[1, 3, 5][: len(warmup[0])]]})) is None
 
 
 def test_is_onnx_tells_onnx_bytes_from_torch_files(onnx_models, tmp_path):
@@ -414,6 +446,24 @@ def test_served_errors_are_400_naming_the_expected_input(onnx_server):
     response = onnx_server.post(offchain({"input": [[1, 2, 3]]}))
     assert response.status_code == 400, response.text
     assert "shape [1, 3] does not fit the model's input 'input' [batch, 4]" in response.json()["description"]
+
+
+def test_served_sum_then_centre_model_answers_each_caller_alone(onnx_models, tmp_path):
+    # Passed the start-up check (its input reversed has the same sums) and answered most concurrent callers with
+    # values from the others' rows (explore_kinds K1).
+    kwargs = {"model_path": str(onnx_models["sum-then-centre"]), "warmup_input": {"x": [[1.0, 2.0, 3.0]]}}
+    env = {"CLASSIC_INF_WORKFLOW_CLASS": ONNX_CLASS, "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps(kwargs)}
+
+    def rows_for(caller: int) -> list[list[float]]:
+        return [[caller, 2.0 * caller, 0.5 - caller + row] for row in range(1 + caller % 2)]
+
+    with serving(env, tmp_path) as server:
+        assert server.get("/info").json()["model"]["batching"]["enabled"] is False
+        for _ in range(2):
+            responses = fire_together(server, [offchain({"x": rows_for(i)}) for i in range(20)])
+            for caller, response in enumerate(responses):
+                assert response.status_code == 200, response.text
+                np.testing.assert_allclose(response.json()["values"], sum_then_centre(rows_for(caller)), atol=1e-5)
 
 
 def test_served_two_input_model_by_the_original_class_path(onnx_models, tmp_path):

@@ -40,7 +40,6 @@ StartupError when the class is defined or built, with the fix in the message.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -438,39 +437,76 @@ def _run_group(workflow: InferenceWorkflow, group: list[Any]) -> list[Any]:
     return outputs
 
 
-def check_batch_of_two(
+def check_batch(
     workflow: InferenceWorkflow,
     item: Any,
     differ: Callable[[Any, Any], str | None],
-    variant: Callable[[Any], tuple[Any, str] | None],
+    variants: Callable[[Any], list[tuple[Any, str]]],
+    first: str = "the warm-up input",
 ) -> tuple[str | None, str]:
-    """At start-up, in the runner process: whether ``item`` (preprocessed, with a batch key), batched with a different
-    input, gets the answer each gets alone. Returns (why not, or None; what the batch held, for the reason shown).
+    """In the runner process, on the thread that runs the model: whether ``item`` (preprocessed, with a batch key),
+    batched with different inputs, gets the answer each gets alone. ``first`` names ``item`` in the reason. Returns
+    (why not, or None; what the batch held, for the reason shown).
 
     A batch must never change an answer; a model that mixes the rows of a batch (a norm over dim 0, a sum over
-    everything) or cannot take two rows fails this check. The second input is ``variant(item)``, (input, how it
-    was made): two copies would hide a model that subtracts the batch's mean, since the mean of two copies is the
-    copy. When there is no variant, or the model refuses it alone, two copies are checked. ``differ(alone, batched)``
-    says how two outputs differ (None: they agree). The solo run's errors propagate; the batch's become the reason.
+    everything) or cannot take several rows fails this check. The other inputs are ``variants(item)``, each (input,
+    how it was made), all in one batch with ``item``: two copies would hide a model that subtracts the batch's mean,
+    and one variant that a per-row symmetry maps back to the input (a sum or a sort of values reversed) would too;
+    the batch passes only if every input answers as alone. A variant the model refuses alone is left out; with none
+    left, two copies are checked. ``differ(alone, batched)`` says how two outputs differ (None: they agree). The
+    solo run's errors propagate; the batch's become the reason.
     """
     [alone] = _run_group(workflow, [item])
-    made = variant(item)
-    pair, what = None, "two copies of the warm-up input"
-    if made is not None:
-        other, how = made
-        with contextlib.suppress(Exception):  # the model refuses the variant: copies are what can be checked
+    inputs, expected, hows = [item], [alone], []
+    for other, how in variants(item):
+        try:
             [other_alone] = _run_group(workflow, [other])
-            pair, what = (other, other_alone), f"the warm-up input and a variant of it ({how})"
-    other, other_alone = pair or (item, alone)
+        except Exception:  # a variant the model refuses is no input a request could send it: left out
+            continue
+        inputs.append(other)
+        expected.append(other_alone)
+        hows.append(how)
+    if hows:
+        what = f"{first} and {'a variant' if len(hows) == 1 else 'variants'} of it ({'; '.join(hows)})"
+    else:
+        what = f"two copies of {first}"
+        inputs, expected = [item, item], [alone, alone]
     try:
-        batched = _run_group(workflow, [item, other])
+        batched = _run_group(workflow, inputs)
     except Exception as e:
         return f"the model failed on a batch of {what} ({type(e).__name__}: {first_line(e)})", what
-    for expected, output in zip((alone, other_alone), batched):
-        difference = differ(expected, output)
+    for solo, output in zip(expected, batched):
+        difference = differ(solo, output)
         if difference is not None:
             return f"a batch of {what} answered differently from each alone ({difference})", what
     return None, what
+
+
+def check_on_first_request(workflow: Any, prepared: list[Any]) -> list[Any]:
+    """On the model thread, before ``forward_groups``: ``prepared`` as it may be forwarded. A per-request model
+    (workflows/per_request.py) has no warm-up input, so while its ``batching_check_pending`` is true the first
+    request that could share a forward is checked first (its workflow's ``check_batching``, the start-up check with
+    that request's input), and until a check has passed nothing shares a forward. Whenever the workflow's batching
+    is off (the check failed, or the model fails on that input alone: the next request checks), every item runs
+    alone, also those keyed before the check turned it off. Raises nothing: a failed check is logged."""
+    if getattr(workflow, "batching_check_pending", False):
+        first = next((e for e in prepared if isinstance(e, _Item) and e.key is not None), None)
+        if first is None:
+            return prepared
+        try:
+            workflow.check_batching(first.value, "a request's input")
+        except _RAISED_BY_MODEL as error:  # that request fails alone and says why; another request will check
+            log.info("batching check on a request's input failed (%s); those requests run alone", first_line(error))
+            return _alone(prepared)
+        workflow.batching_check_pending = False
+        log.info("batching check on a request's input: %s", workflow.info.get("batching"))
+    if getattr(workflow, "batching", True) is False:
+        return _alone(prepared)
+    return prepared
+
+
+def _alone(prepared: list[Any]) -> list[Any]:
+    return [_Item(entry.value, None) if isinstance(entry, _Item) else entry for entry in prepared]
 
 
 def _run_one_of_group(workflow: InferenceWorkflow, item: Any) -> Any:

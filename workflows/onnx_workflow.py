@@ -17,7 +17,7 @@ the answer can be the next container's request; a model with several outputs ans
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,7 +27,7 @@ import torch
 from core.errors import InputError, ModelError, StartupError, first_line
 from core.settings import TorchSettings
 from workflows import sources, tensors
-from workflows.base import InferenceWorkflow, check_batch_of_two, check_kwargs
+from workflows.base import InferenceWorkflow, check_batch, check_kwargs
 
 # onnxruntime's element types -> the contract's dtype names; other types (strings, unsigned beyond uint8, bfloat16,
 # sequences, maps) cannot travel in the contract's vocabulary.
@@ -249,16 +249,14 @@ class ONNXInferenceWorkflow(
         return None
 
     def warmup(self) -> bool:
-        """In the runner process, after ``setup``: ``warmup_input`` alone, then (batching on) in a batch with a variant
-        of it (values reversed), which must give each the answer it gets alone; when it does not, or the model cannot
-        take the batch, batching is turned off and ``describe()`` says why. Raises StartupError when the model fails
-        on the input alone."""
+        """In the runner process, after ``setup``: ``warmup_input`` alone, then (batching on) ``check_batching`` with
+        it. Raises StartupError when the model fails on the input alone."""
         if self.warmup_input is None:
             return False
         try:
             item = self.preprocess(self.warmup_input)
             if self.batching and self.batch_key(item) is not None:  # the check runs the input alone first
-                problem, checked_with = check_batch_of_two(self, item, _difference, _variant)
+                self.check_batching(item)
             else:
                 self.unbatch(self.run_model(self.batch([item])), [item])
         except Exception as e:
@@ -268,14 +266,21 @@ class ONNXInferenceWorkflow(
         if self.batch_key(item) is None:
             reason = "not checked: warmup_input has an input of rank < 2 or unequal leading sizes, which run alone"
             self.info["batching"] = {"enabled": True, "checked": False, "reason": reason}
-            return True
+        return True
+
+    def check_batching(self, item: dict[str, np.ndarray], first: str = "the warm-up input") -> None:
+        """In the runner process, on the thread that runs the model (at start-up; for a per-request model, before its
+        first shared forward): ``item`` (a preprocessed input with a batch key, named ``first`` in the reason) in one
+        batch with variants of it (``_variants``), which must give each the answer it gets alone; when they do not,
+        or the model cannot take the batch, batching is turned off. ``describe()`` says which.
+        Raises what the model raises on ``item`` alone."""
+        problem, checked_with = check_batch(self, item, _difference, _variants, first)
         if problem is None:
             reason = f"a batch of {checked_with} gave each the answer it gets alone"
             self.info["batching"] = {"enabled": True, "checked": True, "reason": reason}
         else:
             self.batching = False
             self.info["batching"] = {"enabled": False, "checked": True, "reason": f"{problem}; each request runs alone"}
-        return True
 
     def describe(self) -> dict[str, Any]:
         """In the runner process: what ``GET /info`` reports under ``model``."""
@@ -435,17 +440,39 @@ def _relabel(message: str, prefix: str, strip: str) -> str:
     return f"{prefix}{message}" if prefix else message
 
 
-def _variant(item: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str] | None:
-    """Another input of ``item``'s shapes and dtypes, for the batching check: each array's values reversed along its
-    last axis (ids and indices stay valid), or float arrays plus one when that reads the same; None when neither
-    differs."""
-    reversed_ = {name: np.ascontiguousarray(np.flip(array, -1)) for name, array in item.items()}
-    if any(not np.array_equal(reversed_[name], array) for name, array in item.items()):
-        return reversed_, "its values reversed along the last axis"
-    if any(array.dtype.kind in "fc" for array in item.values()):
-        plus_one = {name: array + 1 if array.dtype.kind in "fc" else array for name, array in item.items()}
-        return plus_one, "its float values plus one"
-    return None
+_REVERSED = "values reversed along the last axis"
+
+
+def _variants(item: dict[str, np.ndarray]) -> list[tuple[dict[str, np.ndarray], str]]:
+    """Other inputs of ``item``'s shapes and dtypes, for the batching check, each (input, how it was made): as the
+    torch workflow's ``_variants``, per array: values reversed along the last axis; floats times 2 plus 1 and times
+    -3 plus 0.5; integers (ids, indices) filled with their own smallest and largest value, and halved (rounded down);
+    booleans negated. Variants equal to ``item`` are left out."""
+
+    def scaled(array: np.ndarray, times: float, plus: float) -> np.ndarray:
+        return (array * times + plus).astype(array.dtype) if array.dtype.kind in "fc" else array
+
+    def filled(array: np.ndarray, pick: Callable[[np.ndarray], Any]) -> np.ndarray:
+        return np.full_like(array, pick(array)) if array.dtype.kind in "iu" and array.size else array
+
+    def changed(array: np.ndarray) -> np.ndarray:
+        if array.dtype.kind == "b":
+            return ~array
+        return array // 2 if array.dtype.kind in "iu" else array
+
+    made = [
+        ({name: np.ascontiguousarray(np.flip(a, -1)) for name, a in item.items()}, _REVERSED),
+        ({name: scaled(a, 2, 1) for name, a in item.items()}, "float values times 2 plus 1"),
+        ({name: scaled(a, -3, 0.5) for name, a in item.items()}, "float values times -3 plus 0.5"),
+        ({name: filled(a, np.min) for name, a in item.items()}, "integers filled with their smallest value"),
+        ({name: filled(a, np.max) for name, a in item.items()}, "integers filled with their largest value"),
+        ({name: changed(a) for name, a in item.items()}, "integers halved and booleans negated"),
+    ]
+    return [
+        (other, f"its {how}")
+        for other, how in made
+        if any(not np.array_equal(other[name], array) for name, array in item.items())
+    ]
 
 
 def _difference(alone: dict[str, np.ndarray], batched: dict[str, np.ndarray]) -> str | None:

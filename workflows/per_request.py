@@ -27,6 +27,10 @@ _MODEL_KWARGS = ("model_path", "model_name", "model_source", "model_args", "load
 _MODEL_ONLY_KWARGS = ("warmup_input", "output_names", "precision", "cast_inputs")
 _TORCH_ONLY_KWARGS = ("use_jit", "device", "precision", "cast_inputs")
 _ONNX_ONLY_KWARGS = ("output_names", "providers")
+PENDING_CHECK = (
+    "not checked yet: the first request of rank >= 2 runs alone and in a batch with variants of it before any "
+    "requests share a forward"
+)
 
 
 class ModelLoadError(ServiceError):
@@ -106,6 +110,13 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
     info = getattr(workflow, "info", None)
     if isinstance(info, dict):  # the file was fetched here; /info names where it came from
         info.update(model_id=model_id, source=model.source, repo=spec.repo_id, revision=model.version)
+    if workflow.batching:
+        # No warm-up input here, and a client chose the model: the model thread checks the first request that could
+        # share a forward (alone vs. in a batch with variants of it) before any do (workflows/base.py
+        # check_on_first_request); until then each runs alone.
+        workflow.batching_check_pending = True
+        if isinstance(info, dict):
+            info["batching"] = {"enabled": True, "checked": False, "reason": PENDING_CHECK}
     return workflow, size
 
 

@@ -13,7 +13,7 @@ import torch
 from core.errors import ModelError, StartupError, first_line
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
 from workflows import model_formats, sources, tensors
-from workflows.base import TensorWorkflow, check_batch_of_two, check_kwargs
+from workflows.base import TensorWorkflow, check_batch, check_kwargs
 
 
 class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
@@ -126,9 +126,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
 
     def warmup(self) -> bool:
         """In the runner process, after ``setup``: ``warmup_input`` alone, so the first request does not pay for lazy
-        initialisation, then (batching on) in a batch with a variant of it (values reversed), which must give each the
-        answer it gets alone; when it does not, or the model cannot take the batch, batching is turned off and
-        ``describe()`` says why.
+        initialisation, then (batching on) ``check_batching`` with it.
         Raises StartupError when the model fails on the input alone (saying so when the input was the embedded
         model's built-in one, not the operator's)."""
         if self.warmup_input is None:
@@ -136,10 +134,9 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         try:
             item = self.preprocess(self.warmup_input)
             if self.batching and self.batch_key(item) is not None:
-                problem, checked_with = check_batch_of_two(self, item, _difference, _variant)
+                self.check_batching(item)
             else:  # nothing to check: the input alone is the warm-up
                 self.run_model(item)
-                problem, checked_with = None, ""
         except Exception as e:
             if self.builtin_warmup:
                 raise StartupError(self._builtin_warmup_failed(e)) from None
@@ -149,13 +146,21 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         if self.batch_key(item) is None:
             reason = f"not checked: warmup_input has rank {item.dim()}, and requests of rank < 2 always run alone"
             self.info["batching"] = {"enabled": True, "checked": False, "reason": reason}
-        elif problem is None:
+        return True
+
+    def check_batching(self, item: torch.Tensor, first: str = "the warm-up input") -> None:
+        """In the runner process, on the thread that runs the model (at start-up; for a per-request model, before its
+        first shared forward): ``item`` (a preprocessed input of rank >= 2, named ``first`` in the reason) in one
+        batch with variants of it (``_variants``), which must give each the answer it gets alone; when they do not,
+        or the model cannot take the batch, batching is turned off. ``describe()`` says which.
+        Raises what the model raises on ``item`` alone."""
+        problem, checked_with = check_batch(self, item, _difference, _variants, first)
+        if problem is None:
             reason = f"a batch of {checked_with} gave each the answer it gets alone"
             self.info["batching"] = {"enabled": True, "checked": True, "reason": reason}
         else:
             self.batching = False
             self.info["batching"] = {"enabled": False, "checked": True, "reason": f"{problem}; each request runs alone"}
-        return True
 
     def _builtin_warmup_failed(self, error: Exception) -> str:
         """Why the embedded model's built-in warm-up input failed, and how to get past it: that input is double,
@@ -230,16 +235,24 @@ def _reason(error: Exception) -> str:
     return last if last.startswith(f"{type(error).__name__}:") else f"{type(error).__name__}: {last}"
 
 
-def _variant(item: torch.Tensor) -> tuple[torch.Tensor, str] | None:
-    """Another input of ``item``'s shape and dtype, for the batching check: its values reversed along the last axis
-    (token ids and indices stay valid), or plus one for floats that read the same reversed; None when neither
-    differs."""
-    reversed_ = item.flip(-1)
-    if not torch.equal(reversed_, item):
-        return reversed_, "its values reversed along the last axis"
+def _variants(item: torch.Tensor) -> list[tuple[torch.Tensor, str]]:
+    """Other inputs of ``item``'s shape and dtype, for the batching check, each (input, how it was made). Features
+    that a row's own symmetries keep (sums, means, sorts, max-pooling: all the same for values reversed) must differ
+    too, so the values also change: floats times 2 plus 1 and times -3 plus 0.5 (no value but -1, resp. 0.125, stays
+    put: between them they move every row); integers, which may be token ids or indices, only take values the input
+    already has (filled with its smallest, and with its largest) or values between 0 and its own (halved, rounded
+    down: a constant row of ids changes too); booleans (masks) are negated. Variants equal to ``item`` are left
+    out."""
+    made = [(item.flip(-1), "its values reversed along the last axis")]
     if item.is_floating_point() or item.is_complex():
-        return item + 1, "its values plus one"
-    return None
+        made += [(item * 2 + 1, "its values times 2 plus 1"), (item * -3 + 0.5, "its values times -3 plus 0.5")]
+    elif item.dtype == torch.bool:
+        made += [(~item, "its values negated")]
+    elif item.numel():
+        made += [(torch.full_like(item, item.min().item()), "filled with its smallest value")]
+        made += [(torch.full_like(item, item.max().item()), "filled with its largest value")]
+        made += [(torch.div(item, 2, rounding_mode="floor"), "its values halved")]
+    return [(other, how) for other, how in made if not torch.equal(other, item)]
 
 
 _on_this_thread = threading.local()  # the torch thread count applied to the calling thread
