@@ -160,7 +160,7 @@ class InfernetService:
         """Once, in the main process, before any worker starts (and before their environment is copied)."""
         with startup.exit_on_error("model"):
             startup.prepare(SETTINGS)
-        startup.exit_nonzero_if_a_worker_fails()
+        startup.exit_nonzero_if_a_worker_fails(before_exit=bentoml_seam.remove_own_metrics_directory)
 
     def __init__(self) -> None:
         client = self.runner.to_async

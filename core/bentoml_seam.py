@@ -397,5 +397,18 @@ def own_metrics_directory() -> Path | None:
     name = f"prometheus_multiproc_dir.{socket.gethostname()}.{os.getpid()}"
     directory = Path(BentoMLContainer.bentoml_home.get()) / name
     BentoMLContainer.prometheus_multiproc_dir.set(str(directory))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    global _own_metrics_directory
+    _own_metrics_directory = directory
+    atexit.register(remove_own_metrics_directory)
     return directory
+
+
+_own_metrics_directory: Path | None = None
+
+
+def remove_own_metrics_directory() -> None:
+    """In the ``bentoml serve`` process, at exit: remove the directory ``own_metrics_directory`` chose (nothing when
+    it chose none). Also called by an exit that skips the exit handlers (a start-up stopped by a worker). Raises
+    nothing."""
+    if _own_metrics_directory is not None:
+        shutil.rmtree(_own_metrics_directory, ignore_errors=True)

@@ -90,15 +90,17 @@ class ServiceSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
-        workflow_set = any(name in env for name in ("CLASSIC_INF_WORKFLOW_CLASS", "CLASSIC_INF_WORKFLOW_KW_ARGS"))
         class_path = env.get("CLASSIC_INF_WORKFLOW_CLASS", "").strip() or BUILTIN_TORCH_WORKFLOW
+        workflow_class = LEGACY_CLASS_PATHS.get(class_path, class_path)
+        # No model named for the built-in torch workflow (the class unset, or set to its default by either path):
+        # serve the example model shipped in the repository, so that naming the default class changes nothing.
+        embedded = "CLASSIC_INF_WORKFLOW_KW_ARGS" not in env and workflow_class == BUILTIN_TORCH_WORKFLOW
         return cls(
-            workflow_class=LEGACY_CLASS_PATHS.get(class_path, class_path),
+            workflow_class=workflow_class,
             workflow_args=json_value(env, "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS", [], list),
-            # Nothing configured at all: serve the example model shipped in the repository.
-            workflow_kwargs=json_value(env, "CLASSIC_INF_WORKFLOW_KW_ARGS", {}, dict)
-            if workflow_set
-            else {"model_path": str(EMBEDDED_MODEL)},
+            workflow_kwargs={"model_path": str(EMBEDDED_MODEL)}
+            if embedded
+            else json_value(env, "CLASSIC_INF_WORKFLOW_KW_ARGS", {}, dict),
             max_batch_size=integer(
                 env,
                 "MAX_BATCH_SIZE",
@@ -158,7 +160,7 @@ class TorchSettings:
         threads = env.get("TORCH_NUM_THREADS", "").strip()
         return cls(
             model_file_name=env.get("TORCH_MODEL_FILE_NAME", "").strip() or cls.model_file_name,
-            use_jit=boolean(env, "USE_JIT", False),
+            use_jit=original_boolean(env, "USE_JIT"),
             use_arweave=use_arweave,
             allowed_arweave_owners=owners,
             arweave_gateway=(env.get("ARWEAVE_GATEWAY", "").strip() or cls.arweave_gateway).rstrip("/"),
@@ -228,11 +230,18 @@ def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if not raw:
         return default
-    if raw in ("1", "true", "yes", "on"):
+    if raw in ("1", "true", "t", "yes", "on"):
         return True
-    if raw in ("0", "false", "no", "off"):
+    if raw in ("0", "false", "f", "no", "off"):
         return False
     raise StartupError(f"{name}: expected true or false, got {raw!r}")
+
+
+def original_boolean(env: Mapping[str, str], name: str) -> bool:
+    """A variable the original service read itself, parsed as it did (``os.getenv(name, "False").lower() in
+    ("true", "1", "t")``): an existing env file keeps its meaning, so any other value, ``yes`` included, is false.
+    Raises nothing."""
+    return env.get(name, "").strip().lower() in ("true", "1", "t")
 
 
 def integer(

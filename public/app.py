@@ -93,6 +93,11 @@ class PublicApp:
         self._bearer = settings.bearer_token.encode() if settings.bearer_token else None
         self.shutdown = ShutdownBound()  # installed by the BentoML service in each API worker
 
+    @property
+    def needs_token(self) -> bool:
+        """Whether BEARER_TOKEN / BEARER_TOKEN_FILE is set (the protected routes then answer 401 without it)."""
+        return self._bearer is not None
+
     def bind(
         self,
         infer: RunnerCall,

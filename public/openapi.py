@@ -15,7 +15,7 @@ import bentoml
 
 from core import bentoml_seam
 from core.terms import DTYPE_NAMES, InfernetInput, error_body
-from public import SERVICE_NAME, __version__, routes
+from public import SERVICE_NAME, __version__, auth, routes
 from public.app import PublicApp
 
 REF = "#/components/schemas/{model}"
@@ -192,10 +192,34 @@ def paths() -> dict[str, Any]:
     }
 
 
-def extend(spec: Any) -> Any:
-    """BentoML's OpenAPISpecification with this service's own routes and schemas added."""
+def require_bearer(components: dict[str, Any], items: dict[str, Any]) -> None:
+    """Declare the bearer scheme and the 401 on the routes public/auth.py protects, so that Swagger UI shows its
+    Authorize button and sends the token with Try it out."""
+    components["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "BEARER_TOKEN (the Infernet node's bearer)"}
+    }
+    refused = {
+        "description": "No Authorization: Bearer token, or not the right one",
+        **_json(
+            _ref("Error"), example=error_body(401, "this route needs an Authorization: Bearer token (BEARER_TOKEN)")
+        ),
+    }
+    for path, item in items.items():
+        if auth.protects(path):
+            for operation in item.values():
+                operation["security"] = [{"bearer": []}]
+                operation["responses"]["401"] = refused
+
+
+def extend(spec: Any, bearer: bool = False) -> Any:
+    """BentoML's OpenAPISpecification with this service's own routes and schemas added; with ``bearer`` (a token
+    is configured), the routes that need it say so. Runs in an API worker for each GET /docs.json, and in
+    `bentoml build` (the bento's apis/openapi.yaml); raises nothing."""
     components = copy.deepcopy(spec.components) if isinstance(spec.components, dict) else {"schemas": {}}
     components.setdefault("schemas", {}).update({**_SCHEMAS, **input_schemas()})
+    items = paths()
+    if bearer:
+        require_bearer(components, items)
     info = attrs.evolve(
         spec.info,
         title=SERVICE_NAME,
@@ -203,7 +227,7 @@ def extend(spec: Any) -> Any:
         description="PyTorch models for Infernet nodes. Try POST /service_output with the iris example: "
         "Try it out, then Execute.",
     )
-    ours = {path: bentoml_seam.path_item(item) for path, item in paths().items()}
+    ours = {path: bentoml_seam.path_item(item) for path, item in items.items()}
     return attrs.evolve(spec, info=info, paths={**spec.paths, **ours}, components=components)
 
 
@@ -212,7 +236,8 @@ class DocumentedService(bentoml.Service):
 
     @property
     def openapi_spec(self) -> Any:
-        return extend(super().openapi_spec)
+        public = next((mounted for mounted, *_ in self.mount_apps if isinstance(mounted, PublicApp)), None)
+        return extend(super().openapi_spec, bearer=public is not None and public.needs_token)
 
 
 class FastRouteService(DocumentedService):

@@ -1,16 +1,25 @@
 """Trains the embedded example model: the iris classifier of the original service's tests.
 
-Deterministic: same data (scikit-learn's bundled iris), same seed, one thread, full-batch training.
-Writes models/iris/model.torch (TorchScript) and models/iris/MODEL_CARD.md.
+Deterministic: same data (scikit-learn's bundled iris), same seed, one thread, full-batch training, and the same
+bytes in any checkout (the archive keeps no source file paths). Writes models/iris/model.torch (TorchScript) and
+models/iris/MODEL_CARD.md, or into the folder ``--out`` names.
 
-    .venv/bin/python scripts/train_iris.py
+    .venv/bin/python scripts/train_iris.py [--out FOLDER]
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import os
 import sys
 from pathlib import Path
+
+if __name__ == "__main__" and os.environ.get("PYTHONHASHSEED") != "0":
+    # nn.Linear's __constants__ is a set: the order of the constants in the saved code, and so the file's sha256,
+    # follows Python's string hash seed, random for each run unless fixed.
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
 
 import torch
 from sklearn.datasets import load_iris
@@ -37,7 +46,29 @@ class IrisClassifier(torch.nn.Module):
         return torch.softmax(self.layers(x), dim=1)
 
 
+def save_without_source_paths(module: torch.jit.ScriptModule, path: Path) -> None:
+    """``torch.jit.save`` without the ``*.debug_pkl`` records: they hold the absolute paths of this script and of
+    torch's own modules, so the file's sha256 changed with the checkout's and the venv's folders. The model and its
+    code are unchanged; TorchScript errors then point at the archive's code instead of the Python source."""
+    saved = io.BytesIO()
+    torch.jit.save(module, saved)
+    saved.seek(0)
+    # torch's own archive reader and writer (private, but the only ones that keep its record layout and alignment).
+    reader = torch._C.PyTorchFileReader(saved)
+    writer = torch._C.PyTorchFileWriter(str(path))  # names the archive's folder after the file: model/
+    for name in reader.get_all_records():
+        # The writer adds its own version, byteorder and serialization id.
+        if name.endswith(".debug_pkl") or name in ("version", "byteorder", ".data/serialization_id"):
+            continue
+        data = reader.get_record(name)
+        writer.write_record(name, data, len(data))
+    writer.write_end_of_file()
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="the folder to write model.torch and MODEL_CARD.md to")
+    out = parser.parse_args().out
     torch.manual_seed(0)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -59,9 +90,9 @@ def main() -> None:
         test_class = int(model(torch.tensor([TEST_VECTOR])).argmax(dim=1))
     assert test_class == 2, f"test vector came out as class {test_class}"
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "model.torch"
-    torch.jit.save(torch.jit.script(model), str(path))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.torch"
+    save_without_source_paths(torch.jit.script(model), path)
     sha256 = sha256_of(path)
     card = {
         "features": list(iris.feature_names),
@@ -71,7 +102,7 @@ def main() -> None:
         "training_accuracy": round(accuracy, 4),
         "sha256": sha256,
     }
-    (OUT / "MODEL_CARD.md").write_text(_card(card))
+    (out / "MODEL_CARD.md").write_text(_card(card))
     print(json.dumps(card, indent=2))
 
 

@@ -165,6 +165,29 @@ def test_real_server_needs_the_bearer_on_the_protected_routes(guarded_server):
 
 
 @pytest.mark.slow
+def test_the_swagger_document_declares_the_bearer_scheme_on_the_protected_routes(guarded_server):
+    # Explorer F17: with a token set, /docs.json declared no scheme, so Swagger UI had no Authorize button and its
+    # Try it out could only get 401.
+    spec = guarded_server.get("/docs.json").json()
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "BEARER_TOKEN (the Infernet node's bearer)",
+    }
+    for path, method in (("/service_output", "post"), ("/info", "get")):
+        operation = spec["paths"][path][method]
+        assert operation["security"] == [{"bearer": []}], path
+        assert operation["responses"]["401"]["content"]["application/json"]["example"]["code"] == "401", path
+    resources = spec["paths"]["/service-resources"]["get"]
+    assert "security" not in resources and "401" not in resources["responses"]  # open: the node reads it
+    assert TOKEN not in guarded_server.get("/docs.json").text
+    # What Try it out then sends: the iris example with the header Swagger UI adds.
+    example = spec["paths"]["/service_output"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    answer = guarded_server.post(example["iris"]["value"], headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200 and answer.json()["shape"] == [1, 3]
+
+
+@pytest.mark.slow
 def test_real_server_closes_the_connection_after_refusing_an_unread_body(guarded_server):
     """A client that sends a large body without the token gets its 401 at once, then the connection closes: the
     unread body is never taken for a next request."""

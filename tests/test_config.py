@@ -20,6 +20,22 @@ def test_nothing_set_serves_the_embedded_model():
     assert EMBEDDED_MODEL.is_file()
 
 
+@pytest.mark.parametrize(
+    "class_path",
+    [BUILTIN_TORCH_WORKFLOW, "infernet_ml.workflows.inference.torch_inference_workflow.TorchInferenceWorkflow"],
+)
+def test_naming_only_the_default_class_still_serves_the_embedded_model(class_path):
+    # Explorer F4: setting CLASSIC_INF_WORKFLOW_CLASS to its documented default stopped start-up ("name a model").
+    settings = ServiceSettings.from_env({"CLASSIC_INF_WORKFLOW_CLASS": class_path})
+    assert settings.workflow_class == BUILTIN_TORCH_WORKFLOW
+    assert settings.workflow_kwargs == {"model_path": str(EMBEDDED_MODEL)}
+    # Named KW_ARGS, even {}, and other classes keep what they were given.
+    assert not ServiceSettings.from_env(
+        {"CLASSIC_INF_WORKFLOW_CLASS": class_path, "CLASSIC_INF_WORKFLOW_KW_ARGS": "{}"}
+    ).workflow_kwargs
+    assert not ServiceSettings.from_env({"CLASSIC_INF_WORKFLOW_CLASS": "my_workflows.Scaler"}).workflow_kwargs
+
+
 def test_original_library_class_path_resolves_to_builtin():
     env = {
         "CLASSIC_INF_WORKFLOW_CLASS": "infernet_ml.workflows.inference.torch_inference_workflow.TorchInferenceWorkflow",
@@ -92,7 +108,7 @@ def test_model_threads_leave_a_core_to_the_http_side(tmp_path, monkeypatch, cpus
     "env, message",
     [
         ({"USE_ARWEAVE": "true"}, "ALLOWED_ARWEAVE_OWNERS: required when USE_ARWEAVE is true"),
-        ({"USE_JIT": "maybe"}, "USE_JIT: expected true or false"),
+        ({"USE_ARWEAVE": "maybe"}, "USE_ARWEAVE: expected true or false"),
         ({"TORCH_NUM_THREADS": "9" * 23}, "TORCH_NUM_THREADS: expected an integer from 1 to 1024, got 999"),
         ({"ALLOWED_ARWEAVE_OWNERS": "[1, 2]"}, "ALLOWED_ARWEAVE_OWNERS: expected a JSON list of wallet addresses"),
     ],
@@ -201,3 +217,19 @@ def test_every_variable_the_service_reads_is_listed_for_test_servers_to_clear():
     missing = (env.asked | read_directly) - NOT_SETTINGS - set(config.VARIABLES)
     assert not missing, f"read by the service but not in core.settings.VARIABLES: {sorted(missing)}"
     assert set(SERVICE_VARS) == set(config.VARIABLES)
+
+
+@pytest.mark.parametrize(
+    "value, use_jit",
+    [("t", True), ("T", True), ("1", True), ("True", True), ("yes", False), ("on", False), ("f", False), ("", False)],
+)
+def test_use_jit_reads_as_the_original_service_read_it(value, use_jit):
+    # Explorer F13: the original read os.getenv("USE_JIT", "False").lower() in ("true", "1", "t"), so an env file
+    # with USE_JIT=t turned JIT on and USE_JIT=yes left it off; here t was refused and yes turned it on.
+    assert TorchSettings.from_env({"USE_JIT": value}).use_jit is use_jit
+
+
+@pytest.mark.parametrize("value, on", [("t", True), ("f", False), ("yes", True), ("0", False)])
+def test_the_service_booleans_take_t_and_f(value, on):
+    assert TorchSettings.from_env({"USE_ARWEAVE": value, "ALLOWED_ARWEAVE_OWNERS": "a"}).use_arweave is on
+    assert ServiceSettings.from_env({"INFERNET_FAST_PATH": value}).fast_path is on

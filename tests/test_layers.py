@@ -1,5 +1,5 @@
 """The packages import only downward (service -> public, runner -> workflows -> core; public -> core), and one
-module touches BentoML below its public API (the same facts as the structure tool, ../shared/tools/import_layers.py)."""
+module touches BentoML below its public API."""
 
 from __future__ import annotations
 

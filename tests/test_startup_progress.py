@@ -50,6 +50,18 @@ def test_a_failed_stage_is_named(tmp_path):
     assert "start-up failed (model): model source=local repo=/nonexistent/model.torch" in output
 
 
+@pytest.mark.slow
+def test_a_start_up_that_fails_in_the_runner_leaves_no_metrics_directory(tmp_path):
+    # Explorer F16: the runner's failure stopped the server through an exit that skipped the removal of its
+    # prometheus_multiproc_dir.<host>.<pid>, so a crash-looping container gathered one per failed start.
+    kw_args = f'{{"model_path": "{EMBEDDED_MODEL}", "warmup_input": {{"dtype": "float", "values": [[1, 2, 3]]}}}}'
+    exit_status, output = run_to_exit({"CLASSIC_INF_WORKFLOW_KW_ARGS": kw_args}, tmp_path)
+    assert exit_status == 2, output[-3000:]
+    assert "start-up failed (workflow): warmup_input" in output
+    assert (tmp_path / "bentoml").is_dir()
+    assert not list((tmp_path / "bentoml").glob("prometheus_multiproc_dir*")), "left behind"
+
+
 def test_warmup_runs_the_given_input_once_before_ready(capsys):
     settings = ServiceSettings(workflow_kwargs={"model_path": str(EMBEDDED_MODEL), "warmup_input": IRIS})
     workflow = startup.build(settings)

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,9 @@ def exit_on_error(stage: str, *, worker: bool = False) -> Iterator[None]:
         os._exit(2)  # not sys.exit: the server would log a traceback for the SystemExit
 
 
-def exit_nonzero_if_a_worker_fails() -> None:
-    """In the server's main process: if a worker stops the server at start-up, exit with status 2, not 0."""
+def exit_nonzero_if_a_worker_fails(before_exit: Callable[[], None] = lambda: None) -> None:
+    """In the server's main process: if a worker stops the server at start-up, exit with status 2, not 0.
+    ``before_exit`` runs first: that ``os._exit`` skips the exit handlers registered before this one."""
     fd, path = tempfile.mkstemp(prefix="infernet-startup-")
     os.close(fd)
     os.unlink(path)
@@ -53,6 +54,7 @@ def exit_nonzero_if_a_worker_fails() -> None:
     def check() -> None:
         if os.path.exists(path):
             os.unlink(path)
+            before_exit()
             os._exit(2)
 
     atexit.register(check)
