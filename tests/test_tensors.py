@@ -1,6 +1,7 @@
 """The contract's tensor vocabulary: every dtype in and out, and every way values can fail to fit."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -268,3 +269,22 @@ def test_unsigned_outputs_beyond_long_are_refused_not_wrapped():
     assert encode(fits)["values"].tolist() == [2**63 - 1]
     with pytest.raises(ModelError, match=r"9223372036854775808 \(torch.uint64\) does not fit long"):
         encode(torch.from_numpy(np.array([1, 2**63], dtype=np.uint64)))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "model", "sent"),
+    [
+        (torch.tensor([[2**63 - 1]]), torch.float32, "9223372036854775807"),
+        (torch.tensor([[2**63 - 1]]), torch.float64, "9223372036854775807"),
+        (torch.tensor([[2**31 - 1]], dtype=torch.int32), torch.float32, "2147483647"),
+        (torch.tensor([[2.0**63]], dtype=torch.float64), torch.int64, "9.223372036854776e+18"),
+        (torch.tensor([[2.0**31]], dtype=torch.float64), torch.int32, "2147483648.0"),
+    ],
+)
+def test_casts_at_an_integer_range_edge_are_refused_whatever_the_cpu_does(tensor, model, sent):
+    # A float cast to an integer dtype it does not fit is undefined in C: x86 gives the minimum (so the back-cast
+    # differed and these were refused), but ARM saturates, and 2**63-1 cast to float and back would come back as
+    # itself: served as 2**63. The range is now checked, not left to the cast; on x86 this guards the rule.
+    values = tensor.tolist()
+    with pytest.raises(InputError, match=f"values\\[0\\]\\[0\\]: {re.escape(sent)} does not fit"):
+        cast_to_model(tensor, model, values)

@@ -107,7 +107,7 @@ def cast_to_model(
     if dtype.is_floating_point and not tensor.is_floating_point() and tensor.dtype != torch.bool:
         # Integers to a floating dtype: rounding would change a value nobody sent as a float (16777217 as float
         # is 16777216), so each must come back exactly; inf from an overflow does not come back either.
-        bad = cast.to(tensor.dtype) != tensor
+        bad = (cast.to(tensor.dtype) != tensor) | _beyond(cast, tensor.dtype)
     elif dtype.is_floating_point:
         if _largest(tensor.dtype) <= _largest(dtype):
             return cast
@@ -122,6 +122,8 @@ def cast_to_model(
             bad = torch.from_numpy(~finite)
     else:
         bad = cast.to(tensor.dtype) != tensor
+        if tensor.is_floating_point() and dtype != torch.bool:
+            bad |= _beyond(tensor, dtype)
     if not bad.any():
         return cast
     index = int(bad.flatten().nonzero()[0])
@@ -130,6 +132,16 @@ def cast_to_model(
         raise InputError(f"{values.describe(index)} does not fit {target} ({role})")
     place, sent = _sent_at(values, index)
     raise InputError(f"{place}: {_number(sent)} does not fit {target} ({role}), cast from {NAMES[tensor.dtype]}")
+
+
+def _beyond(floats: torch.Tensor, integer: torch.dtype) -> torch.Tensor:
+    """Where ``floats`` lie outside ``integer``'s range. A float cast to an integer dtype it does not fit is undefined
+    in C: x86 gives the dtype's minimum, so the back-cast differs and the value is refused, but ARM saturates, and
+    2**63 would come back from long's 2**63-1 as itself. So the range is checked, in float64 (exact for every float
+    dtype), never left to the cast."""
+    info = torch.iinfo(integer)
+    wide = floats.to(torch.float64)
+    return (wide < float(info.min)) | (wide >= float(info.max) + 1)  # float(2**63-1) + 1 is 2**63: the first beyond
 
 
 def encode(tensor: torch.Tensor) -> dict[str, Any]:
