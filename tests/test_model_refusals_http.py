@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,3 +196,21 @@ def test_per_request_models_do_not_take_the_defaults_precision_nor_cast_inputs(t
     # The default model keeps the operator's choices: it runs in float16, where 70000 does not fit.
     response = tuned_server.post({"source": 1, "data": {"dtype": "float", "values": [[70000.0, 2.0, 3.0, 4.0]]}})
     assert response.status_code == 400, response.text
+
+
+def test_an_unreachable_hub_is_a_502_that_keeps_its_address_from_the_client(tmp_path: Path):
+    # The operator's HF_ENDPOINT (often an internal mirror) was named to anonymous clients in the 502 (explorer
+    # kinds: the F-e fix hid paths, not URLs). The operator's log keeps it.
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        hub = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    env = {"HF_ENDPOINT": hub, "ALLOWED_MODELS": json.dumps(["huggingface/org/*"])}
+    with serving(env, tmp_path) as running:
+        response = running.post(v2_request("huggingface/org/lin:model.torch"))
+        log = running.log()
+    assert response.status_code == 502, response.text
+    description = response.json()["description"]
+    assert description.startswith("model huggingface/org/lin:model.torch: ")
+    assert "the Hub at (its address) cannot be reached" in description
+    assert "127.0.0.1" not in response.text
+    assert hub in log

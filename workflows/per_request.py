@@ -11,6 +11,8 @@ cannot be reached or a file that fails verification.
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ from core.model_ids import parse_model_id
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows import progress, sources
 from workflows.sources import ModelSpec
+
+log = logging.getLogger("workflows.per_request")
+_ADDRESS = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s)'\"]+")
 
 ONNX_WORKFLOW = "workflows.onnx_workflow.ONNXInferenceWorkflow"
 # KW_ARGS that name the default model (or are tied to it); a per-request model replaces them all.
@@ -67,7 +72,10 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         try:
             path = sources.fetch(spec, torch_settings)
         except StartupError as e:
-            raise ModelLoadError(_fetch_status(str(e)), f"model {model_id}: {first_line(e)}") from None
+            # The operator's log keeps the source's address (an internal mirror's, a gateway's); the client does not.
+            log.warning("model %s: %s", model_id, first_line(e))
+            reason = _without_addresses(first_line(e))
+            raise ModelLoadError(_fetch_status(str(e)), f"model {model_id}: {reason}") from None
         size = path.stat().st_size
         fetched.update(bytes=size)
     if size > max_bytes:
@@ -139,3 +147,9 @@ def _client_reason(error: Exception, path: Path, filename: str) -> str:
     for shown in (str(resolved), str(path), str(resolved.parent), str(path.parent), resolved.name):
         text = text.replace(shown, filename)
     return text
+
+
+def _without_addresses(reason: str) -> str:
+    """``reason`` as an anonymous client may read it: the URLs of the operator's Hub or gateway (HF_ENDPOINT,
+    ARWEAVE_GATEWAY, often an internal mirror) left out."""
+    return _ADDRESS.sub("(its address)", reason)
