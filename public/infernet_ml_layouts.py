@@ -145,6 +145,7 @@ _FIXED_POINT_CODE = 3  # 2.0 writes every fixed-point vector as float128 (int128
 _FLOAT_V2 = {0: np.float16, 1: np.float32, 2: np.float64, 3: np.float64, 4: np.float64}
 _INT_VIEW_V2 = {0: np.int16, 1: np.int32, 2: np.int64, 3: np.int64, 4: np.int64}
 _COMPLEX = ("cfloat", "cdouble")
+_FLOATING = ("half", "bfloat16", "float", "double")
 CHAIN_LAYOUTS = ("auto", "int256", "v1", "v2")
 
 
@@ -410,7 +411,7 @@ def encode_vector_v1(name: str, shape: Any, values: Any) -> bytes:
     if name not in V1_NAMES:
         raise LayoutError(f"output: dtype {name!r} has no 1.x dtype code")
     dims = _answer_shape(shape)
-    flat = _flat(name, values, dims)
+    flat = _finite(name, _flat(name, values, dims))
     if name == "float":
         words = np.asarray(flat, dtype=np.float32).view(np.uint32).tolist()
     elif name == "double":
@@ -463,6 +464,8 @@ def encode_vector_v2(name: str, shape: Any, values: Any, fixed_point: bool = Fal
         raise LayoutError(f"output: dtype {name!r} has no 2.0 dtype code")
     dims = _answer_shape(shape)
     flat = _flat(name, values, dims)
+    if not fixed_point:
+        _finite(name, flat)
     if fixed_point:
         if name in _COMPLEX:
             raise LayoutError("output: complex values have no fixed-point encoding")
@@ -625,6 +628,21 @@ def _flat(name: str, values: Any, dims: list[int]) -> np.ndarray:
     flat = array.reshape(-1, 2) if name in _COMPLEX else array.reshape(-1)
     if len(flat) != math.prod(dims):
         raise LayoutError(f"output: shape {dims} holds {math.prod(dims)} elements, values has {len(flat)}")
+    return flat
+
+
+def _finite(name: str, flat: np.ndarray) -> np.ndarray:
+    """``flat`` when every value is finite. A NaN or infinity has IEEE bits, but a CHAIN answer must be the next
+    container's input, and inputs refuse them (``decode_vector_v1``/``_v2``), as the int256[] and fixed-point
+    answers do: LayoutError (422)."""
+    if name in _FLOATING or name in _COMPLEX:
+        with np.errstate(invalid="ignore"):
+            numbers = np.asarray(flat, dtype=np.float64)  # null (None) from the answer reads as NaN
+        if not np.isfinite(numbers).all():
+            raise LayoutError(
+                "output: a value is NaN or infinite; a CHAIN vector holds finite numbers only (the next container "
+                "could not read it)"
+            )
     return flat
 
 

@@ -11,7 +11,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from eth_abi import encode
 
+from public.infernet_ml_layouts import encode_vector_v1, encode_vector_v2
 from tests.fixtures.server import serving
 from tests.reliability_support import (
     EXIT,
@@ -83,6 +85,17 @@ def test_misbehaving_model_is_reported_per_request_and_runner_keeps_serving(serv
     figure("model_failures", statuses={f"{k}:{s}": n for (k, s), n in sorted(seen.items())})
     nan_on_chain = post(server, {**row(NAN), "destination": 0})
     assert "non-finite" in assert_contract_error(nan_on_chain.response, 422)["description"]
+    # The 1.x and 2.0 CHAIN answers (IEEE vectors) carried NaN with a 200 that no container could read back as its
+    # input (explorer round 6): refused as the int256[] and fixed-point answers are.
+    nan_row = row(NAN)["data"]["values"]
+    v1 = encode(
+        ["uint8", "string", "string", "string", "bytes"], [0, "", "", "", encode_vector_v1("float", [1, 4], nan_row)]
+    )
+    v2 = encode(["bytes", "bytes"], [b"", encode_vector_v2("float", [1, 4], nan_row)])
+    v2_offchain = {"dtype": 1, "shape": [1, 4], "values": nan_row[0]}
+    for source, data in ((0, v1.hex()), (0, v2.hex()), (1, v2_offchain)):
+        refused = assert_contract_error(post(server, {"source": source, "destination": 0, "data": data}).response, 422)
+        assert "NaN or infinite" in refused["description"], refused
     assert processes(server)["runner"][0].pid == runner_before
     assert post(server, GOOD).response.json()["values"] == GOOD_VALUES
 
