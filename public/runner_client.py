@@ -271,8 +271,7 @@ def through_bentoml(client: Any) -> RunnerCall:
 
     async def infer(requests: list[Any], alone: bool = False) -> list[Outcome]:
         sealed = model_call.seal(requests)
-        call = client.call("infer", sealed=sealed, alone=True) if alone else client.call("infer", sealed=sealed)
-        [answer] = await call
+        [answer] = await client.call("infer", sealed=sealed, alone=alone)
         return model_call.unseal(answer)
 
     return infer

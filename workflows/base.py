@@ -482,6 +482,25 @@ def check_batch(
     return None, what
 
 
+def record_batch_check(
+    workflow: Any,
+    item: Any,
+    differ: Callable[[Any, Any], str | None],
+    variants: Callable[[Any], list[tuple[Any, str]]],
+    first: str = "the warm-up input",
+) -> None:
+    """``check_batch``, and its outcome kept on ``workflow``: batching turned off when the check fails, and
+    ``workflow.info["batching"]`` (what ``describe()`` shows) says which and why. Same thread and errors as
+    ``check_batch``."""
+    problem, checked_with = check_batch(workflow, item, differ, variants, first)
+    if problem is None:
+        reason = f"a batch of {checked_with} gave each the answer it gets alone"
+        workflow.info["batching"] = {"enabled": True, "checked": True, "reason": reason}
+    else:
+        workflow.batching = False
+        workflow.info["batching"] = {"enabled": False, "checked": True, "reason": f"{problem}; each request runs alone"}
+
+
 def check_on_first_request(workflow: Any, prepared: list[Any]) -> list[Any]:
     """On the model thread, before ``forward_groups``: ``prepared`` as it may be forwarded. A per-request model
     (workflows/per_request.py) has no warm-up input, so while its ``batching_check_pending`` is true the first

@@ -27,7 +27,7 @@ import torch
 from core.errors import InputError, ModelError, StartupError, first_line
 from core.settings import TorchSettings
 from workflows import sources, tensors
-from workflows.base import InferenceWorkflow, check_batch, check_kwargs
+from workflows.base import InferenceWorkflow, check_kwargs, record_batch_check
 
 # onnxruntime's element types -> the contract's dtype names; other types (strings, unsigned beyond uint8, bfloat16,
 # sequences, maps) cannot travel in the contract's vocabulary.
@@ -274,13 +274,7 @@ class ONNXInferenceWorkflow(
         batch with variants of it (``_variants``), which must give each the answer it gets alone; when they do not,
         or the model cannot take the batch, batching is turned off. ``describe()`` says which.
         Raises what the model raises on ``item`` alone."""
-        problem, checked_with = check_batch(self, item, _difference, _variants, first)
-        if problem is None:
-            reason = f"a batch of {checked_with} gave each the answer it gets alone"
-            self.info["batching"] = {"enabled": True, "checked": True, "reason": reason}
-        else:
-            self.batching = False
-            self.info["batching"] = {"enabled": False, "checked": True, "reason": f"{problem}; each request runs alone"}
+        record_batch_check(self, item, _difference, _variants, first)
 
     def describe(self) -> dict[str, Any]:
         """In the runner process: what ``GET /info`` reports under ``model``."""

@@ -13,7 +13,7 @@ import torch
 from core.errors import ModelError, StartupError, first_line
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
 from workflows import model_formats, sources, tensors
-from workflows.base import TensorWorkflow, check_batch, check_kwargs
+from workflows.base import TensorWorkflow, check_kwargs, record_batch_check
 
 
 class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
@@ -154,13 +154,7 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         batch with variants of it (``_variants``), which must give each the answer it gets alone; when they do not,
         or the model cannot take the batch, batching is turned off. ``describe()`` says which.
         Raises what the model raises on ``item`` alone."""
-        problem, checked_with = check_batch(self, item, _difference, _variants, first)
-        if problem is None:
-            reason = f"a batch of {checked_with} gave each the answer it gets alone"
-            self.info["batching"] = {"enabled": True, "checked": True, "reason": reason}
-        else:
-            self.batching = False
-            self.info["batching"] = {"enabled": False, "checked": True, "reason": f"{problem}; each request runs alone"}
+        record_batch_check(self, item, _difference, _variants, first)
 
     def _builtin_warmup_failed(self, error: Exception) -> str:
         """Why the embedded model's built-in warm-up input failed, and how to get past it: that input is double,
