@@ -121,7 +121,7 @@ class WorkflowRunner:
             return await batches.infer_alone(requests)
         if batches.names_models(requests):
             return await batches.infer_for_models(requests)
-        return batches.postprocess(await batches.submit(batches.preprocess(requests)))
+        return batches.postprocess(await batches.submit(batches.preprocess(requests)), requests)
 
     @bentoml.api
     async def health(self) -> Annotated[dict[str, Any], PICKLED]:

@@ -41,3 +41,41 @@ def unseal(sealed: bytes) -> list[Any]:
     """What ``seal`` sealed, with its own types. The bytes come only from the service's own processes (the runner's
     socket is the API workers' alone), as on the fast path, whose calls and answers are pickles too."""
     return pickle.loads(sealed)
+
+
+@dataclass(slots=True, frozen=True)
+class AskedFor:
+    """A request's data with the names of the outputs its client asked for (the Open Inference Protocol's
+    ``outputs``, public/open_inference.py), in the protocol's names: ``output_0`` for a lone tensor or a list's
+    items, a dict's keys, joined with "." when nested (an ONNX model's outputs by their own names). Built on an API
+    worker's event loop; the runner encodes only those outputs (workflows/base.py ``postprocess_all``), so an
+    output nobody asked for can fail no check of the answer (explore_kinds K11)."""
+
+    outputs: tuple[str, ...]
+    data: Any
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AskedFor, (self.outputs, self.data))
+
+
+class Unasked:
+    """In a runner's answer, the place of an output the request did not ask for (``AskedFor``): left unencoded, it
+    keeps its name for the protocol's list of the model's outputs."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Unasked, ())
+
+    def __repr__(self) -> str:
+        return "Unasked()"
+
+
+UNASKED = Unasked()
+
+
+def asked_outputs(request: Any) -> tuple[tuple[str, ...] | None, Any]:
+    """(the outputs a request asks for, or None for every output; its data without the ``AskedFor``). Pure."""
+    if type(request) is AskedFor:
+        return request.outputs, request.data
+    return None, request

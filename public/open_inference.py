@@ -25,6 +25,7 @@ import orjson
 
 from core.asgi import Receive, Scope, Send
 from core.errors import RequestError
+from core.model_call import AskedFor, Unasked
 from core.terms import DTYPE_NAMES, MAX_RANK, json_text, json_type, too_many_dimensions
 from public import SERVICE_NAME, __version__
 from public import app as public  # built on the public app; public/app.py imports this module only where it routes /v2
@@ -244,10 +245,12 @@ async def _infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple
     header, binary = split_body(raw, headers.get(_HEADER_LENGTH))
     obj = public.load_json(header)  # the same words as /service_output for a body that is not JSON
     request = read_request(obj, binary, app.settings.max_elements)
-    outcome = await app.infer(request.data)
+    # The runner encodes (and checks) only the outputs asked for: one nobody asked for fails nothing (explore K11).
+    item = request.data if request.outputs is None else AskedFor(tuple(request.outputs), request.data)
+    outcome = await app.infer(item)
     if outcome.status != 200:
         raise ProtocolError(outcome.status, in_protocol_terms(outcome.description))
-    lone = await _lone_output_name(app) if _is_tensor(outcome.body) else LONE_OUTPUT
+    lone = await _lone_output_name(app) if _is_lone(outcome.body) else LONE_OUTPUT
     return answer(outcome.body, request, app.settings.model_name, lone)
 
 
@@ -299,7 +302,7 @@ def read_request(obj: Any, binary: bytes, max_elements: int) -> InferRequest:
         binary_by_default=_flag(parameters, "binary_data_output", "parameters"),
     )
     outputs = obj.get("outputs")
-    if outputs is not None:
+    if outputs is not None and outputs != []:  # none asked for: every output, as when "outputs" is absent
         if not isinstance(outputs, list) or not all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
         ):
@@ -402,25 +405,37 @@ def _from_bytes(binary: bytes, size: Any, datatype: str, shape: list[int]) -> li
 def answer(
     body: Any, request: InferRequest, model_name: str, lone: str = LONE_OUTPUT
 ) -> tuple[dict[str, Any], bytes | None]:
-    """The runner's answer (a contract tensor, or tensors in dicts and lists) -> the protocol's response JSON and the
-    binary data that follows it; ``lone`` names an answer that is one bare tensor. Raises ProtocolError: 400 for an
-    unknown requested output, 422 for an answer the protocol cannot carry (the model's answer, not a fault of the
+    """The runner's answer (a contract tensor, or tensors in dicts and lists; ``Unasked`` where the runner left an
+    output nobody asked for) -> the protocol's response JSON and the binary data that follows it; ``lone`` names an
+    answer that is one bare tensor. Only the outputs answered are checked. Raises ProtocolError: 400 for an unknown
+    requested output, 422 for an answered output the protocol cannot carry (the model's answer, not a fault of the
     service; /service_output carries it)."""
-    found = [(lone, body)] if _is_tensor(body) else output_tensors(body)
-    tensors = dict(found)
-    if len(tensors) != len(found):  # e.g. {"a": {"b": t1}, "a.b": t2}: one name, two tensors, one would be lost
-        name = next(name for name, _ in found if sum(other == name for other, _ in found) > 1)
-        raise ProtocolError(
-            422, f"the model's answer has two tensors named {json_text(name)} in the protocol; use /service_output"
-        )
+    found = [(lone, body)] if _is_lone(body) else output_tensors(body)
+    tensors: dict[str, Any] = {}
+    twice: set[str] = set()
+    for name, value in found:
+        if name in tensors:
+            twice.add(name)
+        tensors.setdefault(name, value)
     names = request.outputs if request.outputs is not None else list(tensors)
+    for name in names:
+        if name not in tensors:
+            raise ProtocolError(
+                400, f"outputs: unknown output {json_text(name)}; this model's outputs are {', '.join(tensors)}"
+            )
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name in names:
-        tensor = tensors.get(name)
-        if tensor is None:
+        tensor = tensors[name]
+        if name in twice:  # e.g. {"a": {"b": t1}, "a.b": t2}: one name, two tensors, one would be lost
             raise ProtocolError(
-                400, f"outputs: unknown output {json_text(name)}; this model's outputs are {', '.join(tensors)}"
+                422, f"the model's answer has two tensors named {json_text(name)} in the protocol; use /service_output"
+            )
+        if isinstance(tensor, Unasked):  # the runner named the outputs otherwise than here: the service's fault
+            raise ProtocolError(500, f"output {name}: left out of the runner's answer although asked for")
+        if not _is_tensor(tensor):
+            raise ProtocolError(
+                422, f"the model's output {name} is {json_type(tensor)}, not a tensor; use /service_output"
             )
         output, chunk = _output(
             name,
@@ -441,19 +456,22 @@ def _is_tensor(body: Any) -> bool:
     return isinstance(body, dict) and isinstance(body.get("dtype"), str) and "values" in body and "shape" in body
 
 
-def output_tensors(body: Any, name: str = "") -> list[tuple[str, dict[str, Any]]]:
-    """(name, contract tensor) for every tensor of an answer: "output_0" for a lone tensor or a list's items, the
-    key for a dict's, joined with "." when nested."""
-    if _is_tensor(body):
+def _is_lone(body: Any) -> bool:
+    return _is_tensor(body) or isinstance(body, Unasked)
+
+
+def output_tensors(body: Any, name: str = "") -> list[tuple[str, Any]]:
+    """(name, output) for every output of an answer: "output_0" for a lone tensor or a list's items, the key for a
+    dict's, joined with "." when nested. An output is a contract tensor, ``Unasked``, or whatever else the model
+    answered in that place (``answer`` refuses it if asked for: no tensor)."""
+    if _is_lone(body):
         return [(name or "output_0", body)]
     if isinstance(body, dict):
         items = [(f"{name}.{key}" if name else str(key), value) for key, value in body.items()]
     elif isinstance(body, list):
         items = [(f"{name}.{index}" if name else f"output_{index}", value) for index, value in enumerate(body)]
     else:
-        raise ProtocolError(
-            422, f"the model's output {name or 'output_0'} is {json_type(body)}, not a tensor; use /service_output"
-        )
+        return [(name or "output_0", body)]
     return [found for item_name, value in items for found in output_tensors(value, item_name)]
 
 

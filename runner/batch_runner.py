@@ -71,7 +71,7 @@ class BatchRunner:
 
     async def infer(self, requests: list[Any]) -> list[Outcome]:
         """One ``Outcome`` per request's data, in order; one bad request never fails another."""
-        return self.postprocess(await self.submit(self.preprocess(requests)))
+        return self.postprocess(await self.submit(self.preprocess(requests)), requests)
 
     def preprocess(self, requests: list[Any]) -> list[Any]:
         """On the event loop: per request, its model input and batch key, or the ``Outcome`` of its failure."""
@@ -87,9 +87,10 @@ class BatchRunner:
             self._queued.notify()
         return await call.future
 
-    def postprocess(self, forwarded: list[Any]) -> list[Outcome]:
-        """On the event loop: per request, its ``Outcome``."""
-        return postprocess_all(self.workflow, forwarded)
+    def postprocess(self, forwarded: list[Any], requests: list[Any] | None = None) -> list[Outcome]:
+        """On the event loop: per request, its ``Outcome``; ``requests`` (those preprocessed) say which outputs
+        each asks for (core/model_call.py ``AskedFor``)."""
+        return postprocess_all(self.workflow, forwarded, requests)
 
     async def infer_alone(self, requests: list[Any]) -> list[Outcome]:
         """On the event loop: ``infer`` for a call marked ``alone``, whose request was in the runner when its process
@@ -97,7 +98,7 @@ class BatchRunner:
         process dies again the API worker knows this request was running (public/runner_client.py ``CrashWatch``)."""
         if self.names_models(requests):
             return await self.infer_for_models(requests, alone=True)
-        return self.postprocess(await self.submit(self.preprocess(requests), alone=True))
+        return self.postprocess(await self.submit(self.preprocess(requests), alone=True), requests)
 
     def names_models(self, requests: list[Any]) -> bool:
         """Whether any request names a per-request model (``ForModel``); False at once without a registry."""
@@ -116,6 +117,7 @@ class BatchRunner:
         found = await asyncio.gather(*(self.registry.get(m, n) for m, n in counts.items()), return_exceptions=True)
         workflows = dict(zip(counts, found))
         chosen: list[Any] = []
+        datas: list[Any] = []
         prepared: list[Any] = []
         for request in requests:
             workflow, data = (
@@ -127,6 +129,7 @@ class BatchRunner:
                 )
             )
             chosen.append(workflow)
+            datas.append(data)
             if isinstance(workflow, BaseException):
                 prepared.append(_Routed(None, failure(workflow)))
                 continue
@@ -134,8 +137,8 @@ class BatchRunner:
             prepared.append(_Routed(None, entry) if isinstance(entry, Outcome) else _Routed(workflow, entry))
         forwarded = await self.submit(prepared, alone)
         return [
-            result if isinstance(result, Outcome) else postprocess_all(workflow, [result])[0]
-            for workflow, result in zip(chosen, forwarded)
+            result if isinstance(result, Outcome) else postprocess_all(workflow, [result], [data])[0]
+            for workflow, data, result in zip(chosen, datas, forwarded)
         ]
 
     # The model thread's side.

@@ -21,6 +21,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from core.errors import StartupError
+from core.model_call import UNASKED
 from core.settings import ServiceSettings
 from public import open_inference as oip
 from public.open_inference import ProtocolError, answer, read_request, split_body
@@ -346,6 +347,36 @@ def test_answers_the_protocol_cannot_carry_are_422(body, message):
     assert refused.value.status == 422 and message in refused.value.description
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"y": contract_answer([1.0]), "label": "setosa"},  # no tensor
+        {"y": contract_answer([1.0]), "a": {"b": contract_answer([2.0])}, "a.b": contract_answer([3.0])},  # one name
+        {"y": contract_answer([1.0]), "z": UNASKED},  # left out by the runner
+    ],
+    ids=["not-a-tensor", "two-named-alike", "unasked"],
+)
+def test_only_the_outputs_asked_for_are_checked(body):
+    # The protocol lets a client ask for some outputs: one it did not ask for must not fail its answer (K11).
+    read = read_request(request(outputs=[{"name": "y"}]), b"", MAX_ELEMENTS)
+    response, _ = answer(body, read, "m")
+    assert [(o["name"], o["data"].tolist()) for o in response["outputs"]] == [("y", [1.0])]
+    with pytest.raises(ProtocolError) as refused:
+        answer(body, read_request(request(outputs=[{"name": "nope"}]), b"", MAX_ELEMENTS), "m")
+    named = ", ".join(dict.fromkeys(name for name, _ in oip.output_tensors(body)))  # every output, asked or not
+    assert refused.value.status == 400
+    assert refused.value.description == f'outputs: unknown output "nope"; this model\'s outputs are {named}'
+
+
+def test_asking_for_no_outputs_answers_every_output():
+    # The protocol: outputs not given (or none asked for) means every output of the model.
+    body = {"a": contract_answer([1.0]), "b": contract_answer([2.0])}
+    for outputs in (None, []):
+        extra = {} if outputs is None else {"outputs": outputs}
+        response, _ = answer(body, read_request(request(**extra), b"", MAX_ELEMENTS), "m")
+        assert [o["name"] for o in response["outputs"]] == ["a", "b"], outputs
+
+
 # --- the real service, with the real clients --------------------------------------------------------------------
 
 
@@ -539,3 +570,106 @@ def test_v2_refusal_before_the_body_is_read_closes_the_connection(iris_server):
             answer_bytes += chunk
     head = answer_bytes.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 404") and b"connection: close" in head
+
+
+# --- outputs asked for: a model with an output the protocol refuses beside ones it carries (explore_kinds K11) -------
+
+
+class ThreeOutputs(torch.nn.Module):
+    """x -> (x reshaped to 33 dimensions, one more than an answer may have; {"b": x > 0, "i8": x as int8}; 7)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        return x.reshape([1] * 31 + x.shape), {"b": x > 0, "i8": x.to(torch.int8)}, 7
+
+
+def three_outputs_onnx(path):
+    """The same as ONNX: x INT64 [n, 2] -> r33 (33 dimensions), b (BOOL), i8 (INT8)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tests.test_onnx_workflow import save
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape33"], ["r33"]),
+            helper.make_node("Greater", ["x", "zero"], ["b"]),
+            helper.make_node("Cast", ["x"], ["i8"], to=TensorProto.INT8),
+        ],
+        "three_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["n", 2])],
+        [
+            helper.make_tensor_value_info("r33", TensorProto.INT64, [1] * 31 + ["n", 2]),
+            helper.make_tensor_value_info("b", TensorProto.BOOL, ["n", 2]),
+            helper.make_tensor_value_info("i8", TensorProto.INT8, ["n", 2]),
+        ],
+        [
+            numpy_helper.from_array(np.array([1] * 31 + [-1, 2], dtype=np.int64), "shape33"),
+            numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+        ],
+    )
+    return save(graph, path)
+
+
+# The protocol's names of each served model's outputs: (33 dimensions, bool, int8, every output in order).
+OUTPUT_NAMES = {
+    "torch": ("output_0", "output_1.b", "output_1.i8", "output_0, output_1.b, output_1.i8, output_2"),
+    "onnx": ("r33", "b", "i8", "r33, b, i8"),
+}
+
+
+@pytest.fixture(scope="module", params=["torch", "torch-public-path", "onnx"])
+def outputs_server(request, tmp_path_factory):
+    from tests.fixtures.server import serving
+
+    folder = tmp_path_factory.mktemp(f"outputs-{request.param}")
+    if request.param == "onnx":
+        kwargs = {"model_path": str(three_outputs_onnx(folder / "three.onnx")), "batching": False}
+        env = {"CLASSIC_INF_WORKFLOW_CLASS": "workflows.onnx_workflow.ONNXInferenceWorkflow"}
+    else:
+        path = folder / "three.pt"
+        torch.jit.save(torch.jit.script(ThreeOutputs()), str(path))
+        kwargs = {"model_path": str(path), "batching": False}
+        env = {"INFERNET_FAST_PATH": "0"} if request.param == "torch-public-path" else {}
+    env["CLASSIC_INF_WORKFLOW_KW_ARGS"] = json.dumps(kwargs)
+    with serving(env, folder) as server:
+        yield OUTPUT_NAMES[request.param.removesuffix("-public-path")], server
+
+
+@pytest.mark.slow
+def test_v2_answers_the_outputs_asked_for_whatever_the_others_are(outputs_server):
+    (r33, b, i8, every), server = outputs_server
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    tensor = triton.InferInput("x", [1, 2], "INT64")
+    tensor.set_data_from_numpy(np.array([[-1, 2]], dtype=np.int64), binary_data=False)
+    try:
+        # Asked for b and i8 only: the 33-dimension output nobody asked for failed the answer (422).
+        asked = [triton.InferRequestedOutput(b, binary_data=False), triton.InferRequestedOutput(i8)]
+        result = client.infer("model", [tensor], outputs=asked)
+        assert [o["name"] for o in result.get_response()["outputs"]] == [b, i8]
+        assert result.as_numpy(b).tolist() == [[False, True]] and result.as_numpy(b).dtype == np.bool_
+        assert result.as_numpy(i8).tolist() == [[-1, 2]] and result.as_numpy(i8).dtype == np.int8
+        # Asked for it, or for every output: it is answered, so the answer is the model's 422.
+        for outputs in ([triton.InferRequestedOutput(r33)], None):
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("model", [tensor], outputs=outputs)
+            assert refused.value.status() == "422" and "33 dimensions exceed the limit of 32" in refused.value.message()
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("model", [tensor], outputs=[triton.InferRequestedOutput("nope")])
+        assert refused.value.status() == "400"
+        assert refused.value.message() == f'outputs: unknown output "nope"; this model\'s outputs are {every}'
+    finally:
+        client.close()
+    # The finding's own request, in JSON; and none asked for is every output.
+    url = f"{server.url}/v2/models/model/infer"
+    x = {"name": "x", "datatype": "INT64", "shape": [1, 2], "data": [-1, 2]}
+    response = requests.post(url, json={"inputs": [x], "outputs": [{"name": b}]}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"] == [{"name": b, "datatype": "BOOL", "shape": [1, 2], "data": [False, True]}]
+    response = requests.post(url, json={"inputs": [x], "outputs": []}, timeout=30)
+    assert response.status_code == 422 and "33 dimensions" in response.json()["error"], response.text
+    # /service_output answers every output: the whole answer is 422, the contract's rule.
+    response = server.post({"source": 1, "data": {"dtype": "long", "shape": [1, 2], "values": [-1, 2]}})
+    assert response.status_code == 422 and "33 dimensions exceed the limit of 32" in response.text, response.text
+    if r33 == "output_0":  # the TorchScript model's fourth output is a number: answered only when asked for
+        response = requests.post(url, json={"inputs": [x], "outputs": [{"name": "output_2"}]}, timeout=30)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == "the model's output output_2 is a number, not a tensor; use /service_output"

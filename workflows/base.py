@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from core.errors import InputError, ModelError, Outcome, ServiceError, StartupError, answer, failure, first_line
+from core.model_call import UNASKED, asked_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -239,6 +240,8 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
     def postprocess(self, output: Any) -> Any:
         return tensors.encode_output(output)
 
+    postprocess.passes_unasked = True  # type: ignore[attr-defined]  # encode_output leaves an Unasked as it is
+
 
 def _import_torch() -> None:
     """Bind torch and the tensor codec for ``TensorWorkflow``'s hooks, once, when the first one is built: importing
@@ -344,7 +347,7 @@ def run_batch(workflow: Any, requests: list[Any]) -> list[Outcome]:
         [outcome] = run_batch(workflow, [{"dtype": "float", "values": [[1.0, 2.0]]}])
         assert outcome.status == 200, outcome.description
     """
-    return postprocess_all(workflow, forward_all(workflow, preprocess_all(workflow, requests)))
+    return postprocess_all(workflow, forward_all(workflow, preprocess_all(workflow, requests)), requests)
 
 
 @dataclass(slots=True)
@@ -364,11 +367,14 @@ class _Output:
 
 def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
     """Per request: an ``_Item`` ready for the model, or the ``Outcome`` of its failed preprocess (400 unless it
-    raised a ``ServiceError`` of another status)."""
+    raised a ``ServiceError`` of another status). A request's ``AskedFor`` (core/model_call.py) is its data here;
+    ``postprocess_all`` reads the outputs it asks for."""
     if not uses_hooks(workflow):
-        return list(requests)  # a legacy workflow's inference() does it all, on the model thread
+        # A legacy workflow's inference() does it all, on the model thread.
+        return [asked_outputs(request)[1] for request in requests]
     prepared: list[Any] = []
-    for data in requests:
+    for request in requests:
+        _, data = asked_outputs(request)
         try:
             item = workflow.preprocess(data)
             prepared.append(_Item(item, workflow.batch_key(item)))
@@ -425,9 +431,33 @@ def forward_groups(workflow: Any, prepared: list[Any]) -> Iterator[tuple[list[in
         yield members, [_Output(output) for output in outputs]
 
 
-def postprocess_all(workflow: Any, results: list[Any]) -> list[Outcome]:
-    """Per request, its outcome: the output postprocessed, or the failure it already is."""
-    return [_postprocess(workflow, r.value) if isinstance(r, _Output) else r for r in results]
+def postprocess_all(workflow: Any, results: list[Any], requests: list[Any] | None = None) -> list[Outcome]:
+    """Per request, its outcome: the output postprocessed, or the failure it already is. ``requests`` (those of
+    ``preprocess_all``, in order): a request that asks for some outputs only (``AskedFor``) gets the others as
+    ``Unasked`` places, never encoded nor checked, when the workflow's ``postprocess`` passes them through (marked
+    ``passes_unasked``: TensorWorkflow's and the ONNX workflow's); any other ``postprocess`` sees the whole output."""
+    if requests is None or not getattr(getattr(type(workflow), "postprocess", None), "passes_unasked", False):
+        return [_postprocess(workflow, r.value) if isinstance(r, _Output) else r for r in results]
+    return [
+        _postprocess(workflow, _only_asked(r.value, asked_outputs(request)[0])) if isinstance(r, _Output) else r
+        for r, request in zip(results, requests, strict=True)
+    ]
+
+
+def _only_asked(output: Any, asked: tuple[str, ...] | None, name: str = "") -> Any:
+    """``output`` with each part not in ``asked`` replaced by ``UNASKED``, its parts named as the Open Inference
+    Protocol names them (public/open_inference.py ``output_tensors``): ``output_0`` for a lone output or a list's (a
+    tuple's) items, a dict's keys, joined with "." when nested. Tuples become lists, as the encoder makes them."""
+    if asked is None:
+        return output
+    if isinstance(output, dict):
+        return {key: _only_asked(value, asked, f"{name}.{key}" if name else str(key)) for key, value in output.items()}
+    if isinstance(output, (list, tuple)):
+        return [
+            _only_asked(value, asked, f"{name}.{index}" if name else f"output_{index}")
+            for index, value in enumerate(output)
+        ]
+    return output if (name or "output_0") in asked else UNASKED
 
 
 def _run_group(workflow: InferenceWorkflow, group: list[Any]) -> list[Any]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from core.errors import InputError, ModelError, StartupError, first_line
+from core.model_call import Unasked
 from core.settings import TorchSettings
 from workflows import sources, tensors
 from workflows.base import InferenceWorkflow, check_kwargs, record_batch_check
@@ -420,8 +421,12 @@ class ONNXInferenceWorkflow(
             return single
         return encoded
 
+    postprocess.passes_unasked = True  # type: ignore[attr-defined]  # _encode leaves an Unasked as it is
 
-def _encode(name: str, array: Any) -> dict[str, Any]:
+
+def _encode(name: str, array: Any) -> Any:
+    if isinstance(array, Unasked):  # an output the request did not ask for (workflows/base.py postprocess_all)
+        return array
     if not isinstance(array, np.ndarray):
         raise ModelError(f"output {name!r}: a {type(array).__name__}, not a tensor")
     return tensors.encode(torch.from_numpy(np.ascontiguousarray(array)))
