@@ -23,6 +23,7 @@ from core.errors import InputError, StartupError
 from core.settings import EMBEDDED_MODEL, ServiceSettings, TorchSettings
 from tests.fixtures.server import serving
 from tests.test_batching_http import batch_histogram, fire_together
+from workflows.base import run_batch
 from workflows.onnx_workflow import ONNXInferenceWorkflow, is_onnx
 
 IRIS_VECTOR = [1.0380048, 0.5586108, 1.1037828, 1.712096]
@@ -40,8 +41,9 @@ def save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def iris_onnx(path: Path, batch: str | int = "batch") -> Path:
-    """The embedded iris model as ONNX: input "input" [batch, 4] float, output "output" [batch, 3] (probabilities)."""
+def iris_onnx(path: Path, batch: str | int = "batch", features: str | int = 4) -> Path:
+    """The embedded iris model as ONNX: input "input" [batch, 4] float, output "output" [batch, 3] (probabilities).
+    ``features`` named: the declaration lets any row length through to the forward, which then fails."""
     weights = torch.jit.load(str(EMBEDDED_MODEL)).state_dict()
     initializers, nodes, current = [], [], "input"
     for i, layer in enumerate((0, 2, 4)):
@@ -57,7 +59,7 @@ def iris_onnx(path: Path, batch: str | int = "batch") -> Path:
     graph = helper.make_graph(
         nodes,
         "iris",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, features])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, 3])],
         initializers,
     )
@@ -147,6 +149,7 @@ def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "iris": iris_onnx(folder / "iris.onnx"),
         "static": iris_onnx(folder / "iris-static.onnx", batch=1),
+        "any-features": iris_onnx(folder / "iris-any-features.onnx", features="features"),
         "two": two_input_onnx(folder / "two.onnx"),
         "mixing": row_mixing_onnx(folder / "mixing.onnx"),
         "centring": row_mixing_onnx(folder / "centring.onnx", centre=True),
@@ -279,6 +282,21 @@ def test_malformed_requests_name_what_the_model_expects(onnx_models, tmp_path, d
         workflow.preprocess(data)
     for fragment in fragments:
         assert fragment in str(raised.value)
+
+
+def test_a_forward_that_fails_names_the_input_and_the_declared_inputs(onnx_models, tmp_path):
+    """Explorer F5d's kind for ONNX: a shape the declaration lets through but the graph refuses was a 422 with
+    onnxruntime's words alone; it also says what the input was and what the model declares."""
+    workflow = build(onnx_models["any-features"], tmp_path)
+    [outcome] = run_batch(workflow, [{"input": [[1.0, 2.0, 3.0]]}])
+    assert outcome.status == 422
+    assert outcome.description.startswith("the model failed on this input: ")
+    assert outcome.description.endswith(
+        "; the input was 'input' float [1, 3]; the model declares 'input' float [batch, features]"
+    )
+    assert (
+        str(tmp_path) not in outcome.description and str(onnx_models["any-features"].parent) not in outcome.description
+    )
 
 
 def test_one_input_naming_a_dimension_twice_must_be_square(onnx_models, tmp_path):

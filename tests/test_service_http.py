@@ -12,9 +12,10 @@ from urllib.parse import urlparse
 import pytest
 import requests
 import torch
-from eth_abi import decode
+from eth_abi import decode, encode
 
 from core.settings import EMBEDDED_MODEL, MiB
+from public.infernet_ml_layouts import encode_vector_v1, encode_vector_v2
 from tests.test_batching_http import CALLERS, batch_histogram, batches_larger_than_one, fire_together, rows_for
 from tests.test_public_app import IRIS_VECTOR, MODEL_FAILED, assert_error, expected_iris, offchain, sd59x18
 
@@ -61,6 +62,35 @@ def test_refusals_of_either_side_of_the_hop_are_contract_errors(server):
     assert {tuple(e["loc"]) for e in body["errors"]} == {("source",), ("data",)}
     assert_error(server.post(offchain([[1]], dtype="quad")), 400, 'unknown dtype "quad"')  # the workflow's
     assert_error(server.post(offchain([[1.0, 2.0, 3.0]])), 422, MODEL_FAILED)  # the model's
+
+
+def test_a_flat_row_is_told_the_shape_the_model_takes_on_every_route(server):
+    """Explorer F5d: a rank-1 row got only torch's "Dimension out of range" (422), no hint that the model takes
+    [1, 4] (batch, features). Every route's 422 comes from the runner's one message (workflows/base.py)."""
+    flat = IRIS_VECTOR
+    hint = (
+        "the input had shape [4] float; the model was warmed up with shape [1, 4] float (batch first); "
+        "to send one row, send shape [1, 4] (a batch of one)"
+    )
+    v1_vector = encode_vector_v1("float", [4], flat)
+    v2_vector = encode_vector_v2("float", [4], flat)
+    bodies = {
+        "today's OFFCHAIN": {"source": 1, "data": {"dtype": "float", "values": flat}},
+        "1.x OFFCHAIN": {"source": 1, "data": {"input": {"dtype": "float", "values": flat}}},
+        "2.0 OFFCHAIN": {"source": 1, "data": {"dtype": 1, "values": flat}},
+        "1.x CHAIN": {
+            "source": 0,
+            "data": encode(["uint8", "string", "string", "string", "bytes"], [0, "", "", "", v1_vector]).hex(),
+        },
+        "2.0 CHAIN": {"source": 0, "data": encode(["bytes", "bytes"], [b"", v2_vector]).hex()},
+    }
+    for route, body in bodies.items():
+        description = assert_error(server.post(body), 422, MODEL_FAILED, "Dimension out of range", hint)["description"]
+        assert description.startswith(MODEL_FAILED), (route, description)
+    v2 = {"inputs": [{"name": "input_0", "datatype": "FP32", "shape": [4], "data": flat}]}
+    response = requests.post(f"{server.url}/v2/models/model/infer", json=v2, timeout=30)
+    assert response.status_code == 422, response.text
+    assert "Dimension out of range" in response.json()["error"] and hint in response.json()["error"]
 
 
 def test_body_over_max_request_bytes_is_413_before_it_is_read(server):

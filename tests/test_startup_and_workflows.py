@@ -18,6 +18,7 @@ import torch
 from core.errors import StartupError
 from tests.fixtures.server import run_to_exit, serving, start, stop, wait_ready
 from tests.models import Affine, EmbeddingSum, save
+from tests.test_public_app import assert_error
 
 
 def error(response, status):
@@ -214,6 +215,30 @@ IRIS = "models/iris/model.torch"
             },
             "do not fit Doubler: Doubler() takes no arguments; it defines no __init__",
         ),
+        # Explorer round 6: warmup_input carried over from the built-in workflows is not a custom class's argument.
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Doubler",
+                "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"warmup_input": {"dtype": "float", "values": [[1]]}}),
+            },
+            "Doubler() takes no arguments; it defines no __init__: unset CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS and "
+            "_KW_ARGS, or give Doubler an __init__(self, ...) that takes them; warmup_input is the built-in "
+            "workflows' argument: Doubler warms up in its own warmup() hook (README, custom workflows)",
+        ),
+        # Explorer round 6: Python's "takes from 2 to 3 positional arguments but 4 were given" counts self.
+        (
+            {
+                "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Strict",
+                "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": "[1, 2, 3]",
+            },
+            "do not fit Strict: Strict takes at most 2 positional arguments (scale, bias); "
+            "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS gave 3; Strict takes (scale: float, /, bias: float = 0.0)",
+        ),
+        (
+            {"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": '["models/iris/model.torch"]'},
+            "do not fit TorchInferenceWorkflow: TorchInferenceWorkflow takes no positional arguments; "
+            "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS gave 1; TorchInferenceWorkflow takes (*, model_path",
+        ),
         # Explorer F15: a describe() that /info cannot send started fine, then every /info was a 500 blaming "the
         # workflow's output".
         (
@@ -269,6 +294,18 @@ def test_model_formats_load_and_answer_the_same(tmp_path, kind, suffix):
         )
         if kind == "pickle":
             assert "loaded a pickled module" in server.log()
+        # Explorer F5d: the model's refusal said only torch's words ("tuple index out of range" for torch.export);
+        # the 422 also says what the input was and, for torch.export, the input spec it was exported with.
+        exported = "; the model was exported for shape [?, 4] double (batch first)" if kind == "export" else ""
+        narrow = server.post({"source": 1, "data": {"dtype": "double", "values": [[1.0, 2.0, 3.0]]}})
+        body = assert_error(
+            narrow, 422, "the model failed on this input: ", f"the input had shape [1, 3] double{exported}"
+        )
+        assert str(tmp_path) not in body["description"]
+        if kind == "export":
+            flat = server.post({"source": 1, "data": {"dtype": "double", "values": rows[0]}})
+            hint = f"the input had shape [4] double{exported}; to send one row, send shape [1, 4] (a batch of one)"
+            assert str(tmp_path) not in assert_error(flat, 422, "the model failed on this input: ", hint)["description"]
     finally:
         stop(server)
 

@@ -57,3 +57,11 @@ class BadDescribe(Doubler):
 
     def describe(self) -> dict[str, Any]:
         return {"name": "x", "model": self.model}
+
+
+class Strict(Doubler):
+    """Takes one positional-only argument and one optional: POSITIONAL_ARGS of three is one too many."""
+
+    def __init__(self, scale: float, /, bias: float = 0.0) -> None:
+        self.scale = scale
+        self.bias = bias

@@ -9,6 +9,7 @@
     unbatch(output, items)       split a batch's output back, one entry per item
     postprocess(output) -> JSON  one item's output -> what the client receives
     describe() -> dict           what ``GET /info`` shows about the model
+    describe_input(item) -> str  what the 422 of a model that raised on ``item`` adds: its shape, what the model expects
 
 Which thread: the runner process calls ``batch``, ``run_model`` and ``unbatch`` on the model's own thread, one batch
 after another, and ``preprocess``, ``batch_key`` and ``postprocess`` on its event loop, alongside the forward of
@@ -76,6 +77,7 @@ _HOOKS = {
     "unbatch": (("output", "items"), "def unbatch(self, output, items): return list(output.split(...))"),
     "postprocess": (("output",), "def postprocess(self, output): return output.tolist()"),
     "describe": ((), "def describe(self): return {'name': ...}"),
+    "describe_input": (("item",), "def describe_input(self, item): return f'the input had shape {list(item.shape)}'"),
     "inference": (("data",), "def inference(self, data): return self.model(data)"),
 }
 
@@ -185,6 +187,16 @@ class InferenceWorkflow(Generic[DataT, ItemT, BatchT, OutputT]):
         returning the model object (not JSON)."""
         return {}
 
+    def describe_input(self, item: ItemT) -> str | None:
+        """What the 422 of a model that raised on ``item`` says after the model's own words (None: nothing): the
+        input as the model got it and, where the workflow knows it, the input the model expects, so the client sees
+        the fix (``the input had shape [4] float; the model was warmed up with shape [1, 4] float``). Model thread,
+        only after ``run_model`` raised; an exception here is ignored (the 422 keeps the model's words alone).
+
+        Correct: ``return f"the input had shape {list(item.shape)}"``. Incorrect: naming the model file's path (the
+        client may be anyone)."""
+        return None
+
     def inference(self, data: DataT) -> Any:
         """One request through every hook in the calling thread, as the original library's workflows did; a
         class without the other hooks may define only this (then each request runs alone, on the model thread,
@@ -242,6 +254,16 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
 
     postprocess.passes_unasked = True  # type: ignore[attr-defined]  # encode_output leaves an Unasked as it is
 
+    # The input a model's forward is known to take, for ``describe_input``: (how it is known, e.g. "warmed up with",
+    # its shape (None or a name: any size), its dtype name). A workflow sets it when it learns it.
+    expected_input: tuple[str, list[int | str | None], str | None] | None = None
+
+    def describe_input(self, item: torch.Tensor) -> str | None:
+        """The item's shape and dtype and, when ``expected_input`` is known, that input and the fix (``input_note``)."""
+        if not isinstance(item, torch.Tensor):
+            return None
+        return input_note(list(item.shape), tensors.NAMES.get(item.dtype, str(item.dtype)), self.expected_input)
+
 
 def _import_torch() -> None:
     """Bind torch and the tensor codec for ``TensorWorkflow``'s hooks, once, when the first one is built: importing
@@ -251,6 +273,31 @@ def _import_torch() -> None:
     import torch
 
     from workflows import tensors
+
+
+def input_note(
+    shape: list[int], dtype: str, expected: tuple[str, list[int | str | None], str | None] | None = None
+) -> str:
+    """``the input had shape [4] float``, and with ``expected`` (how known, shape, dtype; see
+    ``TensorWorkflow.expected_input``) what the model takes: ``; the model was warmed up with shape [1, 4] float
+    (batch first)``, and for an input that lacks only the batch axis the fix, ``; to send one row, send shape [1, 4]
+    (a batch of one)``. Any thread; raises nothing."""
+    note = f"the input had shape {_shown(shape)} {dtype}"
+    if expected is None:
+        return note
+    how, wanted, wanted_dtype = expected
+    note += f"; the model was {how} shape {_shown(wanted)}" + (f" {wanted_dtype}" if wanted_dtype else "")
+    if len(wanted) < 2:
+        return note
+    note += " (batch first)"
+    trailing = wanted[1:]
+    if len(shape) == len(trailing) and all(not isinstance(w, int) or w == n for w, n in zip(trailing, shape)):
+        note += f"; to send one row, send shape {_shown([1, *shape])} (a batch of one)"
+    return note
+
+
+def _shown(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
 
 
 def uses_hooks(workflow: Any) -> bool:
@@ -426,7 +473,7 @@ def forward_groups(workflow: Any, prepared: list[Any]) -> Iterator[tuple[list[in
                 for i in members:
                     yield [i], [_run_one_of_group(workflow, prepared[i].value)]
             else:
-                yield members, [failure(_as_model_error(e))]
+                yield members, [failure(_as_model_error(e, workflow, prepared[members[0]].value))]
             continue
         yield members, [_Output(output) for output in outputs]
 
@@ -562,7 +609,7 @@ def _run_one_of_group(workflow: InferenceWorkflow, item: Any) -> Any:
     try:
         [output] = _run_group(workflow, [item])
     except _RAISED_BY_MODEL as e:
-        return failure(_as_model_error(e))
+        return failure(_as_model_error(e, workflow, item))
     return _Output(output)
 
 
@@ -570,7 +617,7 @@ def _run_alone(workflow: InferenceWorkflow, item: Any) -> Any:
     try:
         return _Output(workflow.run_model(item))
     except _RAISED_BY_MODEL as e:
-        return failure(_as_model_error(e))
+        return failure(_as_model_error(e, workflow, item))
 
 
 def _postprocess(workflow: InferenceWorkflow, output: Any) -> Outcome:
@@ -597,12 +644,26 @@ _RAISED_BY_MODEL = (Exception, SystemExit, KeyboardInterrupt)
 _RAISED_ON_THE_LOOP = (Exception, SystemExit)
 
 
-def _as_model_error(error: BaseException) -> ServiceError:
+def _as_model_error(error: BaseException, workflow: Any = None, item: Any = None) -> ServiceError:
+    """The 422 of a model that raised on ``item``: the model's own words, then what ``workflow.describe_input(item)``
+    knows (the one place every route's and both paths' message is built)."""
     if isinstance(error, ServiceError):
         return error
-    if not isinstance(error, Exception):
-        return ModelError(f"the model failed on this input: it raised {type(error).__name__}({first_line(error)})")
-    return ModelError(f"the model failed on this input: {_said(error)}")
+    said = _said(error) if isinstance(error, Exception) else f"it raised {type(error).__name__}({first_line(error)})"
+    note = _described_input(workflow, item)
+    return ModelError(f"the model failed on this input: {said}" + (f"; {note}" if note else ""))
+
+
+def _described_input(workflow: Any, item: Any) -> str | None:
+    describe = getattr(workflow, "describe_input", None)
+    if not callable(describe):
+        return None
+    try:
+        note = describe(item)
+    except Exception:  # a hint that fails must not replace the model's own words
+        log.debug("describe_input failed", exc_info=True)
+        return None
+    return note if isinstance(note, str) and note else None
 
 
 def _said(error: BaseException) -> str:

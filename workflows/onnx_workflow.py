@@ -379,6 +379,13 @@ class ONNXInferenceWorkflow(
     def _expected(self) -> str:
         return f'send {{"inputs": {{name: {{"dtype", "shape", "values"}}}}}} for the inputs {self._signature()}'
 
+    def describe_input(self, item: dict[str, np.ndarray]) -> str | None:
+        """For the 422 of a forward that raised: the inputs as they reached the model and as the model declares
+        them (``the input was 'x' float [3, 5]; the model declares 'x' float [n, 4]``)."""
+        dtypes = {port.name: port.dtype for port in self.inputs}
+        had = ", ".join(f"{name!r} {dtypes.get(name)} {list(array.shape)}" for name, array in item.items())
+        return f"the input{'s were' if len(item) > 1 else ' was'} {had}; the model declares {self._signature()}"
+
     def batch_key(self, item: dict[str, np.ndarray]) -> Any:
         # Only a first axis that the model declares dynamic everywhere may be joined, and only for requests of rank
         # >= 2: a rank-1 request's only axis is its features.

@@ -127,8 +127,10 @@ def build(settings: ServiceSettings) -> Any:
         try:
             workflow = cls(*settings.workflow_args, **settings.workflow_kwargs)
         except TypeError as e:
+            why = _mismatch(cls, settings.workflow_args, settings.workflow_kwargs) or str(e)
             raise StartupError(
-                f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {e}; {_takes(cls)}"
+                f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit {cls.__name__}: {why}; "
+                f"{_takes(cls, settings.workflow_kwargs)}"
             ) from None
         if settings.workflow_class == BUILTIN_TORCH_WORKFLOW:
             workflow = _onnx_if_onnx_file(workflow, settings)
@@ -186,17 +188,45 @@ def _parameters(cls: type) -> list[inspect.Parameter] | None:
         return None
 
 
-def _takes(cls: type) -> str:
-    """What ``cls`` accepts, for the start-up line when the arguments do not fit: the fix is in it."""
+def _takes(cls: type, kwargs: dict[str, Any] | None = None) -> str:
+    """What ``cls`` accepts, for the start-up line when the arguments do not fit: the fix is in it. A class without
+    ``__init__`` given ``warmup_input`` (the built-in workflows' argument) is told where its own warm-up goes."""
     parameters = _parameters(cls)
     if parameters is None:
         return f"see {cls.__name__}.__init__ for the arguments it takes"
+    warmup = ""
+    if "warmup_input" in (kwargs or {}) and not any(p.name == "warmup_input" for p in parameters):
+        warmup = (
+            f"; warmup_input is the built-in workflows' argument: {cls.__name__} warms up in its own warmup() "
+            "hook (README, custom workflows)"
+        )
     if not parameters:
         return (
             f"it defines no __init__: unset CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS and _KW_ARGS, or give "
-            f"{cls.__name__} an __init__(self, ...) that takes them"
+            f"{cls.__name__} an __init__(self, ...) that takes them{warmup}"
         )
-    return f"{cls.__name__} takes {inspect.Signature(parameters)}"
+    return f"{cls.__name__} takes {inspect.Signature(parameters)}{warmup}"
+
+
+def _mismatch(cls: type, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+    """Why ``args`` do not fit ``cls``'s parameters when there are too many, counted as the operator wrote them:
+    Python's own TypeError counts ``self`` ("takes from 2 to 3 positional arguments but 4 were given" for two
+    parameters and three arguments). None for any other mismatch (Python's words name the argument and count nothing)
+    or parameters that cannot be read."""
+    parameters = _parameters(cls)
+    if parameters is None:
+        return None
+    if not parameters:
+        return f"{cls.__name__}() takes no arguments" if args or kwargs else None
+    kind = inspect.Parameter
+    positional = [p.name for p in parameters if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)]
+    if len(args) <= len(positional) or any(p.kind is kind.VAR_POSITIONAL for p in parameters):
+        return None
+    takes = "no positional arguments"
+    if positional:
+        plural = "s" if len(positional) > 1 else ""
+        takes = f"at most {len(positional)} positional argument{plural} ({', '.join(positional)})"
+    return f"{cls.__name__} takes {takes}; CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS gave {len(args)}"
 
 
 def _no_warmup(workflow: Any) -> str:
@@ -223,7 +253,10 @@ def _onnx_if_onnx_file(workflow: Any, settings: ServiceSettings) -> Any:
     try:
         return ONNXInferenceWorkflow(*settings.workflow_args, **kwargs)
     except TypeError as e:
-        raise StartupError(f"CLASSIC_INF_WORKFLOW_KW_ARGS do not fit the ONNX workflow (an ONNX file): {e}") from None
+        why = _mismatch(ONNXInferenceWorkflow, settings.workflow_args, kwargs) or str(e)
+        raise StartupError(
+            f"CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS / _KW_ARGS do not fit the ONNX workflow (an ONNX file): {why}"
+        ) from None
 
 
 def qualified_name(workflow: Any) -> str:

@@ -100,6 +100,8 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             # Chained: a per-request load (workflows/per_request.py) tells its client the reason alone, not the path.
             raise StartupError(f"model {self.spec.describe()}: {e}") from e
         self.model_dtype = model_formats.parameter_dtype(self.model)
+        if kind == model_formats.EXPORT:
+            self.expected_input = _exported_input(self.model)
         # model_dtype stays the model's own: requests are cast to it and answers come back in it, whatever the
         # precision the forward runs in (docs/contract.md, "Precision").
         self.compute_dtype = self.model_dtype
@@ -141,6 +143,8 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
             if self.builtin_warmup:
                 raise StartupError(self._builtin_warmup_failed(e)) from None
             raise StartupError(f"warmup_input: {_reason(e)}") from None
+        if self.expected_input is None:  # a torch.export file's own input spec says more than one example
+            self.expected_input = ("warmed up with", list(item.shape), tensors.NAMES.get(item.dtype))
         if not self.batching:
             return True
         if self.batch_key(item) is None:
@@ -214,6 +218,19 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
                     "false in CLASSIC_INF_WORKFLOW_KW_ARGS)"
                 ) from None
             return to_host(output, {compute: own} if compute != own else None)
+
+
+def _exported_input(model: Any) -> tuple[str, list[int | str | None], str | None] | None:
+    """A torch.export module's one tensor input as it was exported (its dynamic dimensions None), for the 422 of a
+    model that raised (``describe_input``); None for several inputs or a graph that does not say."""
+    try:
+        inputs = [node.meta.get("val") for node in model.graph.nodes if node.op == "placeholder"]
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            return None
+        shape = [d if isinstance(d, int) else None for d in inputs[0].shape]
+        return ("exported for", shape, tensors.NAMES.get(inputs[0].dtype))
+    except Exception:  # a hint only: a graph of another torch's making must not stop start-up
+        return None
 
 
 # A model error that asks for an integer tensor (embeddings, indexing): what the cast to a float dtype breaks.
