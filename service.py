@@ -7,6 +7,7 @@ Configuration comes from the environment (core/settings.py, README). The request
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 from typing import Annotated, Any
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from core import bentoml_seam, model_call
+from core import bentoml_seam, crash_records, model_call
 from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
 from public import http_protocol, routes
@@ -160,7 +161,15 @@ class InfernetService:
         """Once, in the main process, before any worker starts (and before their environment is copied)."""
         with startup.exit_on_error("model"):
             startup.prepare(SETTINGS)
-        startup.exit_nonzero_if_a_worker_fails(before_exit=bentoml_seam.remove_own_metrics_directory)
+        # What the API workers learn of the runner's deaths, shared by this server's workers (core/crash_records.py).
+        crash_records.create_for_this_server()
+        atexit.register(crash_records.remove)
+
+        def before_exit() -> None:
+            crash_records.remove()
+            bentoml_seam.remove_own_metrics_directory()
+
+        startup.exit_nonzero_if_a_worker_fails(before_exit=before_exit)
 
     def __init__(self) -> None:
         client = self.runner.to_async

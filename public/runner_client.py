@@ -22,27 +22,26 @@ answers it.
 Crashes: a request whose forward kills the runner's process (``os._exit``, a segfault, the OOM killer) would crash
 it again each time a client retries. ``CrashWatch`` remembers the requests that were in the runner when it died and
 sends each alone if it comes again; one that kills the process again while running alone is refused (422) for a
-while (docs/reliability.md, "A request that kills the runner"). Until the runner dies, it costs one attribute test
-per request.
+while (docs/reliability.md, "A request that kills the runner"). Every API worker of one server shares that memory
+(core/crash_records.py). Until the runner dies, it costs an attribute test and a read of a mapped counter per request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import pickle
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import aiohttp
 import httptools
-import orjson
 
-from core import bentoml_seam, model_call
+from core import bentoml_seam, crash_records, model_call
 from core.bentoml_seam import PICKLE
+from core.crash_records import request_digest
 from core.errors import Outcome
 
 log = logging.getLogger("public.runner_client")
@@ -71,7 +70,9 @@ class RunnerCallBatcher:
     async def submit(self, item: Any) -> Outcome:
         """The outcome of one request's ``item`` (its data), sent with the others waiting now; sent alone, or
         refused, when it was in the runner when its process died (``CrashWatch``)."""
-        if self.crashes.watching:  # only for a few minutes after the runner's process died
+        crashes = self.crashes
+        # Only for a few minutes after the runner's process died, seen here or by another API worker of this server.
+        if crashes.watching or crashes.counter[:8] != crashes.seen:
             outcome = await self._watched(item)
             if outcome is not None:
                 return outcome
@@ -85,7 +86,7 @@ class RunnerCallBatcher:
         """A suspect's outcome, sent in a call of its own that the runner runs as a batch of its own (``alone``); a
         known poison's refusal; None for any other request (it goes with the others)."""
         crashes = self.crashes
-        crashes.forget_expired()
+        crashes.refresh()
         if not crashes.watching:
             return None
         key = request_digest(item)
@@ -98,8 +99,11 @@ class RunnerCallBatcher:
         except BaseException as e:
             if not runner_died(e):
                 raise
-            # It ran in a batch of its own: the process died while running this request (or while it waited
-            # for the model behind another API worker's batch: docs/reliability.md says when that can happen).
+            if crash_records.was_waiting(crashes.directory, key):
+                # The runner had not started it (it waited behind another call's forward): still only a suspect.
+                crashes.died([item])
+                raise
+            # It ran in a batch of its own: the process died while running this request.
             crashes.died([item], poison=key)
             return crashes.refusal()
         crashes.cleared(key)
@@ -143,29 +147,45 @@ class RunnerCallBatcher:
 
 
 # How long a request that was in the runner when its process died is sent alone if it comes again; how long an input
-# that killed the process while running alone is refused; how many of each one API worker remembers (the oldest go).
+# that killed the process while running alone is refused; how many of each the API workers remember (the oldest go).
 SUSPECT_S = 300.0
 POISON_S = 600.0
 MAX_REMEMBERED = 1024
 
 
 class CrashWatch:
-    """One API worker's memory of the runner's deaths: the requests (digests of their data, ``request_digest``) that
+    """The API workers' memory of the runner's deaths: the requests (digests of their data, ``request_digest``) that
     were in the runner when its process died, and those that killed it while running alone. On the worker's event
-    loop. Empty, and costing one attribute test per request, until the runner dies; each entry expires."""
+    loop. Under ``bentoml serve`` the memory is shared by every API worker of the server (core/crash_records.py says
+    how and why that is safe), so a crasher that reaches another worker is known there too; otherwise (``directory``
+    None) it is this worker's own. Empty until the runner dies, costing an attribute test and a read of the shared
+    counter per request; each entry expires."""
 
     def __init__(
-        self, suspect_s: float = SUSPECT_S, poison_s: float = POISON_S, max_remembered: int = MAX_REMEMBERED
+        self,
+        suspect_s: float = SUSPECT_S,
+        poison_s: float = POISON_S,
+        max_remembered: int = MAX_REMEMBERED,
+        directory: Path | Callable[[], Path | None] | None = crash_records.this_server,
     ) -> None:
         self.suspect_s = suspect_s
         self.poison_s = poison_s
         self._max = max_remembered
+        self.directory = directory() if callable(directory) else directory
+        self._shared = crash_records.SharedRecords(self.directory) if self.directory is not None else None
         self.watching = False  # anything remembered: only then is a request's digest computed
+        # The shared count of changes, mapped into memory (reading it is no system call), and its value as last read;
+        # b"" and b"" without sharing.
+        self.counter: Any = self._shared.counter if self._shared is not None else b""
+        self.seen = self.changes()
         self._suspects: dict[bytes, float] = {}  # digest -> when it is forgotten (time.monotonic())
         self._poison: dict[bytes, float] = {}
         self._lost = 0  # requests in the calls lost since the last log line
         self._poisoned = 0
         self.on_death: Callable[[], None] | None = None  # told of each death (PublicApp: probe the runner again)
+
+    def changes(self) -> bytes:
+        return self.counter[:8]
 
     def died(self, items: list[Any], poison: bytes | None = None) -> None:
         """The runner's connection was lost while ``items`` were in it: its process died. They become suspects
@@ -173,18 +193,37 @@ class CrashWatch:
         death, however many calls it cut, and never the requests' data."""
         now = time.monotonic()
         if poison is not None:
-            self._suspects.pop(poison, None)
-            _remember(self._poison, poison, now + self.poison_s, self._max)
             self._poisoned += 1
+            keys = []
         else:
-            for item in items:
-                _remember(self._suspects, request_digest(item), now + self.suspect_s, self._max)
-        self.watching = True
+            keys = [request_digest(item) for item in items]
+
+        def change(suspects: dict[bytes, float], poisons: dict[bytes, float]) -> None:
+            if poison is not None:
+                suspects.pop(poison, None)
+                _remember(poisons, poison, now + self.poison_s, self._max)
+            for key in keys:
+                _remember(suspects, key, now + self.suspect_s, self._max)
+
+        self._change(change)
         if self.on_death is not None:
             self.on_death()
         if self._lost == 0:  # the other calls the same death cut fail within the next few turns of the loop
             asyncio.get_running_loop().call_later(0.1, self._report)
         self._lost += len(items)
+
+    def _change(self, change: Callable[[dict[bytes, float], dict[bytes, float]], None]) -> None:
+        if self._shared is not None:
+            try:
+                self.seen, self._suspects, self._poison = self._shared.update(change, self._max)
+            except OSError as e:  # the directory was removed (the server is stopping): this worker's own memory
+                log.warning("cannot share what the runner's death taught this API worker: %s", e)
+                self._shared, self.counter = None, b""
+                self.seen = self.changes()
+                change(self._suspects, self._poison)
+        else:
+            change(self._suspects, self._poison)
+        self.watching = bool(self._suspects or self._poison)
 
     def _report(self) -> None:
         lost, poisoned, self._lost, self._poisoned = self._lost, self._poisoned, 0, 0
@@ -212,16 +251,24 @@ class CrashWatch:
 
     def cleared(self, key: bytes) -> None:
         """A suspect that ran alone and was answered: it did not kill the process."""
-        self._suspects.pop(key, None)
-        self.watching = bool(self._suspects or self._poison)
+        self._change(lambda suspects, _: suspects.pop(key, None))
 
-    def forget_expired(self) -> None:
-        """Drop what has expired (each dict is in the order its entries expire); stop watching once both are empty."""
+    def refresh(self) -> None:
+        """What the other API workers learned since the last look (read only when the shared counter changed), less
+        what has expired (each dict is in the order its entries expire); watching stops once both are empty."""
+        if self._shared is not None and self.changes() != self.seen:
+            try:
+                self.seen, self._suspects, self._poison = self._shared.read()
+            except OSError:  # the directory was removed (the server is stopping): keep what this worker knows
+                self._shared, self.counter = None, b""
+                self.seen = self.changes()
         now = time.monotonic()
         for remembered in (self._suspects, self._poison):
             while remembered and next(iter(remembered.values())) <= now:
                 del remembered[next(iter(remembered))]
         self.watching = bool(self._suspects or self._poison)
+
+    forget_expired = refresh
 
     def refusal(self) -> Outcome:
         return Outcome(
@@ -242,24 +289,6 @@ def runner_died(error: BaseException) -> bool:
     """Whether a runner call failed because the runner's connection was lost while the call was in it: its process
     died (the fast path's own client, or BentoML's aiohttp client on the public path)."""
     return isinstance(error, (ConnectionLost, aiohttp.ServerDisconnectedError))
-
-
-def request_digest(item: Any) -> bytes:
-    """A digest of one request's item for the runner (its data, or a ``ForModel``): equal data, equal digest,
-    whatever the order of its JSON keys. Computed only while ``CrashWatch`` remembers a death."""
-    try:
-        text = orjson.dumps(item, default=_canonical, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
-    except TypeError:  # not JSON-like (integers beyond 64 bits, a custom workflow's objects)
-        text = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-    return hashlib.blake2b(text, digest_size=16).digest()
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray):
-        return value.hex()
-    if hasattr(value, "dtype") and hasattr(value, "tobytes"):  # numpy arrays and scalars (CHAIN data)
-        return [str(value.dtype), list(getattr(value, "shape", ())), hashlib.blake2b(value.tobytes()).hexdigest()]
-    raise TypeError(type(value).__name__)
 
 
 def through_bentoml(client: Any) -> RunnerCall:

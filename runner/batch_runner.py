@@ -34,7 +34,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import crash_records
 from core.asgi import bound_uvicorn
+from core.crash_records import request_digest
 from core.errors import Outcome, Overloaded, failure
 from core.model_call import ForModel
 from workflows.base import check_on_first_request, forward_groups, postprocess_all, preprocess_all
@@ -61,6 +63,9 @@ class BatchRunner:
         self._max_items = max_items
         self._max_wait_s = max_wait_s
         self._on_batch = on_batch
+        # This server's directory of what its processes know of the runner's deaths (None outside ``bentoml serve``).
+        self.crash_records = crash_records.this_server()
+        crash_records.forget_waiting(self.crash_records)
         self._calls: deque[_Call] = deque()
         self._queued = threading.Condition()
         self._batch_since: float | None = None  # time.monotonic() when the model thread took its current batch
@@ -77,11 +82,14 @@ class BatchRunner:
         """On the event loop: per request, its model input and batch key, or the ``Outcome`` of its failure."""
         return preprocess_all(self.workflow, requests)
 
-    async def submit(self, prepared: list[Any], alone: bool = False) -> list[Any]:
+    async def submit(self, prepared: list[Any], alone: bool = False, keys: list[bytes] | None = None) -> list[Any]:
         """On the event loop: queue ``prepared`` for the model thread and wait for its share of the batch it ran in
-        (per entry: the model's output, or an ``Outcome``). ``alone``: the call forms a batch of its own."""
+        (per entry: the model's output, or an ``Outcome``). ``alone``: the call forms a batch of its own; ``keys``:
+        its requests' digests, marked waiting until the model thread takes it."""
         loop = asyncio.get_running_loop()
         call = _Call(prepared, loop, loop.create_future(), alone)
+        if keys:
+            call.waiting = crash_records.waiting(self.crash_records, keys)
         with self._queued:
             self._calls.append(call)
             self._queued.notify()
@@ -96,15 +104,20 @@ class BatchRunner:
         """On the event loop: ``infer`` for a call marked ``alone``, whose request was in the runner when its process
         died. The model thread runs the call as a batch of its own, no other call's requests with it, so if the
         process dies again the API worker knows this request was running (public/runner_client.py ``CrashWatch``)."""
+        # Marked waiting while queued (core/crash_records.py): if the process dies before the model thread takes the
+        # call, the API worker knows this request did not kill it.
+        keys = [request_digest(r) for r in requests] if self.crash_records is not None else []
         if self.names_models(requests):
-            return await self.infer_for_models(requests, alone=True)
-        return self.postprocess(await self.submit(self.preprocess(requests), alone=True), requests)
+            return await self.infer_for_models(requests, alone=True, keys=keys)
+        return self.postprocess(await self.submit(self.preprocess(requests), alone=True, keys=keys), requests)
 
     def names_models(self, requests: list[Any]) -> bool:
         """Whether any request names a per-request model (``ForModel``); False at once without a registry."""
         return self.registry is not None and any(type(r) is ForModel for r in requests)
 
-    async def infer_for_models(self, requests: list[Any], alone: bool = False) -> list[Outcome]:
+    async def infer_for_models(
+        self, requests: list[Any], alone: bool = False, keys: list[bytes] | None = None
+    ) -> list[Outcome]:
         """On the event loop: ``infer`` for a call where some requests name a per-request model. Each model is
         looked up (or loaded, once, off the model thread) in the registry; each request is pre- and
         postprocessed by its model's workflow, and in the model thread requests of different models never share
@@ -135,7 +148,7 @@ class BatchRunner:
                 continue
             [entry] = preprocess_all(workflow, [data])
             prepared.append(_Routed(None, entry) if isinstance(entry, Outcome) else _Routed(workflow, entry))
-        forwarded = await self.submit(prepared, alone)
+        forwarded = await self.submit(prepared, alone, keys)
         return [
             result if isinstance(result, Outcome) else postprocess_all(workflow, [result], [data])[0]
             for workflow, data, result in zip(chosen, datas, forwarded)
@@ -198,6 +211,8 @@ class BatchRunner:
                 if calls and self._calls[0].alone:
                     break
                 call = self._calls.popleft()
+                if call.waiting:  # taken: from here on, a death may be this call's own
+                    crash_records.taken(call.waiting)
                 if not call.future.done():  # a caller that gave up is not run
                     calls.append(call)
                     size += len(call.items)
@@ -268,6 +283,7 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[Any]]
     alone: bool = False  # a batch of its own (``BatchRunner.infer_alone``)
+    waiting: list[Any] = field(default_factory=list)  # its markers while queued (core/crash_records.py ``waiting``)
     queued: float = field(default_factory=time.monotonic)
 
     def answer(self, outcomes: list[Any] | None, error: BaseException | None = None) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from eth_abi import encode
@@ -218,8 +219,7 @@ def respawned(server, old_pid: int) -> int:
 @pytest.mark.parametrize("fast_path", ["1", "0"])
 def test_a_request_that_kills_the_runner_runs_alone_then_is_refused_and_the_others_are_served(tmp_path, fast_path):
     # A forward that kills the runner's process (os._exit, a segfault) was answered 503 Retry-After: 1 each time, so a
-    # client that obeyed crashed the service again and again, for everyone (explorer N3). One API worker: each
-    # worker remembers the deaths it saw, so the retries must reach the one that saw them.
+    # client that obeyed crashed the service again and again, for everyone (explorer N3). One API worker; two: below.
     crasher = row(EXIT, 2.0)  # holds the model 2 s, then os._exit(3)
     with serving(
         env(tmp_path, API_WORKERS="1", REQUEST_TIMEOUT_S=str(TIMEOUT_S), INFERNET_FAST_PATH=fast_path), tmp_path
@@ -258,3 +258,62 @@ def test_a_request_that_kills_the_runner_runs_alone_then_is_refused_and_the_othe
     assert "the model runner process died while running 2 request(s)" in log, log[-3000:]
     assert "1 of them sent alone after an earlier death" in log, log[-3000:]
     assert "-5.0" not in log  # the crasher's data never reaches the log
+
+
+@pytest.mark.slow
+def test_with_two_api_workers_a_crasher_kills_the_runner_at_most_twice_and_a_queued_suspect_is_not_refused(tmp_path):
+    # Each API worker remembered only the deaths it saw, so with two workers a crasher whose client obeyed Retry-After
+    # killed the runner four times (about 40 s of outage for everyone) before both refused it (explorer R6-2). And a
+    # suspect sent alone that only waited for the model while the crasher's forward killed the process was refused
+    # as poison too, though it never ran.
+    crasher = row(EXIT, 2.0)  # holds the model 2 s, then os._exit(3)
+    server_env = env(tmp_path, API_WORKERS="2", REQUEST_TIMEOUT_S=str(TIMEOUT_S))
+    runners: set[int] = set()
+    watching = threading.Event()
+
+    def watch(server) -> None:  # a runner's restart takes seconds: every runner process is seen
+        while not watching.is_set():
+            runners.update(p.pid for p in processes(server)["runner"])
+            time.sleep(0.1)
+
+    def crasher_then_good(server) -> list[Outcome]:
+        with ThreadPoolExecutor(2) as pool:
+            crashing = pool.submit(post, server, crasher)
+            time.sleep(0.5)  # the good row reaches the runner while the crasher's forward runs
+            innocent = pool.submit(post, server, GOOD)
+            return [crashing.result(), innocent.result()]
+
+    with serving(server_env, tmp_path) as server:
+        workers = processes(server)["api"]
+        assert len(workers) == 2
+        [shared] = {Path(w.environ()["INFERNET_CRASH_RECORDS_DIR"]) for w in workers}  # this server's own
+        assert shared.is_dir()
+        runner = processes(server)["runner"][0].pid
+        watcher = threading.Thread(target=watch, args=(server,), daemon=True)
+        watcher.start()
+        for outcome in crasher_then_good(server):  # the first death: nobody can tell which one killed it
+            assert_contract_error(outcome.response, 503)
+        runner = respawned(server, runner)
+
+        # Both retried at once, whichever worker each reaches: each is sent alone. The crasher runs and kills the
+        # process again (422); the good row was still waiting behind it, so it is told to retry, not refused.
+        crashed, waited = crasher_then_good(server)
+        assert "crashed the model's process" in assert_contract_error(crashed.response, 422)["description"]
+        assert_contract_error(waited.response, 503)
+        runner = respawned(server, runner)
+        retried = post(server, GOOD)
+        assert retried.status == 200 and retried.response.json()["values"] == GOOD_VALUES, retried.response.text
+
+        # Both workers refuse the crasher now, without reaching the runner; the good rows are served.
+        outcomes = post_many(server, [crasher, GOOD] * 6, workers=8)
+        for outcome in outcomes[::2]:
+            assert "crashed the model's process" in assert_contract_error(outcome.response, 422)["description"]
+        for outcome in outcomes[1::2]:
+            assert outcome.status == 200 and outcome.response.json()["values"] == GOOD_VALUES, outcome.response.text
+        assert processes(server)["runner"][0].pid == runner
+        watching.set()
+        watcher.join()
+        log = server.log()
+    assert len(runners) == 3, f"the runner died {len(runners) - 1} times"
+    assert "-5.0" not in log  # the crasher's data never reaches the log
+    assert not shared.exists(), "the server left its crash records behind"

@@ -194,3 +194,28 @@ def test_equal_data_has_equal_digests_whatever_the_key_order():
     assert request_digest(first) == request_digest({"shape": [1, 2], "values": [[1.0, 2.0]], "dtype": "float"})
     assert request_digest(first) != request_digest({**first, "values": [[1.0, 2.5]]})
     assert request_digest(2**70) == request_digest(2**70)  # beyond JSON's integers: pickled instead
+
+
+def test_what_one_api_worker_learns_of_a_death_the_others_of_its_server_know(tmp_path):
+    # Two workers in one process stand for two processes here (tests/test_crash_recovery.py runs the real ones):
+    # each maps the server's counter and reads the server's records file, as separate processes do.
+    directory = tmp_path / "server"
+    directory.mkdir()
+    (directory / "changes").write_bytes(bytes(8))
+
+    async def scenario():
+        runners = DyingRunner(), DyingRunner()
+        first, second = (RunnerCallBatcher(r, max_items=64) for r in runners)
+        first.crashes, second.crashes = CrashWatch(directory=directory), CrashWatch(directory=directory)
+        await asyncio.gather(first.submit("crash"), first.submit("good"), return_exceptions=True)
+        crashed = await second.submit("crash")  # never seen by this worker: sent alone, and refused
+        refused = await first.submit("crash")  # refused by the other without reaching the runner
+        good = await second.submit("good")
+        return [r.calls for r in runners], crashed, refused, good
+
+    calls, crashed, refused, good = asyncio.run(scenario())
+    assert calls == [[(["crash", "good"], False)], [(["crash"], True), (["good"], True)]]
+    assert crashed == refused and crashed.status == 422
+    assert good == Outcome(200, "out good")
+    stored = (directory / "records.json").read_text()
+    assert "crash" not in stored and "good" not in stored  # digests only, never a request's data
