@@ -117,6 +117,7 @@ def models_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         "models/flight": Repo(make_repo(root / "flight", [{"flight.pt": iris}])),
         "models/pickled": Repo(make_repo(root / "pickled", [{"pickled.pt": pickled}])),
         "models/pickled-export": Repo(make_repo(root / "pickled-export", [{"model.pt2": pickled_export}])),
+        "models/export": Repo(make_repo(root / "export", [{"model.pt2": (root / "good.pt2").read_bytes()}])),
         "models/iris-onnx": Repo(
             make_repo(root / "iris-onnx", [{"iris.onnx": iris_onnx(root / "iris.onnx").read_bytes()}])
         ),
@@ -329,6 +330,21 @@ def test_pickled_export_hub_model_refused_without_running_its_code(server: Serve
     assert body["code"] == "403" and "pickle" in body["description"], body
     assert "ALLOW_PICKLED_MODELS" in body["description"], body
     assert not (EXPORT_MARKER_DIR / "code-ran").exists()
+
+
+def test_export_hub_model_without_pickles_answers(server: Server):
+    """The .pt2 check refuses only pickled entries: the same archive as written by torch.export.save is served."""
+    response = server.post(
+        {
+            "source": 1,
+            "data": {
+                "model_id": "huggingface/models/export:model.pt2",
+                "input": {"dtype": 1, "shape": [2, 2], "values": [1, 1, 2, 2]},
+            },
+        }
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["values"] == [2.0, 3.0, 4.0, 6.0]
 
 
 def test_ten_concurrent_first_requests_download_once(server: Server, models_hub: Hub):
