@@ -4,10 +4,13 @@ OFFCHAIN and CHAIN, with the iris model (default and per request) and a Californ
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 import sys
+import tempfile
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +36,8 @@ HOUSING_ANSWER = 4.1519430552  # the original's test value
 HOUSING_ID = "huggingface/models/housing:housing.pt"
 IRIS_ID = "huggingface/models/iris:iris.pt"
 ONNX_ID = "huggingface/models/iris-onnx:iris.onnx"
+# Where the pickled .pt2's code would write its marker: a folder of its own, so no other run's marker is seen.
+EXPORT_MARKER_DIR = Path(tempfile.mkdtemp(prefix="pickled-export-marker-"))
 
 
 class Housing(torch.nn.Module):
@@ -50,6 +55,50 @@ class Housing(torch.nn.Module):
         return self.linear(x)
 
 
+class Scale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([2.0, 3.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+class WritesMarker:
+    """Unpickles to Scale's weight after writing ``marker``: the uploader's code running in the server."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        code = (
+            f"(__import__('pathlib').Path({str(self.marker)!r}).write_text('code ran'), "
+            "__import__('torch').nn.Parameter(__import__('torch').tensor([2.0, 3.0])))[1]"
+        )
+        return (eval, (code,))
+
+
+def pickled_export_bytes(root: Path, marker: Path) -> bytes:
+    """A torch.export archive of Scale whose weight w is stored pickled (use_pickle in its weights config), as an
+    uploader can write it by hand: torch.export.load unpickles it with weights_only=False."""
+    program = torch.export.export(Scale(), (torch.ones(3, 2),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, str(root / "good.pt2"))
+    evil = io.BytesIO()
+    torch.save(WritesMarker(marker), evil)
+    out = io.BytesIO()
+    with zipfile.ZipFile(root / "good.pt2") as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("data/weights/model_weights_config.json"):
+                config = json.loads(data)
+                config["config"]["w"].update(use_pickle=True, path_name="weight_0")
+                data = json.dumps(config).encode()
+            elif info.filename.endswith("data/weights/weight_0"):
+                data = evil.getvalue()
+            target.writestr(info, data)
+    return out.getvalue()
+
+
 def torchscript_bytes(model: torch.nn.Module, path: Path) -> bytes:
     torch.jit.save(torch.jit.script(model.eval()), str(path))
     return path.read_bytes()
@@ -61,11 +110,14 @@ def models_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     iris = EMBEDDED_MODEL.read_bytes()  # TorchScript
     housing = torchscript_bytes(Housing(), root / "housing.pt")
     pickled = save(Affine(), root / "pickled.pt", "pickle", torch.zeros(1, 4)).read_bytes()
+    pickled_export = pickled_export_bytes(root, EXPORT_MARKER_DIR / "code-ran")
     repos = {
         "models/housing": Repo(make_repo(root / "housing", [{"housing.pt": housing}])),
         "models/iris": Repo(make_repo(root / "iris", [{"iris.pt": iris}])),
         "models/flight": Repo(make_repo(root / "flight", [{"flight.pt": iris}])),
         "models/pickled": Repo(make_repo(root / "pickled", [{"pickled.pt": pickled}])),
+        "models/pickled-export": Repo(make_repo(root / "pickled-export", [{"model.pt2": pickled_export}])),
+        "models/export": Repo(make_repo(root / "export", [{"model.pt2": (root / "good.pt2").read_bytes()}])),
         "models/iris-onnx": Repo(
             make_repo(root / "iris-onnx", [{"iris.onnx": iris_onnx(root / "iris.onnx").read_bytes()}])
         ),
@@ -260,6 +312,39 @@ def test_pickled_hub_model_refused(server: Server):
     )
     assert response.status_code == 403, response.text
     assert "pickle" in response.json()["description"] and "ALLOW_PICKLED_MODELS" in response.json()["description"]
+
+
+def test_pickled_export_hub_model_refused_without_running_its_code(server: Server):
+    """Explorer S1: a .pt2 whose weight is stored pickled ran its uploader's code in the server and answered 200."""
+    response = server.post(
+        {
+            "source": 1,
+            "data": {
+                "model_id": "huggingface/models/pickled-export:model.pt2",
+                "input": {"dtype": 1, "shape": [2, 2], "values": [1, 1, 2, 2]},
+            },
+        }
+    )
+    assert response.status_code == 403, response.text
+    body = response.json()
+    assert body["code"] == "403" and "pickle" in body["description"], body
+    assert "ALLOW_PICKLED_MODELS" in body["description"], body
+    assert not (EXPORT_MARKER_DIR / "code-ran").exists()
+
+
+def test_export_hub_model_without_pickles_answers(server: Server):
+    """The .pt2 check refuses only pickled entries: the same archive as written by torch.export.save is served."""
+    response = server.post(
+        {
+            "source": 1,
+            "data": {
+                "model_id": "huggingface/models/export:model.pt2",
+                "input": {"dtype": 1, "shape": [2, 2], "values": [1, 1, 2, 2]},
+            },
+        }
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["values"] == [2.0, 3.0, 4.0, 6.0]
 
 
 def test_ten_concurrent_first_requests_download_once(server: Server, models_hub: Hub):

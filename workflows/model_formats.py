@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
 import re
 import zipfile
@@ -48,6 +50,54 @@ def detect(path: Path) -> str:
     if "archive_format" in names or any(name.startswith("models/") and name.endswith(".json") for name in names):
         return EXPORT
     return PICKLE if "data.pkl" in names else UNKNOWN
+
+
+# Bounds on what export_pickles reads into memory: the configs are a few KiB, sample inputs a few tensors.
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+_MAX_SAMPLE_INPUTS_BYTES = 64 * 1024 * 1024
+# torch.export.load unpickles (torch.load weights_only=False, pickle.loads) any weight or constant whose config says
+# use_pickle, every custom_obj_/opaque_obj_ constant, legacy data/weights|constants/<model>.pt files, and sample
+# inputs that the safe unpickler refuses; a tensor entry it reads as raw bytes.
+_PAYLOAD_CONFIG = re.compile(r"(?:^|/)data/(weights|constants)/[^/]+_(weights|constants)_config\.json$")
+_LEGACY_PAYLOAD = re.compile(r"(?:^|/)data/(weights|constants)/[^/]+\.pt$")
+_SAMPLE_INPUTS = re.compile(r"(?:^|/)data/sample_inputs/[^/]+\.pt$")
+_RAW_TENSOR_PREFIXES = ("weight_", "tensor_")
+
+
+def export_pickles(path: Path) -> str | None:
+    """Why loading the torch.export archive at ``path`` would unpickle (run code of) what it holds, or None when it
+    loads from raw tensor bytes and JSON alone. Reads the archive with zipfile, the sample inputs with torch's
+    restricted unpickler (weights_only=True), never running the archive's code. Runs in the process that fetched the
+    file, before it is loaded. Raises OSError when the file cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename
+                if _LEGACY_PAYLOAD.search(name):
+                    return f"it holds pickled {name.split('/')[-2]} ({name.split('/', 1)[-1]}, the legacy format)"
+                if _PAYLOAD_CONFIG.search(name):
+                    if info.file_size > _MAX_CONFIG_BYTES:
+                        return f"its {name.split('/', 1)[-1]} is {info.file_size} bytes, too big to check"
+                    config = json.loads(archive.read(info)).get("config", {})
+                    for fqn, entry in config.items():
+                        if not isinstance(entry, dict):
+                            return f"its {name.split('/', 1)[-1]} is malformed"
+                        path_name = str(entry.get("path_name", ""))
+                        if entry.get("use_pickle") or not path_name.startswith(_RAW_TENSOR_PREFIXES):
+                            return f"{fqn!r} in its {name.split('/', 1)[-1]} is pickled"
+                elif _SAMPLE_INPUTS.search(name):
+                    if info.file_size > _MAX_SAMPLE_INPUTS_BYTES:
+                        return f"its {name.split('/', 1)[-1]} is {info.file_size} bytes, too big to check"
+                    data = archive.read(info)
+                    if data:
+                        try:
+                            # torch.export.load retries these with weights_only=False when this refuses them.
+                            torch.load(io.BytesIO(data), weights_only=True)
+                        except Exception:
+                            return f"its {name.split('/', 1)[-1]} holds more than tensors (a pickle)"
+    except (zipfile.BadZipFile, ValueError, AttributeError, RuntimeError) as e:
+        return f"it cannot be checked ({type(e).__name__})"
+    return None
 
 
 def problem(kind: str) -> str | None:

@@ -104,6 +104,15 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
                 "is in ALLOWED_ARWEAVE_OWNERS",
                 True,
             )
+        pickled = None if trusted or kind != model_formats.EXPORT else model_formats.export_pickles(path)
+        if pickled:
+            raise ModelLoadError(
+                403,
+                f"model {model_id} is a torch.export archive with pickled entries ({pickled}; loading it runs its "
+                "uploader's code); per-request models must be TorchScript, torch.export (.pt2) without pickles or "
+                "ONNX unless ALLOW_PICKLED_MODELS=true or the Arweave owner is in ALLOWED_ARWEAVE_OWNERS",
+                True,
+            )
         from workflows.torch_workflow import TorchInferenceWorkflow
 
         cls = TorchInferenceWorkflow
