@@ -30,6 +30,8 @@ from workflows import startup
 # then runs up to 5x slower than a 1-thread one (docs/performance.md). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Before anything reads the environment (here, in the libraries, in the workers that inherit it).
+startup.unquote_environment()
 with startup.exit_on_error("configuration"):
     SETTINGS = ServiceSettings.from_env()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from core.secrets import scrub
+
 
 class ServiceError(Exception):
     """A request failed; ``status`` is the HTTP status the client sees."""
@@ -51,7 +53,8 @@ def first_line(error: BaseException) -> str:
     """The line of an exception's message that says what failed (the class name for an empty message).
 
     TorchScript wraps the real error in a traceback of the scripted code; its last line says what failed."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    # Every exception's text becomes an answer or a log line through here: secrets are masked first.
+    lines = [line.strip() for line in scrub(str(error)).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
     return lines[-1] if "TorchScript" in lines[0] else lines[0]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core import secrets
 from core.errors import StartupError
 from core.terms import json_type
 
@@ -90,7 +91,7 @@ class ServiceSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
-        class_path = env.get("CLASSIC_INF_WORKFLOW_CLASS", "").strip() or BUILTIN_TORCH_WORKFLOW
+        class_path = env_value(env, "CLASSIC_INF_WORKFLOW_CLASS") or BUILTIN_TORCH_WORKFLOW
         workflow_class = LEGACY_CLASS_PATHS.get(class_path, class_path)
         # No model named for the built-in torch workflow (the class unset, or set to its default by either path):
         # serve the example model shipped in the repository, so that naming the default class changes nothing.
@@ -156,16 +157,16 @@ class TorchSettings:
                 "ALLOWED_ARWEAVE_OWNERS: required when USE_ARWEAVE is true "
                 "(a JSON list or comma-separated wallet addresses whose uploads may be loaded)"
             )
-        cache_root = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        threads = env.get("TORCH_NUM_THREADS", "").strip()
+        cache_root = Path(env_value(env, "XDG_CACHE_HOME") or Path.home() / ".cache")
+        threads = env_value(env, "TORCH_NUM_THREADS")
         return cls(
-            model_file_name=env.get("TORCH_MODEL_FILE_NAME", "").strip() or cls.model_file_name,
+            model_file_name=env_value(env, "TORCH_MODEL_FILE_NAME") or cls.model_file_name,
             use_jit=original_boolean(env, "USE_JIT"),
             use_arweave=use_arweave,
             allowed_arweave_owners=owners,
-            arweave_gateway=(env.get("ARWEAVE_GATEWAY", "").strip() or cls.arweave_gateway).rstrip("/"),
-            model_cache_dir=Path(env.get("MODEL_CACHE_DIR", "").strip() or cache_root / "infernet-torch-service"),
-            hf_token=(env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip() or None,
+            arweave_gateway=(env_value(env, "ARWEAVE_GATEWAY") or cls.arweave_gateway).rstrip("/"),
+            model_cache_dir=Path(env_value(env, "MODEL_CACHE_DIR") or cache_root / "infernet-torch-service"),
+            hf_token=hf_token(env),
             num_threads=integer(env, "TORCH_NUM_THREADS", 0, minimum=1, maximum=MAX_THREADS)
             if threads
             else model_threads(),
@@ -198,8 +199,36 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
-def json_value(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+# Variables the libraries read for the service (huggingface_hub, the cache folders): unquoted like the service's own.
+LIBRARY_VARIABLES = ("XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_DISABLE_PROGRESS_BARS")
+_QUOTES = ("'", '"')
+
+
+def env_value(env: Mapping[str, str], name: str) -> str:
+    """``env[name]`` as the service reads every variable: surrounding whitespace removed, and one matching pair of
+    surrounding quotes removed as python-dotenv (``quart -e file.env``) does, since ``docker/podman run --env-file``
+    keep them literally. "" when unset. Raises nothing."""
     raw = env.get(name, "").strip()
+    if len(raw) >= 2 and raw[0] in _QUOTES and raw[-1] == raw[0]:
+        return raw[1:-1].strip()
+    return raw
+
+
+def unquote_environment(environ: dict[str, str] | Any = os.environ) -> list[str]:
+    """Replace, in ``environ``, every quoted value of the service's and its libraries' variables by what ``env_value``
+    reads, so that libraries reading the environment themselves and the worker processes (which inherit it) see
+    the same; the names of those replaced. Run once, in the server's main process, before its workers start."""
+    quoted = []
+    for name in (*VARIABLES, *LIBRARY_VARIABLES):
+        raw = environ.get(name)
+        if raw is not None and env_value(environ, name) != raw.strip():
+            environ[name] = env_value(environ, name)
+            quoted.append(name)
+    return quoted
+
+
+def json_value(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+    raw = env_value(env, name)
     if not raw:
         return default
     try:
@@ -216,7 +245,7 @@ _URL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 def url_name(env: Mapping[str, str], name: str, default: str) -> str:
     """A name that stands as one URL path segment as it is (no quoting by clients)."""
-    raw = env.get(name, "").strip()
+    raw = env_value(env, name)
     if not raw:
         return default
     if not _URL_NAME.match(raw):
@@ -227,7 +256,7 @@ def url_name(env: Mapping[str, str], name: str, default: str) -> str:
 
 
 def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
+    raw = env_value(env, name).lower()
     if not raw:
         return default
     if raw in ("1", "true", "t", "yes", "on"):
@@ -241,7 +270,7 @@ def original_boolean(env: Mapping[str, str], name: str) -> bool:
     """A variable the original service read itself, parsed as it did (``os.getenv(name, "False").lower() in
     ("true", "1", "t")``): an existing env file keeps its meaning, so any other value, ``yes`` included, is false.
     Raises nothing."""
-    return env.get(name, "").strip().lower() in ("true", "1", "t")
+    return env_value(env, name).lower() in ("true", "1", "t")
 
 
 def integer(
@@ -249,7 +278,7 @@ def integer(
 ) -> int:
     """``env[name]`` as an integer in [minimum, maximum], else ``default`` when unset. Raises StartupError naming the
     variable, the range and, with ``hint``, what to do instead."""
-    raw = env.get(name, "").strip()
+    raw = env_value(env, name)
     if not raw:
         return default
     expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
@@ -264,7 +293,7 @@ def integer(
 
 
 def number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
-    raw = env.get(name, "").strip()
+    raw = env_value(env, name)
     if not raw:
         return default
     try:
@@ -279,7 +308,7 @@ def number(env: Mapping[str, str], name: str, default: float, minimum: float) ->
 def bearer_token(env: Mapping[str, str]) -> str | None:
     """BEARER_TOKEN, or the content of the file BEARER_TOKEN_FILE names (a mounted Kubernetes Secret); None when
     neither is set. Errors name the variable and never include the token."""
-    value, file_name = env.get("BEARER_TOKEN", "").strip(), env.get("BEARER_TOKEN_FILE", "").strip()
+    value, file_name = env_value(env, "BEARER_TOKEN"), env_value(env, "BEARER_TOKEN_FILE")
     if value and file_name:
         raise StartupError("BEARER_TOKEN and BEARER_TOKEN_FILE: set one of them, not both")
     name = "BEARER_TOKEN"
@@ -295,13 +324,29 @@ def bearer_token(env: Mapping[str, str]) -> str | None:
     if not value:
         return None
     # A token a client cannot put into an HTTP header would lock every client out.
-    if not all("!" <= c <= "~" for c in value):
-        raise StartupError(f"{name}: expected printable ASCII characters without spaces")
-    return value
+    return secret(name, value)
+
+
+def hf_token(env: Mapping[str, str]) -> str | None:
+    """HF_TOKEN, else HUGGING_FACE_HUB_TOKEN (huggingface_hub's order); None when neither is set. Both are checked
+    when set: a token with a line break would make the HTTP library raise an error that quotes it."""
+    tokens = [
+        secret(name, env_value(env, name)) for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if env_value(env, name)
+    ]
+    return tokens[0] if tokens else None
+
+
+def secret(name: str, raw: str) -> str:
+    """``raw`` checked for an HTTP header (core/secrets.py); StartupError names ``name`` and the fault, never the
+    value."""
+    try:
+        return secrets.check(name, raw)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
 
 
 def owner_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    raw = env.get(name, "").strip()
+    raw = env_value(env, name)
     if not raw:
         return ()
     if raw.startswith("["):
@@ -318,13 +363,13 @@ def allowed_models(env: Mapping[str, str]) -> tuple[str, ...]:
     from core.model_ids import AllowListError, parse_allowed_models
 
     try:
-        return parse_allowed_models(env.get("ALLOWED_MODELS"))
+        return parse_allowed_models(env_value(env, "ALLOWED_MODELS") or None)
     except AllowListError as e:
         raise StartupError(str(e)) from None
 
 
 def chain_layout(env: Mapping[str, str]) -> str:
-    raw = env.get("CHAIN_LAYOUT", "").strip().lower() or "auto"
+    raw = env_value(env, "CHAIN_LAYOUT").lower() or "auto"
     if raw not in CHAIN_LAYOUTS:
         raise StartupError(f"CHAIN_LAYOUT: expected one of {', '.join(CHAIN_LAYOUTS)}, got {raw!r}")
     return raw

@@ -142,3 +142,50 @@ def test_a_model_file_that_cannot_be_verified_stops_start_up(tmp_path):
     status, output = run_to_exit({"CLASSIC_INF_WORKFLOW_KW_ARGS": kwargs}, tmp_path)
     assert status != 0
     assert "sha256" in output
+
+
+# --- secrets an HTTP header cannot carry; library messages that quote a token ----------------------------------
+
+
+@pytest.mark.slow
+def test_a_token_with_a_line_break_stops_start_up_without_showing_it(tmp_path):
+    # httpx/requests refuse such a header with an error that quotes it: it must never get that far.
+    status, output = run_to_exit({"HF_TOKEN": "hf_abc\nxyz"}, tmp_path)
+    assert status != 0
+    assert "HF_TOKEN: contains a line break" in output
+    assert "hf_abc" not in output and "xyz" not in output
+
+
+def test_a_library_message_quoting_the_token_is_masked_in_answers_and_start_up_lines(monkeypatch, capsys):
+    # The message an HTTP library raises for a header it refuses (httpx's LocalProtocolError, requests'
+    # InvalidHeader) quotes the value; made here, because a valid token never makes the real library raise it.
+    from core.errors import failure
+    from workflows import startup
+
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    error = ValueError(f"Invalid header value b'Bearer {HF_TOKEN}'")
+    outcome = failure(error)  # what a per-request model's 502 body and the runner's log line say
+    assert outcome.status == 500 and "Bearer ***" in outcome.description
+    assert_no_token(outcome.description, "an error answer")
+    with pytest.raises(SystemExit), startup.exit_on_error("model"):
+        raise StartupError(f"model hf:org/repo: {error}")
+    printed = capsys.readouterr().err
+    assert "start-up failed (model)" in printed
+    assert_no_token(printed, "the start-up failure line")
+
+
+@pytest.mark.slow
+def test_quoted_env_file_values_are_read_as_python_dotenv_reads_them(tmp_path):
+    # docker/podman run --env-file keep the quotes of MODEL_CACHE_DIR="/data/models"; quart -e (python-dotenv) not.
+    cache = tmp_path / "model cache"
+    env = {"MODEL_CACHE_DIR": f'"{cache}"', "MAX_BATCH_SIZE": '"8"', "USE_JIT": "'true'", "HF_TOKEN": f'"{HF_TOKEN}"'}
+    with serving(env, tmp_path) as server:
+        info = server.get("/info").json()
+        assert server.post({"source": 1, "data": {"dtype": "float", "values": [[1.0, 0.5, 1.1, 1.7]]}}).ok
+    assert cache.is_dir() and not list(tmp_path.glob('"*'))  # the unquoted folder, no folder named with quotes
+    log = server.log()
+    for name in env:
+        assert f"{name}: its value is wrapped in quotes" in log
+    assert log.count("MAX_BATCH_SIZE: its value is wrapped in quotes") == 1  # once, not once per process
+    assert "--env-file keep quotes literally" in log
+    assert_no_token(log + json.dumps(info), "the log and /info")

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from typing import Any
 import orjson
 
 from core.errors import StartupError
+from core.secrets import scrub
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
+from core.settings import unquote_environment as _unquote_variables
 from workflows import progress, sources
 
 _FAILURE_FILE = "INFERNET_STARTUP_FAILURE_FILE"
@@ -34,13 +37,28 @@ def exit_on_error(stage: str, *, worker: bool = False) -> Iterator[None]:
     try:
         yield
     except StartupError as e:
-        print(f"start-up failed ({stage}): {e}", file=sys.stderr, flush=True)
+        message = scrub(str(e))  # a library's message may quote a token
+        print(f"start-up failed ({stage}): {message}", file=sys.stderr, flush=True)
         if not worker:
             sys.exit(2)
         if failure_file := os.environ.get(_FAILURE_FILE):
-            Path(failure_file).write_text(f"{stage}: {e}")
+            Path(failure_file).write_text(f"{stage}: {message}")
         os.kill(os.getppid(), signal.SIGTERM)
         os._exit(2)  # not sys.exit: the server would log a traceback for the SystemExit
+
+
+def unquote_environment() -> None:
+    """In the server's main process, before anything reads the environment: values wrapped in one pair of quotes
+    are read without them (core/settings.py ``env_value``), with one WARNING line per variable. Its workers inherit
+    the unquoted environment, so the warning is printed once."""
+    for name in _unquote_variables(os.environ):
+        print(
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} [WARNING] [startup] {name}: its value is wrapped in quotes; "
+            "reading it without them, as python-dotenv does (docker/podman run --env-file keep quotes literally: "
+            f"write {name}=value there)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def exit_nonzero_if_a_worker_fails(before_exit: Callable[[], None] = lambda: None) -> None:

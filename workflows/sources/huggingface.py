@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from core.errors import StartupError, first_line
-from core.settings import TorchSettings, boolean
+from core.settings import TorchSettings, boolean, env_value
 from workflows.sources import ModelSpec, check_pin_digest
 from workflows.sources.cache import ModelCache
 
@@ -36,7 +36,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
     from huggingface_hub import constants, errors
 
     # Read at call time as well: huggingface_hub reads both variables once, when it is first imported.
-    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
+    endpoint = env_value(os.environ, "HF_ENDPOINT").rstrip("/") or None
     offline = constants.is_offline_mode() or boolean(os.environ, "HF_HUB_OFFLINE", False)
     hub = endpoint or constants.ENDPOINT
     commit, unreachable = (None, None) if offline else _ask_hub(spec, settings.hf_token, endpoint, hub)
@@ -90,10 +90,10 @@ def _ask_hub(spec: ModelSpec, token: str | None, endpoint: str | None, hub: str)
     except errors.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status is None or status >= 500 or status in (408, 429):
-            return None, _redact(f"HTTP {status}" if status else first_line(e), token)
+            return None, f"HTTP {status}" if status else first_line(e)
         raise StartupError(_reason(e, token, False, hub)) from None
     except errors.HTTPError as e:  # no HTTP answer at all: refused connection, timeout, DNS, proxy
-        return None, _redact(f"{type(e).__name__}: {first_line(e)}", token)
+        return None, f"{type(e).__name__}: {first_line(e)}"  # first_line masks the token
     if metadata.commit_hash is None:
         # What the library itself treats as "not the Hub" (a proxy or captive portal answering in its place).
         return None, "the answer has no X-Repo-Commit header: not a Hugging Face Hub"
@@ -165,8 +165,4 @@ def _reason(error: Exception, token: str | None, offline: bool, endpoint: str) -
         if status == 403:
             return f"access denied by the Hub (HTTP 403; {have_token})"
         return f"the Hub answered HTTP {status}"
-    return _redact(f"{type(error).__name__}: {first_line(error)}", token)
-
-
-def _redact(text: str, token: str | None) -> str:
-    return text.replace(token, "<token>") if token else text
+    return f"{type(error).__name__}: {first_line(error)}"  # first_line masks the token
