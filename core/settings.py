@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import secrets
+from core import legacy_env, secrets
 from core.errors import StartupError
 from core.terms import json_type
 
@@ -43,6 +43,7 @@ VARIABLES = (
     "TORCH_NUM_THREADS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
     "HF_ENDPOINT", "HF_HUB_OFFLINE",
     "ALLOWED_MODELS", "MAX_LOADED_MODELS", "MAX_LOADED_MODEL_BYTES", "ALLOW_PICKLED_MODELS", "CHAIN_LAYOUT",
+    *legacy_env.LEGACY_VARIABLES,  # the newer Infernet services' names, read as the ones above (core/legacy_env.py)
 )  # fmt: skip
 GiB = 1024 * MiB
 # CHAIN_LAYOUT: how CHAIN data is read (public/infernet_ml_layouts.py); auto tells the layouts apart by the first word.
@@ -88,9 +89,12 @@ class ServiceSettings:
     # Hugging Face per-request models that are pickles run the uploader's code when loaded: refused unless set.
     allow_pickled_models: bool = False
     chain_layout: str = "auto"
+    # The newer Infernet services' variables that were read as this service's (printed once, at start-up).
+    legacy_mapped: tuple[legacy_env.Mapped, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
+        env, mapped = legacy_env.translate(env)
         class_path = env_value(env, "CLASSIC_INF_WORKFLOW_CLASS") or BUILTIN_TORCH_WORKFLOW
         workflow_class = LEGACY_CLASS_PATHS.get(class_path, class_path)
         # No model named for the built-in torch workflow (the class unset, or set to its default by either path):
@@ -127,6 +131,7 @@ class ServiceSettings:
             max_loaded_model_bytes=integer(env, "MAX_LOADED_MODEL_BYTES", cls.max_loaded_model_bytes, minimum=1),
             allow_pickled_models=boolean(env, "ALLOW_PICKLED_MODELS", cls.allow_pickled_models),
             chain_layout=chain_layout(env),
+            legacy_mapped=mapped,
         )
 
     @property
@@ -150,6 +155,7 @@ class TorchSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TorchSettings:
+        env, _ = legacy_env.translate(env)
         use_arweave = boolean(env, "USE_ARWEAVE", False)
         owners = owner_list(env, "ALLOWED_ARWEAVE_OWNERS")
         if use_arweave and not owners:

@@ -1,8 +1,10 @@
 """Configuration from the environment: defaults, JSON parsing, and one-line errors naming the variable."""
 
+import json
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
@@ -234,3 +236,78 @@ def test_use_jit_reads_as_the_original_service_read_it(value, use_jit):
 def test_the_service_booleans_take_t_and_f(value, on):
     assert TorchSettings.from_env({"USE_ARWEAVE": value, "ALLOWED_ARWEAVE_OWNERS": "a"}).use_arweave is on
     assert ServiceSettings.from_env({"INFERNET_FAST_PATH": value}).fast_path is on
+
+
+# Finding C0: the newer Infernet torch services' names (core/legacy_env.py), read as this service's own or refused.
+AR_OWNER = "a" * 43
+
+
+@pytest.mark.parametrize(
+    "env, kwargs",
+    [
+        (
+            {"MODEL_SOURCE": "2", "LOAD_ARGS": "'{\"repo_id\": \"Org/net\", \"filename\": \"m.torch\"}'"},
+            {"model_source": "huggingface", "model_args": {"repo_id": "Org/net", "filename": "m.torch"}},
+        ),
+        (
+            {"MODEL_SOURCE": "1", "LOAD_ARGS": json.dumps({"repo_id": f"{AR_OWNER}/net", "filename": "m.torch",
+                                                           "version": "v2"})},
+            {"model_source": "arweave",
+             "model_args": {"repo_id": "net", "owners": [AR_OWNER], "filename": "m.torch", "version": "v2"}},
+        ),
+        ({"MODEL_SOURCE": "0", "LOAD_ARGS": '{"model_path": "/m/net.pt"}'}, {"model_path": "/m/net.pt"}),
+        (
+            {"TORCH_DEFAULT_MODEL_ID": "huggingface/Org/net/rev1:m.pt"},
+            {"model_source": "huggingface",
+             "model_args": {"repo_id": "Org/net", "filename": "m.pt", "version": "rev1"}},
+        ),
+        (
+            {"TORCH_DEFAULT_MODEL_ID": '"local/me/net/v1:m.pt"', "TORCH_CACHE_DIR": "/c"},
+            {"model_path": "/c/local/me/net/v1/m.pt"},
+        ),
+        (
+            {"TORCH_DEFAULT_MODEL_ID": "huggingface/Org/net:m.pt", "CLASSIC_INF_WORKFLOW_KW_ARGS": '{"device": "cpu"}'},
+            {"device": "cpu", "model_source": "huggingface", "model_args": {"repo_id": "Org/net", "filename": "m.pt"}},
+        ),
+    ],
+    ids=["1.x-hf", "1.x-arweave", "1.x-local", "2.0-hf", "2.0-local", "2.0-with-kwargs"],
+)  # fmt: skip
+def test_legacy_model_variables_name_the_model(env, kwargs):
+    settings = ServiceSettings.from_env(env)
+    assert settings.workflow_kwargs == kwargs
+    assert settings.legacy_mapped and all(note.read_as for note in settings.legacy_mapped)
+
+
+def test_legacy_torch_variables():
+    settings = TorchSettings.from_env({"TORCH_USE_JIT": "1", "TORCH_CACHE_DIR": "/c"})
+    assert settings.use_jit and settings.model_cache_dir == Path("/c")
+    assert not TorchSettings.from_env({"TORCH_USE_JIT": "off", "USE_JIT": "false"}).use_jit
+    v1 = {"MODEL_SOURCE": "2", "LOAD_ARGS": '{"repo_id": "a/b", "filename": "f", "cache_path": "/d"}'}
+    assert TorchSettings.from_env(v1).model_cache_dir == Path("/d")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MODEL_ARGS": "{}"}, "MODEL_ARGS was never read"),
+        ({"ONNX_MODEL_LRU_CACHE_SIZE": "3"}, "set those and remove ONNX_MODEL_LRU_CACHE_SIZE"),
+        ({"LOGLEVEL": "DEBUG"}, "LOGLEVEL=DEBUG: not read here"),
+        ({"MODEL_SOURCE": "2"}, "MODEL_SOURCE without LOAD_ARGS"),
+        ({"MODEL_SOURCE": "7", "LOAD_ARGS": "{}"}, "MODEL_SOURCE: expected 0 (LOCAL), 1 (ARWEAVE) or 2"),
+        ({"MODEL_SOURCE": "2", "LOAD_ARGS": '{"repo_id": "a/b", "filename": "f", "version": "v"}'},
+         "ignored version for Hugging Face"),
+        ({"MODEL_SOURCE": "2", "LOAD_ARGS": '{"repo_id": "a/b", "file": "f"}'}, "LOAD_ARGS: unknown keys ['file']"),
+        ({"TORCH_USE_JIT": "maybe"}, "TORCH_USE_JIT: expected true or false"),
+        ({"TORCH_CACHE_DIR": "/a", "MODEL_CACHE_DIR": "/b"}, "TORCH_CACHE_DIR and MODEL_CACHE_DIR"),
+        ({"TORCH_DEFAULT_MODEL_ID": "huggingface/a/b:x,y"}, "TORCH_DEFAULT_MODEL_ID: model id"),
+        ({"TORCH_DEFAULT_MODEL_ID": "huggingface/a/b:m", "MODEL_SOURCE": "0", "LOAD_ARGS": '{"model_path": "/m"}'},
+         "TORCH_DEFAULT_MODEL_ID and MODEL_SOURCE and LOAD_ARGS name different models"),
+        ({"TORCH_DEFAULT_MODEL_ID": "huggingface/a/b:m", "CLASSIC_INF_WORKFLOW_CLASS": "my.Workflow"},
+         "CLASSIC_INF_WORKFLOW_CLASS is my.Workflow"),
+    ],
+)  # fmt: skip
+def test_legacy_variables_refused(env, message):
+    with pytest.raises(StartupError) as refused:
+        ServiceSettings.from_env(env)
+    assert message in str(refused.value)
+    assert "\n" not in str(refused.value)

@@ -373,3 +373,56 @@ def test_a_pinned_model_changed_in_place_is_refused_even_with_its_size_and_mtime
     assert status == 2
     [line] = [line for line in output.splitlines() if "start-up failed" in line]
     assert "sha256 mismatch" in line and digest in line
+
+
+# Finding C0: the newer Infernet torch services' variables (core/legacy_env.py) were ignored, and the embedded iris
+# model answered with status 200. A model named by them must answer with its own values.
+@pytest.mark.parametrize("layout", ["2.0", "1.x"])
+def test_legacy_variables_serve_the_model_they_name(tmp_path, layout):
+    folder = tmp_path / "ritual" / "local" / "me" / "affine" / "default"  # 2.0's cache layout of a local id
+    folder.mkdir(parents=True)
+    path = save(Affine(), folder / "net.pt", "torchscript", torch.ones(1, 4))
+    if layout == "2.0":
+        env = {
+            "TORCH_DEFAULT_MODEL_ID": "local/me/affine:net.pt",
+            "TORCH_CACHE_DIR": str(tmp_path / "ritual"),
+            "TORCH_USE_JIT": "yes",  # pydantic's bool, as 2.0 read it
+            # Test servers set MODEL_CACHE_DIR; the same value under both names is no conflict.
+            "MODEL_CACHE_DIR": str(tmp_path / "ritual"),
+        }
+    else:
+        env = {"MODEL_SOURCE": "0", "LOAD_ARGS": json.dumps({"model_path": str(path)}), "USE_JIT": "true"}
+    with serving(env, tmp_path) as server:
+        answer = server.post({"source": 1, "data": {"dtype": "float", "values": [[1.0, 2.0, 3.0, 4.0]]}})
+        assert answer.status_code == 200, answer.text
+        expected = Affine()(torch.tensor([[1.0, 2.0, 3.0, 4.0]])).tolist()[0]  # not iris's three class scores
+        assert answer.json()["values"][0] == pytest.approx(expected)
+        assert server.get("/info").json()["model"]["file"] == "net.pt"
+        log = server.log()
+        legacy = "TORCH_DEFAULT_MODEL_ID" if layout == "2.0" else "MODEL_SOURCE+LOAD_ARGS"
+        assert f"[INFO] [startup] stage=config status=ok legacy={legacy}" in log
+        if layout == "2.0":
+            assert "legacy=TORCH_USE_JIT read_as=USE_JIT value=true" in log
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"TORCH_MODEL_LRU_CACHE_SIZE": "8"}, "TORCH_MODEL_LRU_CACHE_SIZE is not read here: the models kept loaded"),
+        ({"TORCH_USE_JIT": "true", "USE_JIT": "false"}, "TORCH_USE_JIT and USE_JIT are both set and differ"),
+        (
+            {
+                "TORCH_DEFAULT_MODEL_ID": "huggingface/Org/net:net.pt",
+                "CLASSIC_INF_WORKFLOW_KW_ARGS": '{"model_path": "/m"}',
+            },
+            "TORCH_DEFAULT_MODEL_ID and CLASSIC_INF_WORKFLOW_KW_ARGS name different models",
+        ),
+    ],
+    ids=["no-equivalent", "jit-conflict", "model-conflict"],
+)
+def test_legacy_variables_without_equivalent_or_in_conflict_stop_start_up(tmp_path, env, expected):
+    status, output = run_to_exit(env, tmp_path)
+    assert status != 0
+    [line] = [line for line in output.splitlines() if "start-up failed" in line]
+    assert expected in line
+    assert "Traceback" not in output

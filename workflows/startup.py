@@ -119,6 +119,8 @@ def prepare(settings: ServiceSettings) -> None:
         max_batch_size=settings.max_batch_size,
         max_latency_ms=settings.max_latency_ms,
     )
+    for note in settings.legacy_mapped:  # names only and non-secret values: none of these holds a token
+        progress.emit("config", legacy=note.legacy, read_as=note.read_as, value=note.shown)
     if settings.workflow_class == BUILTIN_TORCH_WORKFLOW:
         # Fetch without importing torch: the arbiter process would otherwise carry ~200 MB it never uses.
         with progress.stage("source") as found:
