@@ -15,6 +15,9 @@ configuration has none of these; they are set here, where every way of starting 
   connection is closed.
 - unreadable requests (a malformed request line or header, a Content-Length with a Transfer-Encoding, a broken chunk):
   uvicorn answers them 400 in plain text; here the answer is the contract's JSON error, and the connection is closed.
+- Upgrade offers (``h2c``, WebSocket) are ignored and the request answered in HTTP/1.1, body included (``_feed``); a
+  client's half-close gets the answers to what it sent (``eof_received``); an error in bytes after pipelined requests
+  is answered once theirs are (``on_response_complete``).
 - one write per answer: uvicorn writes a response's head at ``http.response.start`` and its body at
   ``http.response.body``, two system calls and two wake-ups of the client for one small answer. ``JoiningTransport``
   holds the head back until the body's first write, in the same turn of the event loop, and sends both at once
