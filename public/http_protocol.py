@@ -15,6 +15,9 @@ configuration has none of these; they are set here, where every way of starting 
   connection is closed.
 - unreadable requests (a malformed request line or header, a Content-Length with a Transfer-Encoding, a broken chunk):
   uvicorn answers them 400 in plain text; here the answer is the contract's JSON error, and the connection is closed.
+- Upgrade offers (``h2c``, WebSocket) are ignored and the request answered in HTTP/1.1, body included (``_feed``); a
+  client's half-close gets the answers to what it sent (``eof_received``); an error in bytes after pipelined requests
+  is answered once theirs are (``on_response_complete``).
 - one write per answer: uvicorn writes a response's head at ``http.response.start`` and its body at
   ``http.response.body``, two system calls and two wake-ups of the client for one small answer. ``JoiningTransport``
   holds the head back until the body's first write, in the same turn of the event loop, and sends both at once
@@ -36,6 +39,7 @@ import logging
 from asyncio import TimerHandle
 from typing import Any
 
+import httptools
 import orjson
 import uvicorn
 from uvicorn.config import HTTP_PROTOCOLS
@@ -61,14 +65,20 @@ class Protocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes read while this head was incomplete
         self._head_too_large = False
         self._read_timer: TimerHandle | None = None
+        # A request with an Upgrade header and a body: the body's framing header lines, until its body is parsed.
+        self._upgrade_framing: bytes | None = None
+        self._stand_in = False  # parsing the stand-in head that resumes such a body: its callbacks are not a request's
+        self._deferred: tuple[int, str] | None = None  # an error answer waiting for earlier requests' answers
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(JoiningTransport(transport, self.loop))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
+        if self._deferred is not None:
+            return  # the parser has failed; what follows the bad bytes is not read
         was_in_head, was_in_message, begun = self._in_head, self._in_message, self._begun
-        super().data_received(data)
-        if not self._in_message or self.transport.is_closing():
+        self._feed(data)
+        if not self._in_message or self._deferred is not None or self.transport.is_closing():
             return
         # Count only bytes certain to be this head's: a read that also ended an earlier request is left out (pipelined
         # requests only), so a head may pass the limit by one more read before it is refused.
@@ -82,13 +92,72 @@ class Protocol(HttpToolsProtocol):
         if self._read_timer is None:
             self._read_timer = self.loop.call_later(_settings.body_timeout_s, self._read_timed_out)
 
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's parsing of received bytes, with every Upgrade ignored (RFC 9110, 7.8: a server may): the
+        request is answered in HTTP/1.1 and the connection carries on in it.
+
+        httptools stops at the end of an upgrade request's head, having skipped its body (it tells llhttp the body is
+        the new protocol's), and raises ``HttpParserUpgrade`` with the offset where HTTP ends. Here the bytes after
+        it are parsed again: the skipped body through a stand-in head with the request's own framing lines, whose
+        callbacks are not passed on (so the body reaches the request that is already running), then the next
+        request."""
+        self._unset_keepalive_if_required()
+        while True:
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserError:
+                self.send_400_response("Invalid HTTP request received.")
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                data = data[upgrade.args[0] :]
+                framing, self._upgrade_framing = self._upgrade_framing, None
+                if framing is not None:
+                    self._stand_in = True
+                    try:
+                        self.parser.feed_data(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n")
+                    finally:
+                        self._stand_in = False
+
+    def _should_upgrade_to_ws(self) -> bool:
+        # No route of the service speaks WebSocket: a handshake is answered as the plain request it also is (uvicorn
+        # handed it to the application, which never answered: a text 500 after ~70 s).
+        return False
+
+    def eof_received(self) -> bool:
+        """The client half-closed (``shutdown(SHUT_WR)``), which HTTP/1.1 allows: requests already received are
+        answered and then the connection closes; a request cut short gets 400. Returns True: the connection stays
+        open for writing until then (asyncio's default, and uvicorn's, closed it at once and the answers were
+        lost)."""
+        if self._deferred is not None:
+            return True  # that answer closes the connection once sent
+        if self._in_message:
+            self._refuse(400, "the client closed its side of the connection before the request was complete")
+        elif self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # the newest request: its answer closes the connection
+        else:
+            self.transport.close()
+        return True
+
     def on_message_begin(self) -> None:
+        if self._stand_in:
+            return
         super().on_message_begin()
         self._in_message = self._in_head = True
         self._head_bytes = 0
         self._begun += 1
 
+    def on_url(self, url: bytes) -> None:
+        if not self._stand_in:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._stand_in:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._stand_in:
+            return
         # the target and the header lines (": " and the line's end: 4 bytes each), as httptools handed them over
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > _settings.max_header_bytes:
@@ -98,12 +167,24 @@ class Protocol(HttpToolsProtocol):
             raise _HeadTooLarge
         self._in_head = False
         self._cancel_read_timer()  # the body has a time of its own
+        if self.parser.should_upgrade():
+            self._upgrade_framing = _body_framing(self.headers)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        if self._upgrade_framing is not None:
+            return  # httptools skipped an upgrade request's body: it is parsed next (``_feed``)
         self._in_message = False
         self._cancel_read_timer()
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        if self._deferred is not None and not self.pipeline and not self.transport.is_closing():
+            # the last request before the unreadable bytes is answered: now theirs
+            self.server_state.total_requests += 1
+            self._refuse(*self._deferred)
+            return
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_timer()
@@ -116,7 +197,7 @@ class Protocol(HttpToolsProtocol):
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
-        if self._in_message and not self.transport.is_closing():
+        if self._in_message and self._deferred is None and not self.transport.is_closing():
             part = "head" if self._in_head else "body"
             self._refuse(408, f"request {part} not received within {_settings.body_timeout_s:g} s (BODY_TIMEOUT_S)")
 
@@ -132,11 +213,16 @@ class Protocol(HttpToolsProtocol):
         )
 
     def _refuse(self, status: int, description: str) -> None:
-        """Answer ``status`` in the contract's JSON and close the connection; only the close when another answer
-        has begun on it (that request's or an earlier pipelined one's)."""
-        cycle = self.cycle
-        mine = cycle is not None and not self._in_head  # the cycle is this request's (its head was complete)
-        if cycle is None or cycle.response_complete or (mine and not cycle.response_started):
+        """Answer ``status`` in the contract's JSON and close the connection. When earlier requests' answers are still
+        to come (pipelined), this one waits for them (``on_response_complete``); when this request's own answer has
+        begun, the connection is only closed."""
+        self._cancel_read_timer()
+        cycle, self._deferred = self.cycle, None
+        mine = cycle is not None and self._in_message and not self._in_head  # the error is in this cycle's body
+        if cycle is not None and not mine and not cycle.response_complete:
+            self._deferred = (status, description)
+            return
+        if cycle is None or cycle.response_complete or not cycle.response_started:
             if mine and not cycle.response_complete:
                 # The application sees a disconnect and its answer, if any, is dropped (as uvicorn does on a lost
                 # connection).
@@ -156,6 +242,14 @@ class Protocol(HttpToolsProtocol):
 
 class _HeadTooLarge(Exception):
     """A complete request head over ``MAX_HEADER_BYTES``, raised in a parser callback."""
+
+
+def _body_framing(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """A request's Content-Length and Transfer-Encoding lines, as sent; None when it has no body."""
+    lines = [(name, value) for name, value in headers if name in (b"content-length", b"transfer-encoding")]
+    if all(name == b"content-length" and value.strip() == b"0" for name, value in lines):
+        return None
+    return b"".join(name + b": " + value + b"\r\n" for name, value in lines)
 
 
 def _head_too_large() -> str:
@@ -181,6 +275,11 @@ class JoiningTransport:
         self._held: bytes | None = None
 
     def write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            # The connection is going (closed by the client, or after the last answer): uvloop's transport raises
+            # for a write now, which uvicorn logged as an ERROR with a traceback for each client that went away.
+            self._held = None
+            return
         held = self._held
         if held is not None:
             self._held = None
@@ -196,7 +295,8 @@ class JoiningTransport:
 
     def writelines(self, chunks: Any) -> None:
         self.flush()
-        self._transport.writelines(chunks)
+        if not self._transport.is_closing():
+            self._transport.writelines(chunks)
 
     def flush(self) -> None:
         """Send a held head now (the end of the loop's turn, or before closing)."""

@@ -312,3 +312,96 @@ def test_slow_senders_get_408_and_idle_connections_close_after_the_setting(tmp_p
             assert read_response(conn)[0] == 200
             conn.settimeout(8)
             assert_closed(conn)
+
+
+def read_until_closed(conn: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data
+
+
+def parse_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The responses in ``data``, each read as far as its Content-Length says (these carry one, or none: 204)."""
+    responses = []
+    while data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+        size = int(headers.get("content-length", 0))
+        responses.append((int(status_line.split()[1]), headers, data[:size]))
+        data = data[size:]
+    return responses
+
+
+@pytest.mark.slow
+def test_upgrades_half_closes_and_trailing_garbage_get_prompt_json_answers(iris_server):
+    """Each answer within a few seconds (the socket times out at 5 s), in the contract's JSON, and no ERROR logged."""
+    log_start = len(iris_server.log())
+    with connect(iris_server, timeout=5) as conn:
+        conn.sendall(request("POST", "/service_output", GOOD, "Content-Type: application/json"))
+        plain = read_response(conn)[2]
+    # curl --http2 on http://: an h2c upgrade offer on a POST. It is ignored (RFC 9110, 7.8) and the body kept
+    # (uvicorn with httptools dropped it: 400); the connection carries on in HTTP/1.1.
+    h2c = ("Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA")
+    with connect(iris_server, timeout=5) as conn:
+        conn.sendall(request("POST", "/service_output", GOOD, "Content-Type: application/json", *h2c))
+        assert read_response(conn)[::2] == (200, plain)
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(GOOD), GOOD)
+        head = "\r\n".join(("POST /service_output HTTP/1.1", "Host: test", *h2c, "Transfer-Encoding: chunked"))
+        conn.sendall(head.encode() + b"\r\n\r\n" + chunked)
+        assert read_response(conn)[::2] == (200, plain)
+        conn.sendall(request("GET", "/livez", b"", *h2c))
+        assert read_response(conn)[0] == 200
+    # A WebSocket handshake: no route takes one, so the request is answered as plain HTTP (it hung ~70 s, then a
+    # text 500), and the next request on the connection is served.
+    websocket = (
+        "Connection: Upgrade",
+        "Upgrade: websocket",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    )
+    with connect(iris_server, timeout=5) as conn:
+        conn.sendall(request("GET", "/service_output", b"", *websocket))
+        status, headers, body = read_response(conn)
+        assert_contract_error(status, headers, body, 405)
+        assert headers["allow"] == "POST, OPTIONS"
+        conn.sendall(request("GET", "/livez", b"", *websocket) + request("GET", "/readyz"))
+        assert [r[0] for r in (read_response(conn), read_response(conn))] == [200, 200]
+    # A request then bytes that are not HTTP, in one read: the request is answered, then the garbage gets 400.
+    for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"hello there\r\n\r\n"):
+        with connect(iris_server, timeout=5) as conn:
+            conn.sendall(request("GET", "/livez") + request("POST", "/service_output", GOOD) + garbage)
+            answers = parse_responses(read_until_closed(conn))
+            assert [a[0] for a in answers] == [200, 200, 400], answers
+            assert answers[1][2] == plain
+            assert "not valid HTTP/1.1" in assert_contract_error(*answers[2], 400)["description"]
+    # Half-close (shutdown(SHUT_WR)) after a whole request: the answer comes, then the server closes.
+    with connect(iris_server, timeout=5) as conn:
+        conn.sendall(request("POST", "/service_output", GOOD) + request("GET", "/livez"))
+        conn.shutdown(socket.SHUT_WR)
+        answers = parse_responses(read_until_closed(conn))
+        assert [(a[0], a[2]) for a in answers][:1] == [(200, plain)] and [a[0] for a in answers] == [200, 200]
+        assert answers[1][1]["connection"] == "close"
+    # ...and after part of one: 400 naming what was missing.
+    for part in (
+        b"POST /service_output HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+        b"GET /livez HTTP/1.1\r\n",
+    ):
+        with connect(iris_server, timeout=5) as conn:
+            conn.sendall(part)
+            conn.shutdown(socket.SHUT_WR)
+            (answer,) = parse_responses(read_until_closed(conn))
+            assert "before the request was complete" in assert_contract_error(*answer, 400)["description"]
+    # Clients that vanish: before their answer, in the middle of a body, right after sending.
+    for sent in (request("POST", "/service_output", GOOD), request("POST", "/service_output", GOOD[:20] + b"   ")):
+        conn = connect(iris_server, timeout=5)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close with a reset
+        conn.sendall(sent[:-3])
+        conn.close()
+    time.sleep(1)
+    log = iris_server.log()[log_start:]
+    assert " ERROR " not in log and "Traceback" not in log, log
+    assert iris_server.get("/livez").status_code == 200
