@@ -38,6 +38,7 @@ class Repo:
     git_dir: Path
     visibility: str = "public"  # public | private | gated
     tamper_cdn: bool = False  # the CDN serves altered bytes for this repo's large files
+    stated_size: int | None = None  # the Hub states this X-Linked-Size for large files, whatever their real size
 
 
 @dataclass
@@ -136,7 +137,13 @@ def _handler(hub: Hub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 location = (
                     f"{hub.cdn_url}/blobs/{sha256}/{filename.rsplit('/', 1)[-1]}?expires={int(time.time()) + 3600}"
                 )
-                headers.update({"X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data)), "Location": location})
+                headers.update(
+                    {
+                        "X-Linked-Etag": f'"{sha256}"',
+                        "X-Linked-Size": str(repo.stated_size or len(data)),
+                        "Location": location,
+                    }
+                )
                 return self._answer(302, headers, b"", body)
             self._answer(200, headers, data, body)
 

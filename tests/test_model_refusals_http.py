@@ -24,6 +24,8 @@ pytestmark = pytest.mark.slow
 
 ROW = [1.0, 2.0, 3.0, 4.0]
 GARBAGE = bytes(range(7, 256)) * 20  # first byte 0x07: neither a zip archive nor a pickle
+MAX_BYTES = 1_000_000  # the refusal server's MAX_LOADED_MODEL_BYTES
+BIG_BYTES = 2 * MAX_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,7 @@ def refusals_hub(files: dict[str, bytes], tmp_path_factory: pytest.TempPathFacto
             )
         ),
         "org/lin": Repo(make_repo(root / "lin", [{"model.torch": files["other"], "same.torch": files["same"]}])),
+        "org/big": Repo(make_repo(root / "big", [{"big.torch": b"\x80" + bytes(BIG_BYTES)}])),
     }
     server = Hub(repos, frozenset({TOKEN})).start()
     try:
@@ -77,6 +80,7 @@ def server(refusals_hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "HF_ENDPOINT": refusals_hub.url,
         "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_name": "dflt/lin"}),
         "ALLOWED_MODELS": json.dumps(["huggingface/org/*"]),  # not the default's org
+        "MAX_LOADED_MODEL_BYTES": str(MAX_BYTES),
     }
     with serving(env, tmp) as running:
         yield running
@@ -214,3 +218,17 @@ def test_an_unreachable_hub_is_a_502_that_keeps_its_address_from_the_client(tmp_
     assert "the Hub at (its address) cannot be reached" in description
     assert "127.0.0.1" not in response.text
     assert hub in log
+
+
+def test_a_model_over_max_loaded_model_bytes_is_refused_before_its_download(server: Server, refusals_hub: Hub):
+    """The Hub's HEAD states the size: 413 without a GET of the file, and nothing of it in the cache."""
+    before = refusals_hub.downloads("big.torch")
+    response = server.post(v2_request("huggingface/org/big:big.torch"))
+    assert response.status_code == 413, response.text
+    assert response.json()["description"] == (
+        f"model huggingface/org/big:big.torch is {BIG_BYTES + 1} bytes, more than MAX_LOADED_MODEL_BYTES "
+        f"({MAX_BYTES}) allows"
+    )
+    assert refusals_hub.downloads("big.torch") == before
+    hf_home = Path(server.env["HF_HOME"])
+    assert not [p for p in hf_home.rglob("*") if p.is_file() and "big" in str(p) and "blobs" in p.parts]

@@ -324,3 +324,14 @@ def test_deep_hash_matches_the_arweave_client():
 
     value = [b"2", os.urandom(512), b"", [[b"App-Name", b"Ritual"], [b"File-Name", b"model.torch"]], []]
     assert arweave.deep_hash(value) == reference(value)
+
+
+def test_a_file_over_max_bytes_is_refused_by_its_signed_size(settings: TorchSettings, gateway_proxy: LyingGateway):
+    """The signed data_size states the size: a per-request bound refuses it before a chunk is fetched."""
+    chunks = gateway_proxy.count("/chunk/")
+    spec = sources.spec_from_kwargs({"model_name": "testorg/iris"}, settings)
+    with pytest.raises(sources.TooLarge) as caught:
+        sources.fetch(spec, settings, max_bytes=len(IRIS) - 1)
+    assert caught.value.size_bytes == len(IRIS)
+    assert gateway_proxy.count("/chunk/") == chunks
+    assert_nothing_unverified(settings.model_cache_dir)

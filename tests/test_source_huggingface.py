@@ -173,3 +173,26 @@ def test_an_unreachable_hub_serves_the_cache_with_a_warning(
     assert TOKEN not in caplog.text
     message = refusal(tmp_path, hf, "testorg/gated-iris", token=TOKEN)
     assert "cannot be reached" in message and "the file is not in the Hugging Face cache" in message
+
+
+def test_a_file_over_max_bytes_is_refused_before_its_download(hf: Path, hub: Hub, tmp_path: Path):
+    """The Hub's HEAD states the size (X-Linked-Size): a per-request bound refuses the file without a GET."""
+    before = hub.downloads("model.torch")
+    spec = sources.ModelSpec("huggingface", "model.torch", repo_id="testorg/private-iris")
+    with pytest.raises(sources.TooLarge) as caught:
+        sources.fetch(spec, settings_for(tmp_path, TOKEN), max_bytes=len(IRIS) - 1)
+    assert caught.value.size_bytes == len(IRIS)
+    assert (
+        str(caught.value) == f"the file is {len(IRIS)} bytes, more than MAX_LOADED_MODEL_BYTES ({len(IRIS) - 1}) allows"
+    )
+    assert hub.downloads("model.torch") == before
+    assert not [p for p in blobs(hf) if "private" in str(p)]
+
+
+def test_a_stream_longer_than_the_hub_stated_is_stopped_and_removed(hf: Path, hub: Hub, tmp_path: Path):
+    """A Hub that states 100 bytes and sends more: the download stops at the stated size and leaves no partial."""
+    spec = sources.ModelSpec("huggingface", "model.torch", repo_id="testorg/liar")
+    with pytest.raises(StartupError, match="longer than the 100 bytes the Hub stated"):
+        sources.fetch(spec, settings_for(tmp_path), max_bytes=len(IRIS) * 10)
+    left = [p for p in blobs(hf) if "liar" in str(p)]  # neither the blob nor its .incomplete partial
+    assert left == [], left

@@ -70,7 +70,9 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
     )
     with progress.stage("download", model_id=model_id, source=spec.source, file=spec.filename) as fetched:
         try:
-            path = sources.fetch(spec, torch_settings)
+            path = sources.fetch(spec, torch_settings, max_bytes)
+        except sources.TooLarge as e:
+            raise ModelLoadError(413, _too_large(model_id, e.size_bytes, max_bytes), True) from None
         except StartupError as e:
             # The operator's log keeps the source's address (an internal mirror's, a gateway's); the client does not.
             log.warning("model %s: %s", model_id, first_line(e))
@@ -79,9 +81,7 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         size = path.stat().st_size
         fetched.update(bytes=size)
     if size > max_bytes:
-        raise ModelLoadError(
-            413, f"model {model_id} is {size} bytes, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows", True
-        )
+        raise ModelLoadError(413, _too_large(model_id, size, max_bytes), True)
     from workflows import model_formats
     from workflows.onnx_workflow import ONNXInferenceWorkflow, is_onnx
 
@@ -135,6 +135,11 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         if isinstance(info, dict):
             info["batching"] = {"enabled": True, "checked": False, "reason": PENDING_CHECK}
     return workflow, size
+
+
+def _too_large(model_id: str, size_bytes: int | None, max_bytes: int) -> str:
+    size = f"is {size_bytes} bytes" if size_bytes is not None else "is larger"
+    return f"model {model_id} {size}, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows"
 
 
 def _fetch_status(reason: str) -> int:

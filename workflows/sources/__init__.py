@@ -99,8 +99,21 @@ def spec_from_kwargs(kwargs: dict[str, Any], settings: TorchSettings) -> ModelSp
     )
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
-    """A local path to the verified model file, downloading it if needed. Raises StartupError."""
+class TooLarge(StartupError):
+    """The model file is larger than the caller's ``max_bytes``: known from the source's signed or stated size before
+    a byte was downloaded, or found when the stream ran past the bound (nothing of it is left in any cache)."""
+
+    def __init__(self, size_bytes: int | None, max_bytes: int) -> None:
+        self.size_bytes = size_bytes
+        self.max_bytes = max_bytes
+        size = f"{size_bytes} bytes" if size_bytes is not None else "larger than that"
+        super().__init__(f"the file is {size}, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows")
+
+
+def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
+    """A local path to the verified model file, downloading it if needed. ``max_bytes``: the largest file the caller
+    will load (per-request models); a larger one is refused before its download, or as soon as its stream passes the
+    bound, and nothing of it stays cached. Raises StartupError, TooLarge."""
     if spec.source == "local":
         from workflows.sources import local as source
     elif spec.source == "huggingface":
@@ -108,11 +121,16 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
     else:
         from workflows.sources import arweave as source
     try:
-        return source.fetch(spec, settings)
+        path = source.fetch(spec, settings, max_bytes)
+    except TooLarge:
+        raise
     except StartupError as e:
         raise StartupError(f"model {spec.describe()}: {e}") from None
     except OSError as e:  # a full disk or an unreadable cache: one line too, not a traceback
         raise StartupError(f"model {spec.describe()}: {e.strerror or e}") from None
+    if max_bytes is not None and (size := path.stat().st_size) > max_bytes:  # a local file, or a cache hit
+        raise TooLarge(size, max_bytes)
+    return path
 
 
 def model_sha256(path: Path, spec: ModelSpec, settings: TorchSettings, fresh: bool = False) -> str:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from core.errors import StartupError
 from core.settings import TorchSettings
-from workflows.sources import ModelSpec, check_pin_digest
+from workflows.sources import ModelSpec, TooLarge, check_pin_digest
 from workflows.sources.cache import ModelCache
 
 log = logging.getLogger("workflows.sources.arweave")
@@ -75,7 +75,7 @@ class Candidate:
         return (self.height is not None, self.height or 0, self.unix_time)
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
+def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
     assert spec.repo_id
     if not spec.owners:
         raise StartupError(
@@ -98,7 +98,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
     log.info("newest upload: transaction %s by %s (block %s)", newest.id, newest.owner, newest.height)
     try:
         with cache.locked(f"{SOURCE}-{newest.id}"):
-            path = _cached(cache, newest.id, spec) or _download(gateway, cache, newest.id, spec)
+            path = _cached(cache, newest.id, spec) or _download(gateway, cache, newest.id, spec, max_bytes)
     except GatewayError as e:
         raise StartupError(str(e)) from None
     except OSError as e:
@@ -165,9 +165,12 @@ def _last_verified(cache: ModelCache, ref: str, spec: ModelSpec) -> Path | None:
             return None
 
 
-def _download(gateway: Gateway, cache: ModelCache, tx_id: str, spec: ModelSpec) -> Path:
+def _download(gateway: Gateway, cache: ModelCache, tx_id: str, spec: ModelSpec, max_bytes: int | None) -> Path:
     header = gateway.json("GET", f"/tx/{tx_id}")
     signed = verify_header(header, tx_id, spec)
+    if max_bytes is not None and signed.data_size > max_bytes:
+        # The signed size: refused before a chunk is fetched (the chunk walk never goes past it either).
+        raise TooLarge(signed.data_size, max_bytes)
     with cache.partial(SOURCE, tx_id, spec.filename) as partial:
         digest = walk_chunks(gateway, tx_id, signed.data_size, partial, spec.filename)
         if signed.sha256 is not None and digest != signed.sha256:

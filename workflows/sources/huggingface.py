@@ -18,10 +18,11 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from core.errors import StartupError, first_line
 from core.settings import TorchSettings, boolean, env_value
-from workflows.sources import ModelSpec, check_pin_digest
+from workflows.sources import ModelSpec, TooLarge, check_pin_digest
 from workflows.sources.cache import ModelCache
 
 log = logging.getLogger("workflows.sources.huggingface")
@@ -30,7 +31,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOKEN_VARS = "HF_TOKEN / HUGGING_FACE_HUB_TOKEN"
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
+def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
     assert spec.repo_id
     import huggingface_hub
     from huggingface_hub import constants, errors
@@ -39,7 +40,9 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
     endpoint = env_value(os.environ, "HF_ENDPOINT").rstrip("/") or None
     offline = constants.is_offline_mode() or boolean(os.environ, "HF_HUB_OFFLINE", False)
     hub = endpoint or constants.ENDPOINT
-    commit, unreachable = (None, None) if offline else _ask_hub(spec, settings.hf_token, endpoint, hub)
+    commit, size, etag, unreachable = Stated() if offline else _ask_hub(spec, settings.hf_token, endpoint, hub)
+    if max_bytes is not None and size is not None and size > max_bytes:
+        raise TooLarge(size, max_bytes)  # the Hub's HEAD stated it: refused before a byte is downloaded
     # The Hub just named the commit: a file cached for it needs no second HEAD from hf_hub_download.
     cached = _cached(spec, commit) if commit else None
     try:
@@ -51,9 +54,16 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
                 token=settings.hf_token,
                 endpoint=endpoint,
                 local_files_only=offline or unreachable is not None,
+                tqdm_class=None if max_bytes is None else _bounded_bar(max_bytes, size),
             )
         )
     except Exception as e:
+        if max_bytes is not None:
+            # A per-request download that failed leaves nothing to resume from: no partial file of a model nobody
+            # will load (or of a server that lied about its size) stays in the Hugging Face cache.
+            _remove_incomplete(spec, etag)
+        if isinstance(e, (TooLarge, _LongerThanStated)):
+            raise
         if unreachable is not None and isinstance(e, errors.LocalEntryNotFoundError):
             raise StartupError(
                 f"the Hub at {hub} cannot be reached ({unreachable}) and the file is not in the Hugging Face cache"
@@ -77,10 +87,20 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
     return path
 
 
-def _ask_hub(spec: ModelSpec, token: str | None, endpoint: str | None, hub: str) -> tuple[str | None, str | None]:
-    """Asks the Hub for the file's metadata (one ``HEAD``): ``(commit, None)`` when the Hub answered that the file is
-    there, ``(None, reason)`` when the Hub cannot be reached (the cache may then serve). Raises StartupError when the
-    Hub refuses (the file, the repository, the revision or the token), whatever the cache holds."""
+class Stated(NamedTuple):
+    """What the Hub's ``HEAD`` said about the file; ``unreachable``: why the Hub could not be asked (all else None)."""
+
+    commit: str | None = None
+    size_bytes: int | None = None  # X-Linked-Size, else Content-Length
+    etag: str | None = None  # the blob's name in the Hugging Face cache
+    unreachable: str | None = None
+
+
+def _ask_hub(spec: ModelSpec, token: str | None, endpoint: str | None, hub: str) -> Stated:
+    """Asks the Hub for the file's metadata (one ``HEAD``): its commit, size and etag when the Hub answered that the
+    file is there, or only ``unreachable`` when the Hub cannot be reached (the cache may then serve). Raises
+    StartupError when the Hub refuses (the file, the repository, the revision or the token), whatever the cache
+    holds."""
     from huggingface_hub import errors, get_hf_file_metadata, hf_hub_url
 
     assert spec.repo_id
@@ -90,14 +110,58 @@ def _ask_hub(spec: ModelSpec, token: str | None, endpoint: str | None, hub: str)
     except errors.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status is None or status >= 500 or status in (408, 429):
-            return None, f"HTTP {status}" if status else first_line(e)
+            return Stated(unreachable=f"HTTP {status}" if status else first_line(e))
         raise StartupError(_reason(e, token, False, hub)) from None
     except errors.HTTPError as e:  # no HTTP answer at all: refused connection, timeout, DNS, proxy
-        return None, f"{type(e).__name__}: {first_line(e)}"  # first_line masks the token
+        return Stated(unreachable=f"{type(e).__name__}: {first_line(e)}")  # first_line masks the token
     if metadata.commit_hash is None:
         # What the library itself treats as "not the Hub" (a proxy or captive portal answering in its place).
-        return None, "the answer has no X-Repo-Commit header: not a Hugging Face Hub"
-    return metadata.commit_hash, None
+        return Stated(unreachable="the answer has no X-Repo-Commit header: not a Hugging Face Hub")
+    return Stated(metadata.commit_hash, metadata.size, metadata.etag)
+
+
+class _LongerThanStated(StartupError):
+    pass
+
+
+def _bounded_bar(max_bytes: int, stated_bytes: int | None) -> type:
+    """A progress bar class for ``hf_hub_download`` that stops the download when its stream passes ``max_bytes``
+    (TooLarge) or the size the Hub stated (a server that lies about the size): the library counts each chunk on the
+    bar before it writes it, so no byte past the bound reaches the disk."""
+    from huggingface_hub.utils import tqdm
+
+    class Bounded(tqdm):
+        received = 0
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.received += int(n or 0)  # negative when the library restarts a download from byte 0
+            if self.received > max_bytes:
+                raise TooLarge(None if stated_bytes is None else self.received, max_bytes)
+            if stated_bytes is not None and self.received > stated_bytes:
+                raise _LongerThanStated(
+                    f"the download is longer than the {stated_bytes} bytes the Hub stated for it; refused"
+                )
+            return super().update(n)
+
+    return Bounded
+
+
+def _remove_incomplete(spec: ModelSpec, etag: str | None) -> None:
+    """Remove what ``hf_hub_download`` left of a failed download of this file (``blobs/<etag>.incomplete``)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    assert spec.repo_id
+    blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec.repo_id, repo_type="model") / "blobs"
+    # Without the etag (the Hub could not be asked), every partial of the repository goes: a resumed download costs
+    # time, a partial nobody cleans costs disk for ever.
+    for partial in blobs.glob(f"{etag}.incomplete" if etag else "*.incomplete"):
+        try:
+            partial.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("could not remove partial download %s: %s", partial, e.strerror or e)
 
 
 def _cached(spec: ModelSpec, commit: str) -> Path | None:
