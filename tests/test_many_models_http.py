@@ -365,6 +365,11 @@ def test_failed_download_answers_every_waiter(server: Server):
     assert all("not found" in r.json()["description"] for r in responses)
     asked = server.get("/service-resources", params={"model_id": "huggingface/models/missing:gone.pt"}).json()
     assert asked == {"supported": False, "error": "not found"}
+    # A model id a client invented is the client's fault: an INFO line, never ERROR or WARNING (explorer F10: any
+    # client could fill the operator's error log).
+    lines = [line for line in server.log().splitlines() if "missing:gone.pt" in line or "models/missing" in line]
+    assert any("stage=download status=refused" in line and "http_status=404" in line for line in lines), lines
+    assert not [line for line in lines if "ERROR" in line or "WARNING" in line], lines
 
 
 def test_lru_eviction_seen_in_metrics_and_info(server: Server):

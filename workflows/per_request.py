@@ -68,16 +68,21 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         revision=model.version,
         owners=(model.owner,) if model.source == "arweave" else (),
     )
-    with progress.stage("download", model_id=model_id, source=spec.source, file=spec.filename) as fetched:
+    with progress.stage(
+        "download", client_chosen=True, model_id=model_id, source=spec.source, file=spec.filename
+    ) as fetched:
         try:
             path = sources.fetch(spec, torch_settings, max_bytes)
         except sources.TooLarge as e:
             raise ModelLoadError(413, _too_large(model_id, e.size_bytes, max_bytes), True) from None
         except StartupError as e:
             # The operator's log keeps the source's address (an internal mirror's, a gateway's); the client does not.
-            log.warning("model %s: %s", model_id, first_line(e))
+            # A model that is not there or refused is the client's choice (INFO: clients must not be able to fill
+            # the operator's log with warnings); a source that cannot be reached is the operator's (WARNING).
+            status = _fetch_status(str(e))
+            log.log(logging.INFO if status < 500 else logging.WARNING, "model %s: %s", model_id, first_line(e))
             reason = _without_addresses(first_line(e))
-            raise ModelLoadError(_fetch_status(str(e)), f"model {model_id}: {reason}") from None
+            raise ModelLoadError(status, f"model {model_id}: {reason}") from None
         size = path.stat().st_size
         fetched.update(bytes=size)
     if size > max_bytes:
@@ -117,7 +122,7 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
 
         cls = TorchInferenceWorkflow
         kwargs = {k: v for k, v in kwargs.items() if k not in _ONNX_ONLY_KWARGS}
-    with progress.stage("load", model_id=model_id, workflow=cls.__name__):
+    with progress.stage("load", client_chosen=True, model_id=model_id, workflow=cls.__name__):
         try:
             workflow = cls(model_path=str(path), settings=torch_settings, **kwargs)
             workflow.setup()

@@ -4,7 +4,9 @@
 
 Stages, in order: config, source, download, verify, load, warmup, ready (``seconds`` on ``ready`` counts from the
 start). ``grep '\\[startup\\]'`` shows the start-up, ``grep 'status=failed'`` the stage that stopped it (downloads show
-their own progress bar). Lines go to stderr directly: BentoML's logging setup drops other loggers' INFO records.
+their own progress bar). A per-request model a client named that cannot be served (a 4xx) prints ``status=refused``
+with its ``http_status`` at INFO: the client's fault, not the operator's. Lines go to stderr directly: BentoML's
+logging setup drops other loggers' INFO records.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def since_start() -> float:
 
 
 def line(stage: str, status: str, seconds: float | None = None, **fields: Any) -> str:
+    # "refused": a per-request model the client named cannot be served (a 4xx): the client's fault, not the
+    # operator's, so INFO: any client could otherwise fill the operator's error log.
     level = "ERROR" if status == "failed" else "INFO"
     parts = [f"stage={stage}", f"status={status}"]
     if seconds is not None:
@@ -45,9 +49,10 @@ def emit(stage: str, status: str = "ok", seconds: float | None = None, **fields:
 
 
 @contextlib.contextmanager
-def stage(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
+def stage(name: str, client_chosen: bool = False, **fields: Any) -> Iterator[dict[str, Any]]:
     """Time the block and print its line; the block may add or replace fields (and ``status``) in the yielded
-    dict."""
+    dict. ``client_chosen``: a request named the model (workflows/per_request.py), so a failure with a 4xx
+    ``status`` is the client's and prints ``status=refused`` at INFO instead of ``status=failed`` at ERROR."""
     started = time.monotonic()
     extra: dict[str, Any] = {}
     try:
@@ -55,7 +60,9 @@ def stage(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
     except BaseException as e:
         # What the block found before it failed (the workflow that serves) names the failure too.
         found = {k: v for k, v in {**fields, **extra}.items() if k != "status"}
-        emit(name, "failed", time.monotonic() - started, **found, error=type(e).__name__)
+        status = getattr(e, "status", None) if client_chosen else None
+        outcome = "refused" if isinstance(status, int) and 400 <= status < 500 else "failed"
+        emit(name, outcome, time.monotonic() - started, **found, error=type(e).__name__, http_status=status)
         raise
     status = extra.pop("status", "ok")
     emit(name, status, time.monotonic() - started, **{**fields, **extra})  # the block's fields win
