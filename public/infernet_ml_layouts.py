@@ -144,7 +144,8 @@ _INTEGER_NUMPY = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": 
 _FIXED_POINT_CODE = 3  # 2.0 writes every fixed-point vector as float128 (int128 words)
 _FLOAT_V2 = {0: np.float16, 1: np.float32, 2: np.float64, 3: np.float64, 4: np.float64}
 _INT_VIEW_V2 = {0: np.int16, 1: np.int32, 2: np.int64, 3: np.int64, 4: np.int64}
-_COMPLEX = ("cfloat", "cdouble")
+COMPLEX_NAMES = ("cfloat", "cdouble")  # the contract's complex dtypes: [real, imag] pairs in JSON
+_COMPLEX = COMPLEX_NAMES
 _FLOATING = ("half", "bfloat16", "float", "double")
 CHAIN_LAYOUTS = ("auto", "int256", "v1", "v2")
 
