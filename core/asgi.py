@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import threading
 from collections.abc import Awaitable, Callable
@@ -136,3 +137,24 @@ class Bounded:
                     "(SHUTDOWN_TIMEOUT_S)",
                 ) from None
             raise
+
+
+_SLASHES = re.compile(r"//+")
+_RAW_SLASHES = re.compile(rb"//+")
+
+
+def merge_slashes(app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """``app`` seeing each HTTP request's path (and ``raw_path``) with repeated slashes merged: ``//service_output``
+    and ``/v2//models/x/infer`` reach the routes ``/service_output`` and ``/v2/models/x/infer``. Why: an Infernet node
+    configured with a URL ending in ``/`` posts to ``//service_output``, and the Quart original answered it (Werkzeug
+    merges slashes). Nothing else changes: a trailing slash stays (``/info/`` is still not ``/info``), the query
+    string is separate and kept. On the server's event loop; raises what ``app`` raises."""
+
+    async def merged(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and "//" in scope.get("path", ""):
+            scope = {**scope, "path": _SLASHES.sub("/", scope["path"])}
+            if isinstance(scope.get("raw_path"), bytes):
+                scope["raw_path"] = _RAW_SLASHES.sub(b"/", scope["raw_path"])
+        await app(scope, receive, send)
+
+    return merged

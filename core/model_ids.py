@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -146,13 +147,26 @@ def parse_model_id(text: Any, *, allow_local: bool = False) -> ModelId:
     return _checked(text, source, owner, repo, filename, version, allow_local=allow_local)
 
 
-def model_id_from_v1(model_source: Any, load_args: Any) -> ModelId | None:
+NamesServed = Callable[[str], bool]  # whether a model id's text names the served start-up model (resources.supports)
+
+
+def _served(names_served: NamesServed | None, source: str, repo_id: Any, filename: Any, version: Any = "") -> bool:
+    """Whether the model fields name the served model, checked before anything that could refuse them (a LOCAL
+    source, say): the served model is answered by whatever id /info and /service-resources advertise for it."""
+    if names_served is None or not all(isinstance(v, str) for v in (repo_id, filename, version or "")):
+        return False
+    text = f"{source}/{repo_id}" + (f"/{version}" if version else "") + (f":{filename}" if filename else "")
+    return names_served(text)
+
+
+def model_id_from_v1(model_source: Any, load_args: Any, names_served: NamesServed | None = None) -> ModelId | None:
     """The 1.x OFFCHAIN fields ``model_source`` + ``load_args`` -> ModelId; None when both are absent (default model).
 
     ``model_source`` is the 1.x ``ModelSource`` number (0, 1, 2) or its name (``HUGGINGFACE_HUB``, ``ARWEAVE``,
     case-insensitive; ``huggingface`` too). ``load_args`` is ``{"repo_id": "owner/name", "filename": ...,
     "version"?: ...}``; ``cache_path`` is ignored (a caller must not choose a folder on the server), and the LOCAL
-    source (``{"path": ...}``) is refused. Raises ModelIdError.
+    source (``{"path": ...}``) is refused, unless ``names_served`` says the fields name the served model (then
+    None, the default call). Raises ModelIdError.
     """
     if model_source is None and load_args is None:
         return None
@@ -162,9 +176,11 @@ def model_id_from_v1(model_source: Any, load_args: Any) -> ModelId | None:
     source = _v1_source(model_source)
     if not isinstance(load_args, dict):
         raise ModelIdError(f"load_args: expected an object with repo_id and filename, got {json_type(load_args)}")
+    repo_id, filename, version = load_args.get("repo_id"), load_args.get("filename"), load_args.get("version")
+    if _served(names_served, source, repo_id, filename, version):
+        return None
     if source == "local":
         raise ModelIdError("model_source LOCAL: a request cannot name a file on the server")
-    repo_id, filename, version = load_args.get("repo_id"), load_args.get("filename"), load_args.get("version")
     for key, value in (("repo_id", repo_id), ("filename", filename)):
         if not isinstance(value, str) or not value:
             raise ModelIdError(f"load_args.{key}: expected a non-empty string, got {json_type(value)}")
@@ -173,13 +189,20 @@ def model_id_from_v1(model_source: Any, load_args: Any) -> ModelId | None:
     return model_id_from_v1_chain(_CODE_BY_SOURCE[source], repo_id, filename, version or "")
 
 
-def model_id_from_v1_chain(source: int, repo_id: str, filename: str, version: str) -> ModelId | None:
+def model_id_from_v1_chain(
+    source: int, repo_id: str, filename: str, version: str, names_served: NamesServed | None = None
+) -> ModelId | None:
     """The model fields of a 1.x CHAIN request (``uint8 source, string repo_id, string filename, string version``).
 
     All three strings empty name the default model (None), whatever ``source`` says: that is what the 1.x
-    service did. Otherwise ``source`` must be 1 (Arweave) or 2 (Hugging Face). Raises ModelIdError.
+    service did. Fields that name the served model (``names_served``) are the default call too, whatever their
+    source. Otherwise ``source`` must be 1 (Arweave) or 2 (Hugging Face). Raises ModelIdError.
     """
     if repo_id == "" and filename == "" and version == "":
+        return None
+    if source in tuple(StorageCode) and _served(
+        names_served, _SOURCE_BY_CODE[StorageCode(source)], repo_id, filename, version
+    ):
         return None
     if source not in (StorageCode.ARWEAVE, StorageCode.HUGGINGFACE):
         what = "LOCAL: a request cannot name a file on the server" if source == StorageCode.LOCAL else "unknown"
@@ -195,12 +218,13 @@ def model_id_from_v1_chain(source: int, repo_id: str, filename: str, version: st
     return _checked(text, _SOURCE_BY_CODE[StorageCode(source)], owner, repo, checked_file, version or None)
 
 
-def decode_model_id_abi(blob: bytes) -> ModelId | None:
+def decode_model_id_abi(blob: bytes, names_served: NamesServed | None = None) -> ModelId | None:
     """The 2.0 ABI form of a model id (the ``model_id`` bytes of a CHAIN request) -> ModelId; empty -> None.
 
     ``blob = abi.encode(bytes repo, string files)``, ``repo = abi.encode(uint8 storage, string owner, string name,
     string version)``. Both levels must be the canonical encoding (what Solidity's ``abi.encode`` writes: no
-    trailing bytes, no moved offsets, zero padding). Raises ModelIdError.
+    trailing bytes, no moved offsets, zero padding). An id that names the served model (``names_served``) is None,
+    whatever its storage. Raises ModelIdError.
     """
     if len(blob) == 0:
         return None
@@ -214,6 +238,8 @@ def decode_model_id_abi(blob: bytes) -> ModelId | None:
         raise ModelIdError(f"model_id: storage {storage} is unknown (1 = Arweave, 2 = Hugging Face)")
     source = _SOURCE_BY_CODE[StorageCode(storage)]
     text = f"{source}/{owner}/{name}" + (f"/{version}" if version else "") + (f":{files}" if files else "")
+    if names_served is not None and names_served(text):
+        return None
     if source == "local":
         raise ModelIdError(f"model id {text!r}: a request cannot name a file on the server (storage 0, local)")
     filename = _one_file(text, files) if files else None

@@ -209,13 +209,13 @@ class PublicApp:
             if layout == "int256" or (layout == "auto" and (len(data) < 64 or data[:64].lower() == _INT256_HEAD)):
                 data = chain.decode_input(data, self.settings.max_elements)
             else:
-                split = _layout(split_chain_request, data, layout, self.settings.max_elements)
+                names_served = await self._names_served()
+                split = _layout(split_chain_request, data, layout, self.settings.max_elements, names_served)
                 data, reply = await self._named_model(*split)
         elif not isinstance(data.get("dtype"), str):  # not today's form: a 1.x/2.0 envelope or a 2.0 vector
             names_served = None
-            if isinstance(data.get("model_id"), str):
-                # Any name /service-resources?model_id= says is supported (a file name, a sha256) is the default call.
-                names_served = functools.partial(resources.supports, info={"model": await self._served_model()})
+            if any(key in data for key in ("model_id", "model_source", "load_args")):
+                names_served = await self._names_served()
             split = _layout(split_request, data, self.settings.max_elements, names_served)
             data, reply = await self._named_model(*split)
         outcome = await self.infer(data)
@@ -243,6 +243,13 @@ class PublicApp:
         if not allowed(model, self.settings.allowed_models):
             raise RequestError(403, f"model {model} is not allowed (ALLOWED_MODELS)")
         return ForModel(str(model), data), reply
+
+    async def _names_served(self) -> Callable[[str], bool]:
+        """The one check that a model id's text names the served start-up model, in any form /info, /v2/models and
+        /service-resources advertise for it (public/resources.py ``supports``: its Ritual id, repository, file name,
+        sha256). Every layout's parser runs it before anything that could refuse the id (a LOCAL source, say), so the
+        served model is served whichever layout names it. On the event loop; raises RequestError 503 while loading."""
+        return functools.partial(resources.supports, info={"model": await self._served_model()})
 
     async def _served_model(self) -> dict[str, Any]:
         """/info's description of the default model, asked of the runner once (it never changes while it runs)."""

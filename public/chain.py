@@ -8,6 +8,7 @@ import numpy as np
 from eth_abi import encode
 
 from core.errors import RequestError
+from public.infernet_ml_layouts import COMPLEX_NAMES as _COMPLEX
 from public.infernet_ml_layouts import LayoutError, decode_int256, describe_answer, shortest_decimal
 
 SCALE = 10**18
@@ -29,8 +30,9 @@ def encode_output(body: Any) -> dict[str, str]:
 
     Integers are exact (n -> n * 10**18); a floating value is its shortest decimal in the tensor's own dtype (what
     the OFFCHAIN answer prints: a float 0.1 is 10**17), rounded half-even to 18 decimals. On the API worker's event
-    loop. Raises RequestError 422 for an answer the int256[] cannot hold: several tensors (a model's tuple, list or
-    dict), anything that is not numbers, non-finite values, values beyond int256.
+    loop. Raises RequestError 422 for an answer the int256[] cannot hold exactly: several tensors (a model's tuple,
+    list or dict), anything that is not numbers, complex values, ``true``/``false`` mixed with numbers,
+    non-finite values, values beyond int256. A ``bool`` tensor is 0 or 1 (false 0, true 10**18).
     """
     tensor = isinstance(body, dict) and "dtype" in body
     values = body.get("values") if tensor else body
@@ -39,6 +41,7 @@ def encode_output(body: Any) -> dict[str, str]:
         exact = np.asarray(values)
     except (TypeError, ValueError):
         exact = None  # ragged: not an array of numbers
+    _refuse_inexact(name, values, exact)
     if exact is not None and _integral(exact):
         # Integers as Python ints: through float64 a long beyond 2**53 would come out rounded.
         fixed = [int(v) * SCALE for v in exact.ravel().tolist()]
@@ -62,6 +65,41 @@ def encode_output(body: Any) -> dict[str, str]:
         "processed_output": "",
         "proof": "",
     }
+
+
+def _refuse_inexact(name: str, values: Any, exact: np.ndarray | None) -> None:
+    """Raise RequestError 422 for values the int256[] would hold only by changing what they mean: a complex tensor
+    (its [real, imag] pairs would come out as two reals each) and ``true``/``false`` mixed with numbers (a
+    workflow's own JSON: numpy would make them 1 and 0 silently). ``exact`` is ``values`` as numpy reads them."""
+    if name in _COMPLEX or (exact is not None and exact.dtype.kind == "c"):
+        raise RequestError(
+            422,
+            f"the model's output is complex ({name or 'complex'}); the int256[] CHAIN answer holds real numbers only "
+            "(send destination 1 for [real, imag] pairs, or a 1.x or 2.0 CHAIN request, whose vectors hold complex "
+            "values)",
+        )
+    # numbers that numpy may have made of true/false (a bool tensor, or a JSON list of true/false only, reads "b")
+    numbers = exact is not None and exact.dtype.kind in "iufO"
+    if numbers and _holds_bool(values):
+        raise RequestError(
+            422,
+            "the answer mixes true/false with numbers; the int256[] CHAIN answer holds numbers, or the 0/1 of a bool "
+            "tensor (send destination 1 for this answer)",
+        )
+
+
+def _holds_bool(values: Any) -> bool:
+    """Whether a Python bool (or a numpy bool in an object array) sits among ``values``: nested lists, or an array."""
+    if isinstance(values, np.ndarray):
+        return values.dtype.kind == "O" and any(isinstance(v, (bool, np.bool_)) for v in values.flat)
+    pending = [values]
+    while pending:  # iterative: a deep list must not exhaust the stack
+        item = pending.pop()
+        if isinstance(item, (bool, np.bool_)):
+            return True
+        if isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return False
 
 
 def _floats(array: np.ndarray | None) -> np.ndarray | None:

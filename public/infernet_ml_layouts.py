@@ -144,7 +144,8 @@ _INTEGER_NUMPY = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": 
 _FIXED_POINT_CODE = 3  # 2.0 writes every fixed-point vector as float128 (int128 words)
 _FLOAT_V2 = {0: np.float16, 1: np.float32, 2: np.float64, 3: np.float64, 4: np.float64}
 _INT_VIEW_V2 = {0: np.int16, 1: np.int32, 2: np.int64, 3: np.int64, 4: np.int64}
-_COMPLEX = ("cfloat", "cdouble")
+COMPLEX_NAMES = ("cfloat", "cdouble")  # the contract's complex dtypes: [real, imag] pairs in JSON
+_COMPLEX = COMPLEX_NAMES
 _FLOATING = ("half", "bfloat16", "float", "double")
 CHAIN_LAYOUTS = ("auto", "int256", "v1", "v2")
 
@@ -176,8 +177,9 @@ def split_request(
 ) -> tuple[ModelId | None, Any, Reply]:
     """OFFCHAIN ``data`` of any supported layout -> (model named or None, tensor data in our form, reply layout).
 
-    ``names_served(model_id)``: whether a ``model_id`` names the served model in a form that is no model id (its file
-    name, path or sha256: public/resources.py ``supports``); such a request is the default call (model None), as
+    ``names_served(model_id)``: whether a model id's text names the served model in any form it is advertised in (its
+    id, file name or sha256: public/resources.py ``supports``); a request naming it so (2.0 ``model_id``, or 1.x
+    ``model_source`` + ``load_args``, a LOCAL source included) is the default call (model None), as
     ``/service-resources?model_id=`` says it is supported.
 
     Today's form and anything unrecognised come back unchanged (the tensor decoder reports what is wrong, as
@@ -212,7 +214,7 @@ def split_request(
         else:
             model = parse_model_id(text, allow_local=True)
     else:
-        model = model_id_from_v1(data.get("model_source"), data.get("load_args"))
+        model = model_id_from_v1(data.get("model_source"), data.get("load_args"), names_served)
     if _is_code(vector.get("dtype")):
         reply = Reply(Layout.V2, *_output_options(data))
         return model, vector_v2_to_ours(vector, max_elements, where="input"), reply
@@ -351,9 +353,13 @@ def detect_chain_layout(blob: bytes) -> Layout:
 
 
 def split_chain_request(
-    hex_data: str, layout: str = "auto", max_elements: int | None = None
+    hex_data: str,
+    layout: str = "auto",
+    max_elements: int | None = None,
+    names_served: Callable[[str], bool] | None = None,
 ) -> tuple[ModelId | None, dict[str, Any], Reply]:
-    """CHAIN hex -> (model named or None, tensor data in our form, reply layout).
+    """CHAIN hex -> (model named or None, tensor data in our form, reply layout). ``names_served`` as for
+    :func:`split_request`: a 1.x or 2.0 model id that names the served model is the default call (None).
 
     ``layout`` is the ``CHAIN_LAYOUT`` setting. ``hex_data`` is already checked hex
     (``public.app.parse_input``), without ``0x``. Raises LayoutError or ModelIdError (both 400).
@@ -369,12 +375,12 @@ def split_chain_request(
         source, repo_id, filename, version, vector = _abi_decode(
             ("uint8", "string", "string", "string", "bytes"), blob, "data (1.x layout)"
         )
-        model = model_id_from_v1_chain(source, repo_id, filename, version)
+        model = model_id_from_v1_chain(source, repo_id, filename, version, names_served)
         return model, decode_vector_v1(vector, max_elements), Reply(Layout.V1, raw_input=hex_data)
     head = int.from_bytes(blob[:_WORD], "big") if len(blob) >= _WORD else 0
     extra = {0x60: ("uint8",), 0x80: ("uint8", "uint8")}.get(head, ())
     model_blob, vector, *_ = _abi_decode(("bytes", "bytes", *extra), blob, "data (2.0 layout)")
-    return decode_model_id_abi(model_blob), decode_vector_v2(vector, max_elements), Reply(Layout.V2)
+    return decode_model_id_abi(model_blob, names_served), decode_vector_v2(vector, max_elements), Reply(Layout.V2)
 
 
 def encode_chain_answer(answer: dict[str, Any], reply: Reply) -> dict[str, str]:

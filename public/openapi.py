@@ -14,6 +14,7 @@ import attrs
 import bentoml
 
 from core import bentoml_seam
+from core.asgi import merge_slashes
 from core.terms import DTYPE_NAMES, InfernetInput, error_body
 from public import SERVICE_NAME, __version__, auth, routes
 from public.app import PublicApp
@@ -239,14 +240,22 @@ class DocumentedService(bentoml.Service):
         public = next((mounted for mounted, *_ in self.mount_apps if isinstance(mounted, PublicApp)), None)
         return extend(super().openapi_spec, bearer=public is not None and public.needs_token)
 
+    def to_asgi(self, is_main: bool = True) -> Any:
+        # Outermost, so that BentoML's routes, the fast routes and ours all see ``//service_output`` merged.
+        return merge_slashes(self.app_stack(is_main))
+
+    def app_stack(self, is_main: bool) -> Any:
+        """The ASGI app before repeated slashes are merged: BentoML's."""
+        return super().to_asgi(is_main)
+
 
 class FastRouteService(DocumentedService):
     """The public service's class on the fast path (``service_class`` of ``@bentoml.service``): its ASGI app is
     ``FastRoute`` (core/bentoml_seam.py) in front of BentoML's, handing ``POST /service_output`` straight to
     ``PublicApp.serve``, and its OpenAPI document covers the raw routes (``DocumentedService``)."""
 
-    def to_asgi(self, is_main: bool = True) -> Any:
-        app = super().to_asgi(is_main)  # also applies this service's configuration to BentoML's container
+    def app_stack(self, is_main: bool) -> Any:
+        app = super().app_stack(is_main)  # also applies this service's configuration to BentoML's container
         public = next((mounted for mounted, *_ in self.mount_apps if isinstance(mounted, PublicApp)), None)
         # CORS and middleware added to the service must see every request: then BentoML's stack serves them all.
         # HealthRoutes (service.py) answers the health routes in that stack; it needs no request but those.

@@ -73,3 +73,24 @@ def test_integer_outputs_encode_exactly():
     for body, expected in outputs:
         (numbers,) = decode(["int256[]"], bytes.fromhex(encode_output(body)["raw_output"]))
         assert list(numbers) == [n * 10**18 for n in expected]
+
+
+@pytest.mark.parametrize(
+    "answer, says",
+    [
+        ({"dtype": "cfloat", "shape": [1], "values": np.array([[1.0, 2.0]], dtype=np.float32)}, "complex (cfloat)"),
+        ({"dtype": "cdouble", "shape": [1], "values": np.array([[0.5, 0.0]])}, "complex (cdouble)"),
+        ([True, 2.5], "mixes true/false with numbers"),  # a workflow's own JSON: numpy made true 1.0
+        ([[1], [True]], "mixes true/false with numbers"),
+    ],
+)
+def test_answers_the_int256_cannot_hold_exactly_are_refused(answer, says):
+    with pytest.raises(RequestError) as refused:
+        encode_output(answer)
+    assert refused.value.status == 422 and says in refused.value.description
+
+
+def test_true_and_false_alone_are_one_and_zero():
+    # docs/contract.md: a bool output is 0 or 1 in 18-decimal fixed point, a JSON list of true/false too.
+    (numbers,) = decode(["int256[]"], bytes.fromhex(encode_output([True, False])["raw_output"]))
+    assert list(numbers) == [10**18, 0]

@@ -249,3 +249,20 @@ def test_a_fixed_point_overflow_names_the_value_in_its_own_dtype(server):
     data = {"input": {"dtype": 1, "shape": [1, 9], "values": row}, "output_arithmetic": "fixed_point"}
     body = assert_contract_error(server.post({"source": 1, "destination": 0, "data": data}), 422)
     assert body["description"].endswith("output: 3.3e+38 times 10**18 does not fit int128"), body
+
+
+def test_a_complex_answer_to_the_int256_chain_answer_is_a_422_saying_why(server):
+    # E6: complex [real, imag] pairs came out as interleaved reals, two numbers per value, with no sign of it.
+    row = WIDENED_ROWS["complex32"]  # the model answers complex32, widened to cfloat
+    for request in (
+        {"source": 1, "destination": 0, "data": {"dtype": "float", "values": [row]}},  # OFFCHAIN in, CHAIN out
+        {"source": 0, "destination": 0, "data": int256_hex([int(v * 10**18) for v in row])},  # int256[] in and out
+    ):
+        body = assert_contract_error(server.post(request), 422)
+        assert (
+            "the model's output is complex (cfloat); the int256[] CHAIN answer holds real numbers only"
+            in (body["description"])
+        ), body
+    # The 1.x vector holds complex values: the same answer goes on chain there.
+    response = chain(server, v1_hex(row))
+    assert response.status_code == 200, response.text

@@ -84,6 +84,10 @@ def connect(server, timeout: float = 30) -> socket.socket:
 
 
 def request(method: str, path: str, body: bytes = b"", *headers: str) -> bytes:
+    return request_bytes(method, path, body, *headers)
+
+
+def request_bytes(method: str, path: str, body: bytes = b"", *headers: str) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: test", *headers]
     if body or method == "POST":
         lines.append(f"Content-Length: {len(body)}")
@@ -265,6 +269,34 @@ def test_unreadable_requests_get_the_contracts_json_400_and_the_connection_close
         assert "not valid HTTP/1.1" in assert_contract_error(status, headers, body, 400)["description"]
         assert headers["connection"] == "close"
         assert_closed(conn)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["iris_server", "public_path_server"])
+def test_repeated_slashes_are_merged_on_every_route(server, request):
+    # An Infernet node configured with a URL ending in "/" posts to //service_output; the Quart original (Werkzeug)
+    # answered it. Both the fast routes and BentoML's own stack (INFERNET_FAST_PATH=0) must see the merged path.
+    served = request.getfixturevalue(server)
+    with connect(served) as conn:
+        conn.sendall(request_bytes("POST", "/service_output", GOOD, "Content-Type: application/json"))
+        plain = read_response(conn)
+        assert plain[0] == 200
+        for path in ("//service_output", "///service_output?unused=1"):
+            conn.sendall(request_bytes("POST", path, GOOD, "Content-Type: application/json"))
+            assert read_response(conn)[::2] == (200, plain[2]), path
+        for path, expected in (
+            ("//v2//health//ready", {"ready": True}),
+            ("/v2//models/model/ready", {"name": "model", "ready": True}),
+            ("//readyz", {"ready": True}),
+            ("//livez", {"live": True}),
+        ):
+            conn.sendall(request_bytes("GET", path))
+            status, _, body = read_response(conn)
+            assert (status, json.loads(body)) == (200, expected), path
+        conn.sendall(request_bytes("GET", "//info"))
+        assert read_response(conn)[0] == 200
+        conn.sendall(request_bytes("GET", "/info/"))  # only repeated slashes merge: a trailing one is another path
+        assert read_response(conn)[0] == 404
 
 
 @pytest.mark.slow

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from eth_abi import encode
 from huggingface_hub import hf_hub_download
 
+from core.model_ids import encode_model_id_abi, parse_model_id
+from public.infernet_ml_layouts import encode_vector_v1, encode_vector_v2
 from tests.fixtures.hub import TOKEN
 from tests.fixtures.server import Server, run_to_exit, serving
 from tests.hubserver import Hub, Repo, make_repo
@@ -232,3 +235,39 @@ def test_a_model_over_max_loaded_model_bytes_is_refused_before_its_download(serv
     assert refusals_hub.downloads("big.torch") == before
     hf_home = Path(server.env["HF_HOME"])
     assert not [p for p in hf_home.rglob("*") if p.is_file() and "big" in str(p) and "blobs" in p.parts]
+
+
+def test_embedded_model_named_by_its_id_is_served_in_every_layout(iris_server: Server):
+    # C1/C6: the 1.x fields (a LOCAL source included) and the CHAIN layouts were refused 400 ("cannot name a file on
+    # the server") even when they named the served model by the id /service-resources advertises for it.
+    served = parse_model_id("local/local/iris:model.torch", allow_local=True)
+    vector_v1 = encode_vector_v1("float", [1, 4], ROW)
+    vector_v2 = encode_vector_v2("float", [1, 4], ROW)
+    pairs = []
+    for source in (0, "LOCAL"):
+        input_v1 = {"dtype": "float", "shape": [1, 4], "values": [ROW]}
+        named = {"model_source": source, "load_args": {"repo_id": "local/iris", "filename": "model.torch"}}
+        pairs.append(({"source": 1, "data": {"input": input_v1}}, {"source": 1, "data": {**named, "input": input_v1}}))
+    v1_chain = ["uint8", "string", "string", "string", "bytes"]
+    pairs.append(
+        tuple(
+            {"source": 0, "destination": 0, "data": encode(v1_chain, [0, repo, file, "", vector_v1]).hex()}
+            for repo, file in (("", ""), ("local/iris", "model.torch"))
+        )
+    )
+    pairs.append(
+        tuple(
+            {"source": 0, "destination": 0, "data": encode(["bytes", "bytes"], [blob, vector_v2]).hex()}
+            for blob in (b"", encode_model_id_abi(served))
+        )
+    )
+    for default, named in pairs:
+        expected = iris_server.post(default)
+        assert expected.status_code == 200, expected.text
+        response = iris_server.post(named)
+        answer = {key: value for key, value in response.json().items() if key != "raw_input"}  # 1.x echoes its input
+        assert (response.status_code, answer) == (200, {k: v for k, v in expected.json().items() if k != "raw_input"})
+    # Another local id is still refused, in every layout.
+    other = {"model_source": 0, "load_args": {"repo_id": "local/other", "filename": "model.torch"}}
+    response = iris_server.post({"source": 1, "data": {**other, "input": {"dtype": "float", "values": [ROW]}}})
+    assert response.status_code == 400 and "cannot name a file on the server" in response.json()["description"]
