@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from core import server_watch
 from core.errors import StartupError
 from core.secrets import scrub
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
@@ -43,7 +44,8 @@ def exit_on_error(stage: str, *, worker: bool = False) -> Iterator[None]:
             sys.exit(2)
         if failure_file := os.environ.get(_FAILURE_FILE):
             Path(failure_file).write_text(f"{stage}: {message}")
-        os.kill(os.getppid(), signal.SIGTERM)
+        if server := server_watch.server_pid():  # not init, should the server have died meanwhile
+            os.kill(server, signal.SIGTERM)
         os._exit(2)  # not sys.exit: the server would log a traceback for the SystemExit
 
 
