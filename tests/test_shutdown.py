@@ -4,12 +4,14 @@ running them, and every process is gone within a bound."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import psutil
@@ -178,3 +180,27 @@ def _running(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_sigterm_during_the_model_download_stops_at_once_with_one_line_and_no_partial_file(tmp_path, hub):
+    """``docker stop`` while the model is still downloading (a 60 s download from the loopback Hub)."""
+    model = json.dumps({"model_name": "testorg/slow-iris"})
+    server = start({"CLASSIC_INF_WORKFLOW_KW_ARGS": model, "HF_ENDPOINT": hub.url}, tmp_path)
+    caches = [Path(server.env["HF_HOME"]), Path(server.env["MODEL_CACHE_DIR"])]
+    try:
+        wait_for(lambda: _partial_files(caches), 60)  # the download is under way
+        os.kill(server.process.pid, signal.SIGTERM)
+        server.process.wait(10)
+    finally:
+        stop(server)
+
+    log = server.log()
+    assert server.process.returncode == 128 + signal.SIGTERM, log[-3000:]  # as a shell reports a SIGTERMed process
+    assert log.count("start-up stopped by SIGTERM") == 1, log[-3000:]
+    assert "Traceback" not in log and "status=failed" not in log, log[-3000:]
+    assert not _partial_files(caches)
+
+
+def _partial_files(roots: list[Path]) -> list[Path]:
+    """The Hugging Face client's ``*.incomplete`` and the model cache's ``.<file>.partial-*`` files under ``roots``."""
+    return [p for root in roots for p in root.rglob("*") if p.name.endswith(".incomplete") or ".partial-" in p.name]

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from core.errors import StartupStopped
+
 STARTED = "INFERNET_STARTUP_STARTED"  # set in the main process; workers inherit it
 
 
@@ -52,6 +54,8 @@ def stage(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
     extra: dict[str, Any] = {}
     try:
         yield extra
+    except StartupStopped:
+        raise  # the operator stopped it: exit_on_error prints the one line
     except BaseException as e:
         # What the block found before it failed (the workflow that serves) names the failure too.
         found = {k: v for k, v in {**fields, **extra}.items() if k != "status"}
