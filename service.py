@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from core import bentoml_seam, crash_records, model_call
+from core import bentoml_seam, crash_records, model_call, server_watch
 from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
 from public import http_protocol, routes
@@ -47,6 +47,9 @@ public_app = PublicApp(SETTINGS)
 # timeouts (plain {"error": ...} bodies) sit behind it with a margin, the runner's inside the public service's.
 RUNNER_TIMEOUT_S = SETTINGS.timeout_s + 5
 PUBLIC_TIMEOUT_S = SETTINGS.timeout_s + 10
+
+# A worker whose `bentoml serve` has died stops within this (core/server_watch.py): its graceful stop, and a margin.
+ORPHAN_GRACE_S = SETTINGS.shutdown_timeout_s + 5
 
 # Requests per batch of the model thread (each API worker's call may carry several requests).
 batch_size = bentoml.metrics.Histogram(
@@ -86,6 +89,7 @@ def freeze_heap() -> None:
 )
 class WorkflowRunner:
     def __init__(self) -> None:
+        server_watch.exit_with_server(ORPHAN_GRACE_S)  # before the model load, which may take minutes
         with startup.exit_on_error("workflow", worker=True):
             workflow = startup.build(SETTINGS)
         # SIGTERM: keep serving until the API workers have passed on the requests they hold (graceful stop).
@@ -161,6 +165,7 @@ class InfernetService:
     @bentoml.on_deployment
     def prepare() -> None:
         """Once, in the main process, before any worker starts (and before their environment is copied)."""
+        server_watch.mark_server_process()  # its workers stop if it dies (core/server_watch.py)
         with startup.exit_on_error("model"):
             startup.prepare(SETTINGS)
         # What the API workers learn of the runner's deaths, shared by this server's workers (core/crash_records.py).
@@ -174,6 +179,7 @@ class InfernetService:
         startup.exit_nonzero_if_a_worker_fails(before_exit=before_exit)
 
     def __init__(self) -> None:
+        server_watch.exit_with_server(ORPHAN_GRACE_S)
         client = self.runner.to_async
         if FAST_PATH:  # the hot call skips BentoML's client (same address, same wire format): public/runner_client.py
             runner_client = RunnerClient(client.url, client.timeout)

@@ -49,6 +49,16 @@ class StartupError(Exception):
     """Configuration or model that cannot be used: start-up stops with this one-line message."""
 
 
+class StartupStopped(BaseException):
+    """SIGTERM or SIGINT arrived while start-up fetched the model (``workflows/startup.py`` ``stop_on_signal``).
+    A BaseException, like KeyboardInterrupt: no ``except Exception`` on the way turns it into a failure, and every
+    ``finally`` (a partial download's removal) runs. ``signum``: the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def first_line(error: BaseException) -> str:
     """The line of an exception's message that says what failed (the class name for an empty message).
 

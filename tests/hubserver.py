@@ -21,6 +21,7 @@ Run alone: ``python tests/hubserver.py --repo org/name=GITDIR[:private|:gated] -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import subprocess
 import threading
@@ -39,6 +40,7 @@ class Repo:
     visibility: str = "public"  # public | private | gated
     tamper_cdn: bool = False  # the CDN serves altered bytes for this repo's large files
     stated_size: int | None = None  # the Hub states this X-Linked-Size for large files, whatever their real size
+    cdn_seconds: float = 0.0  # the CDN trickles this repo's large files over this long (a slow download)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Hub:
     url: str = ""
     cdn_url: str = ""
     _blobs: dict[str, bytes] = field(default_factory=dict)
+    _slow: dict[str, float] = field(default_factory=dict)  # sha256 -> seconds the CDN takes to send it
     _servers: list[ThreadingHTTPServer] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -134,6 +137,8 @@ def _handler(hub: Hub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 served = bytes([data[0] ^ 0xFF]) + data[1:] if repo.tamper_cdn else data
                 with hub._lock:
                     hub._blobs[sha256] = served
+                    if repo.cdn_seconds:
+                        hub._slow[sha256] = repo.cdn_seconds
                 location = (
                     f"{hub.cdn_url}/blobs/{sha256}/{filename.rsplit('/', 1)[-1]}?expires={int(time.time()) + 3600}"
                 )
@@ -151,14 +156,15 @@ def _handler(hub: Hub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             parts = path.strip("/").split("/")
             with hub._lock:
                 data = hub._blobs.get(parts[1]) if len(parts) >= 2 and parts[0] == "blobs" else None
+                seconds = hub._slow.get(parts[1], 0.0) if data is not None else 0.0
             if data is None:
                 return self._answer(404, {}, b"", body)
-            self._answer(200, {"ETag": f'"{parts[1]}"'}, data, body)
+            self._answer(200, {"ETag": f'"{parts[1]}"'}, data, body, seconds)
 
         def _error(self, status: int, code: str, message: str, body: bool, extra: dict | None = None) -> None:
             self._answer(status, {"X-Error-Code": code, "X-Error-Message": message, **(extra or {})}, b"", body)
 
-        def _answer(self, status: int, headers: dict[str, str], data: bytes, body: bool) -> None:
+        def _answer(self, status: int, headers: dict[str, str], data: bytes, body: bool, seconds: float = 0) -> None:
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -166,7 +172,14 @@ def _handler(hub: Hub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             if status == 200:
                 self.send_header("Content-Type", "application/octet-stream")
             self.end_headers()
-            if body:
+            if body and seconds:  # 100 pieces, evenly over ``seconds``; a client that goes away ends it
+                piece = max(1, -(-len(data) // 100))
+                with contextlib.suppress(OSError):
+                    for start in range(0, len(data), piece):
+                        self.wfile.write(data[start : start + piece])
+                        self.wfile.flush()
+                        time.sleep(seconds / 100)
+            elif body:
                 self.wfile.write(data)
 
     return Handler

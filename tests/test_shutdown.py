@@ -4,18 +4,32 @@ running them, and every process is gone within a bound."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import pytest
+import requests
 
-from tests.fixtures.server import serving
-from tests.reliability_support import Outcome, assert_contract_error, env, figure, post, processes, sleeping
+from tests.fixtures.server import Server, serving, start, stop, wait_ready
+from tests.reliability_support import (
+    Outcome,
+    assert_contract_error,
+    env,
+    figure,
+    post,
+    processes,
+    row,
+    sleeping,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +133,74 @@ def test_sigterm_exits_within_shutdown_timeout_despite_a_stalled_upload_and_a_lo
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
     assert "cancelled: the server is stopping" in log, log[-3000:]
     figure("shutdown_bound", exited_after_s=round(exited_after, 2), running=running[0].status, cut=cut[:12].decode())
+
+
+ORPHAN_BOUND_S = 10.0  # a worker notices within 0.5 s; an idle graceful stop takes 1-3 s here
+
+
+def test_sigkill_of_the_serve_process_stops_every_worker_and_frees_the_port(tmp_path):
+    """The OOM killer or ``kill -9`` ends ``bentoml serve``'s main process without its graceful stop: its API workers
+    and runner must not live on as orphans answering on the port (core/server_watch.py)."""
+    server = start(env(tmp_path), tmp_path)
+    children: list[psutil.Process] = []
+    try:
+        wait_ready(server)
+        children = [p for name, group in processes(server).items() if name != "arbiter" for p in group]
+        assert len(children) == 3, children  # the runner and two API workers
+        assert server.post(row()).status_code == 200
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(5)
+        stopped_after = wait_for(lambda: not _answers(server) and not [p for p in children if _running(p)], 30)
+        survivors = [p.pid for p in children if _running(p)]
+        answering = _answers(server)
+    finally:
+        for child in children:  # never leave orphans behind, whatever happened above
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        stop(server)
+
+    assert not survivors and not answering
+    assert stopped_after <= ORPHAN_BOUND_S, f"workers stopped {stopped_after:.1f} s after the server's SIGKILL"
+    log = server.log()
+    assert log.count("has died: this worker") == 3, log[-3000:]
+    assert "Traceback" not in log[log.index("has died") :], log[-3000:]
+    figure("orphans", stopped_after_s=round(stopped_after, 2))
+
+
+def _answers(server: Server) -> bool:
+    try:
+        requests.get(f"{server.url}/livez", timeout=1)
+    except requests.ConnectionError:
+        return False
+    return True
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sigterm_during_the_model_download_stops_at_once_with_one_line_and_no_partial_file(tmp_path, hub):
+    """``docker stop`` while the model is still downloading (a 60 s download from the loopback Hub)."""
+    model = json.dumps({"model_name": "testorg/slow-iris"})
+    server = start({"CLASSIC_INF_WORKFLOW_KW_ARGS": model, "HF_ENDPOINT": hub.url}, tmp_path)
+    caches = [Path(server.env["HF_HOME"]), Path(server.env["MODEL_CACHE_DIR"])]
+    try:
+        wait_for(lambda: _partial_files(caches), 60)  # the download is under way
+        os.kill(server.process.pid, signal.SIGTERM)
+        server.process.wait(10)
+    finally:
+        stop(server)
+
+    log = server.log()
+    assert server.process.returncode == 128 + signal.SIGTERM, log[-3000:]  # as a shell reports a SIGTERMed process
+    assert log.count("start-up stopped by SIGTERM") == 1, log[-3000:]
+    assert "Traceback" not in log and "status=failed" not in log, log[-3000:]
+    assert not _partial_files(caches)
+
+
+def _partial_files(roots: list[Path]) -> list[Path]:
+    """The Hugging Face client's ``*.incomplete`` and the model cache's ``.<file>.partial-*`` files under ``roots``."""
+    return [p for root in roots for p in root.rglob("*") if p.name.endswith(".incomplete") or ".partial-" in p.name]

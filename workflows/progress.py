@@ -19,6 +19,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from core.errors import StartupStopped
+
 STARTED = "INFERNET_STARTUP_STARTED"  # set in the main process; workers inherit it
 
 
@@ -57,6 +59,8 @@ def stage(name: str, client_chosen: bool = False, **fields: Any) -> Iterator[dic
     extra: dict[str, Any] = {}
     try:
         yield extra
+    except StartupStopped:
+        raise  # the operator stopped it: exit_on_error prints the one line
     except BaseException as e:
         # What the block found before it failed (the workflow that serves) names the failure too.
         found = {k: v for k, v in {**fields, **extra}.items() if k != "status"}

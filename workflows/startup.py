@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any
 
 import orjson
 
-from core.errors import StartupError
+from core import server_watch
+from core.errors import StartupError, StartupStopped
 from core.secrets import scrub
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from core.settings import unquote_environment as _unquote_variables
@@ -36,6 +38,12 @@ def exit_on_error(stage: str, *, worker: bool = False) -> Iterator[None]:
     would otherwise be respawned forever, and the service would never become ready."""
     try:
         yield
+    except StartupStopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"start-up stopped by {name} ({stage}); no partial download kept", file=sys.stderr, flush=True)
+        if worker:
+            os._exit(128 + e.signum)
+        sys.exit(128 + e.signum)  # the shell's status for a process ended by that signal
     except StartupError as e:
         message = scrub(str(e))  # a library's message may quote a token
         print(f"start-up failed ({stage}): {message}", file=sys.stderr, flush=True)
@@ -43,8 +51,30 @@ def exit_on_error(stage: str, *, worker: bool = False) -> Iterator[None]:
             sys.exit(2)
         if failure_file := os.environ.get(_FAILURE_FILE):
             Path(failure_file).write_text(f"{stage}: {message}")
-        os.kill(os.getppid(), signal.SIGTERM)
+        if server := server_watch.server_pid():  # not init, should the server have died meanwhile
+            os.kill(server, signal.SIGTERM)
         os._exit(2)  # not sys.exit: the server would log a traceback for the SystemExit
+
+
+@contextlib.contextmanager
+def stop_on_signal() -> Iterator[None]:
+    """In the server's main thread, around the model download: SIGTERM and SIGINT raise ``StartupStopped`` there
+    (``exit_on_error`` turns it into one line and exit status 128 + the signal), so the download's clean-up runs.
+    Without it, SIGTERM ended the process where it stood (status 143, no line) and left the partial download behind.
+    The previous handlers are restored after; elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise StartupStopped(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def unquote_environment() -> None:
@@ -122,22 +152,28 @@ def prepare(settings: ServiceSettings) -> None:
     for note in settings.legacy_mapped:  # names only and non-secret values: none of these holds a token
         progress.emit("config", legacy=note.legacy, read_as=note.read_as, value=note.shown)
     if settings.workflow_class == BUILTIN_TORCH_WORKFLOW:
-        # Fetch without importing torch: the arbiter process would otherwise carry ~200 MB it never uses.
-        with progress.stage("source") as found:
-            torch_settings = TorchSettings.from_env()
-            spec = sources.spec_from_kwargs(settings.workflow_kwargs, torch_settings)
-            where = str(spec.path) if spec.source == "local" else spec.repo_id
-            found.update(source=spec.source, repo=where, file=spec.filename, revision=spec.revision)
-        with progress.stage("download", source=spec.source, file=spec.filename) as fetched:
-            path = sources.fetch(spec, torch_settings)
-            fetched.update(path=str(path), bytes=path.stat().st_size)
-        with progress.stage("verify", file=spec.filename) as verified:
-            digest = sources.model_sha256(path, spec, torch_settings, fresh=bool(spec.sha256))
-            sources.check_pin_digest(digest, spec)
-            verified.update(sha256=digest, pinned=bool(spec.sha256))
+        with stop_on_signal():
+            _fetch_and_verify(settings)
     else:
         with progress.stage("source", workflow=settings.workflow_class, note="the workflow fetches its own model"):
             resolve_class(settings.workflow_class)
+
+
+def _fetch_and_verify(settings: ServiceSettings) -> None:
+    """The built-in workflow's model fetched into the cache and verified, in the main process."""
+    # Fetch without importing torch: the arbiter process would otherwise carry ~200 MB it never uses.
+    with progress.stage("source") as found:
+        torch_settings = TorchSettings.from_env()
+        spec = sources.spec_from_kwargs(settings.workflow_kwargs, torch_settings)
+        where = str(spec.path) if spec.source == "local" else spec.repo_id
+        found.update(source=spec.source, repo=where, file=spec.filename, revision=spec.revision)
+    with progress.stage("download", source=spec.source, file=spec.filename) as fetched:
+        path = sources.fetch(spec, torch_settings)
+        fetched.update(path=str(path), bytes=path.stat().st_size)
+    with progress.stage("verify", file=spec.filename) as verified:
+        digest = sources.model_sha256(path, spec, torch_settings, fresh=bool(spec.sha256))
+        sources.check_pin_digest(digest, spec)
+        verified.update(sha256=digest, pinned=bool(spec.sha256))
 
 
 def build(settings: ServiceSettings) -> Any:
