@@ -423,3 +423,28 @@ def test_service_resources_lists_loaded_and_cached_models(server: Server):
         ["housing.pt"],
     )
     assert housing["sha256"] == cached[HOUSING_ID]["sha256"]
+
+
+def test_missing_repo_status_does_not_depend_on_its_name(server: Server):
+    """The status of a refused download comes from the Hub's answer, not from words in the message: a missing repo
+    named "aggregated" (holding "gated") was a 403, one named "access-denied" too (explorer S3)."""
+    for repo in ("aggregated", "access-denied"):
+        model_id = f"huggingface/models/{repo}:m.pt"
+        response = server.post({"source": 1, "data": {"model_id": model_id, "input": {"dtype": 2, "values": [1.0]}}})
+        assert response.status_code == 404, response.text
+        assert "repository not found" in response.json()["description"], response.text
+
+
+def test_ids_the_hub_rejects_are_the_clients_mistake(server: Server, models_hub: Hub):
+    """Names huggingface_hub refuses to ask for (``--``, ``..``, a trailing ``-`` or ``.``) are a 400 with the Hub's
+    rule, before any download; they were a 502 with an ERROR traceback in the log (explorer S8)."""
+    before = len(models_hub.log)
+    start = len(server.log())
+    for repo, rule in (("a--b", "--"), ("a..b", ".."), ("a-", "cannot start or end"), ("a.", "cannot start or end")):
+        model_id = f"huggingface/models/{repo}:m.pt"
+        response = server.post({"source": 1, "data": {"model_id": model_id, "input": {"dtype": 2, "values": [1.0]}}})
+        assert response.status_code == 400, response.text
+        assert model_id in response.json()["description"] and rule in response.json()["description"], response.text
+    assert len(models_hub.log) == before
+    logged = server.log()[start:]
+    assert "ERROR" not in logged and "Traceback" not in logged, logged

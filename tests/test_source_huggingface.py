@@ -173,3 +173,13 @@ def test_an_unreachable_hub_serves_the_cache_with_a_warning(
     assert TOKEN not in caplog.text
     message = refusal(tmp_path, hf, "testorg/gated-iris", token=TOKEN)
     assert "cannot be reached" in message and "the file is not in the Hugging Face cache" in message
+
+
+def test_names_the_hub_rejects_are_one_line_refusals(hf: Path, hub: Hub, tmp_path: Path):
+    """A repo id huggingface_hub will not ask for is refused before any request, with the library's rule on one line
+    (it was a traceback of HFValidationError after a HEAD; explorer S8)."""
+    before = len(hub.log)
+    for repo in ("testorg/a--b", "testorg/a..b", "testorg/a-", "testorg/a."):
+        message = refusal(tmp_path, hf, repo)
+        assert "invalid Hugging Face repo id: " in message and f"'{repo}'" in message, message
+    assert len(hub.log) == before

@@ -75,7 +75,8 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
             # The operator's log keeps the source's address (an internal mirror's, a gateway's); the client does not.
             log.warning("model %s: %s", model_id, first_line(e))
             reason = _without_addresses(first_line(e))
-            raise ModelLoadError(_fetch_status(str(e)), f"model {model_id}: {reason}") from None
+            # A source's refusal carries its status (FetchError); any other start-up error of a source is its fault.
+            raise ModelLoadError(getattr(e, "status", 502), f"model {model_id}: {reason}") from None
         size = path.stat().st_size
         fetched.update(bytes=size)
     if size > max_bytes:
@@ -135,15 +136,6 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         if isinstance(info, dict):
             info["batching"] = {"enabled": True, "checked": False, "reason": PENDING_CHECK}
     return workflow, size
-
-
-def _fetch_status(reason: str) -> int:
-    text = reason.lower()
-    if "not found" in text or "no transaction found" in text:  # Hugging Face's words; Arweave's (sources/arweave.py)
-        return 404
-    if "gated" in text or "access denied" in text or "refused the token" in text:
-        return 403
-    return 502
 
 
 def _client_reason(error: Exception, path: Path, filename: str) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from core.errors import StartupError
+from core.errors import FetchError, StartupError
 from core.settings import TorchSettings
 from core.terms import json_text
 from workflows.sources.cache import ModelCache
@@ -100,7 +100,8 @@ def spec_from_kwargs(kwargs: dict[str, Any], settings: TorchSettings) -> ModelSp
 
 
 def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
-    """A local path to the verified model file, downloading it if needed. Raises StartupError."""
+    """A local path to the verified model file, downloading it if needed. Raises StartupError, or its FetchError
+    (which keeps the source's status: 400, 403, 404 or 502) when the source refused or failed."""
     if spec.source == "local":
         from workflows.sources import local as source
     elif spec.source == "huggingface":
@@ -109,6 +110,8 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
         from workflows.sources import arweave as source
     try:
         return source.fetch(spec, settings)
+    except FetchError as e:
+        raise FetchError(f"model {spec.describe()}: {e}", e.status) from None
     except StartupError as e:
         raise StartupError(f"model {spec.describe()}: {e}") from None
     except OSError as e:  # a full disk or an unreadable cache: one line too, not a traceback

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tqdm import tqdm
 
-from core.errors import StartupError
+from core.errors import FetchError, StartupError
 from core.settings import TorchSettings
 from workflows.sources import ModelSpec, check_pin_digest
 from workflows.sources.cache import ModelCache
@@ -93,7 +93,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
             return path
         raise StartupError(str(e)) from None
     if not candidates:
-        raise StartupError(f"no transaction found on {gateway.url}: {_wanted(spec)}")
+        raise FetchError(f"no transaction found on {gateway.url}: {_wanted(spec)}", 404)
     newest = max(candidates, key=Candidate.rank)
     log.info("newest upload: transaction %s by %s (block %s)", newest.id, newest.owner, newest.height)
     try:
