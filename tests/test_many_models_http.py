@@ -425,14 +425,20 @@ def test_service_resources_lists_loaded_and_cached_models(server: Server):
     assert housing["sha256"] == cached[HOUSING_ID]["sha256"]
 
 
-def test_missing_repo_status_does_not_depend_on_its_name(server: Server):
-    """The status of a refused download comes from the Hub's answer, not from words in the message: a missing repo
-    named "aggregated" (holding "gated") was a 403, one named "access-denied" too (explorer S3)."""
-    for repo in ("aggregated", "access-denied"):
-        model_id = f"huggingface/models/{repo}:m.pt"
-        response = server.post({"source": 1, "data": {"model_id": model_id, "input": {"dtype": 2, "values": [1.0]}}})
-        assert response.status_code == 404, response.text
-        assert "repository not found" in response.json()["description"], response.text
+def test_refusal_status_does_not_depend_on_the_repo_name(server: Server, models_hub: Hub, tmp_path: Path):
+    """The status of a failed download comes from the source's answer, not from words in the message, which holds
+    the repo's name: a download whose bytes do not match the Hub's sha256 (the source's fault, 502) from a repo named
+    "aggregated" (holding "gated") was a 403 (explorer S3). A missing repo of that name is a 404."""
+    # Bytes of its own: the tampering CDN keys blobs by sha256, and no other repo's file may be altered.
+    git_dir = make_repo(tmp_path / "aggregated", [{"flight.pt": b"bytes no other test serves"}])
+    models_hub.repos["models/aggregated"] = Repo(git_dir, tamper_cdn=True)
+    data = {"input": {"dtype": 2, "shape": [1, 4], "values": IRIS}}
+    tampered = server.post({"source": 1, "data": {"model_id": "huggingface/models/aggregated:flight.pt", **data}})
+    assert tampered.status_code == 502, tampered.text
+    assert "sha256 mismatch" in tampered.json()["description"], tampered.text
+    missing = server.post({"source": 1, "data": {"model_id": "huggingface/models/gated-nothing:m.pt", **data}})
+    assert missing.status_code == 404, missing.text
+    assert "repository not found" in missing.json()["description"], missing.text
 
 
 def test_ids_the_hub_rejects_are_the_clients_mistake(server: Server, models_hub: Hub):
