@@ -237,6 +237,18 @@ def test_unreachable_gateway_uses_the_last_verified_download(
         fetch(fresh, "testorg/iris")
 
 
+def test_each_owners_fallback_is_kept(settings: TorchSettings, uploads: Uploads, monkeypatch: pytest.MonkeyPatch):
+    """Two owners' uploads of the same name, fetched through one cache: with the gateway down each owner's fetch
+    still gets its own last verified file (the other owner's fetch replaced it, and the fallback was lost; S9)."""
+    theirs = dataclasses.replace(settings, allowed_arweave_owners=(uploads.evil,))
+    ours_path, theirs_path = fetch(settings, "testorg/iris"), fetch(theirs, "testorg/iris")
+    assert ours_path.read_bytes() == IRIS and theirs_path.read_bytes() == b"not the model " * 100
+    monkeypatch.setattr(arweave, "BACKOFF_S", 0.01)
+    dead = "http://127.0.0.1:9"
+    assert fetch(dataclasses.replace(settings, arweave_gateway=dead), "testorg/iris") == ours_path
+    assert fetch(dataclasses.replace(theirs, arweave_gateway=dead), "testorg/iris") == theirs_path
+
+
 def test_two_processes_starting_at_once_share_one_download(
     settings: TorchSettings, gateway_proxy: LyingGateway, uploads: Uploads
 ):

@@ -84,7 +84,9 @@ def fetch(spec: ModelSpec, settings: TorchSettings) -> Path:
         )
     gateway = Gateway(settings.arweave_gateway)
     cache = ModelCache(settings.model_cache_dir)
-    ref = json.dumps([spec.repo_id, spec.filename, spec.revision])
+    # The gateway-down fallback remembers the last verified transaction per question asked: the same name under
+    # other owners (or another pin) is another model, whose fetch must not replace this one's fallback.
+    ref = json.dumps([spec.repo_id, spec.filename, spec.revision, sorted(spec.owners), spec.sha256])
     try:
         candidates = find(gateway, spec)
     except GatewayError as e:
