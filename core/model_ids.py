@@ -66,7 +66,8 @@ _FULL = {
 
 
 class ModelIdError(ValueError):
-    """A model id (text, 1.x fields or ABI bytes) that does not follow the grammar; the message names it."""
+    """A model id (text, 1.x fields or ABI bytes) that does not follow the grammar, or a Hugging Face id the Hub's
+    naming rules refuse (the client's mistake: 400); the message names it and the rule."""
 
 
 class AllowListError(ValueError):
