@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import StartupError
+from core.errors import FetchError, StartupError
 from core.settings import EMBEDDED_MODEL, TorchSettings
 from tests.fixtures.arlocal import PUBLISH, REPO, Arlocal, LyingGateway, new_wallet, publish_tool
 from workflows import sources
@@ -160,6 +160,9 @@ def test_older_model_id_tag_is_found(settings: TorchSettings):
 def test_owner_not_allow_listed_finds_nothing(settings: TorchSettings):
     message = refusal(settings, "testorg/evil")
     assert "no transaction found" in message and "ALLOWED_ARWEAVE_OWNERS" in message
+    with pytest.raises(FetchError) as caught:  # a per-request client's 404, from the gateway's empty answer
+        fetch(settings, "testorg/evil")
+    assert caught.value.status == 404
 
 
 def test_gateway_claiming_an_allowed_owner_is_refused(
