@@ -59,6 +59,17 @@ class StartupStopped(BaseException):
         self.signum = signum
 
 
+class FetchError(StartupError):
+    """A model source (Hugging Face Hub, Arweave) refused or failed to give a model file; ``status`` is what a
+    per-request client sees: 404 the repository, revision, file or transaction is not there; 403 the Hub refused
+    the token or the gate; 502 anything else on the source's side (unreachable, malformed, unverifiable answers).
+    Decided from the source's own answer (exception types, HTTP status), never from the message's words."""
+
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message)
+        self.status = status
+
+
 def first_line(error: BaseException) -> str:
     """The line of an exception's message that says what failed (the class name for an empty message).
 

@@ -42,6 +42,7 @@ from typing import Any
 from eth_abi import decode, encode
 from eth_abi.exceptions import DecodingError
 
+from core.errors import first_line
 from core.terms import json_text, json_type
 
 # Longest canonical id: source, 96 + 96 + 128 + 255 characters and separators; longer text is refused unread.
@@ -66,7 +67,8 @@ _FULL = {
 
 
 class ModelIdError(ValueError):
-    """A model id (text, 1.x fields or ABI bytes) that does not follow the grammar; the message names it."""
+    """A model id (text, 1.x fields or ABI bytes) that does not follow the grammar, or a Hugging Face id the Hub's
+    naming rules refuse (the client's mistake: 400); the message names it and the rule."""
 
 
 class AllowListError(ValueError):
@@ -389,7 +391,22 @@ def _checked(
         raise ModelIdError(f"{label}: repo {repo!r} is not a valid name (letters, digits, . _ -; 96 at most)")
     if version is not None and not _FULL["version"].fullmatch(version):
         raise ModelIdError(f"{label}: version {version!r} is not valid (letters, digits, . _ + -; 128 at most)")
+    if source == "huggingface":
+        _hub_rules(label, f"{owner}/{repo}")
     return ModelId(source=source, owner=owner, repo=repo, filename=filename, version=version)
+
+
+def _hub_rules(label: str, repo_id: str) -> None:
+    """The Hub's own naming rules beyond the grammar above (no ``--`` or ``..``, no leading or trailing ``-`` or
+    ``.``), from ``huggingface_hub`` itself so the two cannot drift: such an id is the client's mistake (400), not a
+    failed download. Raises ModelIdError with the library's rule."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ModelIdError(f"{label}: {first_line(e)}") from None
 
 
 def _one_file(text: str, files: str) -> str:

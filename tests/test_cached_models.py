@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from workflows.sources.cache import ModelCache, sha256_of
 from workflows.sources.cached import cached_models
 
@@ -59,3 +61,14 @@ def test_listing_is_bounded(tmp_path):
         arweave_entry(cache, f"{i}" * 43, f"repo{i}", "m.pt", b"x")
     assert len(cached_models(cache.root, limit=3)) == 3
     assert len(cached_models(cache.root)) == 5
+
+
+def test_tags_that_make_no_round_trip_id_are_not_listed(tmp_path, caplog: pytest.LogCaptureFixture):
+    """A Repo-Name holding "/" (signed tags are free text) made the id ``arweave/<owner>/team/housing:m.pt``, which a
+    request reads as repo "team", version "housing": a 404 for a model the listing offered (S4)."""
+    cache = ModelCache(tmp_path / "cache")
+    arweave_entry(cache, "t" * 43, "team/housing", "m.pt", b"x")
+    arweave_entry(cache, "u" * 43, "housing", "m.pt", b"y")
+    caplog.set_level("INFO", logger="workflows.sources.cached")
+    assert [m["model_id"] for m in cached_models(cache.root)] == [f"arweave/{OWNER}/housing:m.pt"]
+    assert f"arweave/{OWNER}/team/housing:m.pt" in caplog.text and "names another model" in caplog.text

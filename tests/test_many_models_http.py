@@ -428,3 +428,34 @@ def test_service_resources_lists_loaded_and_cached_models(server: Server):
         ["housing.pt"],
     )
     assert housing["sha256"] == cached[HOUSING_ID]["sha256"]
+
+
+def test_refusal_status_does_not_depend_on_the_repo_name(server: Server, models_hub: Hub, tmp_path: Path):
+    """The status of a failed download comes from the source's answer, not from words in the message, which holds
+    the repo's name: a download whose bytes do not match the Hub's sha256 (the source's fault, 502) from a repo named
+    "aggregated" (holding "gated") was a 403 (explorer S3). A missing repo of that name is a 404."""
+    # Bytes of its own: the tampering CDN keys blobs by sha256, and no other repo's file may be altered.
+    git_dir = make_repo(tmp_path / "aggregated", [{"flight.pt": b"bytes no other test serves"}])
+    models_hub.repos["models/aggregated"] = Repo(git_dir, tamper_cdn=True)
+    data = {"input": {"dtype": 2, "shape": [1, 4], "values": IRIS}}
+    tampered = server.post({"source": 1, "data": {"model_id": "huggingface/models/aggregated:flight.pt", **data}})
+    assert tampered.status_code == 502, tampered.text
+    assert "sha256 mismatch" in tampered.json()["description"], tampered.text
+    missing = server.post({"source": 1, "data": {"model_id": "huggingface/models/gated-nothing:m.pt", **data}})
+    assert missing.status_code == 404, missing.text
+    assert "repository not found" in missing.json()["description"], missing.text
+
+
+def test_ids_the_hub_rejects_are_the_clients_mistake(server: Server, models_hub: Hub):
+    """Names huggingface_hub refuses to ask for (``--``, ``..``, a trailing ``-`` or ``.``) are a 400 with the Hub's
+    rule, before any download; they were a 502 with an ERROR traceback in the log (explorer S8)."""
+    before = len(models_hub.log)
+    start = len(server.log())
+    for repo, rule in (("a--b", "--"), ("a..b", ".."), ("a-", "cannot start or end"), ("a.", "cannot start or end")):
+        model_id = f"huggingface/models/{repo}:m.pt"
+        response = server.post({"source": 1, "data": {"model_id": model_id, "input": {"dtype": 2, "values": [1.0]}}})
+        assert response.status_code == 400, response.text
+        assert model_id in response.json()["description"] and rule in response.json()["description"], response.text
+    assert len(models_hub.log) == before
+    logged = server.log()[start:]
+    assert "ERROR" not in logged and "Traceback" not in logged, logged

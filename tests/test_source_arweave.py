@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import StartupError
+from core.errors import FetchError, StartupError
 from core.settings import EMBEDDED_MODEL, TorchSettings
 from tests.fixtures.arlocal import PUBLISH, REPO, Arlocal, LyingGateway, new_wallet, publish_tool
 from workflows import sources
@@ -160,6 +160,9 @@ def test_older_model_id_tag_is_found(settings: TorchSettings):
 def test_owner_not_allow_listed_finds_nothing(settings: TorchSettings):
     message = refusal(settings, "testorg/evil")
     assert "no transaction found" in message and "ALLOWED_ARWEAVE_OWNERS" in message
+    with pytest.raises(FetchError) as caught:  # a per-request client's 404, from the gateway's empty answer
+        fetch(settings, "testorg/evil")
+    assert caught.value.status == 404
 
 
 def test_gateway_claiming_an_allowed_owner_is_refused(
@@ -235,6 +238,18 @@ def test_unreachable_gateway_uses_the_last_verified_download(
     fresh = dataclasses.replace(dead, model_cache_dir=tmp_path / "empty-cache")
     with pytest.raises(StartupError, match=r"gateway http://127.0.0.1:9: POST /graphql: cannot connect"):
         fetch(fresh, "testorg/iris")
+
+
+def test_each_owners_fallback_is_kept(settings: TorchSettings, uploads: Uploads, monkeypatch: pytest.MonkeyPatch):
+    """Two owners' uploads of the same name, fetched through one cache: with the gateway down each owner's fetch
+    still gets its own last verified file (the other owner's fetch replaced it, and the fallback was lost; S9)."""
+    theirs = dataclasses.replace(settings, allowed_arweave_owners=(uploads.evil,))
+    ours_path, theirs_path = fetch(settings, "testorg/iris"), fetch(theirs, "testorg/iris")
+    assert ours_path.read_bytes() == IRIS and theirs_path.read_bytes() == b"not the model " * 100
+    monkeypatch.setattr(arweave, "BACKOFF_S", 0.01)
+    dead = "http://127.0.0.1:9"
+    assert fetch(dataclasses.replace(settings, arweave_gateway=dead), "testorg/iris") == ours_path
+    assert fetch(dataclasses.replace(theirs, arweave_gateway=dead), "testorg/iris") == theirs_path
 
 
 def test_two_processes_starting_at_once_share_one_download(

@@ -196,3 +196,13 @@ def test_a_stream_longer_than_the_hub_stated_is_stopped_and_removed(hf: Path, hu
         sources.fetch(spec, settings_for(tmp_path), max_bytes=len(IRIS) * 10)
     left = [p for p in blobs(hf) if "liar" in str(p)]  # neither the blob nor its .incomplete partial
     assert left == [], left
+
+
+def test_names_the_hub_rejects_are_one_line_refusals(hf: Path, hub: Hub, tmp_path: Path):
+    """A repo id huggingface_hub will not ask for is refused before any request, with the library's rule on one line
+    (it was a traceback of HFValidationError after a HEAD; explorer S8)."""
+    before = len(hub.log)
+    for repo in ("testorg/a--b", "testorg/a..b", "testorg/a-", "testorg/a."):
+        message = refusal(tmp_path, hf, repo)
+        assert "invalid Hugging Face repo id: " in message and f"'{repo}'" in message, message
+    assert len(hub.log) == before

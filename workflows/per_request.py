@@ -79,7 +79,7 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
             # The operator's log keeps the source's address (an internal mirror's, a gateway's); the client does not.
             # A model that is not there or refused is the client's choice (INFO: clients must not be able to fill
             # the operator's log with warnings); a source that cannot be reached is the operator's (WARNING).
-            status = _fetch_status(str(e))
+            status = getattr(e, "status", 502)  # a source's refusal carries its status (FetchError); else its fault
             log.log(logging.INFO if status < 500 else logging.WARNING, "model %s: %s", model_id, first_line(e))
             reason = _without_addresses(first_line(e))
             raise ModelLoadError(status, f"model {model_id}: {reason}") from None
@@ -145,15 +145,6 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
 def _too_large(model_id: str, size_bytes: int | None, max_bytes: int) -> str:
     size = f"is {size_bytes} bytes" if size_bytes is not None else "is larger"
     return f"model {model_id} {size}, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows"
-
-
-def _fetch_status(reason: str) -> int:
-    text = reason.lower()
-    if "not found" in text or "no transaction found" in text:  # Hugging Face's words; Arweave's (sources/arweave.py)
-        return 404
-    if "gated" in text or "access denied" in text or "refused the token" in text:
-        return 403
-    return 502
 
 
 def _client_reason(error: Exception, path: Path, filename: str) -> str:

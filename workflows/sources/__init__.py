@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from core.errors import StartupError
+from core.errors import FetchError, StartupError
 from core.settings import TorchSettings
 from core.terms import json_text
 from workflows.sources.cache import ModelCache
@@ -113,7 +113,8 @@ class TooLarge(StartupError):
 def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
     """A local path to the verified model file, downloading it if needed. ``max_bytes``: the largest file the caller
     will load (per-request models); a larger one is refused before its download, or as soon as its stream passes the
-    bound, and nothing of it stays cached. Raises StartupError, TooLarge."""
+    bound, and nothing of it stays cached. Raises StartupError, TooLarge, or
+    FetchError (which keeps the source's status: 400, 403, 404 or 502) when the source refused or failed."""
     if spec.source == "local":
         from workflows.sources import local as source
     elif spec.source == "huggingface":
@@ -124,6 +125,8 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
         path = source.fetch(spec, settings, max_bytes)
     except TooLarge:
         raise
+    except FetchError as e:
+        raise FetchError(f"model {spec.describe()}: {e}", e.status) from None
     except StartupError as e:
         raise StartupError(f"model {spec.describe()}: {e}") from None
     except OSError as e:  # a full disk or an unreadable cache: one line too, not a traceback

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tqdm import tqdm
 
-from core.errors import StartupError
+from core.errors import FetchError, StartupError
 from core.settings import TorchSettings
 from workflows.sources import ModelSpec, TooLarge, check_pin_digest
 from workflows.sources.cache import ModelCache
@@ -84,7 +84,9 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
         )
     gateway = Gateway(settings.arweave_gateway)
     cache = ModelCache(settings.model_cache_dir)
-    ref = json.dumps([spec.repo_id, spec.filename, spec.revision])
+    # The gateway-down fallback remembers the last verified transaction per question asked: the same name under
+    # other owners (or another pin) is another model, whose fetch must not replace this one's fallback.
+    ref = json.dumps([spec.repo_id, spec.filename, spec.revision, sorted(spec.owners), spec.sha256])
     try:
         candidates = find(gateway, spec)
     except GatewayError as e:
@@ -93,7 +95,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
             return path
         raise StartupError(str(e)) from None
     if not candidates:
-        raise StartupError(f"no transaction found on {gateway.url}: {_wanted(spec)}")
+        raise FetchError(f"no transaction found on {gateway.url}: {_wanted(spec)}", 404)
     newest = max(candidates, key=Candidate.rank)
     log.info("newest upload: transaction %s by %s (block %s)", newest.id, newest.owner, newest.height)
     try:

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from core.model_ids import ModelIdError, parse_model_id
+from core.model_ids import ModelId, ModelIdError, parse_model_id
 from workflows.sources.cache import RECORD
 
 log = logging.getLogger("workflows.sources.cached")
@@ -34,11 +34,19 @@ def cached_models(root: Path, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
     for entry in (*_arweave(root), *_huggingface(root)):
         if len(found) >= limit:
             break
+        model: ModelId = entry["model_id"]
+        # Built from the cache's parts (signed tags, folder names): listed only when a request naming the id would
+        # name this same model (a Repo-Name holding "/" reads back as another repo and version: a 404 for the node).
         try:
-            model_id = str(parse_model_id(entry["model_id"]))
-        except ModelIdError:
+            named = parse_model_id(str(model))
+        except ModelIdError as e:
+            named, reason = None, str(e)
+        else:
+            reason = f"the id {str(model)!r} names another model ({named})"
+        if named != model:
+            log.info("cached model not listed: %s", reason)
             continue
-        found.setdefault(model_id, {**entry, "model_id": model_id})
+        found.setdefault(str(model), {**entry, "model_id": str(model)})
     return [found[key] for key in sorted(found)]
 
 
@@ -51,7 +59,7 @@ def _arweave(root: Path) -> Any:
         if not all(isinstance(v, str) and v for v in (repo, filename, owner, record.get("file"))):
             continue
         if _unchanged(record_path.parent / record["file"], record):
-            yield _entry(f"arweave/{owner}/{repo}:{filename}", record)
+            yield _entry(ModelId(source="arweave", owner=owner, repo=repo, filename=filename), record)
 
 
 def _huggingface(root: Path) -> Any:
@@ -69,7 +77,7 @@ def _huggingface(root: Path) -> Any:
         if not sep:
             continue
         for filename in _snapshot_names(repo_dir, blob):
-            yield _entry(f"huggingface/{org}/{repo}:{filename}", record)
+            yield _entry(ModelId(source="huggingface", owner=org, repo=repo, filename=filename), record)
 
 
 def _snapshot_names(repo_dir: Path, blob: Path) -> list[str]:
@@ -101,7 +109,7 @@ def _unchanged(path: Path, record: dict[str, Any]) -> bool:
     return stat.st_size == record.get("size") and stat.st_mtime_ns == record.get("mtime_ns")
 
 
-def _entry(model_id: str, record: dict[str, Any]) -> dict[str, Any]:
+def _entry(model_id: ModelId, record: dict[str, Any]) -> dict[str, Any]:
     return {"model_id": model_id, "bytes": record.get("size"), "sha256": record.get("sha256")}
 
 

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from core.errors import StartupError, first_line
+from core.errors import FetchError, StartupError, first_line
 from core.settings import TorchSettings, boolean, env_value
 from workflows.sources import ModelSpec, TooLarge, check_pin_digest
 from workflows.sources.cache import ModelCache
@@ -35,7 +35,12 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
     assert spec.repo_id
     import huggingface_hub
     from huggingface_hub import constants, errors
+    from huggingface_hub.utils import validate_repo_id
 
+    try:  # the library's naming rules, before any request (hf_hub_download would raise them only after the HEAD)
+        validate_repo_id(spec.repo_id)
+    except errors.HFValidationError as e:
+        raise FetchError(f"invalid Hugging Face repo id: {first_line(e)}", 400) from None
     # Read at call time as well: huggingface_hub reads both variables once, when it is first imported.
     endpoint = env_value(os.environ, "HF_ENDPOINT").rstrip("/") or None
     offline = constants.is_offline_mode() or boolean(os.environ, "HF_HUB_OFFLINE", False)
@@ -65,10 +70,10 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
         if isinstance(e, (TooLarge, _LongerThanStated)):
             raise
         if unreachable is not None and isinstance(e, errors.LocalEntryNotFoundError):
-            raise StartupError(
+            raise FetchError(
                 f"the Hub at {hub} cannot be reached ({unreachable}) and the file is not in the Hugging Face cache"
             ) from None
-        raise StartupError(_reason(e, settings.hf_token, offline, hub)) from None
+        raise _refusal(e, settings.hf_token, offline, hub) from None
     served = _snapshot_commit(path, spec.filename)
     if unreachable is not None:
         log.warning(
@@ -111,7 +116,7 @@ def _ask_hub(spec: ModelSpec, token: str | None, endpoint: str | None, hub: str)
         status = e.response.status_code if e.response is not None else None
         if status is None or status >= 500 or status in (408, 429):
             return Stated(unreachable=f"HTTP {status}" if status else first_line(e))
-        raise StartupError(_reason(e, token, False, hub)) from None
+        raise _refusal(e, token, False, hub) from None
     except errors.HTTPError as e:  # no HTTP answer at all: refused connection, timeout, DNS, proxy
         return Stated(unreachable=f"{type(e).__name__}: {first_line(e)}")  # first_line masks the token
     if metadata.commit_hash is None:
@@ -206,27 +211,31 @@ def _evict(path: Path) -> None:
             log.warning("could not remove refused file %s: %s", victim, e.strerror or e)
 
 
-def _reason(error: Exception, token: str | None, offline: bool, endpoint: str) -> str:
+def _refusal(error: Exception, token: str | None, offline: bool, endpoint: str) -> FetchError:
+    """The one-line FetchError for a failure of ``huggingface_hub``, its status taken from the exception's type
+    (and the Hub's HTTP status): 404 not there, 403 refused token or gate, 502 anything else."""
     from huggingface_hub import errors
 
     have_token = "a token is set" if token else f"no token is set ({_TOKEN_VARS})"
     if isinstance(error, errors.GatedRepoError):
-        return f"gated repository: access has not been granted to this token ({have_token})"
+        return FetchError(f"gated repository: access has not been granted to this token ({have_token})", 403)
     if isinstance(error, errors.RepositoryNotFoundError):
-        return f"repository not found, or private and not visible to this token ({have_token})"
+        return FetchError(f"repository not found, or private and not visible to this token ({have_token})", 404)
     if isinstance(error, errors.RevisionNotFoundError):
-        return "revision not found in the repository"
-    if isinstance(error, errors.LocalEntryNotFoundError):
+        return FetchError("revision not found in the repository", 404)
+    if isinstance(error, errors.LocalEntryNotFoundError):  # a subclass of EntryNotFoundError: the cache's miss
         if offline:
-            return "HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache"
-        return f"the Hub at {endpoint} cannot be reached and the file is not in the Hugging Face cache"
+            return FetchError("HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache")
+        return FetchError(f"the Hub at {endpoint} cannot be reached and the file is not in the Hugging Face cache")
     if isinstance(error, errors.EntryNotFoundError):
-        return "file not found in the repository"
+        return FetchError("file not found in the repository", 404)
+    if isinstance(error, errors.HFValidationError):  # the repo id or revision breaks the Hub's naming rules
+        return FetchError(f"invalid Hugging Face name: {first_line(error)}", 400)
     if isinstance(error, errors.HfHubHTTPError):
         status = error.response.status_code if error.response is not None else None
         if status == 401:
-            return f"the Hub refused the token: invalid credentials ({_TOKEN_VARS})"
+            return FetchError(f"the Hub refused the token: invalid credentials ({_TOKEN_VARS})", 403)
         if status == 403:
-            return f"access denied by the Hub (HTTP 403; {have_token})"
-        return f"the Hub answered HTTP {status}"
-    return f"{type(error).__name__}: {first_line(error)}"  # first_line masks the token
+            return FetchError(f"access denied by the Hub (HTTP 403; {have_token})", 403)
+        return FetchError(f"the Hub answered HTTP {status}")
+    return FetchError(f"{type(error).__name__}: {first_line(error)}")  # first_line masks the token
