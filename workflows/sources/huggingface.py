@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -160,13 +161,7 @@ def _remove_incomplete(spec: ModelSpec, etag: str | None) -> None:
     blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec.repo_id, repo_type="model") / "blobs"
     # Without the etag (the Hub could not be asked), every partial of the repository goes: a resumed download costs
     # time, a partial nobody cleans costs disk for ever.
-    for partial in blobs.glob(f"{etag}.incomplete" if etag else "*.incomplete"):
-        try:
-            partial.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.warning("could not remove partial download %s: %s", partial, e.strerror or e)
+    _remove(blobs.glob(f"{etag}.incomplete" if etag else "*.incomplete"), "partial download")
 
 
 def _cached(spec: ModelSpec, commit: str) -> Path | None:
@@ -201,14 +196,18 @@ def _verify(path: Path, spec: ModelSpec, cache: ModelCache) -> None:
 def _evict(path: Path) -> None:
     """Remove a refused file from the Hugging Face cache (its snapshot link and its blob), so that nothing the
     service refused stays there looking usable."""
-    blob = path.resolve()
-    for victim in (path, blob):
+    _remove((path, path.resolve()), "refused file")
+
+
+def _remove(paths: Iterable[Path], what: str) -> None:
+    """Unlink each of ``paths``; one already gone is fine, one that cannot be removed is a WARNING naming ``what``."""
+    for victim in paths:
         try:
             victim.unlink()
         except FileNotFoundError:
             pass
         except OSError as e:
-            log.warning("could not remove refused file %s: %s", victim, e.strerror or e)
+            log.warning("could not remove %s %s: %s", what, victim, e.strerror or e)
 
 
 def _refusal(error: Exception, token: str | None, offline: bool, endpoint: str) -> FetchError:
