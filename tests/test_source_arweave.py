@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def uploads(arlocal: Arlocal, tmp_path_factory: pytest.TempPathFactory) -> Uploa
 
 @pytest.fixture
 def settings(tmp_path: Path, gateway_proxy: LyingGateway, uploads: Uploads) -> TorchSettings:
-    gateway_proxy.mode = None
+    gateway_proxy.mode, gateway_proxy.target = None, "/chunk/"
     return TorchSettings(
         use_arweave=True,
         allowed_arweave_owners=(uploads.good,),
@@ -350,3 +351,30 @@ def test_a_file_over_max_bytes_is_refused_by_its_signed_size(settings: TorchSett
     assert caught.value.size_bytes == len(IRIS)
     assert gateway_proxy.count("/chunk/") == chunks
     assert_nothing_unverified(settings.model_cache_dir)
+
+
+# arlocal answers promptly and in bounded sizes; the proxy's "huge" and "trickle" modes stand in for a gateway that
+# does not. requests' own timeout is per socket read (60 s), so only a total deadline stops a trickle.
+@pytest.mark.parametrize(
+    ("mode", "target", "expected"),
+    [
+        ("huge", "/chunk/", f"exceeds {arweave.CHUNK_MAX_BYTES} bytes"),
+        ("huge", "/graphql", f"exceeds {arweave.JSON_MAX_BYTES} bytes"),
+        ("trickle", "/chunk/", "took longer than 1 s"),
+        ("trickle", "/tx/", "took longer than 1 s"),
+    ],
+)
+def test_a_gateway_answer_too_big_or_too_slow_is_cut_off(
+    settings: TorchSettings,
+    gateway_proxy: LyingGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    target: str,
+    expected: str,
+):
+    monkeypatch.setattr(arweave, "REQUEST_DEADLINE_S", 1.0)
+    gateway_proxy.mode, gateway_proxy.target = mode, target
+    began = time.monotonic()
+    message = refusal(settings, "testorg/iris")
+    assert time.monotonic() - began < 5, "cut off well before the 60 s per-read timeout, and not retried"
+    assert "the gateway's answer to " in message and expected in message, message
