@@ -378,3 +378,24 @@ def test_a_gateway_answer_too_big_or_too_slow_is_cut_off(
     message = refusal(settings, "testorg/iris")
     assert time.monotonic() - began < 5, "cut off well before the 60 s per-read timeout, and not retried"
     assert "the gateway's answer to " in message and expected in message, message
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("huge", "exceeds 65536 bytes"), ("trickle", "took longer than 1 s")])
+def test_publish_tool_cuts_off_a_gateway_answer_too_big_or_too_slow(
+    gateway_proxy: LyingGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, expected: str
+):
+    """Same stand-in as above (arlocal cannot misbehave), in front of the upload's first request."""
+    tool = publish_tool()
+    monkeypatch.setattr(tool, "REQUEST_DEADLINE_S", 1.0)
+    gateway_proxy.mode, gateway_proxy.target = mode, "/tx_anchor"
+    new_wallet(tmp_path / "wallet.json")
+    tags = tool.model_tags(EMBEDDED_MODEL, "tool/iris", "model.torch", "0.0.0")
+    began = time.monotonic()
+    try:
+        with pytest.raises(tool.PublishError) as caught:
+            tool.publish(gateway_proxy.url, tmp_path / "wallet.json", EMBEDDED_MODEL, tags, progress=False)
+    finally:
+        gateway_proxy.mode = None
+    assert time.monotonic() - began < 5
+    message = str(caught.value)
+    assert message.startswith(f"the gateway's answer to GET {gateway_proxy.url}/tx_anchor ") and expected in message

@@ -341,14 +341,14 @@ class Gateway:
         raise AssertionError("not reached")
 
     def _once(self, method: str, path: str, max_bytes: int, **kwargs: Any) -> Any:
-        deadline = time.monotonic() + REQUEST_DEADLINE_S
+        started = time.monotonic()
         try:
             with self.session.request(method, self.url + path, timeout=TIMEOUT, stream=True, **kwargs) as response:
                 if response.status_code in _RETRY_STATUS:
                     raise _Transient(f"HTTP {response.status_code}")
                 if response.status_code != 200:
                     raise GatewayError(f"gateway {self.url}: {method} {path}: HTTP {response.status_code}")
-                body = self._read(response, method, path, max_bytes, deadline)
+                body = read_bounded(response, f"{method} {self.url}{path}", max_bytes, started, REQUEST_DEADLINE_S)
         except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise _Transient("timed out") from None
         except (requests.ConnectionError, urllib3.exceptions.ProtocolError) as e:
@@ -360,27 +360,28 @@ class Gateway:
         except ValueError:
             raise GatewayError(f"gateway {self.url}: {method} {path}: the answer is not JSON") from None
 
-    def _read(self, response: requests.Response, method: str, path: str, max_bytes: int, deadline: float) -> bytes:
-        # Not retried: a gateway that sends too much or too slowly would do it again, ATTEMPTS times over.
-        body = bytearray()
-        # read1, not iter_content: urllib3's read(n) waits for all n bytes, so a trickle would never reach the check.
-        while block := response.raw.read1(READ_BLOCK_BYTES, decode_content=True):
-            body += block
-            if len(body) > max_bytes:
-                raise GatewayError(
-                    f"gateway {self.url}: the gateway's answer to {method} {path} exceeds {max_bytes} bytes"
-                )
-            if time.monotonic() > deadline:
-                raise GatewayError(
-                    f"gateway {self.url}: the gateway's answer to {method} {path} took longer than "
-                    f"{REQUEST_DEADLINE_S:g} s",
-                    unreachable=True,
-                )
-        return bytes(body)
-
 
 class _Transient(Exception):
     pass
+
+
+def read_bounded(response: requests.Response, what: str, max_bytes: int, started: float, deadline_s: float) -> bytes:
+    """The body of a ``stream=True`` response, read in blocks; GatewayError once it passes ``max_bytes`` or
+    ``deadline_s`` seconds after ``started`` (``time.monotonic()`` when the request was sent), checked between reads
+    (each read is bounded by the request's read timeout).
+
+    ``what`` names the request in the message ("GET https://gateway/tx/..."). urllib3 errors pass through. Not
+    retried by Gateway: a gateway that sends too much or too slowly would do it again, ATTEMPTS times over.
+    """
+    body = bytearray()
+    # read1, not iter_content: urllib3's read(n) waits for all n bytes, so a trickle would never reach the check.
+    while block := response.raw.read1(READ_BLOCK_BYTES, decode_content=True):
+        body += block
+        if len(body) > max_bytes:
+            raise GatewayError(f"the gateway's answer to {what} exceeds {max_bytes} bytes")
+        if time.monotonic() - started > deadline_s:
+            raise GatewayError(f"the gateway's answer to {what} took longer than {deadline_s:g} s", unreachable=True)
+    return bytes(body)
 
 
 def deep_hash(item: bytes | list) -> bytes:
