@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tqdm import tqdm
@@ -38,7 +39,9 @@ APP_VERSION = "0.1.0"
 DEFAULT_GATEWAY = "https://arweave.net"
 MAX_CHUNK = 256 * 1024
 MIN_CHUNK = 32 * 1024
-TIMEOUT = (10, 120)
+TIMEOUT = (10, 120)  # (connect, read) seconds; the read timeout is per socket read, hence the deadline
+REQUEST_DEADLINE_S = 300.0  # total per request, sending a chunk (256 KiB) included
+ANSWER_MAX_BYTES = 64 * 1024  # the gateway answers an anchor, a price, "OK" or an error line
 ATTEMPTS = 5
 
 
@@ -118,8 +121,8 @@ def publish(gateway: str, wallet: Path, path: Path, tags: list[tuple[str, str]],
     if size == 0:
         raise PublishError(f"{path} is empty")
     data_root, ranges, proofs = merkle(path)
-    last_tx = _call("GET", f"{gateway}/tx_anchor").text.strip()
-    reward = _call("GET", f"{gateway}/price/{size}").text.strip()
+    last_tx = _call("GET", f"{gateway}/tx_anchor").strip()
+    reward = _call("GET", f"{gateway}/price/{size}").strip()
     encoded = [(name.encode(), value.encode()) for name, value in tags]
     message = deep_hash(
         [b"2", b64url_decode(owner), b"", b"0", reward.encode(), b64url_decode(last_tx),
@@ -163,17 +166,24 @@ def publish(gateway: str, wallet: Path, path: Path, tags: list[tuple[str, str]],
     return tx_id
 
 
-def _call(method: str, url: str, **kwargs: Any) -> requests.Response:
+def _call(method: str, url: str, **kwargs: Any) -> str:
+    """The text of a 2xx answer, bounded by ANSWER_MAX_BYTES and REQUEST_DEADLINE_S; retried with backoff."""
     delay = 1.0
     for attempt in range(1, ATTEMPTS + 1):
+        started = time.monotonic()
         try:
-            response = requests.request(method, url, timeout=TIMEOUT, **kwargs)
-        except (requests.ConnectionError, requests.Timeout) as e:
+            with requests.request(method, url, timeout=TIMEOUT, stream=True, **kwargs) as response:
+                text = arweave.read_bounded(
+                    response, f"{method} {url}", ANSWER_MAX_BYTES, started, REQUEST_DEADLINE_S
+                ).decode("utf-8", "replace")
+        except arweave.GatewayError as e:
+            raise PublishError(str(e)) from None
+        except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as e:
             problem = f"{type(e).__name__}"
         else:
             if 200 <= response.status_code < 300:
-                return response
-            problem = f"HTTP {response.status_code}: {response.text[:200]}"
+                return text
+            problem = f"HTTP {response.status_code}: {text[:200]}"
             if response.status_code < 500 and response.status_code != 429:
                 break
         if attempt < ATTEMPTS:

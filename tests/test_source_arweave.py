@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def uploads(arlocal: Arlocal, tmp_path_factory: pytest.TempPathFactory) -> Uploa
 
 @pytest.fixture
 def settings(tmp_path: Path, gateway_proxy: LyingGateway, uploads: Uploads) -> TorchSettings:
-    gateway_proxy.mode = None
+    gateway_proxy.mode, gateway_proxy.target = None, "/chunk/"
     return TorchSettings(
         use_arweave=True,
         allowed_arweave_owners=(uploads.good,),
@@ -350,3 +351,51 @@ def test_a_file_over_max_bytes_is_refused_by_its_signed_size(settings: TorchSett
     assert caught.value.size_bytes == len(IRIS)
     assert gateway_proxy.count("/chunk/") == chunks
     assert_nothing_unverified(settings.model_cache_dir)
+
+
+# arlocal answers promptly and in bounded sizes; the proxy's "huge" and "trickle" modes stand in for a gateway that
+# does not. requests' own timeout is per socket read (60 s), so only a total deadline stops a trickle.
+@pytest.mark.parametrize(
+    ("mode", "target", "expected"),
+    [
+        ("huge", "/chunk/", "exceeds 1048576 bytes"),
+        ("huge", "/graphql", "exceeds 4194304 bytes"),
+        ("trickle", "/chunk/", "took longer than 1 s"),
+        ("trickle", "/tx/", "took longer than 1 s"),
+    ],
+)
+def test_a_gateway_answer_too_big_or_too_slow_is_cut_off(
+    settings: TorchSettings,
+    gateway_proxy: LyingGateway,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    target: str,
+    expected: str,
+):
+    monkeypatch.setattr(arweave, "REQUEST_DEADLINE_S", 1.0)
+    gateway_proxy.mode, gateway_proxy.target = mode, target
+    began = time.monotonic()
+    message = refusal(settings, "testorg/iris")
+    assert time.monotonic() - began < 5, "cut off well before the 60 s per-read timeout, and not retried"
+    assert "the gateway's answer to " in message and expected in message, message
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("huge", "exceeds 65536 bytes"), ("trickle", "took longer than 1 s")])
+def test_publish_tool_cuts_off_a_gateway_answer_too_big_or_too_slow(
+    gateway_proxy: LyingGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, expected: str
+):
+    """Same stand-in as above (arlocal cannot misbehave), in front of the upload's first request."""
+    tool = publish_tool()
+    monkeypatch.setattr(tool, "REQUEST_DEADLINE_S", 1.0)
+    gateway_proxy.mode, gateway_proxy.target = mode, "/tx_anchor"
+    new_wallet(tmp_path / "wallet.json")
+    tags = tool.model_tags(EMBEDDED_MODEL, "tool/iris", "model.torch", "0.0.0")
+    began = time.monotonic()
+    try:
+        with pytest.raises(tool.PublishError) as caught:
+            tool.publish(gateway_proxy.url, tmp_path / "wallet.json", EMBEDDED_MODEL, tags, progress=False)
+    finally:
+        gateway_proxy.mode = None
+    assert time.monotonic() - began < 5
+    message = str(caught.value)
+    assert message.startswith(f"the gateway's answer to GET {gateway_proxy.url}/tx_anchor ") and expected in message

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -38,7 +39,15 @@ log = logging.getLogger("workflows.sources.arweave")
 
 SOURCE = "arweave"
 APP_NAME = "Ritual"
-TIMEOUT = (10, 60)  # (connect, read) seconds, on every request
+TIMEOUT = (10, 60)  # (connect, read) seconds, on every request: requests' read timeout is per socket read
+# A total deadline per request, checked between reads: a gateway trickling a byte per read would pass TIMEOUT for ever.
+REQUEST_DEADLINE_S = 120.0
+READ_BLOCK_BYTES = 64 * 1024
+# Byte caps on a gateway's answer, read as it streams in (the gateway is not trusted to send a sane Content-Length).
+# JSON answers (GraphQL listing of at most 200 transactions, a v2 header without data, /offset): a few hundred KiB.
+JSON_MAX_BYTES = 4 * 1024 * 1024
+# A /chunk answer: at most 256 KiB of data (Arweave's chunk size bound), base64url (~342 KiB), plus its Merkle proofs.
+CHUNK_MAX_BYTES = 1024 * 1024
 ATTEMPTS = 5
 BACKOFF_S = 0.5  # doubled after each failed attempt, capped at BACKOFF_MAX_S
 BACKOFF_MAX_S = 8.0
@@ -288,7 +297,7 @@ def walk_chunks(gateway: Gateway, tx_id: str, size: int, out: Path, filename: st
         ) as bar,
     ):
         while done < size:
-            answer = gateway.json("GET", f"/chunk/{start + done}")
+            answer = gateway.json("GET", f"/chunk/{start + done}", max_bytes=CHUNK_MAX_BYTES)
             try:
                 chunk = b64url_decode(answer["chunk"])
             except (KeyError, TypeError, ValueError):
@@ -306,17 +315,21 @@ def walk_chunks(gateway: Gateway, tx_id: str, size: int, out: Path, filename: st
 
 
 class Gateway:
-    """JSON over HTTP with a timeout on every request and retries with backoff for transient failures."""
+    """JSON over HTTP with retries with backoff for transient failures; every answer is bounded in bytes
+    (``max_bytes``, default JSON_MAX_BYTES) and every request in total time (REQUEST_DEADLINE_S).
+
+    Raises GatewayError (``unreachable`` for connection failures, timeouts and a request past its deadline).
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.session = requests.Session()
 
-    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+    def json(self, method: str, path: str, max_bytes: int = JSON_MAX_BYTES, **kwargs: Any) -> Any:
         delay = BACKOFF_S
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                return self._once(method, path, **kwargs)
+                return self._once(method, path, max_bytes, **kwargs)
             except _Transient as e:
                 if attempt == ATTEMPTS:
                     raise GatewayError(
@@ -327,27 +340,48 @@ class Gateway:
                 delay = min(delay * 2, BACKOFF_MAX_S)
         raise AssertionError("not reached")
 
-    def _once(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _once(self, method: str, path: str, max_bytes: int, **kwargs: Any) -> Any:
+        started = time.monotonic()
         try:
-            response = self.session.request(method, self.url + path, timeout=TIMEOUT, **kwargs)
-        except requests.Timeout:
+            with self.session.request(method, self.url + path, timeout=TIMEOUT, stream=True, **kwargs) as response:
+                if response.status_code in _RETRY_STATUS:
+                    raise _Transient(f"HTTP {response.status_code}")
+                if response.status_code != 200:
+                    raise GatewayError(f"gateway {self.url}: {method} {path}: HTTP {response.status_code}")
+                body = read_bounded(response, f"{method} {self.url}{path}", max_bytes, started, REQUEST_DEADLINE_S)
+        except (requests.Timeout, urllib3.exceptions.TimeoutError):
             raise _Transient("timed out") from None
-        except requests.ConnectionError as e:
+        except (requests.ConnectionError, urllib3.exceptions.ProtocolError) as e:
             raise _Transient(f"cannot connect ({type(e).__name__})") from None
-        except requests.RequestException as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
             raise GatewayError(f"gateway {self.url}: {method} {path}: {type(e).__name__}") from None
-        if response.status_code in _RETRY_STATUS:
-            raise _Transient(f"HTTP {response.status_code}")
-        if response.status_code != 200:
-            raise GatewayError(f"gateway {self.url}: {method} {path}: HTTP {response.status_code}")
         try:
-            return response.json()
+            return json.loads(body)
         except ValueError:
             raise GatewayError(f"gateway {self.url}: {method} {path}: the answer is not JSON") from None
 
 
 class _Transient(Exception):
     pass
+
+
+def read_bounded(response: requests.Response, what: str, max_bytes: int, started: float, deadline_s: float) -> bytes:
+    """The body of a ``stream=True`` response, read in blocks; GatewayError once it passes ``max_bytes`` or
+    ``deadline_s`` seconds after ``started`` (``time.monotonic()`` when the request was sent), checked between reads
+    (each read is bounded by the request's read timeout).
+
+    ``what`` names the request in the message ("GET https://gateway/tx/..."). urllib3 errors pass through. Not
+    retried by Gateway: a gateway that sends too much or too slowly would do it again, ATTEMPTS times over.
+    """
+    body = bytearray()
+    # read1, not iter_content: urllib3's read(n) waits for all n bytes, so a trickle would never reach the check.
+    while block := response.raw.read1(READ_BLOCK_BYTES, decode_content=True):
+        body += block
+        if len(body) > max_bytes:
+            raise GatewayError(f"the gateway's answer to {what} exceeds {max_bytes} bytes")
+        if time.monotonic() - started > deadline_s:
+            raise GatewayError(f"the gateway's answer to {what} took longer than {deadline_s:g} s", unreachable=True)
+    return bytes(body)
 
 
 def deep_hash(item: bytes | list) -> bytes:
