@@ -238,3 +238,43 @@ def _refusal(error: Exception, token: str | None, offline: bool, endpoint: str) 
             return FetchError(f"access denied by the Hub (HTTP 403; {have_token})", 403)
         return FetchError(f"the Hub answered HTTP {status}")
     return FetchError(f"{type(error).__name__}: {first_line(error)}")  # first_line masks the token
+
+
+def check_published_revision(repo_id: str, revision: str, token: str | None, model_id: str) -> None:
+    """Refuse a ``revision`` of ``repo_id`` that is not a branch, a tag, or the commit a branch or tag points at.
+
+    On a runner loader thread, before any download, for a per-request id whose version no ALLOWED_MODELS pattern
+    spells out: anyone can open a pull request on a public repository, and its commits (reachable only from
+    ``refs/pr/N``) are then served by sha; this keeps "every version" to what the repository's owners published.
+    One ``GET /api/models/{repo_id}/refs`` without pull requests (``huggingface_hub.list_repo_refs``), at the
+    endpoint ``fetch`` uses. Raises FetchError: 403 not published (the message names the pattern that allows it),
+    404/403 the Hub's refusals as ``fetch`` maps them, 502 the Hub cannot be asked (HF_HUB_OFFLINE, unreachable):
+    refused rather than allowed, since nothing else can tell a pull request's commit from a published one.
+    """
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    endpoint = env_value(os.environ, "HF_ENDPOINT").rstrip("/") or None
+    hub = endpoint or constants.ENDPOINT
+    fix = f"add {model_id.partition(':')[0]} (the version written out) to ALLOWED_MODELS to allow it"
+    if constants.is_offline_mode() or boolean(os.environ, "HF_HUB_OFFLINE", False):
+        raise FetchError(f"HF_HUB_OFFLINE is set: cannot check that version {revision} is published; {fix}")
+    try:
+        refs = huggingface_hub.HfApi(endpoint=endpoint).list_repo_refs(
+            repo_id, include_pull_requests=False, token=token
+        )
+    except (errors.HfHubHTTPError, errors.HFValidationError) as e:
+        raise _refusal(e, token, False, hub) from None
+    except Exception as e:  # no HTTP answer (refused connection, DNS, proxy) or not the Hub's JSON
+        raise FetchError(
+            f"the Hub at {hub} cannot be asked whether version {revision} is published "
+            f"({type(e).__name__}: {first_line(e)}); {fix}"
+        ) from None
+    published = {ref.name for ref in (*refs.branches, *refs.tags)}
+    published |= {ref.target_commit for ref in (*refs.branches, *refs.tags)}
+    if revision not in published:
+        raise FetchError(
+            f"version {revision} is not a branch, a tag or the commit of one (a pull request's commit?); "
+            f"ALLOWED_MODELS allows every published version only: {fix}",
+            403,
+        )
