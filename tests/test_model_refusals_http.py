@@ -238,6 +238,8 @@ def test_an_unreachable_hub_is_a_502_that_keeps_its_address_from_the_client(tmp_
     env = {"HF_ENDPOINT": hub, "ALLOWED_MODELS": json.dumps(["huggingface/org/*"])}
     with serving(env, tmp_path) as running:
         response = running.post(v2_request("huggingface/org/lin:model.torch"))
+        # S7: a version no pattern spells out cannot be checked against the Hub's branches and tags: refused.
+        versioned = running.post(v2_request("huggingface/org/lin/v1:model.torch"))
         log = running.log()
     assert response.status_code == 502, response.text
     description = response.json()["description"]
@@ -245,6 +247,11 @@ def test_an_unreachable_hub_is_a_502_that_keeps_its_address_from_the_client(tmp_
     assert "the Hub at (its address) cannot be reached" in description
     assert "127.0.0.1" not in response.text
     assert hub in log
+    assert versioned.status_code == 502, versioned.text
+    description = versioned.json()["description"]
+    assert "cannot be asked whether version v1 is published" in description
+    assert "add huggingface/org/lin/v1 (the version written out) to ALLOWED_MODELS" in description
+    assert "127.0.0.1" not in versioned.text
 
 
 def test_a_model_over_max_loaded_model_bytes_is_refused_before_its_download(server: Server, refusals_hub: Hub):
