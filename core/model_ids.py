@@ -297,7 +297,9 @@ def allowed(model_id: ModelId, patterns: tuple[str, ...] | list[str]) -> bool:
       out (``huggingface``, ``arweave``; no ``*``);
     * in owner, repo, version and file, ``*`` matches any run of characters inside that one segment, never a ``/``
       or ``:``; no other character is special (no ``?``, no ``[...]``, no ``**``);
-    * a pattern without a version allows every version and ids without one; a pattern without ``:file`` allows
+    * a pattern without a version allows every version and ids without one (on the Hugging Face Hub, a version
+      that is not spelled out must also be a branch, a tag or a commit one of them points at: see
+      :func:`version_spelled_out`); a pattern without ``:file`` allows
       every file and ids without one; a pattern with a version (even ``*``) or a file allows only ids that name a
       matching one (``*`` in a file pattern does not cross the ``/`` of a sub-folder);
     * matching is case-sensitive: Arweave addresses are, and a Hugging Face name spelt differently is refused
@@ -307,6 +309,24 @@ def allowed(model_id: ModelId, patterns: tuple[str, ...] | list[str]) -> bool:
     """
     text = str(model_id)
     return any(_compile_pattern(p).fullmatch(text) for p in patterns)
+
+
+def version_spelled_out(model_id: ModelId, patterns: tuple[str, ...] | list[str]) -> bool:
+    """Whether a pattern that allows ``model_id`` writes its version out in full (no ``*`` in the version segment).
+
+    Only then did the operator choose that version. A pattern without a version (or with ``*`` in it) allows "every
+    version", and on the Hugging Face Hub anyone can push a commit to a public repository's ``refs/pr/N``: such an
+    id is checked against the repository's branches and tags before download (workflows/per_request.py). An id
+    without a version -> False (it names the default branch, which needs no check). Patterns as in :func:`allowed`.
+    """
+    if model_id.version is None:
+        return False
+    text = str(model_id)
+    for pattern in patterns:
+        parts = pattern.partition(":")[0].split("/")
+        if len(parts) == 4 and "*" not in parts[3] and _compile_pattern(pattern).fullmatch(text):
+            return True
+    return False
 
 
 _PATTERN_CACHE: dict[str, re.Pattern[str]] = {}

@@ -10,6 +10,8 @@ talks to it over real TCP:
 * Errors carry ``X-Error-Code`` like the Hub's: ``RepoNotFound`` (401, also for a private repo without a valid
   token), ``GatedRepo`` (403), ``RevisionNotFound`` and ``EntryNotFound`` (404). An unknown token gets 401
   "Invalid credentials in Authorization header".
+* ``GET /api/models/{org}/{name}/refs``: the repository's branches and tags (``pullRequests`` only with
+  ``include_prs=1``), as ``huggingface_hub.list_repo_refs`` reads them.
 * Every request is recorded (method, path, whether a token came with it), so tests can count downloads.
 
 What it is not: it re-implements the Hub's answers from what the client reads, so it cannot show that the real
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import subprocess
 import threading
 import time
@@ -113,6 +116,8 @@ def _handler(hub: Hub, cdn: bool) -> type[BaseHTTPRequestHandler]:
             if cdn:
                 return self._cdn(path, body)
             parts = [unquote(p) for p in path.strip("/").split("/")]
+            if len(parts) == 5 and parts[:2] == ["api", "models"] and parts[4] == "refs":
+                return self._refs(f"{parts[2]}/{parts[3]}", token, "include_prs=1" in urlsplit(self.path).query, body)
             if len(parts) < 5 or parts[2] != "resolve":
                 return self._answer(404, {"X-Error-Message": "not found"}, b"", body)
             repo_id, revision, filename = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
@@ -152,6 +157,27 @@ def _handler(hub: Hub, cdn: bool) -> type[BaseHTTPRequestHandler]:
                 return self._answer(302, headers, b"", body)
             self._answer(200, headers, data, body)
 
+        def _refs(self, repo_id: str, token: str | None, include_prs: bool, body: bool) -> None:
+            """``GET /api/models/{repo}/refs``: branches and tags (and ``refs/pr/N`` only with ``include_prs=1``)."""
+            if token is not None and token not in hub.tokens:
+                return self._answer(401, {"X-Error-Message": "Invalid credentials in Authorization header"}, b"", body)
+            repo = hub.repos.get(repo_id)
+            if repo is None or (repo.visibility == "private" and token is None):
+                return self._error(401, "RepoNotFound", "Repository not found", body)
+            listed = _git(repo.git_dir, "for-each-ref", "--format=%(refname) %(objectname) %(*objectname)")
+            answer: dict[str, list[dict[str, str]]] = {"branches": [], "converts": [], "tags": []}
+            if include_prs:
+                answer["pullRequests"] = []
+            for line in listed.stdout.decode().splitlines():
+                ref, target, peeled = [*line.split(" "), ""][:3]
+                kind = {"refs/heads/": "branches", "refs/tags/": "tags", "refs/pr/": "pullRequests"}
+                for prefix, key in kind.items():
+                    if ref.startswith(prefix) and key in answer:
+                        name = ref.removeprefix("refs/" if key == "pullRequests" else prefix)
+                        answer[key].append({"name": name, "ref": ref, "targetCommit": peeled or target})
+            data = json.dumps(answer).encode()
+            self._answer(200, {"Content-Type": "application/json"}, data, body)
+
         def _cdn(self, path: str, body: bool) -> None:
             parts = path.strip("/").split("/")
             with hub._lock:
@@ -185,8 +211,16 @@ def _handler(hub: Hub, cdn: bool) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def make_repo(work_tree: Path, commits: list[dict[str, bytes]], tags: dict[str, int] | None = None) -> Path:
-    """A git repository with one commit per dict of {path: content}; ``tags`` names commits by index. Its git dir."""
+def make_repo(
+    work_tree: Path,
+    commits: list[dict[str, bytes]],
+    tags: dict[str, int] | None = None,
+    pull_request: dict[str, bytes] | None = None,
+) -> Path:
+    """A git repository with one commit per dict of {path: content}; ``tags`` names commits by index. Its git dir.
+
+    ``pull_request``: one more commit on top of the last, reachable only from ``refs/pr/1`` (as a Hub pull request
+    is: anyone may open one on a public repository); ``main`` stays at the last of ``commits``."""
     work_tree.mkdir(parents=True, exist_ok=True)
     env_args = ["-c", "user.name=test", "-c", "user.email=test@127.0.0.1", "-c", "commit.gpgsign=false"]
 
@@ -203,6 +237,16 @@ def make_repo(work_tree: Path, commits: list[dict[str, bytes]], tags: dict[str, 
         for tag, at in (tags or {}).items():
             if at == index:
                 git("tag", tag)
+    if pull_request:
+        git("checkout", "-q", "-b", "pr-work")
+        for name, content in pull_request.items():
+            (work_tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (work_tree / name).write_bytes(content)
+        git("add", "-A")
+        git("commit", "-q", "-m", "pull request 1")
+        git("update-ref", "refs/pr/1", "HEAD")
+        git("checkout", "-q", "main")
+        git("branch", "-q", "-D", "pr-work")
     return work_tree / ".git"
 
 

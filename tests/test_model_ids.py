@@ -20,6 +20,7 @@ from core.model_ids import (
     model_id_from_v1_chain,
     parse_allowed_models,
     parse_model_id,
+    version_spelled_out,
 )
 
 OWNER = "Aq3wNNz6cI2tH1lXoHc1OYmoJ_pyDQDbN3r5_dUsmq8"  # 43 characters, an Arweave wallet address's form
@@ -321,6 +322,23 @@ def test_setting_bounds_the_pattern_count():
 def test_allowed(pattern, model_id, expected):
     assert parse_allowed_models(pattern) == (pattern,)
     assert allowed(parse_model_id(model_id), (pattern,)) is expected
+
+
+@pytest.mark.parametrize(
+    ("patterns", "model_id", "expected"),
+    [
+        (["huggingface/Org/repo"], "huggingface/Org/repo/abc:m.torch", False),  # "every version": checked
+        (["huggingface/Org/repo/*"], "huggingface/Org/repo/abc:m.torch", False),
+        (["huggingface/Org/repo/ab*"], "huggingface/Org/repo/abc:m.torch", False),
+        (["huggingface/Org/repo/abc"], "huggingface/Org/repo/abc:m.torch", True),  # the operator chose it
+        (["huggingface/Org/*/abc:m.torch"], "huggingface/Org/repo/abc:m.torch", True),
+        (["huggingface/Org/repo", "huggingface/Org/other/abc"], "huggingface/Org/repo/abc", False),  # not its repo
+        (["huggingface/Org/repo/abc:n.torch"], "huggingface/Org/repo/abc:m.torch", False),  # does not allow it
+        (["huggingface/Org/repo"], "huggingface/Org/repo:m.torch", False),  # no version: nothing to spell out
+    ],
+)
+def test_version_spelled_out(patterns, model_id, expected):
+    assert version_spelled_out(parse_model_id(model_id), patterns) is expected
 
 
 def test_nothing_is_allowed_by_default_and_any_pattern_suffices():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def refusals_hub(files: dict[str, bytes], tmp_path_factory: pytest.TempPathFacto
         ),
         "org/lin": Repo(make_repo(root / "lin", [{"model.torch": files["other"], "same.torch": files["same"]}])),
         "org/big": Repo(make_repo(root / "big", [{"big.torch": b"\x80" + bytes(BIG_BYTES)}])),
+        # Published: tag v1 and main (a README change later) hold ``same``; a pull request (refs/pr/1, which anyone
+        # may open on a public repo) replaces it with ``other``. org/pr-chosen is the same, its PR sha allowed.
+        **{
+            f"org/{name}": Repo(
+                make_repo(
+                    root / name,
+                    [{"model.torch": files["same"]}, {"README.md": b"v2\n"}],
+                    {"v1": 0},
+                    pull_request={"model.torch": files["other"]},
+                )
+            )
+            for name in ("pr", "pr-chosen")
+        },
     }
     server = Hub(repos, frozenset({TOKEN})).start()
     try:
@@ -82,11 +96,21 @@ def server(refusals_hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Itera
     env = {
         "HF_ENDPOINT": refusals_hub.url,
         "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_name": "dflt/lin"}),
-        "ALLOWED_MODELS": json.dumps(["huggingface/org/*"]),  # not the default's org
+        # Not the default's org; org/pr-chosen's pull request commit spelled out: the operator chose it.
+        "ALLOWED_MODELS": json.dumps(["huggingface/org/*", f"huggingface/org/pr-chosen/{pr_commit(refusals_hub)}"]),
         "MAX_LOADED_MODEL_BYTES": str(MAX_BYTES),
     }
     with serving(env, tmp) as running:
         yield running
+
+
+def pr_commit(hub: Hub, repo: str = "org/pr-chosen", ref: str = "refs/pr/1") -> str:
+    git_dir = hub.repos[repo].git_dir
+    return (
+        subprocess.run(["git", "-C", str(git_dir), "rev-parse", ref], check=True, capture_output=True)
+        .stdout.decode()
+        .strip()
+    )
 
 
 def v2_request(model_id: str) -> dict:
@@ -214,6 +238,8 @@ def test_an_unreachable_hub_is_a_502_that_keeps_its_address_from_the_client(tmp_
     env = {"HF_ENDPOINT": hub, "ALLOWED_MODELS": json.dumps(["huggingface/org/*"])}
     with serving(env, tmp_path) as running:
         response = running.post(v2_request("huggingface/org/lin:model.torch"))
+        # S7: a version no pattern spells out cannot be checked against the Hub's branches and tags: refused.
+        versioned = running.post(v2_request("huggingface/org/lin/v1:model.torch"))
         log = running.log()
     assert response.status_code == 502, response.text
     description = response.json()["description"]
@@ -221,6 +247,11 @@ def test_an_unreachable_hub_is_a_502_that_keeps_its_address_from_the_client(tmp_
     assert "the Hub at (its address) cannot be reached" in description
     assert "127.0.0.1" not in response.text
     assert hub in log
+    assert versioned.status_code == 502, versioned.text
+    description = versioned.json()["description"]
+    assert "cannot be asked whether version v1 is published" in description
+    assert "add huggingface/org/lin/v1 (the version written out) to ALLOWED_MODELS" in description
+    assert "127.0.0.1" not in versioned.text
 
 
 def test_a_model_over_max_loaded_model_bytes_is_refused_before_its_download(server: Server, refusals_hub: Hub):
@@ -271,3 +302,24 @@ def test_embedded_model_named_by_its_id_is_served_in_every_layout(iris_server: S
     other = {"model_source": 0, "load_args": {"repo_id": "local/other", "filename": "model.torch"}}
     response = iris_server.post({"source": 1, "data": {**other, "input": {"dtype": "float", "values": [ROW]}}})
     assert response.status_code == 400 and "cannot name a file on the server" in response.json()["description"]
+
+
+def test_every_version_means_published_versions_not_a_pull_requests_commit(server: Server, refusals_hub: Hub):
+    # S7: "huggingface/org/*" allowed every sha of org/pr, including a commit only its refs/pr/1 reaches: anyone
+    # may open a pull request on a public repo, so anyone could have their weights served.
+    pr_sha = pr_commit(refusals_hub, "org/pr")
+    response = server.post(v2_request(f"huggingface/org/pr/{pr_sha}:model.torch"))
+    assert response.status_code == 403, response.text
+    description = response.json()["description"]
+    assert f"version {pr_sha} is not a branch, a tag or the commit of one" in description
+    assert f"add huggingface/org/pr/{pr_sha} (the version written out) to ALLOWED_MODELS" in description
+    assert refusals_hub.url not in description
+    # Published versions stay allowed: a tag, a branch, the commit a branch points at (and no version at all).
+    for version in ("/v1", "/main", "/" + pr_commit(refusals_hub, "org/pr", "refs/heads/main"), ""):
+        response = server.post(v2_request(f"huggingface/org/pr{version}:model.torch"))
+        assert response.status_code == 200, (version, response.text)
+        assert response.json()["values"] == ROW, version
+    # A pattern that spells the pull request's commit out: the operator chose it.
+    response = server.post(v2_request(f"huggingface/org/pr-chosen/{pr_commit(refusals_hub)}:model.torch"))
+    assert response.status_code == 200, response.text
+    assert response.json()["values"] == pytest.approx(Affine(4, 2)(torch.tensor([ROW])).tolist()[0])

@@ -5,8 +5,10 @@ already loaded keep serving. The model comes from the same sources, cache and ve
 (workflows/sources), and its workflow is the default's class and keyword arguments with the model replaced: the
 built-in torch workflow, or the ONNX workflow when the file is an ONNX model. Every failure is a ``ServiceError``
 whose status the client sees (never 500): 404 not found, 403 refused (a pickle from an untrusted source, no
-access), 413 too large for MAX_LOADED_MODEL_BYTES, 422 a file that does not load as a model, 502 a source that
-cannot be reached or a file that fails verification.
+access, a Hugging Face version that is neither a branch nor a tag nor the commit of one while no ALLOWED_MODELS
+pattern spells it out), 413 too large for MAX_LOADED_MODEL_BYTES, 422 a file that does not load as a model,
+502 a source that cannot be reached (also when the Hub cannot be asked whether such a version is published) or a
+file that fails verification.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ServiceError, StartupError, first_line
-from core.model_ids import parse_model_id
+from core.model_ids import parse_model_id, version_spelled_out
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows import progress, sources
 from workflows.sources import ModelSpec
@@ -68,6 +70,15 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         revision=model.version,
         owners=(model.owner,) if model.source == "arweave" else (),
     )
+    if model.source == "huggingface" and model.version and not version_spelled_out(model, settings.allowed_models):
+        from workflows.sources import huggingface
+
+        try:  # a pattern's "every version" means the published ones, not a pull request's commits
+            huggingface.check_published_revision(model.repo_id, model.version, torch_settings.hf_token, model_id)
+        except StartupError as e:
+            status = getattr(e, "status", 502)
+            log.log(logging.INFO if status < 500 else logging.WARNING, "model %s: %s", model_id, first_line(e))
+            raise ModelLoadError(status, f"model {model_id}: {_without_addresses(first_line(e))}") from None
     with progress.stage(
         "download", client_chosen=True, model_id=model_id, source=spec.source, file=spec.filename
     ) as fetched:

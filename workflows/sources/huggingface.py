@@ -238,3 +238,50 @@ def _refusal(error: Exception, token: str | None, offline: bool, endpoint: str) 
             return FetchError(f"access denied by the Hub (HTTP 403; {have_token})", 403)
         return FetchError(f"the Hub answered HTTP {status}")
     return FetchError(f"{type(error).__name__}: {first_line(error)}")  # first_line masks the token
+
+
+def check_published_revision(repo_id: str, revision: str, token: str | None, model_id: str) -> None:
+    """Refuse a ``revision`` of ``repo_id`` that is not a branch, a tag, or the commit a branch or tag points at.
+
+    On a runner loader thread, before any download, for a per-request id whose version no ALLOWED_MODELS pattern
+    spells out: anyone can open a pull request on a public repository, and its commits (reachable only from
+    ``refs/pr/N``) are then served by sha; this keeps "every version" to what the repository's owners published.
+    One ``GET /api/models/{repo_id}/refs`` without pull requests (what ``HfApi.list_repo_refs`` asks), at the
+    endpoint ``fetch`` uses, within ``HF_HUB_ETAG_TIMEOUT`` seconds (10 by default). Raises FetchError: 403 not
+    published (the message names the pattern that allows it), 404/403 the Hub's refusals as ``fetch`` maps them,
+    502 the Hub cannot be asked (HF_HUB_OFFLINE, unreachable): refused rather than allowed, since nothing else can
+    tell a pull request's commit from a published one.
+    """
+    from huggingface_hub import constants, errors, get_session
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, validate_repo_id
+
+    hub = env_value(os.environ, "HF_ENDPOINT").rstrip("/") or constants.ENDPOINT
+    fix = f"add {model_id.partition(':')[0]} (the version written out) to ALLOWED_MODELS to allow it"
+    if constants.is_offline_mode() or boolean(os.environ, "HF_HUB_OFFLINE", False):
+        raise FetchError(f"HF_HUB_OFFLINE is set: cannot check that version {revision} is published; {fix}")
+    try:
+        # HfApi.list_repo_refs's request, with a time limit (the library's session has none): the same URL, the
+        # library's headers (token, user agent) and its error mapping.
+        validate_repo_id(repo_id)
+        response = get_session().get(
+            f"{hub}/api/models/{repo_id}/refs",
+            headers=build_hf_headers(token=token),
+            timeout=constants.HF_HUB_ETAG_TIMEOUT,
+        )
+        hf_raise_for_status(response)
+        refs = response.json()
+        listed = [*refs["branches"], *refs["tags"]]
+        published = {ref["name"] for ref in listed} | {ref["targetCommit"] for ref in listed}
+    except (errors.HfHubHTTPError, errors.HFValidationError) as e:
+        raise _refusal(e, token, False, hub) from None
+    except Exception as e:  # no HTTP answer (refused connection, timeout, DNS, proxy) or not the Hub's JSON
+        raise FetchError(
+            f"the Hub at {hub} cannot be asked whether version {revision} is published "
+            f"({type(e).__name__}: {first_line(e)}); {fix}"
+        ) from None
+    if revision not in published:
+        raise FetchError(
+            f"version {revision} is not a branch, a tag or the commit of one (a pull request's commit?); "
+            f"ALLOWED_MODELS allows every published version only: {fix}",
+            403,
+        )
