@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from eth_abi import encode
 
@@ -191,6 +192,11 @@ def post_data(server: Server, data: object, **body: object) -> dict:
     return response.json()
 
 
+def post_model(server: Server, model_id: str, tensor: dict) -> requests.Response:
+    """POST one OFFCHAIN request naming ``model_id`` with ``tensor`` as its input; the response, whatever its status."""
+    return server.post({"source": 1, "data": {"model_id": model_id, "input": tensor}})
+
+
 def iris_class(values: list) -> int:
     flat = values[0] if isinstance(values[0], list) else values
     return max(range(3), key=flat.__getitem__)
@@ -316,14 +322,8 @@ def test_pickled_hub_model_refused(server: Server):
 
 def test_pickled_export_hub_model_refused_without_running_its_code(server: Server):
     """Explorer S1: a .pt2 whose weight is stored pickled ran its uploader's code in the server and answered 200."""
-    response = server.post(
-        {
-            "source": 1,
-            "data": {
-                "model_id": "huggingface/models/pickled-export:model.pt2",
-                "input": {"dtype": 1, "shape": [2, 2], "values": [1, 1, 2, 2]},
-            },
-        }
+    response = post_model(
+        server, "huggingface/models/pickled-export:model.pt2", {"dtype": 1, "shape": [2, 2], "values": [1, 1, 2, 2]}
     )
     assert response.status_code == 403, response.text
     body = response.json()
@@ -334,14 +334,8 @@ def test_pickled_export_hub_model_refused_without_running_its_code(server: Serve
 
 def test_export_hub_model_without_pickles_answers(server: Server):
     """The .pt2 check refuses only pickled entries: the same archive as written by torch.export.save is served."""
-    response = server.post(
-        {
-            "source": 1,
-            "data": {
-                "model_id": "huggingface/models/export:model.pt2",
-                "input": {"dtype": 1, "shape": [2, 2], "values": [1, 1, 2, 2]},
-            },
-        }
+    response = post_model(
+        server, "huggingface/models/export:model.pt2", {"dtype": 1, "shape": [2, 2], "values": [1, 1, 2, 2]}
     )
     assert response.status_code == 200, response.text
     assert response.json()["values"] == [2.0, 3.0, 4.0, 6.0]
