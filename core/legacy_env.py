@@ -180,7 +180,7 @@ def _v2_model(env: Mapping[str, str], out: MutableMapping[str, str], mapped: lis
     if model_id.source == "local":
         # 2.0 read a local id from its cache folder, laid out storage/owner/name/version ("default" without one).
         folder = Path(cache or V2_DEFAULT_CACHE) / "local" / model_id.owner / model_id.repo
-        filename = model_id.filename or (env.get("TORCH_MODEL_FILE_NAME", "").strip() or "model.torch")
+        filename = model_id.filename or (_value(env, "TORCH_MODEL_FILE_NAME") or "model.torch")
         model: dict[str, Any] = {"model_path": str(folder / (model_id.version or "default") / filename)}
     else:
         model = _model_kwargs(model_id)
@@ -209,7 +209,7 @@ def _set_model(env: Mapping[str, str], out: MutableMapping[str, str], legacy: st
     the other legacy form, unless it is the same one, and a workflow class that is not the built-in torch one."""
     from core.settings import BUILTIN_TORCH_WORKFLOW, LEGACY_CLASS_PATHS, json_value
 
-    class_path = env.get("CLASSIC_INF_WORKFLOW_CLASS", "").strip() or BUILTIN_TORCH_WORKFLOW
+    class_path = _value(env, "CLASSIC_INF_WORKFLOW_CLASS") or BUILTIN_TORCH_WORKFLOW
     if LEGACY_CLASS_PATHS.get(class_path, class_path) != BUILTIN_TORCH_WORKFLOW:
         raise StartupError(
             f"{legacy} names a model of the built-in torch workflow, but CLASSIC_INF_WORKFLOW_CLASS is {class_path}; "
@@ -253,5 +253,6 @@ def _json_string(raw: str) -> str:
 
 
 def _value(env: Mapping[str, str], name: str) -> str | None:
-    raw = env.get(name, "").strip()
-    return raw or None
+    from core.settings import env_value  # the one reader of a variable; imported late: core.settings imports this
+
+    return env_value(env, name) or None
