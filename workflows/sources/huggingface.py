@@ -259,7 +259,7 @@ def _refusal(error: Exception, token: str | None, offline: bool, endpoint: str) 
 def check_published_revision(repo_id: str, revision: str, token: str | None, model_id: str) -> None:
     """Refuse a ``revision`` of ``repo_id`` that is not a branch, a tag, or the commit a branch or tag points at.
 
-    On a runner loader thread, before any download, for a per-request id whose version no ALLOWED_MODELS pattern
+    On a runner download thread, before any download, for a per-request id whose version no ALLOWED_MODELS pattern
     spells out: anyone can open a pull request on a public repository, and its commits (reachable only from
     ``refs/pr/N``) are then served by sha; this keeps "every version" to what the repository's owners published.
     One ``GET /api/models/{repo_id}/refs`` without pull requests (what ``HfApi.list_repo_refs`` asks), at the
