@@ -7,7 +7,8 @@ on one of DOWNLOAD_THREADS download threads, the load on one of LOADER_THREADS l
 thread, so other models keep serving): slow downloads never hold up a model whose file is on disk. A model whose
 file the loader finds verified in the cache (``Loader.is_cached``) skips the download threads; its fetch (the
 source is still asked whether the file moved on) runs on a loader thread. Downloads in progress, with their bytes
-so far, are in ``describe()`` and ``progress()`` (what a request whose deadline passes meanwhile is told). A
+so far, are in ``describe()`` (what a request whose deadline passes meanwhile is told: public/app.py). At most
+MAX_DOWNLOADS run or wait at once. A
 failed load answers every waiter with its reason and is not remembered as loaded. Loaded
 models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes (MAX_LOADED_MODEL_BYTES); the
 least recently used are evicted to make room. The default model is neither counted nor ever evicted.
@@ -41,15 +42,19 @@ OTHER = "other"  # the counts' label of every id without its own (no model id ha
 MAX_COUNTED_MODELS = 100
 MAX_MISSING_MODELS = 128
 MISSING_TTL_S = 60.0
-# Downloads at once: each holds a connection and a partial file; more wait their turn (``progress`` says "queued").
+# Downloads at once: each holds a connection and a partial file; more wait their turn ("queued").
 DOWNLOAD_THREADS = 2
+# Downloads running or queued: a queued one goes on after its callers gave up, so ids a client invents under a
+# wildcard pattern must not queue without end; past this a new download is a 503 (retry later).
+MAX_DOWNLOADS = 32
 # Loads at once: each holds a model being built in memory and competes with the model thread for the CPUs.
 LOADER_THREADS = 2
 
 
 class ModelUnavailable(ServiceError):
     """A per-request model that cannot be served; ``status`` says why (404 not found, 413 too large, 403 refused
-    format, 502 not verifiable / source unreachable); ``found``: whether the source had the file."""
+    format, 502 not verifiable / source unreachable, 503 too many downloads in flight: MAX_DOWNLOADS); ``found``:
+    whether the source had the file."""
 
     def __init__(self, status: int, description: str, found: bool = False) -> None:
         super().__init__(description)
@@ -189,6 +194,10 @@ class ModelRegistry:
             if await asyncio.to_thread(self._loader.is_cached, model_id):
                 fetched = await loop.run_in_executor(self._loaders, self._loader.fetch, model_id, None)
             else:
+                if len(self._downloads) >= MAX_DOWNLOADS:
+                    raise ModelUnavailable(
+                        503, f"model {model_id}: {MAX_DOWNLOADS} model downloads are running or queued; retry later"
+                    )
                 download = self._downloads[model_id] = Download(model_id)
                 try:
                     fetched = await loop.run_in_executor(self._downloaders, self._fetch, download)
@@ -269,14 +278,6 @@ class ModelRegistry:
         if missing is not None and time.monotonic() < missing[0]:
             return missing[1].status, first_line(missing[1])
         return self._failed.get(model_id)
-
-    def progress(self, model_id: str) -> dict[str, Any] | None:
-        """On the loop: where ``model_id``'s first load stands, or None when it is not in flight: its download
-        (``Download.describe``) while queued or downloading, else ``{"model_id", "state": "loading"}``."""
-        download = self._downloads.get(model_id)
-        if download is not None:
-            return download.describe()
-        return {"model_id": model_id, "state": "loading"} if model_id in self._loading else None
 
     def describe(self) -> dict[str, Any]:
         """What /info reports: the bounds, the loaded models (least recently used first), the models loading and the

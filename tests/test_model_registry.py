@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from core.errors import ServiceError
-from runner.model_registry import Loaded, ModelRegistry, ModelUnavailable
+from runner.model_registry import MAX_DOWNLOADS, Loaded, ModelRegistry, ModelUnavailable
 
 DEFAULT = object()
 
@@ -220,16 +220,16 @@ def test_slow_downloads_do_not_hold_up_a_cached_model_and_report_their_bytes():
                 break
         assert await asyncio.wait_for(reg.get("cached"), 5) == "workflow:cached"
         assert loader.threads["cached"].startswith("model-loader")
-        assert reg.progress("slow-1") == {
+        downloading = {d["model_id"]: d for d in reg.describe()["downloading"]}
+        assert list(downloading) == ["slow-1", "slow-2", "slow-3"]
+        assert downloading["slow-1"] == {
             "model_id": "slow-1",
             "state": "downloading",
             "downloaded_bytes": 3,
             "total_bytes": 7,
-            "seconds": reg.progress("slow-1")["seconds"],
+            "seconds": downloading["slow-1"]["seconds"],
         }
-        assert reg.progress("slow-3")["state"] == "queued"  # DOWNLOAD_THREADS (2) downloads at once
-        assert [d["model_id"] for d in reg.describe()["downloading"]] == ["slow-1", "slow-2", "slow-3"]
-        assert reg.progress("cached") is None
+        assert downloading["slow-3"]["state"] == "queued"  # DOWNLOAD_THREADS (2) downloads at once
         loader.gate.set()
         assert await asyncio.gather(*slow) == [
             "workflow:slow-1",
@@ -239,6 +239,23 @@ def test_slow_downloads_do_not_hold_up_a_cached_model_and_report_their_bytes():
         ]
         assert sorted(loader.calls) == ["cached", "slow-1", "slow-2", "slow-3"]
         assert all(loader.threads[m].startswith("model-download") for m in ("slow-1", "slow-2", "slow-3"))
-        assert reg.describe()["downloading"] == [] and reg.progress("slow-1") is None
+        assert reg.describe()["downloading"] == []
+
+    asyncio.run(scenario())
+
+
+def test_downloads_in_flight_are_bounded():
+    async def scenario():
+        loader = FakeLoader()
+        loader.gate.clear()
+        reg, _ = registry(loader, max_models=100)
+        waiting = [asyncio.ensure_future(reg.get(f"m{i}")) for i in range(MAX_DOWNLOADS)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(ModelUnavailable) as refused:
+            await reg.get("one-more")
+        assert refused.value.status == 503 and "retry later" in str(refused.value)
+        loader.gate.set()
+        assert len(await asyncio.gather(*waiting)) == MAX_DOWNLOADS
+        assert await reg.get("one-more") == "workflow:one-more"  # not remembered as missing
 
     asyncio.run(scenario())
