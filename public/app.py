@@ -257,8 +257,9 @@ class PublicApp:
 
     async def _model_progress(self, model_id: str | None) -> dict[str, Any] | None:
         """On the event loop, after a request's deadline passed: where ``model_id``'s first load stands in the runner
-        (runner/model_registry.py ``progress``: downloading with its bytes so far, queued, or loading), or None
-        when it is not loading (or the runner cannot say within PROGRESS_TIMEOUT_S: the 504 is not held up)."""
+        (/info's ``models``, runner/model_registry.py ``describe``: downloading with its bytes so far, queued, or
+        loading), or None when it is not loading (or the runner cannot say within PROGRESS_TIMEOUT_S: the 504 is not
+        held up)."""
         if model_id is None or self._describe is None:
             return None
         try:
@@ -521,7 +522,10 @@ def _progress_text(model: dict[str, Any]) -> str:
     if state == "loading":
         return f"model {model_id} is downloaded and still loading; retry shortly"
     if state == "queued":
-        return f"model {model_id} is queued behind other downloads; it stays queued, so a retry finds it further along"
+        return (
+            f"model {model_id} is queued behind other downloads; its download will run, so a retry finds it further "
+            "along or loaded"
+        )
     total = model.get("total_bytes")
     size = f" of {total}" if total is not None else ""
     return (

@@ -7,11 +7,11 @@ on one of DOWNLOAD_THREADS download threads, the load on one of LOADER_THREADS l
 thread, so other models keep serving): slow downloads never hold up a model whose file is on disk. A model whose
 file the loader finds verified in the cache (``Loader.is_cached``) skips the download threads; its fetch (the
 source is still asked whether the file moved on) runs on a loader thread. Downloads in progress, with their bytes
-so far, are in ``describe()`` (what a request whose deadline passes meanwhile is told: public/app.py). At most
-MAX_DOWNLOADS run or wait at once. A
-failed load answers every waiter with its reason and is not remembered as loaded. Loaded
-models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes (MAX_LOADED_MODEL_BYTES); the
-least recently used are evicted to make room. The default model is neither counted nor ever evicted.
+so far, are in ``describe()`` (what a request whose deadline passes meanwhile is told: public/app.py); at most
+MAX_DOWNLOADS run or wait at once. A failed load answers every waiter with its reason and is not remembered as
+loaded. Loaded models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes
+(MAX_LOADED_MODEL_BYTES); the least recently used are evicted to make room. The default model is neither counted
+nor ever evicted.
 
 Clients choose the ids, so nothing kept per id may grow with what they send: counts (and /metrics labels) have
 their own entry only for ids whose file was found (loaded, or found but refused: too large, not a model, a pickle),

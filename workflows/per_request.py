@@ -4,13 +4,12 @@ Two steps, each on a thread of the runner's registry (runner/model_registry.py),
 models already loaded keep serving: ``fetch_model`` (on a download thread, or on a loader thread when ``is_cached``
 says the file is already verified in the cache) and ``load_model`` (on a loader thread). The model comes from the
 same sources, cache and verification as the default model (workflows/sources), and its workflow is the default's
-class and keyword arguments with the model replaced: the built-in torch workflow, or the ONNX workflow when the
-file is an ONNX model. Every failure is a ``ServiceError``
-whose status the client sees (never 500): 404 not found, 403 refused (a pickle from an untrusted source, no
-access, a Hugging Face version that is neither a branch nor a tag nor the commit of one while no ALLOWED_MODELS
-pattern spells it out), 413 too large for MAX_LOADED_MODEL_BYTES, 422 a file that does not load as a model,
-502 a source that cannot be reached (also when the Hub cannot be asked whether such a version is published) or a
-file that fails verification.
+class and keyword arguments with the model replaced: the built-in torch workflow, or the ONNX workflow when the file
+is an ONNX model. Every failure is a ``ServiceError`` whose status the client sees (never 500): 404 not found, 403
+refused (a pickle from an untrusted source, no access, a Hugging Face version that is neither a branch nor a tag nor
+the commit of one while no ALLOWED_MODELS pattern spells it out), 413 too large for MAX_LOADED_MODEL_BYTES, 422 a
+file that does not load as a model, 502 a source that cannot be reached (also when the Hub cannot be asked whether
+such a version is published) or a file that fails verification.
 """
 
 from __future__ import annotations
