@@ -36,13 +36,21 @@ class Overloaded(ServiceError):
 
 class RequestError(ServiceError):
     """A request the public side answers itself with ``status`` (bad body, wrong route, limits, timeouts), before
-    or instead of the model; ``errors`` lists pydantic's per-field findings when there are some."""
+    or instead of the model; ``errors`` lists pydantic's per-field findings when there are some; ``model``: where
+    the per-request model it waited for stands (a 504 while it downloads: runner/model_registry.py ``progress``)."""
 
-    def __init__(self, status: int, description: str, errors: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        description: str,
+        errors: list[dict[str, Any]] | None = None,
+        model: dict[str, Any] | None = None,
+    ):
         super().__init__(description)
         self.status = status
         self.description = description
         self.errors = errors
+        self.model = model
 
 
 class StartupError(Exception):

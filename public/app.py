@@ -58,6 +58,9 @@ _INT256_HEAD = "0" * 62 + "20"
 # Set in the scope once the whole body has been received. An answer sent before then closes the connection: the
 # unread body (or, after `Expect: 100-continue`, the next request) would otherwise be read as what follows.
 BODY_READ = "infernet.body_read"
+NAMED_MODEL = "infernet.named_model"  # scope key: the per-request model id the request named
+# How long a request past its deadline waits for the runner to say how far its model's download got.
+PROGRESS_TIMEOUT_S = 1.0
 CODINGS = "gzip, identity"  # request Content-Encodings decoded; others get 415
 # Deeper bodies are refused: the hop to the runner pickles the data, and pickling ~1000 levels raises
 # RecursionError, which would fail every request sent with it. Tensor values nest at most 32 levels.
@@ -165,6 +168,8 @@ class PublicApp:
                 raise RequestError(404, f"no route {path}; the inference route is POST /service_output")
         except RequestError as e:
             status, body = e.status, error_body(e.status, e.description, e.errors)
+            if e.model is not None:
+                body["model"] = e.model
         except Exception as e:
             log.exception("request to %s failed", path)
             status, body = 500, error_body(500, f"internal error: {type(e).__name__}")
@@ -195,7 +200,11 @@ class PublicApp:
         except TimeoutError:
             if not scope.get(BODY_READ) and has_body(scope):
                 raise RequestError(408, f"the body was not received within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
-            raise RequestError(504, f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)") from None
+            message = f"no answer within {timeout:g} s (REQUEST_TIMEOUT_S)"
+            model = await self._model_progress(scope.get(NAMED_MODEL))
+            if model is None:
+                raise RequestError(504, message) from None
+            raise RequestError(504, f"{message}: {_progress_text(model)}", model=model) from None
         finally:
             self._in_progress -= 1
 
@@ -218,6 +227,8 @@ class PublicApp:
                 names_served = await self._names_served()
             split = _layout(split_request, data, self.settings.max_elements, names_served)
             data, reply = await self._named_model(*split)
+        if type(data) is ForModel:  # a 504 then says where this model's first load stands (``limited``)
+            scope[NAMED_MODEL] = data.model_id
         outcome = await self.infer(data)
         if outcome.status != 200:
             raise RequestError(outcome.status, outcome.description)
@@ -243,6 +254,24 @@ class PublicApp:
         if not allowed(model, self.settings.allowed_models):
             raise RequestError(403, f"model {model} is not allowed (ALLOWED_MODELS)")
         return ForModel(str(model), data), reply
+
+    async def _model_progress(self, model_id: str | None) -> dict[str, Any] | None:
+        """On the event loop, after a request's deadline passed: where ``model_id``'s first load stands in the runner
+        (/info's ``models``, runner/model_registry.py ``describe``: downloading with its bytes so far, queued, or
+        loading), or None when it is not loading (or the runner cannot say within PROGRESS_TIMEOUT_S: the 504 is not
+        held up)."""
+        if model_id is None or self._describe is None:
+            return None
+        try:
+            async with asyncio.timeout(PROGRESS_TIMEOUT_S):
+                models = (await self._describe()).get("models") or {}
+        except Exception:
+            log.info("could not ask the runner how far model %s got", model_id, exc_info=True)
+            return None
+        for download in models.get("downloading") or ():
+            if download.get("model_id") == model_id:
+                return download
+        return {"model_id": model_id, "state": "loading"} if model_id in (models.get("loading") or ()) else None
 
     async def _names_served(self) -> Callable[[str], bool]:
         """The one check that a model id's text names the served start-up model, in any form /info, /v2/models and
@@ -485,6 +514,24 @@ def _answer(encode: Callable[[Any, Reply], Any], body: Any, reply: Reply) -> Any
 
 
 # The answer.
+
+
+def _progress_text(model: dict[str, Any]) -> str:
+    """A 504's words for where its model's first load stands (``PublicApp._model_progress``)."""
+    model_id, state = model["model_id"], model.get("state")
+    if state == "loading":
+        return f"model {model_id} is downloaded and still loading; retry shortly"
+    if state == "queued":
+        return (
+            f"model {model_id} is queued behind other downloads; its download will run, so a retry finds it further "
+            "along or loaded"
+        )
+    total = model.get("total_bytes")
+    size = f" of {total}" if total is not None else ""
+    return (
+        f"model {model_id} is still downloading ({model.get('downloaded_bytes', 0)}{size} bytes so far); "
+        "the download continues, so a retry finds it further along or loaded"
+    )
 
 
 async def respond(send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None) -> int:

@@ -45,7 +45,12 @@ async def service_resources(app: Any, scope: Any) -> dict[str, Any]:
         patterns = app.settings.allowed_models
         cached = [e for e in models.get("cached") or () if allowed(parse_model_id(e["model_id"]), patterns)]
         with_per_request_models(listing, models["loaded"], cached)
-        listing["models"] = {"loaded": models["loaded"], "cached": cached, "allowed": list(patterns)}
+        listing["models"] = {
+            "loaded": models["loaded"],
+            "cached": cached,
+            "allowed": list(patterns),
+            "downloading": models.get("downloading") or [],  # runner/model_registry.py Download.describe
+        }
     return listing
 
 

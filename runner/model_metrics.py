@@ -8,6 +8,9 @@ chooses the label (runner/model_registry.py), so clients inventing ids add no se
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import bentoml
 
 from core.settings import ServiceSettings
@@ -29,8 +32,24 @@ def count_model_event(event: str, model_id: str) -> None:
     model_counters[event].labels(model_id=model_id).inc()
 
 
-def load_model(settings: ServiceSettings, model_id: str) -> Loaded:
-    """On a loader thread of the runner (runner/model_registry.py). Raises ServiceError (workflows/per_request.py)."""
-    from workflows.per_request import load_model as load
+class PerRequestLoader:
+    """The registry's ``Loader`` (runner/model_registry.py) for the models requests name: workflows/per_request.py,
+    bounded by MAX_LOADED_MODEL_BYTES. Each method runs on a thread of the runner's registry."""
 
-    return Loaded(*load(settings, model_id, settings.max_loaded_model_bytes))
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+
+    def is_cached(self, model_id: str) -> bool:
+        from workflows.per_request import is_cached
+
+        return is_cached(self.settings, model_id)
+
+    def fetch(self, model_id: str, on_bytes: Callable[[int, int | None], None] | None) -> Path:
+        from workflows.per_request import fetch_model
+
+        return fetch_model(self.settings, model_id, self.settings.max_loaded_model_bytes, on_bytes)
+
+    def load(self, model_id: str, fetched: Path) -> Loaded:
+        from workflows.per_request import load_model
+
+        return Loaded(*load_model(self.settings, model_id, fetched, self.settings.max_loaded_model_bytes))

@@ -1,11 +1,17 @@
 """The runner's models: the default workflow, and a bounded LRU of per-request models loaded on first use.
 
-Everything here but the load itself runs on the runner's event loop (one loop, so no locks): ``get`` answers at
-once for a loaded model; the first request for a model starts one load on a loader thread (never the model
-thread, so other models keep serving) and every request for that model meanwhile waits on the same future
-(single-flight). A failed load answers every waiter with its reason and is not remembered as loaded. Loaded
-models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes (MAX_LOADED_MODEL_BYTES); the
-least recently used are evicted to make room. The default model is neither counted nor ever evicted.
+Everything here but the download and the load themselves runs on the runner's event loop (one loop, so no locks):
+``get`` answers at once for a loaded model; the first request for a model starts one fetch-and-load and every
+request for that model meanwhile waits on the same future (single-flight: one download, one load). The fetch runs
+on one of DOWNLOAD_THREADS download threads, the load on one of LOADER_THREADS loader threads (never the model
+thread, so other models keep serving): slow downloads never hold up a model whose file is on disk. A model whose
+file the loader finds verified in the cache (``Loader.is_cached``) skips the download threads; its fetch (the
+source is still asked whether the file moved on) runs on a loader thread. Downloads in progress, with their bytes
+so far, are in ``describe()`` (what a request whose deadline passes meanwhile is told: public/app.py); at most
+MAX_DOWNLOADS run or wait at once. A failed load answers every waiter with its reason and is not remembered as
+loaded. Loaded models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes
+(MAX_LOADED_MODEL_BYTES); the least recently used are evicted to make room. The default model is neither counted
+nor ever evicted.
 
 Clients choose the ids, so nothing kept per id may grow with what they send: counts (and /metrics labels) have
 their own entry only for ids whose file was found (loaded, or found but refused: too large, not a model, a pickle),
@@ -24,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from core.errors import ServiceError, first_line
 from core.settings import ServiceSettings, TorchSettings
@@ -36,11 +42,19 @@ OTHER = "other"  # the counts' label of every id without its own (no model id ha
 MAX_COUNTED_MODELS = 100
 MAX_MISSING_MODELS = 128
 MISSING_TTL_S = 60.0
+# Downloads at once: each holds a connection and a partial file; more wait their turn ("queued").
+DOWNLOAD_THREADS = 2
+# Downloads running or queued: a queued one goes on after its callers gave up, so ids a client invents under a
+# wildcard pattern must not queue without end; past this a new download is a 503 (retry later).
+MAX_DOWNLOADS = 32
+# Loads at once: each holds a model being built in memory and competes with the model thread for the CPUs.
+LOADER_THREADS = 2
 
 
 class ModelUnavailable(ServiceError):
     """A per-request model that cannot be served; ``status`` says why (404 not found, 413 too large, 403 refused
-    format, 502 not verifiable / source unreachable); ``found``: whether the source had the file."""
+    format, 502 not verifiable / source unreachable, 503 too many downloads in flight: MAX_DOWNLOADS); ``found``:
+    whether the source had the file."""
 
     def __init__(self, status: int, description: str, found: bool = False) -> None:
         super().__init__(description)
@@ -56,22 +70,65 @@ class Loaded:
     size_bytes: int
 
 
+class Loader(Protocol):
+    """How the registry gets a model; each method raises ``ServiceError`` (any other exception becomes a 502)."""
+
+    def is_cached(self, model_id: str) -> bool:
+        """On a worker thread: whether ``fetch`` would most likely download nothing (a guess; never raises)."""
+        ...
+
+    def fetch(self, model_id: str, on_bytes: Callable[[int, int | None], None] | None) -> Any:
+        """On a download thread (a loader thread when cached): the model's local file; ``on_bytes(received, total)``
+        is told a download's progress, on this thread."""
+        ...
+
+    def load(self, model_id: str, fetched: Any) -> Loaded:
+        """On a loader thread: the set-up workflow of what ``fetch`` returned."""
+        ...
+
+
+class Download:
+    """One per-request model's download, queued or in progress. Its counts are written by the downloading thread
+    (``on_bytes``) and read on the event loop: plain ints, each written whole."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.started: float | None = None  # time.monotonic() when a download thread took it
+        self.received_bytes = 0
+        self.total_bytes: int | None = None  # what the source stated, when it did
+
+    def on_bytes(self, received_bytes: int, total_bytes: int | None) -> None:
+        self.received_bytes = received_bytes
+        if total_bytes is not None:
+            self.total_bytes = total_bytes
+
+    def describe(self) -> dict[str, Any]:
+        """``{"model_id", "state": "queued"|"downloading", "downloaded_bytes", "total_bytes" (None: not stated),
+        "seconds"}`` (seconds downloading so far, 0 while queued)."""
+        return {
+            "model_id": self.model_id,
+            "state": "queued" if self.started is None else "downloading",
+            "downloaded_bytes": self.received_bytes,
+            "total_bytes": self.total_bytes,
+            "seconds": 0.0 if self.started is None else round(time.monotonic() - self.started, 1),
+        }
+
+
 class ModelRegistry:
-    """``load(model_id) -> Loaded`` runs on a loader thread and raises ``ServiceError`` (any other exception
-    becomes a 502). ``on_event(event, model_id)`` is told each load, hit, eviction and failure, on the loop."""
+    """``loader`` fetches and loads a model (``Loader``); ``on_event(event, model_id)`` is told each load, hit,
+    eviction and failure, on the loop."""
 
     def __init__(
         self,
         default: Any,
-        load: Callable[[str], Loaded],
+        loader: Loader,
         max_models: int,
         max_bytes: int,
         on_event: Callable[[str, str], None] | None = None,
-        loader_threads: int = 2,
         list_cached: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.default = default
-        self._load = load
+        self._loader = loader
         self.max_models = max_models
         self.max_bytes = max_bytes
         self._on_event = on_event
@@ -82,7 +139,9 @@ class ModelRegistry:
         self._failed: dict[str, tuple[int, str]] = {}  # ids with their own counts only (bounded with them)
         self._counted: set[str] = set()
         self._missing: OrderedDict[str, tuple[float, ModelUnavailable]] = OrderedDict()
-        self._executor = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="model-loader")
+        self._downloads: dict[str, Download] = {}
+        self._downloaders = ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="model-download")
+        self._loaders = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="model-loader")
 
     @classmethod
     def from_settings(cls, default: Any, settings: ServiceSettings) -> ModelRegistry | None:
@@ -95,7 +154,7 @@ class ModelRegistry:
 
         return cls(
             default,
-            functools.partial(model_metrics.load_model, settings),
+            model_metrics.PerRequestLoader(settings),
             settings.max_loaded_models,
             settings.max_loaded_model_bytes,
             on_event=model_metrics.count_model_event,
@@ -132,7 +191,19 @@ class ModelRegistry:
     async def _load_into(self, model_id: str, future: asyncio.Future[Any]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            loaded = await loop.run_in_executor(self._executor, self._load, model_id)
+            if await asyncio.to_thread(self._loader.is_cached, model_id):
+                fetched = await loop.run_in_executor(self._loaders, self._loader.fetch, model_id, None)
+            else:
+                if len(self._downloads) >= MAX_DOWNLOADS:
+                    raise ModelUnavailable(
+                        503, f"model {model_id}: {MAX_DOWNLOADS} model downloads are running or queued; retry later"
+                    )
+                download = self._downloads[model_id] = Download(model_id)
+                try:
+                    fetched = await loop.run_in_executor(self._downloaders, self._fetch, download)
+                finally:
+                    del self._downloads[model_id]
+            loaded = await loop.run_in_executor(self._loaders, self._loader.load, model_id, fetched)
             if loaded.size_bytes > self.max_bytes:
                 raise ModelUnavailable(
                     413,
@@ -162,6 +233,11 @@ class ModelRegistry:
             future.set_result(loaded.workflow)
         finally:
             self._loading.pop(model_id, None)
+
+    def _fetch(self, download: Download) -> Any:
+        """On a download thread."""
+        download.started = time.monotonic()
+        return self._loader.fetch(download.model_id, download.on_bytes)
 
     def _admit(self, model_id: str, loaded: Loaded) -> None:
         used = sum(entry.size_bytes for entry in self._loaded.values())
@@ -204,8 +280,9 @@ class ModelRegistry:
         return self._failed.get(model_id)
 
     def describe(self) -> dict[str, Any]:
-        """What /info reports: the bounds, the loaded models (least recently used first), per-model counts (OTHER for
-        ids without their own) and the failures remembered (bounded: see the module docstring)."""
+        """What /info reports: the bounds, the loaded models (least recently used first), the models loading and the
+        downloads among them (``Download.describe``), per-model counts (OTHER for ids without their own) and the
+        failures remembered (bounded: see the module docstring)."""
         now = time.monotonic()
         failed = {key: (e.status, first_line(e)) for key, (until, e) in self._missing.items() if now < until}
         failed.update(self._failed)
@@ -217,6 +294,7 @@ class ModelRegistry:
                 for key, entry in self._loaded.items()
             ],
             "loading": list(self._loading),
+            "downloading": [download.describe() for download in self._downloads.values()],
             "counts": {key: dict(stats) for key, stats in self._stats.items()},
             "failed": {key: {"status": status, "reason": reason} for key, (status, reason) in failed.items()},
         }

@@ -27,6 +27,7 @@ from tests.fixtures.arlocal import PUBLISH, Arlocal, new_wallet
 from tests.fixtures.server import Server, serving
 from tests.hubserver import Hub, Repo, make_repo
 from tests.models import Affine, save
+from tests.reliability_support import wait_for
 from tests.test_onnx_workflow import iris_onnx
 
 pytestmark = pytest.mark.slow
@@ -37,6 +38,8 @@ HOUSING_ANSWER = 4.1519430552  # the original's test value
 HOUSING_ID = "huggingface/models/housing:housing.pt"
 IRIS_ID = "huggingface/models/iris:iris.pt"
 ONNX_ID = "huggingface/models/iris-onnx:iris.onnx"
+SLOW_BYTES = {name: f"{name} never loaded\n".encode() * 2048 for name in ("slow-a", "slow-b")}
+SLOW_DOWNLOAD_S = 120.0
 # Where the pickled .pt2's code would write its marker: a folder of its own, so no other run's marker is seen.
 EXPORT_MARKER_DIR = Path(tempfile.mkdtemp(prefix="pickled-export-marker-"))
 
@@ -122,6 +125,13 @@ def models_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         "models/iris-onnx": Repo(
             make_repo(root / "iris-onnx", [{"iris.onnx": iris_onnx(root / "iris.onnx").read_bytes()}])
         ),
+        # Downloads that take SLOW_DOWNLOAD_S (bytes of their own: the CDN is keyed by sha256).
+        **{
+            f"models/{name}": Repo(
+                make_repo(root / name, [{"model.pt": SLOW_BYTES[name]}]), cdn_seconds=SLOW_DOWNLOAD_S
+            )
+            for name in SLOW_BYTES
+        },
     }
     server = Hub(repos).start()
     try:
@@ -453,3 +463,43 @@ def test_ids_the_hub_rejects_are_the_clients_mistake(server: Server, models_hub:
     assert len(models_hub.log) == before
     logged = server.log()[start:]
     assert "ERROR" not in logged and "Traceback" not in logged, logged
+
+
+def test_slow_downloads_hold_up_no_cached_model_and_a_timeout_says_how_far_they_got(
+    models_hub: Hub, tmp_path_factory: pytest.TempPathFactory
+):
+    """Finding F5: the registry's two loader threads each downloaded and then loaded, so two slow per-request
+    downloads held up every other first load, even of a model whose file was already in the cache; and a request
+    whose deadline passed meanwhile got a bare 504 that said nothing of the download."""
+    env = {
+        "HF_ENDPOINT": models_hub.url,
+        "ALLOWED_MODELS": json.dumps(["huggingface/models/*"]),
+        "MAX_LOADED_MODELS": "1",
+        "REQUEST_TIMEOUT_S": "10",
+    }
+    iris = {"dtype": 2, "shape": [1, 4], "values": IRIS}
+    with serving(env, tmp_path_factory.mktemp("slow-downloads")) as server:
+        # iris downloaded and verified, then evicted by housing (MAX_LOADED_MODELS=1): on disk, not loaded.
+        assert post_model(server, IRIS_ID, iris).status_code == 200
+        assert post_model(server, HOUSING_ID, {"dtype": 2, "shape": [1, 8], "values": HOUSING}).status_code == 200
+        slow_ids = [f"huggingface/models/{name}:model.pt" for name in SLOW_BYTES]
+        with ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(post_model, server, model_id, iris) for model_id in slow_ids]
+            hf_home = Path(server.env["HF_HOME"])
+            wait_for(lambda: len([p for p in hf_home.rglob("*.incomplete")]) == 2, 30)  # both under way
+            cached = post_model(server, IRIS_ID, iris)  # within REQUEST_TIMEOUT_S, or it is a 504
+            assert cached.status_code == 200, cached.text
+            assert iris_class(cached.json()["values"]) == 2
+            downloading = server.get("/service-resources").json()["models"]["downloading"]
+            assert sorted(d["model_id"] for d in downloading) == slow_ids, downloading
+            assert all(d["state"] == "downloading" for d in downloading), downloading
+            timed_out = [future.result(timeout=60) for future in slow]
+        for model_id, response in zip(slow_ids, timed_out):
+            assert response.status_code == 504, response.text
+            body = response.json()
+            assert body["code"] == "504" and model_id in body["description"], body
+            assert "bytes so far" in body["description"] and "download continues" in body["description"], body
+            model = body["model"]
+            assert (model["model_id"], model["state"]) == (model_id, "downloading"), body
+            assert model["total_bytes"] == len(SLOW_BYTES[model_id.split("/")[2].split(":")[0]]), body
+            assert 0 <= model["downloaded_bytes"] <= model["total_bytes"], body

@@ -10,26 +10,47 @@ import threading
 import pytest
 
 from core.errors import ServiceError
-from runner.model_registry import Loaded, ModelRegistry, ModelUnavailable
+from runner.model_registry import MAX_DOWNLOADS, Loaded, ModelRegistry, ModelUnavailable
 
 DEFAULT = object()
 
 
 class FakeLoader:
-    def __init__(self, sizes: dict[str, int] | None = None, fail: dict[str, ServiceError | Exception] | None = None):
+    """The registry's Loader: ``fetch`` (the download) waits for ``gate`` unless the id is in ``cached``, reports
+    ``received`` bytes of ``total`` first, and fails as ``fail`` says; ``load`` answers at once."""
+
+    def __init__(
+        self,
+        sizes: dict[str, int] | None = None,
+        fail: dict[str, ServiceError | Exception] | None = None,
+        cached: frozenset[str] = frozenset(),
+    ):
         self.sizes = sizes or {}
         self.fail = fail or {}
+        self.cached = cached
         self.calls: list[str] = []
+        self.threads: dict[str, str] = {}  # model id -> the name of the thread that fetched it
         self.gate = threading.Event()
         self.gate.set()
         self.lock = threading.Lock()
 
-    def __call__(self, model_id: str) -> Loaded:
+    def is_cached(self, model_id: str) -> bool:
+        return model_id in self.cached
+
+    def fetch(self, model_id: str, on_bytes) -> str:
         with self.lock:
             self.calls.append(model_id)
-        assert self.gate.wait(10)
+            self.threads[model_id] = threading.current_thread().name
+        if model_id not in self.cached:
+            assert on_bytes is not None
+            on_bytes(3, 7)
+            assert self.gate.wait(10)
         if model_id in self.fail:
             raise self.fail[model_id]
+        return f"file:{model_id}"
+
+    def load(self, model_id: str, fetched: str) -> Loaded:
+        assert fetched == f"file:{model_id}"
         return Loaded(f"workflow:{model_id}", self.sizes.get(model_id, 10))
 
 
@@ -181,3 +202,60 @@ def test_report_adds_the_cached_listing_read_off_the_loop():
 
     asyncio.run(scenario())
     assert loop_threads == [False]
+
+
+def test_slow_downloads_do_not_hold_up_a_cached_model_and_report_their_bytes():
+    """Finding F5: two loader threads each downloaded then loaded, so two slow downloads held up every first load,
+    even of a model already on disk, and nothing said how far a download had got."""
+
+    async def scenario():
+        loader = FakeLoader(cached=frozenset({"cached"}))
+        loader.gate.clear()  # the downloads hang until the gate opens
+        reg, _ = registry(loader, max_models=5)
+        slow = [asyncio.ensure_future(reg.get(m)) for m in ("slow-1", "slow-2", "slow-3")]
+        slow.append(asyncio.ensure_future(reg.get("slow-1")))  # the same model again: one download
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if len(loader.calls) == 2:
+                break
+        assert await asyncio.wait_for(reg.get("cached"), 5) == "workflow:cached"
+        assert loader.threads["cached"].startswith("model-loader")
+        downloading = {d["model_id"]: d for d in reg.describe()["downloading"]}
+        assert list(downloading) == ["slow-1", "slow-2", "slow-3"]
+        assert downloading["slow-1"] == {
+            "model_id": "slow-1",
+            "state": "downloading",
+            "downloaded_bytes": 3,
+            "total_bytes": 7,
+            "seconds": downloading["slow-1"]["seconds"],
+        }
+        assert downloading["slow-3"]["state"] == "queued"  # DOWNLOAD_THREADS (2) downloads at once
+        loader.gate.set()
+        assert await asyncio.gather(*slow) == [
+            "workflow:slow-1",
+            "workflow:slow-2",
+            "workflow:slow-3",
+            "workflow:slow-1",
+        ]
+        assert sorted(loader.calls) == ["cached", "slow-1", "slow-2", "slow-3"]
+        assert all(loader.threads[m].startswith("model-download") for m in ("slow-1", "slow-2", "slow-3"))
+        assert reg.describe()["downloading"] == []
+
+    asyncio.run(scenario())
+
+
+def test_downloads_in_flight_are_bounded():
+    async def scenario():
+        loader = FakeLoader()
+        loader.gate.clear()
+        reg, _ = registry(loader, max_models=100)
+        waiting = [asyncio.ensure_future(reg.get(f"m{i}")) for i in range(MAX_DOWNLOADS)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(ModelUnavailable) as refused:
+            await reg.get("one-more")
+        assert refused.value.status == 503 and "retry later" in str(refused.value)
+        loader.gate.set()
+        assert len(await asyncio.gather(*waiting)) == MAX_DOWNLOADS
+        assert await reg.get("one-more") == "workflow:one-more"  # not remembered as missing
+
+    asyncio.run(scenario())

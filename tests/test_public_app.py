@@ -4,6 +4,7 @@ routing and middleware, both paths) is in tests/test_service_http.py."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gzip
 import hashlib
@@ -287,3 +288,46 @@ def test_info_describes_workflow_model_batching_and_limits(in_process):
 def test_service_resources(public):
     response = public.get("/service-resources")
     assert response.status_code == 200 and isinstance(response.json(), dict)
+
+
+def test_a_timeout_while_the_named_model_downloads_or_loads_says_how_far_it_got(in_process):
+    """Finding F5: a request whose deadline passed while its per-request model downloaded got a bare 504. The
+    runner's /info lists its downloads (runner/model_registry.py); the stand-in's infer never answers in time."""
+    client = in_process({"ALLOWED_MODELS": "huggingface/models/*", "REQUEST_TIMEOUT_S": "0.3"})
+    ids = {state: f"huggingface/models/{state}:m.pt" for state in ("downloading", "queued", "loading", "loaded")}
+    download = {"downloaded_bytes": 4096, "total_bytes": 53248, "seconds": 1.5}
+    client.runner.description = {
+        **client.runner.description,
+        "models": {
+            "loaded": [{"model_id": ids["loaded"], "bytes": 10}],
+            "loading": [ids["downloading"], ids["queued"], ids["loading"]],
+            "downloading": [
+                {"model_id": ids["downloading"], "state": "downloading", **download},
+                {"model_id": ids["queued"], "state": "queued", **download, "downloaded_bytes": 0, "seconds": 0.0},
+            ],
+        },
+    }
+
+    async def never_in_time(requests):
+        await asyncio.sleep(1)  # past REQUEST_TIMEOUT_S
+
+    client.app.bind(infer=never_in_time, describe=client.runner.describe, is_ready=client.runner.is_ready)
+
+    def timed_out(state):
+        response = client.post(
+            {"source": 1, "data": {"model_id": ids[state], "input": offchain([IRIS_VECTOR])["data"]}}
+        )
+        return assert_error(response, 504, "no answer within 0.3 s (REQUEST_TIMEOUT_S)")
+
+    body = timed_out("downloading")
+    assert ids["downloading"] in body["description"] and "(4096 of 53248 bytes so far)" in body["description"]
+    assert "the download continues" in body["description"]
+    assert body["model"] == {"model_id": ids["downloading"], "state": "downloading", **download}
+    body = timed_out("queued")
+    assert "queued behind other downloads" in body["description"] and body["model"]["state"] == "queued"
+    body = timed_out("loading")
+    assert "downloaded and still loading" in body["description"]
+    assert body["model"] == {"model_id": ids["loading"], "state": "loading"}
+    body = timed_out("loaded")  # nothing in flight for it: the plain 504
+    assert "model" not in body and ids["loaded"] not in body["description"]
+    assert "model" not in assert_error(client.post(offchain([IRIS_VECTOR])), 504)  # no model named

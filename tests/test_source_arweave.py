@@ -399,3 +399,17 @@ def test_publish_tool_cuts_off_a_gateway_answer_too_big_or_too_slow(
     assert time.monotonic() - began < 5
     message = str(caught.value)
     assert message.startswith(f"the gateway's answer to GET {gateway_proxy.url}/tx_anchor ") and expected in message
+
+
+def test_a_download_reports_its_bytes_chunk_by_chunk_and_is_then_known_cached(settings: TorchSettings):
+    """What the runner's registry reads (runner/model_registry.py): a download's bytes so far, and, without asking
+    the gateway, whether a file is already verified in the cache (then it skips the download threads)."""
+    spec = sources.spec_from_kwargs(
+        {"model_name": "testorg/big"}, dataclasses.replace(settings, model_file_name="model.bin")
+    )
+    assert not sources.is_cached(spec, settings)
+    seen: list[tuple[int, int | None]] = []
+    sources.fetch(spec, settings, None, lambda got, total: seen.append((got, total)))
+    assert seen[0] == (0, len(BIG)) and seen[-1] == (len(BIG), len(BIG)) and len(seen) == 6, seen  # 5 chunks
+    assert sources.is_cached(spec, settings)
+    assert not sources.is_cached(dataclasses.replace(spec, owners=("someone-else",)), settings)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -206,3 +208,19 @@ def test_names_the_hub_rejects_are_one_line_refusals(hf: Path, hub: Hub, tmp_pat
         message = refusal(tmp_path, hf, repo)
         assert "invalid Hugging Face repo id: " in message and f"'{repo}'" in message, message
     assert len(hub.log) == before
+
+
+def test_a_download_reports_its_bytes_and_is_then_known_cached(hf: Path, tmp_path: Path):
+    """What the runner's registry reads (runner/model_registry.py): a download's bytes so far, and, without asking
+    the Hub, whether a file is already verified in the cache (then it skips the download threads)."""
+    spec = sources.ModelSpec("huggingface", "model.torch", repo_id="testorg/iris")
+    settings = settings_for(tmp_path)
+    assert not sources.is_cached(spec, settings)
+    seen: list[tuple[int, int | None]] = []
+    path = sources.fetch(spec, settings, len(IRIS) * 10, lambda got, total: seen.append((got, total)))
+    assert seen[0] == (0, len(IRIS)) and seen[-1] == (len(IRIS), len(IRIS)), seen
+    assert sources.is_cached(spec, settings)
+    assert not sources.is_cached(sources.ModelSpec("huggingface", "model.torch", repo_id="testorg/liar"), settings)
+    assert not sources.is_cached(dataclasses.replace(spec, sha256="0" * 64), settings)  # another pin
+    os.utime(path.resolve(), ns=(1, 1))  # changed since it was verified: hashed again before it is believed
+    assert not sources.is_cached(spec, settings)

@@ -1,14 +1,15 @@
 """Per-request models: a model id a request named (and the operator allowed) -> a set-up workflow.
 
-Runs on one of the runner's loader threads (runner/model_registry.py), never on the model thread, so the models
-already loaded keep serving. The model comes from the same sources, cache and verification as the default model
-(workflows/sources), and its workflow is the default's class and keyword arguments with the model replaced: the
-built-in torch workflow, or the ONNX workflow when the file is an ONNX model. Every failure is a ``ServiceError``
-whose status the client sees (never 500): 404 not found, 403 refused (a pickle from an untrusted source, no
-access, a Hugging Face version that is neither a branch nor a tag nor the commit of one while no ALLOWED_MODELS
-pattern spells it out), 413 too large for MAX_LOADED_MODEL_BYTES, 422 a file that does not load as a model,
-502 a source that cannot be reached (also when the Hub cannot be asked whether such a version is published) or a
-file that fails verification.
+Two steps, each on a thread of the runner's registry (runner/model_registry.py), never on the model thread, so the
+models already loaded keep serving: ``fetch_model`` (on a download thread, or on a loader thread when ``is_cached``
+says the file is already verified in the cache) and ``load_model`` (on a loader thread). The model comes from the
+same sources, cache and verification as the default model (workflows/sources), and its workflow is the default's
+class and keyword arguments with the model replaced: the built-in torch workflow, or the ONNX workflow when the file
+is an ONNX model. Every failure is a ``ServiceError`` whose status the client sees (never 500): 404 not found, 403
+refused (a pickle from an untrusted source, no access, a Hugging Face version that is neither a branch nor a tag nor
+the commit of one while no ALLOWED_MODELS pattern spells it out), 413 too large for MAX_LOADED_MODEL_BYTES, 422 a
+file that does not load as a model, 502 a source that cannot be reached (also when the Hub cannot be asked whether
+such a version is published) or a file that fails verification.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ServiceError, StartupError, first_line
-from core.model_ids import parse_model_id, version_spelled_out
+from core.model_ids import ModelId, parse_model_id, version_spelled_out
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows import progress, sources
 from workflows.sources import ModelSpec
@@ -49,11 +50,9 @@ class ModelLoadError(ServiceError):
         self.found = found
 
 
-def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tuple[Any, int]:
-    """(set-up workflow, model file size in bytes) for ``model_id`` (canonical id text, already allowed).
-
-    On a runner loader thread; prints start-up style progress lines (download, load) naming the model.
-    Raises ModelLoadError (see the module docstring for the statuses)."""
+def spec_of(settings: ServiceSettings, model_id: str) -> tuple[ModelId, ModelSpec, TorchSettings]:
+    """The parsed id, the file it names and the settings its fetch and load use. Raises ModelLoadError 422 when the
+    served workflow is not one a per-request model can use."""
     if settings.workflow_class not in (BUILTIN_TORCH_WORKFLOW, ONNX_WORKFLOW):
         raise ModelLoadError(
             422,
@@ -70,6 +69,26 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         revision=model.version,
         owners=(model.owner,) if model.source == "arweave" else (),
     )
+    return model, spec, torch_settings
+
+
+def is_cached(settings: ServiceSettings, model_id: str) -> bool:
+    """Whether ``model_id``'s file is most likely verified in the cache already (``sources.is_cached``: no network,
+    no hashing), so that fetching it downloads nothing. On the runner, off its event loop. Never raises."""
+    try:
+        _, spec, torch_settings = spec_of(settings, model_id)
+    except Exception:
+        return False
+    return sources.is_cached(spec, torch_settings)
+
+
+def fetch_model(
+    settings: ServiceSettings, model_id: str, max_bytes: int, on_bytes: sources.OnBytes | None = None
+) -> Path:
+    """The verified local file of ``model_id`` (canonical id text, already allowed), downloaded if needed;
+    ``on_bytes`` is told the download's progress. On a runner download (or, when cached, loader) thread; prints the
+    start-up style ``download`` line naming the model. Raises ModelLoadError (see the module docstring)."""
+    model, spec, torch_settings = spec_of(settings, model_id)
     if model.source == "huggingface" and model.version and not version_spelled_out(model, settings.allowed_models):
         from workflows.sources import huggingface
 
@@ -83,7 +102,7 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         "download", client_chosen=True, model_id=model_id, source=spec.source, file=spec.filename
     ) as fetched:
         try:
-            path = sources.fetch(spec, torch_settings, max_bytes)
+            path = sources.fetch(spec, torch_settings, max_bytes, on_bytes)
         except sources.TooLarge as e:
             raise ModelLoadError(413, _too_large(model_id, e.size_bytes, max_bytes), True) from None
         except StartupError as e:
@@ -94,8 +113,17 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
             log.log(logging.INFO if status < 500 else logging.WARNING, "model %s: %s", model_id, first_line(e))
             reason = _without_addresses(first_line(e))
             raise ModelLoadError(status, f"model {model_id}: {reason}") from None
-        size = path.stat().st_size
-        fetched.update(bytes=size)
+        fetched.update(bytes=path.stat().st_size)
+    return path
+
+
+def load_model(settings: ServiceSettings, model_id: str, path: Path, max_bytes: int) -> tuple[Any, int]:
+    """(set-up workflow, model file size in bytes) for ``model_id``'s fetched file ``path`` (``fetch_model``).
+
+    On a runner loader thread; prints the start-up style ``load`` line naming the model.
+    Raises ModelLoadError (see the module docstring for the statuses)."""
+    model, spec, torch_settings = spec_of(settings, model_id)
+    size = path.stat().st_size
     if size > max_bytes:
         raise ModelLoadError(413, _too_large(model_id, size, max_bytes), True)
     from workflows import model_formats

@@ -3,6 +3,7 @@ the workflow never knows which one produced its file."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,8 @@ from core.terms import json_text
 from workflows.sources.cache import ModelCache
 
 SourceName = Literal["local", "huggingface", "arweave"]
+# Told of a download's progress, on the thread that downloads: (bytes received so far, the file's size or None).
+OnBytes = Callable[[int, int | None], None]
 _SOURCE_ALIASES = {
     "local": "local",
     "huggingface": "huggingface",
@@ -110,19 +113,17 @@ class TooLarge(StartupError):
         super().__init__(f"the file is {size}, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows")
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
+def fetch(
+    spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, on_bytes: OnBytes | None = None
+) -> Path:
     """A local path to the verified model file, downloading it if needed. ``max_bytes``: the largest file the caller
     will load (per-request models); a larger one is refused before its download, or as soon as its stream passes the
-    bound, and nothing of it stays cached. Raises StartupError, TooLarge, or
+    bound, and nothing of it stays cached. ``on_bytes``: told of a download's progress (per-request models: the
+    runner reports it). Raises StartupError, TooLarge, or
     FetchError (which keeps the source's status: 400, 403, 404 or 502) when the source refused or failed."""
-    if spec.source == "local":
-        from workflows.sources import local as source
-    elif spec.source == "huggingface":
-        from workflows.sources import huggingface as source
-    else:
-        from workflows.sources import arweave as source
+    source = _module(spec)
     try:
-        path = source.fetch(spec, settings, max_bytes)
+        path = source.fetch(spec, settings, max_bytes, on_bytes)
     except TooLarge:
         raise
     except FetchError as e:
@@ -134,6 +135,26 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
     if max_bytes is not None and (size := path.stat().st_size) > max_bytes:  # a local file, or a cache hit
         raise TooLarge(size, max_bytes)
     return path
+
+
+def is_cached(spec: ModelSpec, settings: TorchSettings) -> bool:
+    """Whether ``fetch`` would most likely find the file verified in a cache and download nothing: no network, no
+    hashing (size and mtime as recorded when it was verified). A guess, never a promise: the source is still asked
+    whether the file moved on (a Hub revision, a newer Arweave upload) when ``fetch`` runs. Never raises."""
+    try:
+        return bool(_module(spec).is_cached(spec, settings))
+    except Exception:
+        return False
+
+
+def _module(spec: ModelSpec) -> Any:
+    if spec.source == "local":
+        from workflows.sources import local as source
+    elif spec.source == "huggingface":
+        from workflows.sources import huggingface as source
+    else:
+        from workflows.sources import arweave as source
+    return source
 
 
 def model_sha256(path: Path, spec: ModelSpec, settings: TorchSettings, fresh: bool = False) -> str:

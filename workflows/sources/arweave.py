@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from core.errors import FetchError, StartupError
 from core.settings import TorchSettings
-from workflows.sources import ModelSpec, TooLarge, check_pin_digest
+from workflows.sources import ModelSpec, OnBytes, TooLarge, check_pin_digest
 from workflows.sources.cache import ModelCache
 
 log = logging.getLogger("workflows.sources.arweave")
@@ -84,7 +84,9 @@ class Candidate:
         return (self.height is not None, self.height or 0, self.unix_time)
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
+def fetch(
+    spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, on_bytes: OnBytes | None = None
+) -> Path:
     assert spec.repo_id
     if not spec.owners:
         raise StartupError(
@@ -95,7 +97,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
     cache = ModelCache(settings.model_cache_dir)
     # The gateway-down fallback remembers the last verified transaction per question asked: the same name under
     # other owners (or another pin) is another model, whose fetch must not replace this one's fallback.
-    ref = json.dumps([spec.repo_id, spec.filename, spec.revision, sorted(spec.owners), spec.sha256])
+    ref = _ref(spec)
     try:
         candidates = find(gateway, spec)
     except GatewayError as e:
@@ -109,13 +111,26 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
     log.info("newest upload: transaction %s by %s (block %s)", newest.id, newest.owner, newest.height)
     try:
         with cache.locked(f"{SOURCE}-{newest.id}"):
-            path = _cached(cache, newest.id, spec) or _download(gateway, cache, newest.id, spec, max_bytes)
+            path = _cached(cache, newest.id, spec) or _download(gateway, cache, newest.id, spec, max_bytes, on_bytes)
     except GatewayError as e:
         raise StartupError(str(e)) from None
     except OSError as e:
         raise StartupError(f"model cache {cache.root}: {e.strerror or e}") from None
     cache.set_ref(SOURCE, ref, newest.id)
     return path
+
+
+def is_cached(spec: ModelSpec, settings: TorchSettings) -> bool:
+    """Whether the model cache holds, unchanged, the transaction that last answered this same question (the
+    gateway-down fallback's record). No network, no hashing (``sources.is_cached``): a newer upload found by
+    ``fetch`` is still downloaded."""
+    cache = ModelCache(settings.model_cache_dir)
+    tx_id = cache.get_ref(SOURCE, _ref(spec))
+    return tx_id is not None and cache.is_verified(SOURCE, tx_id)
+
+
+def _ref(spec: ModelSpec) -> str:
+    return json.dumps([spec.repo_id, spec.filename, spec.revision, sorted(spec.owners), spec.sha256])
 
 
 def find(gateway: Gateway, spec: ModelSpec) -> list[Candidate]:
@@ -176,14 +191,21 @@ def _last_verified(cache: ModelCache, ref: str, spec: ModelSpec) -> Path | None:
             return None
 
 
-def _download(gateway: Gateway, cache: ModelCache, tx_id: str, spec: ModelSpec, max_bytes: int | None) -> Path:
+def _download(
+    gateway: Gateway,
+    cache: ModelCache,
+    tx_id: str,
+    spec: ModelSpec,
+    max_bytes: int | None,
+    on_bytes: OnBytes | None = None,
+) -> Path:
     header = gateway.json("GET", f"/tx/{tx_id}")
     signed = verify_header(header, tx_id, spec)
     if max_bytes is not None and signed.data_size > max_bytes:
         # The signed size: refused before a chunk is fetched (the chunk walk never goes past it either).
         raise TooLarge(signed.data_size, max_bytes)
     with cache.partial(SOURCE, tx_id, spec.filename) as partial:
-        digest = walk_chunks(gateway, tx_id, signed.data_size, partial, spec.filename)
+        digest = walk_chunks(gateway, tx_id, signed.data_size, partial, spec.filename, on_bytes)
         if signed.sha256 is not None and digest != signed.sha256:
             raise StartupError(
                 f"sha256 mismatch: transaction {tx_id} downloaded from {gateway.url} hashes to {digest}, "
@@ -278,8 +300,10 @@ def _check_tags(tx_id: str, tags: dict[str, str], spec: ModelSpec) -> None:
         raise StartupError(f"transaction {tx_id}: its signed tags do not name this model ({', '.join(wrong)})")
 
 
-def walk_chunks(gateway: Gateway, tx_id: str, size: int, out: Path, filename: str) -> str:
-    """Download a transaction's data chunk by chunk into ``out``; its sha256."""
+def walk_chunks(
+    gateway: Gateway, tx_id: str, size: int, out: Path, filename: str, on_bytes: OnBytes | None = None
+) -> str:
+    """Download a transaction's data chunk by chunk into ``out``; its sha256. ``on_bytes`` is told each chunk."""
     where = gateway.json("GET", f"/tx/{tx_id}/offset")
     try:
         end, listed = int(where["offset"]), int(where["size"])
@@ -290,6 +314,8 @@ def walk_chunks(gateway: Gateway, tx_id: str, size: int, out: Path, filename: st
     start = end - size + 1
     digest = hashlib.sha256()
     done = 0
+    if on_bytes is not None:
+        on_bytes(0, size)
     with (
         open(out, "wb") as f,
         tqdm(
@@ -311,6 +337,8 @@ def walk_chunks(gateway: Gateway, tx_id: str, size: int, out: Path, filename: st
             digest.update(chunk)
             done += len(chunk)
             bar.update(len(chunk))
+            if on_bytes is not None:
+                on_bytes(done, size)
     return digest.hexdigest()
 
 

@@ -103,6 +103,15 @@ class ModelCache:
             _write_json(directory / RECORD, record)
         return path, record
 
+    def is_verified(self, source: str, key: str) -> bool:
+        """Whether an entry holds its verified file, unchanged since (size and mtime as recorded). Reads two small
+        things and hashes nothing, changes nothing: a guess for where to fetch from (runner/model_registry.py),
+        which ``lookup`` under the lock confirms."""
+        record = _read_json(self.entry_dir(source, key) / RECORD)
+        if record is None or not isinstance(record.get("file"), str):
+            return False
+        return unchanged(self.entry_dir(source, key) / record["file"], record)
+
     def drop(self, source: str, key: str, why: str) -> None:
         directory = self.entry_dir(source, key)
         log.warning("dropping cached model %s/%s: %s", source, key, why)
@@ -148,7 +157,7 @@ class ModelCache:
         record is then renewed). Size and mtime can be kept by whoever can write the file."""
         real = path.resolve()
         stat = real.stat()
-        record_path = self.root / source / "hashes" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
+        record_path = self._hash_record(source, real)
         identity = {"path": str(real), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         known = {} if fresh else _read_json(record_path) or {}
         if isinstance(known.get("sha256"), str) and all(known.get(k) == v for k, v in identity.items()):
@@ -158,6 +167,16 @@ class ModelCache:
             _write_json(record_path, {**identity, "sha256": digest})
         return digest
 
+    def known_sha256(self, path: Path, source: str) -> str | None:
+        """The sha256 ``file_sha256`` recorded for a file kept outside this cache, while the file is unchanged since
+        (same size and mtime); None otherwise. Hashes nothing."""
+        real = path.resolve()
+        record = _read_json(self._hash_record(source, real)) or {}
+        digest = record.get("sha256")
+        if not isinstance(digest, str) or record.get("path") != str(real):
+            return None
+        return digest if unchanged(real, record) else None
+
     def set_ref(self, source: str, ref: str, key: str) -> None:
         _write_json(self._ref_path(source, ref), {"key": key, "at": int(time.time())})
 
@@ -166,8 +185,20 @@ class ModelCache:
         key = data.get("key") if data else None
         return key if isinstance(key, str) else None
 
+    def _hash_record(self, source: str, real: Path) -> Path:
+        return self.root / source / "hashes" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
+
     def _ref_path(self, source: str, ref: str) -> Path:
         return self.root / source / "refs" / f"{hashlib.sha256(ref.encode()).hexdigest()[:32]}.json"
+
+
+def unchanged(path: Path, record: dict[str, Any]) -> bool:
+    """Whether ``path`` still has the size and modification time ``record`` holds for it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return stat.st_size == record.get("size") and stat.st_mtime_ns == record.get("mtime_ns")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.model_ids import ModelId, ModelIdError, parse_model_id
-from workflows.sources.cache import RECORD
+from workflows.sources.cache import RECORD, unchanged
 
 log = logging.getLogger("workflows.sources.cached")
 
@@ -58,7 +58,7 @@ def _arweave(root: Path) -> Any:
         filename, owner = tags.get("File-Name"), record.get("owner")
         if not all(isinstance(v, str) and v for v in (repo, filename, owner, record.get("file"))):
             continue
-        if _unchanged(record_path.parent / record["file"], record):
+        if unchanged(record_path.parent / record["file"], record):
             yield _entry(ModelId(source="arweave", owner=owner, repo=repo, filename=filename), record)
 
 
@@ -71,7 +71,7 @@ def _huggingface(root: Path) -> Any:
         repo_dir = blob.parent.parent
         if blob.parent.name != "blobs" or not repo_dir.name.startswith("models--"):
             continue
-        if not _unchanged(blob, record):
+        if not unchanged(blob, record):
             continue
         org, sep, repo = repo_dir.name.removeprefix("models--").partition("--")
         if not sep:
@@ -99,14 +99,6 @@ def _children(directory: Path, name: str | None) -> list[Path]:
         return sorted(p / name for p in directory.iterdir() if (p / name).is_file())
     except OSError:
         return []
-
-
-def _unchanged(path: Path, record: dict[str, Any]) -> bool:
-    try:
-        stat = path.stat()
-    except OSError:
-        return False
-    return stat.st_size == record.get("size") and stat.st_mtime_ns == record.get("mtime_ns")
 
 
 def _entry(model_id: ModelId, record: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from core.errors import FetchError, StartupError, first_line
 from core.settings import TorchSettings, boolean, env_value
-from workflows.sources import ModelSpec, TooLarge, check_pin_digest
+from workflows.sources import ModelSpec, OnBytes, TooLarge, check_pin_digest
 from workflows.sources.cache import ModelCache
 
 log = logging.getLogger("workflows.sources.huggingface")
@@ -32,7 +32,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOKEN_VARS = "HF_TOKEN / HUGGING_FACE_HUB_TOKEN"
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
+def fetch(
+    spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, on_bytes: OnBytes | None = None
+) -> Path:
     assert spec.repo_id
     import huggingface_hub
     from huggingface_hub import constants, errors
@@ -51,6 +53,8 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
         raise TooLarge(size, max_bytes)  # the Hub's HEAD stated it: refused before a byte is downloaded
     # The Hub just named the commit: a file cached for it needs no second HEAD from hf_hub_download.
     cached = _cached(spec, commit) if commit else None
+    if cached is None and on_bytes is not None:
+        on_bytes(0, size)  # the size is known before the first chunk arrives (the library reports whole chunks)
     try:
         path = cached or Path(
             huggingface_hub.hf_hub_download(
@@ -60,7 +64,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
                 token=settings.hf_token,
                 endpoint=endpoint,
                 local_files_only=offline or unreachable is not None,
-                tqdm_class=None if max_bytes is None else _bounded_bar(max_bytes, size),
+                tqdm_class=None if max_bytes is None and on_bytes is None else _bounded_bar(max_bytes, size, on_bytes),
             )
         )
     except Exception as e:
@@ -130,10 +134,10 @@ class _LongerThanStated(StartupError):
     pass
 
 
-def _bounded_bar(max_bytes: int, stated_bytes: int | None) -> type:
+def _bounded_bar(max_bytes: int | None, stated_bytes: int | None, on_bytes: OnBytes | None = None) -> type:
     """A progress bar class for ``hf_hub_download`` that stops the download when its stream passes ``max_bytes``
     (TooLarge) or the size the Hub stated (a server that lies about the size): the library counts each chunk on the
-    bar before it writes it, so no byte past the bound reaches the disk."""
+    bar before it writes it, so no byte past the bound reaches the disk. ``on_bytes`` is told each count."""
     from huggingface_hub.utils import tqdm
 
     class Bounded(tqdm):
@@ -141,7 +145,9 @@ def _bounded_bar(max_bytes: int, stated_bytes: int | None) -> type:
 
         def update(self, n: float | None = 1) -> bool | None:
             self.received += int(n or 0)  # negative when the library restarts a download from byte 0
-            if self.received > max_bytes:
+            if on_bytes is not None:
+                on_bytes(max(self.received, 0), stated_bytes)
+            if max_bytes is not None and self.received > max_bytes:
                 raise TooLarge(None if stated_bytes is None else self.received, max_bytes)
             if stated_bytes is not None and self.received > stated_bytes:
                 raise _LongerThanStated(
@@ -162,6 +168,16 @@ def _remove_incomplete(spec: ModelSpec, etag: str | None) -> None:
     # Without the etag (the Hub could not be asked), every partial of the repository goes: a resumed download costs
     # time, a partial nobody cleans costs disk for ever.
     _remove(blobs.glob(f"{etag}.incomplete" if etag else "*.incomplete"), "partial download")
+
+
+def is_cached(spec: ModelSpec, settings: TorchSettings) -> bool:
+    """Whether the Hugging Face cache holds the file for the revision its refs name (``main`` by default), hashed and
+    recorded by ``_verify`` and unchanged since. No network, no hashing (``sources.is_cached``)."""
+    found = _cached(spec, spec.revision or "main")
+    if found is None:
+        return False
+    digest = ModelCache(settings.model_cache_dir).known_sha256(found, "huggingface")
+    return digest is not None and (spec.sha256 is None or digest == spec.sha256)
 
 
 def _cached(spec: ModelSpec, commit: str) -> Path | None:
@@ -243,7 +259,7 @@ def _refusal(error: Exception, token: str | None, offline: bool, endpoint: str) 
 def check_published_revision(repo_id: str, revision: str, token: str | None, model_id: str) -> None:
     """Refuse a ``revision`` of ``repo_id`` that is not a branch, a tag, or the commit a branch or tag points at.
 
-    On a runner loader thread, before any download, for a per-request id whose version no ALLOWED_MODELS pattern
+    On a runner download thread, before any download, for a per-request id whose version no ALLOWED_MODELS pattern
     spells out: anyone can open a pull request on a public repository, and its commits (reachable only from
     ``refs/pr/N``) are then served by sha; this keeps "every version" to what the repository's owners published.
     One ``GET /api/models/{repo_id}/refs`` without pull requests (what ``HfApi.list_repo_refs`` asks), at the

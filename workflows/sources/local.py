@@ -6,11 +6,13 @@ from pathlib import Path
 
 from core.errors import StartupError
 from core.settings import TorchSettings
-from workflows.sources import ModelSpec, check_pin_digest, model_sha256
+from workflows.sources import ModelSpec, OnBytes, check_pin_digest, model_sha256
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
-    # max_bytes: nothing is downloaded; sources.fetch checks the file's size
+def fetch(
+    spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, on_bytes: OnBytes | None = None
+) -> Path:
+    # max_bytes, on_bytes: nothing is downloaded; sources.fetch checks the file's size
     assert spec.path is not None
     if not spec.path.exists():
         raise StartupError("no such file")
@@ -19,3 +21,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
     if spec.sha256:
         check_pin_digest(model_sha256(spec.path, spec, settings), spec)  # start-up's verify stage reads it afresh
     return spec.path.resolve()
+
+
+def is_cached(spec: ModelSpec, settings: TorchSettings) -> bool:
+    return spec.path is not None and spec.path.is_file()  # nothing to download
