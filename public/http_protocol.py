@@ -113,11 +113,17 @@ class Protocol(HttpToolsProtocol):
                 data = data[upgrade.args[0] :]
                 framing, self._upgrade_framing = self._upgrade_framing, None
                 if framing is not None:
+                    # The stand-in's target and header lines go to uvicorn's ``on_url`` and ``on_header``, which
+                    # add to ``self.url`` and ``self.headers``: the running request's (its scope holds that list).
+                    # They get scratch ones meanwhile, so that every other request's callbacks stay uvicorn's own,
+                    # with no check of ours per header (docs/performance.md, section 26).
+                    url, headers, self.headers = self.url, self.headers, []
                     self._stand_in = True
                     try:
                         self.parser.feed_data(b"PUT / HTTP/1.1\r\n" + framing + b"\r\n")
                     finally:
                         self._stand_in = False
+                        self.url, self.headers = url, headers
 
     def _should_upgrade_to_ws(self) -> bool:
         # No route of the service speaks WebSocket: a handshake is answered as the plain request it also is (uvicorn
@@ -146,14 +152,6 @@ class Protocol(HttpToolsProtocol):
         self._in_message = self._in_head = True
         self._head_bytes = 0
         self._begun += 1
-
-    def on_url(self, url: bytes) -> None:
-        if not self._stand_in:
-            super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._stand_in:
-            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         if self._stand_in:
