@@ -437,3 +437,141 @@ def test_upgrades_half_closes_and_trailing_garbage_get_prompt_json_answers(iris_
     log = iris_server.log()[log_start:]
     assert " ERROR " not in log and "Traceback" not in log, log
     assert iris_server.get("/livez").status_code == 200
+
+
+@pytest.mark.slow
+def test_odd_request_targets_and_methods_get_json_answers_and_reach_no_route(iris_server):
+    # BentoML's router answered `OPTIONS *` (and any `*`) with a plain-text 404; unknown methods and CONNECT were a
+    # 400 that called the request malformed.
+    def ask(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        with connect(iris_server, timeout=10) as conn:
+            conn.sendall(raw)
+            return read_response(conn)
+
+    # RFC 9110, 9.3.7: OPTIONS * asks about the server as a whole; 204 like OPTIONS on a route, every method in Allow.
+    status, headers, body = ask(b"OPTIONS * HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert (status, headers["allow"], body) == (204, "GET, HEAD, POST, OPTIONS", b"")
+    # Only OPTIONS takes `*` (RFC 9110, 7.1).
+    for method in ("GET", "POST", "DELETE"):
+        status, headers, body = ask(request_bytes(method, "*"))
+        assert "only OPTIONS" in assert_contract_error(status, headers, body, 400)["description"], method
+    # absolute-form (RFC 9112, 3.2.2) is served as its path; without a path it is "/".
+    status, _, body = ask(request_bytes("GET", "http://test/livez"))
+    assert (status, json.loads(body)) == (200, {"live": True})
+    assert ask(request_bytes("GET", "http://test"))[0] == 200
+    # The service is not a proxy; a method nobody knows is 501 (RFC 9110, 9.1), naming it and what is served.
+    status, headers, body = ask(b"CONNECT test:443 HTTP/1.1\r\nHost: test:443\r\n\r\n")
+    assert "not a proxy" in assert_contract_error(status, headers, body, 501)["description"]
+    status, headers, body = ask(request_bytes("BREW", "/service_output"))
+    assert "BREW" in assert_contract_error(status, headers, body, 501)["description"]
+    # A NUL, `..` segments (plain and encoded) and a huge path: JSON 404s that reach no file or other route.
+    for path in (
+        "/livez%00",
+        "/service_output%00",
+        "/static_content/../../service.py",
+        "/static_content/%2e%2e/%2e%2e/service.py",
+        "/static_content/a%00b",
+        "/v2/../info",
+        "/x/../info",
+    ):
+        status, headers, body = ask(request_bytes("GET", path))
+        assert status == 404, path
+        assert headers["content-type"] == "application/json" and b"import" not in body and b"version" not in body
+    status, headers, body = ask(request_bytes("GET", "/" + "a" * 60_000))
+    description = assert_contract_error(status, headers, body, 404)["description"]
+    assert len(description) < 300 and "(60001 characters)" in description  # the path is not echoed whole
+
+
+@pytest.mark.slow
+def test_plain_text_errors_of_bentomls_routes_become_the_contracts_json(iris_server):
+    # Starlette's static files (BentoML's /static_content/) answered a bad or unsatisfiable Range in plain text.
+    host = urlsplit(iris_server.url)
+    client = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+    for method in ("GET", "HEAD"):
+        for ranges, expected in (("bytes=zz", 400), ("bytes=99999999-", 416)):
+            client.request(method, "/static_content/index.css", headers={"Range": ranges})
+            response = client.getresponse()
+            body = response.read()
+            headers = {name.lower(): value for name, value in response.getheaders()}
+            assert (response.status, headers["content-type"]) == (expected, "application/json"), (method, ranges)
+            if method == "GET":
+                assert_contract_error(response.status, headers, body, expected)
+            else:
+                assert body == b"" and int(headers["content-length"]) > 0
+    client.request("GET", "/static_content/index.css", headers={"Range": "bytes=0-9"})  # satisfiable: as before
+    response = client.getresponse()
+    assert (response.status, len(response.read())) == (206, 10)
+    client.close()
+
+
+def _uvicorn_with_our_protocol(app, **config) -> tuple[object, threading.Thread, int]:
+    """A real uvicorn server on a loopback port, speaking through public/http_protocol.py's Protocol."""
+    import uvicorn
+
+    from public import http_protocol
+    from tests.fixtures.server import free_port
+
+    http_protocol.install(ServiceSettings.from_env({}))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_config=None, lifespan="off", **config)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return server, thread, port
+
+
+def test_uvicorns_own_500_and_503_are_the_contracts_json():
+    # uvicorn answers in plain text when the application raises before answering ("Internal Server Error") and past
+    # limit_concurrency ("Service Unavailable"). The service's apps never raise (ContractErrors, below, catches) and
+    # BentoML sets no limit_concurrency, so a bare uvicorn on the service's Protocol shows what would go out.
+    import asyncio
+
+    from core.asgi import ContractErrors
+    from public import routes
+
+    release = threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        if scope["path"] == "/silent":
+            return  # ends without an answer
+        raise RuntimeError("the application failed")
+
+    async def options(scope, receive, send):
+        raise AssertionError("not asked")
+
+    for wrapped in (False, True):
+        served = ContractErrors(app, options, routes.error_for, routes.is_own_error) if wrapped else app
+        server, thread, port = _uvicorn_with_our_protocol(served, limit_concurrency=2)
+        try:
+            for path in ("/raises", "/silent"):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    conn.sendall(request_bytes("GET", path))
+                    status, headers, body = read_response(conn)
+                    assert "internal error" in assert_contract_error(status, headers, body, 500)["description"]
+            # limit_concurrency=2: one request running and one connection open, the next connection gets 503.
+            slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+            slow.sendall(request_bytes("GET", "/slow"))
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(request_bytes("GET", "/slow"))
+                status, headers, body = read_response(conn)
+                assert "retry" in assert_contract_error(status, headers, body, 503)["description"]
+                assert headers["retry-after"] == "1"
+            release.set()
+            assert read_response(slow)[0] == 200
+            slow.close()
+            release.clear()
+        finally:
+            server.should_exit = True
+            thread.join(10)
