@@ -223,7 +223,7 @@ class ContractErrors:
         try:
             await self.app(scope, receive, answer.send)
         except Exception as e:
-            if answer.state == _Answer.NOT_STARTED:
+            if answer.state in (_Answer.NOT_STARTED, _Answer.HELD):  # nothing has gone out yet
                 _log.exception("request to %s failed before its answer began", shown(path))
                 return await self._error(send, path, 500, f"internal error: {type(e).__name__}; see the server log")
             if answer.state == _Answer.SENT:  # the inner layer answered (now in JSON) and then re-raised

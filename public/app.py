@@ -509,11 +509,11 @@ def runner_failure(error: Exception) -> RequestError:
     if code is not None and int(code) == 503:
         return RequestError(503, "the model runner is overloaded; retry later")
     if code is not None and int(code) < 500:
-        return RequestError(500, f"the model runner refused the call ({int(code)})")
+        return RequestError(500, f"the model runner refused the call (HTTP {int(code)}); see the runner's log")
     if code is None:
         log.warning("model runner unreachable: %s: %s", type(error).__name__, error)
         return RequestError(503, f"the model runner is unreachable ({type(error).__name__}); retry later")
-    return RequestError(500, f"the model runner failed ({int(code)})")
+    return RequestError(500, f"the model runner failed (HTTP {int(code)}); see the runner's log")
 
 
 def extra_headers(scope: Scope, status: int) -> list[tuple[bytes, bytes]]:
