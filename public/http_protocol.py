@@ -117,9 +117,9 @@ class Protocol(HttpToolsProtocol):
             except httptools.HttpParserInvalidMethodError as e:
                 # A well-formed request line with a method unknown to the parser (RFC 9110, 9.1: 501); other bytes
                 # that fail at the method (a TLS handshake, stray text) are not HTTP: 400.
-                line = _REQUEST_LINE.match(data)
-                if line is not None:
-                    self._refusal = (501, f"method {line[1].decode()} is not supported; {_METHODS}")
+                method = _unknown_method(data)
+                if method is not None:
+                    self._refusal = (501, f"method {method} is not supported; {_METHODS}")
                 self._parse_error = str(e)
                 self.send_400_response("Invalid HTTP request received.")
                 return
@@ -297,8 +297,28 @@ class _Refused(Exception):
 
 
 _METHODS = "the service answers GET, HEAD, POST and OPTIONS"
-# A request line: a method token (RFC 9110, 5.6.2), a target, the version. Bounded: the method is read, not the line.
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}) [!-~]{1,8192} HTTP/\d\.\d\r?\n")
+# A request line at a line's start: a method token (RFC 9110, 5.6.2), a target, the version.
+_REQUEST_LINE = re.compile(rb"(?:^|(?<=\n))([!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}) [!-~]{1,8192} HTTP/\d\.\d\r?\n")
+_CANDIDATES = 64  # request lines looked at in the read that failed (pipelined requests before it are well-formed)
+
+
+def _unknown_method(data: bytes) -> str | None:
+    """The method of a well-formed request line in ``data`` that httptools refuses for its method, or None. Which of
+    the read's requests failed is not said by the parser, so each request line is parsed alone."""
+    for number, line in enumerate(_REQUEST_LINE.finditer(data)):
+        if number == _CANDIDATES:
+            break
+        try:
+            httptools.HttpRequestParser(_NoCallbacks()).feed_data(line[0])
+        except httptools.HttpParserInvalidMethodError:
+            return line[1].decode("ascii")
+        except httptools.HttpParserError:
+            continue
+    return None
+
+
+class _NoCallbacks:
+    """A parser's protocol that wants no callbacks (httptools calls only the ones an object has)."""
 
 
 def _parse_url(url: bytes) -> Any:

@@ -368,6 +368,20 @@ def parse_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return responses
 
 
+def read_responses(conn: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` pipelined responses, however the reads split them (``read_response`` drops what follows the first
+    response in its last read: two answers that arrive in one read lose the second)."""
+    data = b""
+    while True:
+        if data.count(b"\r\n\r\n") >= count:
+            responses = parse_responses(data)
+            if len(responses) >= count and all(len(r[2]) == int(r[1].get("content-length", 0)) for r in responses):
+                return responses
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed before {count} responses: {data!r}"
+        data += chunk
+
+
 @pytest.mark.slow
 def test_upgrades_half_closes_and_trailing_garbage_get_prompt_json_answers(iris_server):
     """Each answer within a few seconds (the socket times out at 5 s), in the contract's JSON, and no ERROR logged."""
@@ -401,7 +415,7 @@ def test_upgrades_half_closes_and_trailing_garbage_get_prompt_json_answers(iris_
         assert_contract_error(status, headers, body, 405)
         assert headers["allow"] == "POST, OPTIONS"
         conn.sendall(request("GET", "/livez", b"", *websocket) + request("GET", "/readyz"))
-        assert [r[0] for r in (read_response(conn), read_response(conn))] == [200, 200]
+        assert [r[0] for r in read_responses(conn, 2)] == [200, 200]
     # A request then bytes that are not HTTP, in one read: the request is answered, then the garbage gets 400.
     for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"hello there\r\n\r\n"):
         with connect(iris_server, timeout=5) as conn:
