@@ -75,6 +75,56 @@ def test_http_settings_parse_and_name_the_variable():
             ServiceSettings.from_env({name: value})
 
 
+def test_error_answers_not_in_the_paths_shape_are_rewritten_and_the_rest_pass():
+    # BentoML's own bodies, as its stack sends them: traffic.max_concurrency's 429, the list-shaped 400 of its typed
+    # endpoints, its hidden 500; a plain-text 404; and answers already right (ours, the protocol's under /v2).
+    import asyncio
+
+    from core.asgi import ContractErrors
+    from public import routes
+
+    def answer(status: int, content_type: bytes, body: bytes):
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+            await send({"type": "http.response.body", "body": body})
+
+        return app
+
+    async def served(app, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": path, "method": "GET", "headers": []}
+        await ContractErrors(app, None, routes.error_for, routes.is_own_error)(scope, None, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    json_type, text = b"application/json", b"text/plain; charset=utf-8"
+    for status, content_type, body, path, expected in (
+        (429, json_type, b'{"error":"Too many requests"}', "/info", "Too many requests"),
+        (400, json_type, b'[{"error":"bad input"}]', "/info", "bad input"),
+        (500, json_type, b'{"error":"An unexpected error has occurred"}', "/x", "An unexpected error has occurred"),
+        (404, text, b"Not Found", "/x", "Not Found"),
+        (416, text, b"", "/static_content/a.css", "Requested Range Not Satisfiable: /static_content/a.css"),
+    ):
+        got_status, headers, got = asyncio.run(served(answer(status, content_type, body), path))
+        error = json.loads(got)
+        assert (got_status, headers[b"content-type"]) == (status, b"application/json")
+        assert error == {"code": str(status), "name": error["name"], "description": expected}
+        assert headers[b"content-length"] == str(len(got)).encode()
+    assert asyncio.run(served(answer(503, text, b"Service Unavailable"), "/x"))[1][b"retry-after"] == b"1"
+    # /v2 speaks the Open Inference Protocol's {"error": ...}: kept there, and what is rewritten takes that shape.
+    kept = b'{"error":"unknown model \'x\'"}'
+    assert asyncio.run(served(answer(404, json_type, kept), "/v2/models/x"))[2] == kept
+    assert json.loads(asyncio.run(served(answer(404, text, b"Not Found"), "/v2/x"))[2]) == {"error": "Not Found"}
+    ours = b'{"code":"400","name":"Bad Request","description":"x"}'
+    assert asyncio.run(served(answer(400, json_type, ours), "/service_output"))[2] == ours
+    # An HTML error page says nothing in one line: the status's phrase and the path.
+    page = asyncio.run(served(answer(502, b"text/html", b"<html><body>Bad Gateway</body></html>"), "/x"))
+    assert json.loads(page[2])["description"] == "Bad Gateway: /x"
+
+
 # --- over HTTP ------------------------------------------------------------------------------------------------------
 
 
@@ -497,9 +547,18 @@ def test_odd_request_targets_and_methods_get_json_answers_and_reach_no_route(iri
 
 
 @pytest.mark.slow
-def test_plain_text_errors_of_bentomls_routes_become_the_contracts_json(iris_server):
-    # Starlette's static files (BentoML's /static_content/) answered a bad or unsatisfiable Range in plain text.
-    host = urlsplit(iris_server.url)
+@pytest.mark.parametrize("server", ["iris_server", "public_path_server"])
+def test_plain_text_errors_of_bentomls_routes_become_the_contracts_json(server, request):
+    # Starlette's static files (BentoML's /static_content/) answered a bad or unsatisfiable Range in plain text; with
+    # the fast path off too (every request through BentoML's stack), and `*` targets there as well.
+    served = request.getfixturevalue(server)
+    with connect(served, timeout=10) as conn:
+        conn.sendall(b"OPTIONS * HTTP/1.1\r\nHost: test\r\n\r\n")
+        status, headers, _ = read_response(conn)
+        assert (status, headers["allow"]) == (204, "GET, HEAD, POST, OPTIONS")
+        conn.sendall(request_bytes("GET", "*"))
+        assert_contract_error(*read_response(conn), 400)
+    host = urlsplit(served.url)
     client = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
     for method in ("GET", "HEAD"):
         for ranges, expected in (("bytes=zz", 400), ("bytes=99999999-", 416)):
