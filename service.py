@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from core import bentoml_seam, crash_records, model_call, server_watch
+from core import bentoml_seam, crash_records, model_call, secrets, server_watch
 from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
 from public import http_protocol, routes
@@ -25,6 +25,10 @@ from public.runner_client import RunnerClient, through_bentoml
 from runner.batch_runner import BatchRunner, Drain
 from runner.model_registry import ModelRegistry
 from workflows import startup
+
+# First: whatever any library logs from here on (BentoML's tracebacks of a failed route included) is written with
+# HF_TOKEN, BEARER_TOKEN and the other secrets masked (core/secrets.py).
+secrets.scrub_logs()
 
 # OpenMP threads that spin while waiting steal the cores the API workers need; on a busy box a 2-thread forward
 # then runs up to 5x slower than a 1-thread one (docs/performance.md). Must be set before torch loads.

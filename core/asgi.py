@@ -1,22 +1,29 @@
-"""The ASGI types every route uses, the one ASGI body reader, and the bound on a uvicorn server's graceful stop
-(``bound_uvicorn``; ``ShutdownBound``, an API worker's requests in flight after SIGTERM)."""
+"""The ASGI types every route uses, the one ASGI body reader, the bound on a uvicorn server's graceful stop
+(``bound_uvicorn``; ``ShutdownBound``, an API worker's requests in flight after SIGTERM), and the public service's
+outermost layers: ``merge_slashes`` and ``ContractErrors`` (every answer JSON in the contract's shape)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import threading
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
+import orjson
+
 from core.errors import RequestError
+from core.secrets import scrub
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 BACKSTOP_S = 1.0  # after the bound, uvicorn cancels whatever is left
+_log = logging.getLogger("core.asgi")
 
 
 class ClientDisconnected(ConnectionError):
@@ -158,3 +165,164 @@ def merge_slashes(app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> Cal
         await app(scope, receive, send)
 
     return merged
+
+
+# Every answer the public service gives is JSON in the contract's shape: ``ContractErrors``, the outermost layer.
+
+SHOWN_PATH_CHARS = 120  # a path quoted in an error description is cut here: a target may be MAX_HEADER_BYTES long
+ERROR_BODY_BYTES = 64 * 1024  # an error body the layer rewrites is read this far for its words, the rest dropped
+_PLAIN_WORDS_CHARS = 300  # a plain-text error body longer than this is not one line of words: the phrase is used
+_REPLACED_HEADERS = frozenset({b"content-type", b"content-length", b"transfer-encoding", b"content-encoding"})
+
+ErrorFor = Callable[[str, int, str], Any]  # (path, status, description) -> the JSON error body for that path
+IsOwnError = Callable[[str, int, Any], bool]  # (path, status, decoded JSON body) -> already in the path's shape
+
+
+def shown(path: str) -> str:
+    """``path`` as an error description quotes it: at most SHOWN_PATH_CHARS characters, then how long it was."""
+    if len(path) <= SHOWN_PATH_CHARS:
+        return path
+    return f"{path[:SHOWN_PATH_CHARS]}... ({len(path)} characters)"
+
+
+class ContractErrors:
+    """The public service's outermost ASGI layer: whatever the layers inside it answer, the client gets JSON.
+
+    - Request targets that are not a path (``scope["path"]`` not starting with ``/``), which BentoML's router
+      answered with a plain-text 404: ``OPTIONS *`` (RFC 9110, 9.3.7: a question about the server as a whole) goes
+      to ``asterisk``, the public app, which answers 204 with every method served in ``Allow``; any other method
+      with ``*`` (only OPTIONS takes it, RFC 9110, 7.1) and any other non-path target get 400.
+    - Error answers (status 400 and up) that are not in the path's error shape, from BentoML's stack or the
+      libraries it runs (Starlette's static files answer a bad ``Range`` in plain text, BentoML's own routes
+      ``{"error": ...}``): rewritten into ``error_for``'s body with the same status, keeping the answer's words
+      when it had one line of them. ``is_own_error`` recognises the bodies already right, which pass unchanged;
+      the service's own answers (``{"code": "<status>", ...}``) are recognised from their first bytes, unparsed.
+    - An application that raises before it answers, or returns without answering: a JSON 500, and the error is
+      logged once (uvicorn sent ``Internal Server Error`` in plain text).
+
+    On the API worker's event loop; a request on the happy path pays one status check in ``send``.
+    """
+
+    def __init__(self, app: Any, asterisk: Any, error_for: ErrorFor, is_own_error: IsOwnError) -> None:
+        self.app = app
+        self.asterisk = asterisk
+        self.error_for = error_for
+        self.is_own_error = is_own_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if not path.startswith("/"):
+            if path == "*" and scope["method"] == "OPTIONS":
+                return await self.asterisk(scope, receive, send)
+            target = "*" if path == "*" else shown(path)
+            why = "only OPTIONS takes the target *" if path == "*" else "the request target must be a path"
+            return await self._error(send, path, 400, f"{why}; send {scope['method']} /<route>, got {target}")
+        answer = _Answer(self, path, send)
+        try:
+            await self.app(scope, receive, answer.send)
+        except Exception as e:
+            if answer.state in (_Answer.NOT_STARTED, _Answer.HELD):  # nothing has gone out yet
+                _log.exception("request to %s failed before its answer began", shown(path))
+                return await self._error(send, path, 500, f"internal error: {type(e).__name__}; see the server log")
+            if answer.state == _Answer.SENT:  # the inner layer answered (now in JSON) and then re-raised
+                _log.exception("request to %s failed after its answer", shown(path))
+                return
+            raise  # part of an answer has gone out: uvicorn closes the connection
+        if answer.state == _Answer.NOT_STARTED:
+            _log.error("request to %s ended without an answer", shown(path))
+            await self._error(send, path, 500, "internal error: the request ended without an answer")
+        elif answer.state == _Answer.HELD:
+            await answer.release()
+
+    async def _error(self, send: Send, path: str, status: int, description: str) -> None:
+        await _send_json(send, status, self.error_for(path, status, description), [(b"connection", b"close")])
+
+
+class _Answer:
+    """One request's ``send`` under ``ContractErrors``: answers below 400 pass straight through; an error answer is
+    held until its body shows whether it is already JSON in the path's shape, then passed or rewritten."""
+
+    NOT_STARTED, PASSING, HELD, SENT = range(4)
+    __slots__ = ("_body", "_layer", "_path", "_send", "_start", "state")
+
+    def __init__(self, layer: ContractErrors, path: str, send: Send) -> None:
+        self._layer = layer
+        self._path = path
+        self._send = send
+        self._start: dict[str, Any] | None = None
+        self._body: list[bytes] = []
+        self.state = self.NOT_STARTED
+
+    async def send(self, message: dict[str, Any]) -> None:
+        state = self.state
+        if state == self.PASSING:
+            return await self._send(message)
+        kind = message["type"]
+        if state == self.NOT_STARTED and kind == "http.response.start":
+            if message["status"] < 400:
+                self.state = self.PASSING
+                return await self._send(message)
+            self._start, self.state = message, self.HELD
+            return None
+        if state == self.HELD and kind == "http.response.body":
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            status = self._start["status"]
+            if not self._body and not more and chunk.startswith(b'{"code":"%d"' % status):
+                self.state = self.PASSING  # the service's own error, whole: as it is
+                await self._send(self._start)
+                return await self._send(message)
+            if sum(map(len, self._body)) < ERROR_BODY_BYTES:
+                self._body.append(chunk)
+            if not more:
+                await self.release()
+            return None
+        return await self._send(message)  # http.response.trailers and the like, after a passed answer
+
+    async def release(self) -> None:
+        """Send the held error answer: as it was when it is in the path's shape, else rewritten."""
+        start, body = self._start, b"".join(self._body)[:ERROR_BODY_BYTES]
+        self.state = self.SENT
+        status, headers = start["status"], start.get("headers", [])
+        content_type = next((value for name, value in headers if name.lower() == b"content-type"), b"")
+        decoded = _json_or_none(body) if content_type.split(b";")[0].strip() == b"application/json" else None
+        if decoded is not None and self._layer.is_own_error(self._path, status, decoded):
+            await self._send(start)
+            return await self._send({"type": "http.response.body", "body": body})
+        description = scrub(_words(decoded, body) or f"{HTTPStatus(status).phrase}: {shown(self._path)}")
+        kept = [(name, value) for name, value in headers if name.lower() not in _REPLACED_HEADERS]
+        await _send_json(self._send, status, self._layer.error_for(self._path, status, description), kept)
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _words(decoded: Any, body: bytes) -> str | None:
+    """The one line an error body says, if it says one: BentoML's ``{"error": ...}`` (or its ``[{"error": ...}]``),
+    or short plain text."""
+    if isinstance(decoded, list) and len(decoded) == 1:
+        decoded = decoded[0]
+    if isinstance(decoded, dict):
+        words = next((decoded[k] for k in ("description", "error", "detail") if isinstance(decoded.get(k), str)), None)
+        return words.strip() or None if words is not None else None
+    if decoded is not None:
+        return None
+    text = body.decode("utf-8", "replace").strip()
+    if not text or len(text) > _PLAIN_WORDS_CHARS or "\n" in text or text.lstrip().startswith("<"):
+        return None
+    return text
+
+
+async def _send_json(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    payload = orjson.dumps(body)
+    start = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)), *headers]
+    if status == 503 and not any(name.lower() == b"retry-after" for name, _ in headers):
+        start.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": payload})

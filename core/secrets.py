@@ -1,5 +1,6 @@
 """The service's secrets (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, BEARER_TOKEN / BEARER_TOKEN_FILE): checked once at
-start-up for what an HTTP header can carry, and scrubbed from any text that leaves the process (``scrub``).
+start-up for what an HTTP header can carry, and scrubbed from any text that leaves the process (``scrub``; every log
+record and uncaught exception once ``scrub_logs`` has run).
 
 Why both: a token an HTTP library refuses makes that library raise an error whose text quotes the header, token
 and all; the check stops such a token at start-up, and ``scrub`` keeps any other library message that quotes a
@@ -8,7 +9,13 @@ token out of answers and logs. Imports nothing of the service's, so that core/er
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
+import traceback
+from types import TracebackType
+from typing import Any
 
 # Variables whose values are secrets (BEARER_TOKEN_FILE's content is remembered when read: core/settings.py).
 SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "BEARER_TOKEN")
@@ -49,3 +56,59 @@ def scrub(text: str) -> str:
     for secret in sorted(secrets, key=len, reverse=True):  # longest first: a line of a token is inside the token
         text = text.replace(secret, MASK)
     return text
+
+
+def scrub_logs() -> None:
+    """From now on in this process, every log record and uncaught exception is written with its secrets masked
+    (``scrub``): its formatted message, its traceback's text and its stack. Why at record creation
+    (``logging.setLogRecordFactory``) rather than as a handler's filter: BentoML, uvicorn and circus configure their
+    own handlers, some after service.py is imported, and loggers that do not propagate (``bentoml``) never reach the
+    root's; every record of every logger is made by the factory. Called once at import of service.py, in every
+    process that loads it (``bentoml serve``, the API workers, the runner); a second call changes nothing."""
+    global _scrubbing
+    if _scrubbing:
+        return
+    _scrubbing = True
+    make_record = logging.getLogRecordFactory()
+
+    def scrubbed_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        scrub_record(record)
+        return record
+
+    logging.setLogRecordFactory(scrubbed_record)
+    sys.excepthook = _scrubbed_excepthook
+    threading.excepthook = _scrubbed_thread_excepthook
+
+
+_scrubbing = False
+_formatter = logging.Formatter()
+
+
+def scrub_record(record: logging.LogRecord) -> None:
+    """Mask the secrets in ``record``'s message, exception text and stack, in place. A record whose message cannot
+    be formatted is left for its handler to report, as logging does. Raises nothing."""
+    try:
+        message = record.getMessage()
+    except Exception:
+        return
+    masked = scrub(message)
+    if masked != message:
+        record.msg, record.args = masked, ()
+    if record.exc_info and not record.exc_text:
+        # Formatters use exc_text when it is set, so the traceback is formatted here, once, and masked.
+        record.exc_text = scrub(_formatter.formatException(record.exc_info))
+    if record.stack_info:
+        record.stack_info = scrub(record.stack_info)
+
+
+def _scrubbed_excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    sys.stderr.write(scrub("".join(traceback.format_exception(kind, error, tb))))
+
+
+def _scrubbed_thread_excepthook(hook: threading.ExceptHookArgs) -> None:
+    if hook.exc_type is SystemExit:
+        return
+    name = hook.thread.name if hook.thread is not None else threading.get_ident()
+    text = "".join(traceback.format_exception(hook.exc_type, hook.exc_value, hook.exc_traceback))
+    sys.stderr.write(scrub(f"Exception in thread {name}:\n{text}"))

@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
-from core.asgi import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, ShutdownBound, read_body
+from core.asgi import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, ShutdownBound, read_body, shown
 from core.errors import Outcome, RequestError
 from core.model_call import ForModel
 from core.model_ids import ModelId, ModelIdError, allowed
@@ -163,15 +163,15 @@ class PublicApp:
                 routes.only_get(method, path)
                 if await routes.bentoml_route(self, scope, receive, send):
                     return 200  # answered by BentoML; the status is only read for /service_output
-                raise RequestError(404, f"no route {path}")
+                raise RequestError(404, f"no route {shown(path)}")
             else:
-                raise RequestError(404, f"no route {path}; the inference route is POST /service_output")
+                raise RequestError(404, f"no route {shown(path)}; the inference route is POST /service_output")
         except RequestError as e:
             status, body = e.status, error_body(e.status, e.description, e.errors)
             if e.model is not None:
                 body["model"] = e.model
         except Exception as e:
-            log.exception("request to %s failed", path)
+            log.exception("request to %s failed", shown(path))
             status, body = 500, error_body(500, f"internal error: {type(e).__name__}")
         if status == 200 and scope.get(BODY_READ):
             return await respond(send, status, body)
@@ -556,11 +556,11 @@ def runner_failure(error: Exception) -> RequestError:
     if code is not None and int(code) == 503:
         return RequestError(503, "the model runner is overloaded; retry later")
     if code is not None and int(code) < 500:
-        return RequestError(500, f"the model runner refused the call ({int(code)})")
+        return RequestError(500, f"the model runner refused the call (HTTP {int(code)}); see the runner's log")
     if code is None:
         log.warning("model runner unreachable: %s: %s", type(error).__name__, error)
         return RequestError(503, f"the model runner is unreachable ({type(error).__name__}); retry later")
-    return RequestError(500, f"the model runner failed ({int(code)})")
+    return RequestError(500, f"the model runner failed (HTTP {int(code)}); see the runner's log")
 
 
 def extra_headers(scope: Scope, status: int) -> list[tuple[bytes, bytes]]:
@@ -579,7 +579,7 @@ async def _options(scope: Scope, send: Send) -> int:
     path = scope["path"]
     methods = ("GET", "HEAD", "POST") if path == "*" else routes.allowed_methods(path)
     if methods is None:
-        body = error_body(404, f"no route {path}; the inference route is POST /service_output")
+        body = error_body(404, f"no route {shown(path)}; the inference route is POST /service_output")
         return await respond(send, 404, body, extra_headers(scope, 404))
     headers = [routes.allow(methods)]  # no Content-Length on a 204 (RFC 9110, 8.6)
     if has_body(scope):

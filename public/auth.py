@@ -40,7 +40,7 @@ def refusal(scope: dict, token: bytes) -> tuple[bytes, str] | None:
         return b"Bearer", "this route needs an Authorization: Bearer token (BEARER_TOKEN)"
     if not hmac.compare_digest(given, token):
         # RFC 6750 section 3.1: a token was sent but is not the right one.
-        return b'Bearer error="invalid_token"', "the bearer token is not valid"
+        return b'Bearer error="invalid_token"', "the Authorization: Bearer token is not the service's (BEARER_TOKEN)"
     return None
 
 

@@ -14,7 +14,12 @@ configuration has none of these; they are set here, where every way of starting 
   target and header lines) before the request is handed on. Past ``MAX_HEADER_BYTES`` the answer is 431 and the
   connection is closed.
 - unreadable requests (a malformed request line or header, a Content-Length with a Transfer-Encoding, a broken chunk):
-  uvicorn answers them 400 in plain text; here the answer is the contract's JSON error, and the connection is closed.
+  uvicorn answers them 400 in plain text; here the answer is the contract's JSON error naming the parser's reason, and
+  the connection is closed. A method the parser does not know gets 501 (RFC 9110, 9.1), and so does ``CONNECT``
+  (the service is no proxy: RFC 9110, 9.3.6); an absolute-form target without a path is taken as ``/``.
+- uvicorn's other answers of its own, ``Internal Server Error`` (an application that raised before answering) and
+  ``Service Unavailable`` (``limit_concurrency``, which BentoML does not set), are the contract's JSON too
+  (``Cycle``, ``service_unavailable``): no answer of the server is plain text.
 - Upgrade offers (``h2c``, WebSocket) are ignored and the request answered in HTTP/1.1, body included (``_feed``); a
   client's half-close gets the answers to what it sent (``eof_received``); an error in bytes after pipelined requests
   is answered once theirs are (``on_response_complete``).
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from asyncio import TimerHandle
 from typing import Any
 
@@ -43,7 +49,8 @@ import httptools
 import orjson
 import uvicorn
 from uvicorn.config import HTTP_PROTOCOLS
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http import httptools_impl
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from core.settings import ServiceSettings
 from core.terms import error_body
@@ -63,12 +70,13 @@ class Protocol(HttpToolsProtocol):
         self._in_head = False  # from a request's first byte to the end of its head
         self._begun = 0  # requests begun on this connection
         self._head_bytes = 0  # bytes read while this head was incomplete
-        self._head_too_large = False
+        self._refusal: tuple[int, str] | None = None  # why the parser was stopped in a callback (``_Refused``)
         self._read_timer: TimerHandle | None = None
         # A request with an Upgrade header and a body: the body's framing header lines, until its body is parsed.
         self._upgrade_framing: bytes | None = None
         self._stand_in = False  # parsing the stand-in head that resumes such a body: its callbacks are not a request's
         self._deferred: tuple[int, str] | None = None  # an error answer waiting for earlier requests' answers
+        self._parse_error = ""  # httptools' reason for the last parse error
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(JoiningTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -106,7 +114,17 @@ class Protocol(HttpToolsProtocol):
             try:
                 self.parser.feed_data(data)
                 return
-            except httptools.HttpParserError:
+            except httptools.HttpParserInvalidMethodError as e:
+                # A well-formed request line with a method unknown to the parser (RFC 9110, 9.1: 501); other bytes
+                # that fail at the method (a TLS handshake, stray text) are not HTTP: 400.
+                method = _unknown_method(data)
+                if method is not None:
+                    self._refusal = (501, f"method {method} is not supported; {_METHODS}")
+                self._parse_error = str(e)
+                self.send_400_response("Invalid HTTP request received.")
+                return
+            except httptools.HttpParserError as e:
+                self._parse_error = str(e)
                 self.send_400_response("Invalid HTTP request received.")
                 return
             except httptools.HttpParserUpgrade as upgrade:
@@ -158,11 +176,19 @@ class Protocol(HttpToolsProtocol):
             return
         # the target and the header lines (": " and the line's end: 4 bytes each), as httptools handed them over
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        # Each refusal stops the parser before uvicorn builds the request, so nothing runs for it; httptools turns
+        # the exception into the parse error that is answered with ``send_400_response``.
         if size > _settings.max_header_bytes:
-            # Stops the parser before uvicorn builds the request, so nothing runs for it; httptools turns this into
-            # the parse error that uvicorn answers with ``send_400_response``.
-            self._head_too_large = True
-            raise _HeadTooLarge
+            self._refusal = (431, _head_too_large())
+            raise _Refused
+        if self.parser.get_method() == b"CONNECT":
+            self._refusal = (501, f"CONNECT is not supported: this service is not a proxy; {_METHODS}")
+            raise _Refused
+        if self.url[:1] not in (b"/", b"*"):
+            # absolute-form (RFC 9112, 3.2.2), which uvicorn reads through httptools: an empty path there is "/"
+            parsed = _parse_url(self.url)
+            if parsed is not None and parsed.path is None:
+                self.url = b"/" + (b"?" + parsed.query if parsed.query else b"")
         self._in_head = False
         self._cancel_read_timer()  # the body has a time of its own
         if self.parser.should_upgrade():
@@ -200,14 +226,16 @@ class Protocol(HttpToolsProtocol):
             self._refuse(408, f"request {part} not received within {_settings.body_timeout_s:g} s (BODY_TIMEOUT_S)")
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes httptools cannot parse (it has logged ``msg``), in the contract's JSON."""
-        if self._head_too_large:
-            self._refuse(431, _head_too_large())
+        """uvicorn's answer to bytes httptools cannot parse (it has logged ``msg``), in the contract's JSON: the
+        refusal a parser callback gave (431, 501), else 400 naming the parser's reason."""
+        if self._refusal is not None:
+            self._refuse(*self._refusal)
             return
+        reason = f" ({self._parse_error})" if self._parse_error else ""
         self._refuse(
             400,
-            "the request is not valid HTTP/1.1: a malformed request line, header or chunk, or a Content-Length that "
-            "cannot be read or comes with a Transfer-Encoding",
+            f"the request is not valid HTTP/1.1{reason}: a malformed request line, header or chunk, or a "
+            "Content-Length that cannot be read or comes with a Transfer-Encoding",
         )
 
     def _refuse(self, status: int, description: str) -> None:
@@ -227,19 +255,75 @@ class Protocol(HttpToolsProtocol):
                 cycle.disconnected = True
                 cycle.message_event.set()
             log.info("%s:%s %s: %s", *(self.client or ("-", 0)), status, description)
-            payload = orjson.dumps(error_body(status, description))
             head = [STATUS_LINE[status]]
             for name, value in self.server_state.default_headers:
                 head += [name, b": ", value, b"\r\n"]
-            head.append(
-                b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(payload)
-            )
-            self.transport.write(b"".join(head) + payload)
+            headers, payload = contract_answer(status, description)
+            head += [b"%s: %s\r\n" % header for header in headers]
+            self.transport.write(b"".join(head) + b"\r\n" + payload)
         self.transport.close()
 
 
-class _HeadTooLarge(Exception):
-    """A complete request head over ``MAX_HEADER_BYTES``, raised in a parser callback."""
+def contract_answer(status: int, description: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and body of every answer uvicorn would have given in plain text: the contract's JSON error, and
+    the connection closes (what follows on it cannot be trusted, or the server is out of room)."""
+    payload = orjson.dumps(error_body(status, description))
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    return [*headers, (b"content-length", b"%d" % len(payload))], payload
+
+
+class Cycle(RequestResponseCycle):
+    """uvicorn's request cycle, with its answer to an application that failed before answering in JSON."""
+
+    async def send_500_response(self) -> None:
+        headers, payload = contract_answer(500, "internal error: the request failed before its answer; see the log")
+        await self.send({"type": "http.response.start", "status": 500, "headers": headers})
+        await self.send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+async def service_unavailable(scope: Any, receive: Any, send: Any) -> None:
+    """uvicorn's answer past its ``limit_concurrency``, in JSON."""
+    headers, payload = contract_answer(503, "overloaded: too many connections in this worker; retry")
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+class _Refused(Exception):
+    """A complete request head refused in a parser callback (``Protocol._refusal`` says why)."""
+
+
+_METHODS = "the service answers GET, HEAD, POST and OPTIONS"
+# A request line at a line's start: a method token (RFC 9110, 5.6.2), a target, the version.
+_REQUEST_LINE = re.compile(rb"(?:^|(?<=\n))([!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}) [!-~]{1,8192} HTTP/\d\.\d\r?\n")
+_CANDIDATES = 64  # request lines looked at in the read that failed (pipelined requests before it are well-formed)
+
+
+def _unknown_method(data: bytes) -> str | None:
+    """The method of a well-formed request line in ``data`` that httptools refuses for its method, or None. Which of
+    the read's requests failed is not said by the parser, so each request line is parsed alone."""
+    for number, line in enumerate(_REQUEST_LINE.finditer(data)):
+        if number == _CANDIDATES:
+            break
+        try:
+            httptools.HttpRequestParser(_NoCallbacks()).feed_data(line[0])
+        except httptools.HttpParserInvalidMethodError:
+            return line[1].decode("ascii")
+        except httptools.HttpParserError:
+            continue
+    return None
+
+
+class _NoCallbacks:
+    """A parser's protocol that wants no callbacks (httptools calls only the ones an object has)."""
+
+
+def _parse_url(url: bytes) -> Any:
+    try:
+        return httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        return None
 
 
 def _body_framing(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -325,3 +409,6 @@ def install(settings: ServiceSettings) -> None:
             TESTED_UVICORN,
         )
     HTTP_PROTOCOLS["auto"] = HTTP_PROTOCOLS["httptools"] = f"{__name__}:Protocol"
+    # uvicorn's module looks both up when a request arrives: its plain-text answers become the contract's JSON.
+    httptools_impl.RequestResponseCycle = Cycle  # type: ignore[misc]
+    httptools_impl.service_unavailable = service_unavailable

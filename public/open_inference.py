@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from core.asgi import Receive, Scope, Send
+from core.asgi import Receive, Scope, Send, shown
 from core.errors import RequestError
 from core.model_call import AskedFor, Unasked
 from core.terms import DTYPE_NAMES, MAX_RANK, json_text, json_type, too_many_dimensions
@@ -121,7 +121,7 @@ async def serve(app: public.PublicApp, scope: Scope, receive: Receive, send: Sen
         if getattr(e, "allow", None):
             headers.append((b"allow", e.allow.encode()))
     except Exception as e:
-        log.exception("request to %s failed", path)
+        log.exception("request to %s failed", shown(path))
         status, body = 500, {"error": f"internal error: {type(e).__name__}"}
     # Allow (405), Accept-Encoding (415), and Connection: close when answering before the body was read.
     named = {name for name, _ in headers}
@@ -143,14 +143,15 @@ async def _route(
         _only(method, "GET")
         return await _readiness(app, {})
     if parts[0] != "models" or len(parts) < 2:
-        raise ProtocolError(404, f"no route {path}; the model's routes are under /v2/models/{app.settings.model_name}")
+        models = f"/v2/models/{app.settings.model_name}"
+        raise ProtocolError(404, f"no route {shown(path)}; the model's routes are under {models}")
     name, rest, version = parts[1], parts[2:], None
     if rest[:1] == ["versions"]:
         if len(rest) < 2:
-            raise ProtocolError(404, f"no route {path}")
+            raise ProtocolError(404, f"no route {shown(path)}")
         version, rest = rest[1], rest[2:]
     if rest not in ([], ["ready"], ["infer"]):
-        raise ProtocolError(404, f"no route {path}")
+        raise ProtocolError(404, f"no route {shown(path)}")
     _only(method, "POST" if rest == ["infer"] else "GET")
     _check_model(app, name, version)
     if rest == ["ready"]:

@@ -14,7 +14,7 @@ import attrs
 import bentoml
 
 from core import bentoml_seam
-from core.asgi import merge_slashes
+from core.asgi import ContractErrors, merge_slashes
 from core.terms import DTYPE_NAMES, InfernetInput, error_body
 from public import SERVICE_NAME, __version__, auth, routes
 from public.app import PublicApp
@@ -241,8 +241,13 @@ class DocumentedService(bentoml.Service):
         return extend(super().openapi_spec, bearer=public is not None and public.needs_token)
 
     def to_asgi(self, is_main: bool = True) -> Any:
-        # Outermost, so that BentoML's routes, the fast routes and ours all see ``//service_output`` merged.
-        return merge_slashes(self.app_stack(is_main))
+        # Outermost, so that BentoML's routes, the fast routes and ours all see ``//service_output`` merged, and
+        # every answer any of them gives reaches the client as JSON in the contract's shape.
+        app = merge_slashes(self.app_stack(is_main))
+        public = next((mounted for mounted, *_ in self.mount_apps if isinstance(mounted, PublicApp)), None)
+        if public is None:
+            return app
+        return ContractErrors(app, public, routes.error_for, routes.is_own_error)
 
     def app_stack(self, is_main: bool) -> Any:
         """The ASGI app before repeated slashes are merged: BentoML's."""

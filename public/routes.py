@@ -10,8 +10,9 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from core.asgi import Receive, Scope, Send
+from core.asgi import Receive, Scope, Send, shown
 from core.errors import RequestError
+from core.terms import error_body
 
 _BENTOML_GET_ROUTES = {"/", "/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json"}
 _BENTOML_STATIC = "/static_content/"
@@ -62,7 +63,7 @@ async def bentoml_route(app: Any, scope: Scope, receive: Receive, send: Send) ->
             try:
                 await route.handle({**scope, **child_scope}, receive, send)
             except HTTPException as e:  # StaticFiles: no such file
-                raise RequestError(e.status_code, f"no file {scope['path']}") from None
+                raise RequestError(e.status_code, f"no file {shown(scope['path'])}") from None
             return True
     return False
 
@@ -97,7 +98,7 @@ async def docs_page(send: Send) -> int:
 
 def only_get(method: str, path: str) -> None:
     if method not in _GET:
-        raise RequestError(405, f"use GET for {path}")
+        raise RequestError(405, f"use GET for {shown(path)}")
 
 
 def allowed_methods(path: str) -> tuple[str, ...] | None:
@@ -105,10 +106,29 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
     methods = ROUTE_METHODS.get(path)
     if methods is None and path.startswith(_BENTOML_STATIC):
         return _GET
-    if methods is None and (path == "/v2" or path.startswith("/v2/")):  # the Open Inference Protocol's routes
+    if methods is None and is_protocol_path(path):  # the Open Inference Protocol's routes
         return ("POST",) if path.endswith("/infer") else _GET
     return methods
 
 
 def allow(methods: tuple[str, ...]) -> tuple[bytes, bytes]:
     return b"allow", ", ".join((*methods, "OPTIONS")).encode()
+
+
+def is_protocol_path(path: str) -> bool:
+    """Whether ``path`` is under ``/v2``, the Open Inference Protocol, whose errors are its ``{"error": ...}``."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_for(path: str, status: int, description: str) -> dict[str, Any]:
+    """The JSON error body for an answer on ``path``: the protocol's under /v2, the contract's everywhere else."""
+    return {"error": description} if is_protocol_path(path) else error_body(status, description)
+
+
+def is_own_error(path: str, status: int, body: Any) -> bool:
+    """Whether an error answer's decoded JSON ``body`` is already in ``path``'s error shape (``error_for``)."""
+    if not isinstance(body, dict):
+        return False
+    if is_protocol_path(path):
+        return isinstance(body.get("error"), str)
+    return body.get("code") == str(status) and isinstance(body.get("description"), str)

@@ -75,6 +75,56 @@ def test_http_settings_parse_and_name_the_variable():
             ServiceSettings.from_env({name: value})
 
 
+def test_error_answers_not_in_the_paths_shape_are_rewritten_and_the_rest_pass():
+    # BentoML's own bodies, as its stack sends them: traffic.max_concurrency's 429, the list-shaped 400 of its typed
+    # endpoints, its hidden 500; a plain-text 404; and answers already right (ours, the protocol's under /v2).
+    import asyncio
+
+    from core.asgi import ContractErrors
+    from public import routes
+
+    def answer(status: int, content_type: bytes, body: bytes):
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+            await send({"type": "http.response.body", "body": body})
+
+        return app
+
+    async def served(app, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "path": path, "method": "GET", "headers": []}
+        await ContractErrors(app, None, routes.error_for, routes.is_own_error)(scope, None, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    json_type, text = b"application/json", b"text/plain; charset=utf-8"
+    for status, content_type, body, path, expected in (
+        (429, json_type, b'{"error":"Too many requests"}', "/info", "Too many requests"),
+        (400, json_type, b'[{"error":"bad input"}]', "/info", "bad input"),
+        (500, json_type, b'{"error":"An unexpected error has occurred"}', "/x", "An unexpected error has occurred"),
+        (404, text, b"Not Found", "/x", "Not Found"),
+        (416, text, b"", "/static_content/a.css", "Requested Range Not Satisfiable: /static_content/a.css"),
+    ):
+        got_status, headers, got = asyncio.run(served(answer(status, content_type, body), path))
+        error = json.loads(got)
+        assert (got_status, headers[b"content-type"]) == (status, b"application/json")
+        assert error == {"code": str(status), "name": error["name"], "description": expected}
+        assert headers[b"content-length"] == str(len(got)).encode()
+    assert asyncio.run(served(answer(503, text, b"Service Unavailable"), "/x"))[1][b"retry-after"] == b"1"
+    # /v2 speaks the Open Inference Protocol's {"error": ...}: kept there, and what is rewritten takes that shape.
+    kept = b'{"error":"unknown model \'x\'"}'
+    assert asyncio.run(served(answer(404, json_type, kept), "/v2/models/x"))[2] == kept
+    assert json.loads(asyncio.run(served(answer(404, text, b"Not Found"), "/v2/x"))[2]) == {"error": "Not Found"}
+    ours = b'{"code":"400","name":"Bad Request","description":"x"}'
+    assert asyncio.run(served(answer(400, json_type, ours), "/service_output"))[2] == ours
+    # An HTML error page says nothing in one line: the status's phrase and the path.
+    page = asyncio.run(served(answer(502, b"text/html", b"<html><body>Bad Gateway</body></html>"), "/x"))
+    assert json.loads(page[2])["description"] == "Bad Gateway: /x"
+
+
 # --- over HTTP ------------------------------------------------------------------------------------------------------
 
 
@@ -368,6 +418,20 @@ def parse_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return responses
 
 
+def read_responses(conn: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` pipelined responses, however the reads split them (``read_response`` drops what follows the first
+    response in its last read: two answers that arrive in one read lose the second)."""
+    data = b""
+    while True:
+        if data.count(b"\r\n\r\n") >= count:
+            responses = parse_responses(data)
+            if len(responses) >= count and all(len(r[2]) == int(r[1].get("content-length", 0)) for r in responses):
+                return responses
+        chunk = conn.recv(65536)
+        assert chunk, f"connection closed before {count} responses: {data!r}"
+        data += chunk
+
+
 @pytest.mark.slow
 def test_upgrades_half_closes_and_trailing_garbage_get_prompt_json_answers(iris_server):
     """Each answer within a few seconds (the socket times out at 5 s), in the contract's JSON, and no ERROR logged."""
@@ -401,7 +465,7 @@ def test_upgrades_half_closes_and_trailing_garbage_get_prompt_json_answers(iris_
         assert_contract_error(status, headers, body, 405)
         assert headers["allow"] == "POST, OPTIONS"
         conn.sendall(request("GET", "/livez", b"", *websocket) + request("GET", "/readyz"))
-        assert [r[0] for r in (read_response(conn), read_response(conn))] == [200, 200]
+        assert [r[0] for r in read_responses(conn, 2)] == [200, 200]
     # A request then bytes that are not HTTP, in one read: the request is answered, then the garbage gets 400.
     for garbage in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"hello there\r\n\r\n"):
         with connect(iris_server, timeout=5) as conn:
@@ -437,3 +501,150 @@ def test_upgrades_half_closes_and_trailing_garbage_get_prompt_json_answers(iris_
     log = iris_server.log()[log_start:]
     assert " ERROR " not in log and "Traceback" not in log, log
     assert iris_server.get("/livez").status_code == 200
+
+
+@pytest.mark.slow
+def test_odd_request_targets_and_methods_get_json_answers_and_reach_no_route(iris_server):
+    # BentoML's router answered `OPTIONS *` (and any `*`) with a plain-text 404; unknown methods and CONNECT were a
+    # 400 that called the request malformed.
+    def ask(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        with connect(iris_server, timeout=10) as conn:
+            conn.sendall(raw)
+            return read_response(conn)
+
+    # RFC 9110, 9.3.7: OPTIONS * asks about the server as a whole; 204 like OPTIONS on a route, every method in Allow.
+    status, headers, body = ask(b"OPTIONS * HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert (status, headers["allow"], body) == (204, "GET, HEAD, POST, OPTIONS", b"")
+    # Only OPTIONS takes `*` (RFC 9110, 7.1).
+    for method in ("GET", "POST", "DELETE"):
+        status, headers, body = ask(request_bytes(method, "*"))
+        assert "only OPTIONS" in assert_contract_error(status, headers, body, 400)["description"], method
+    # absolute-form (RFC 9112, 3.2.2) is served as its path; without a path it is "/".
+    status, _, body = ask(request_bytes("GET", "http://test/livez"))
+    assert (status, json.loads(body)) == (200, {"live": True})
+    assert ask(request_bytes("GET", "http://test"))[0] == 200
+    # The service is not a proxy; a method nobody knows is 501 (RFC 9110, 9.1), naming it and what is served.
+    status, headers, body = ask(b"CONNECT test:443 HTTP/1.1\r\nHost: test:443\r\n\r\n")
+    assert "not a proxy" in assert_contract_error(status, headers, body, 501)["description"]
+    status, headers, body = ask(request_bytes("BREW", "/service_output"))
+    assert "BREW" in assert_contract_error(status, headers, body, 501)["description"]
+    # A NUL, `..` segments (plain and encoded) and a huge path: JSON 404s that reach no file or other route.
+    for path in (
+        "/livez%00",
+        "/service_output%00",
+        "/static_content/../../service.py",
+        "/static_content/%2e%2e/%2e%2e/service.py",
+        "/static_content/a%00b",
+        "/v2/../info",
+        "/x/../info",
+    ):
+        status, headers, body = ask(request_bytes("GET", path))
+        assert status == 404, path
+        assert headers["content-type"] == "application/json" and b"import" not in body and b"version" not in body
+    status, headers, body = ask(request_bytes("GET", "/" + "a" * 60_000))
+    description = assert_contract_error(status, headers, body, 404)["description"]
+    assert len(description) < 300 and "(60001 characters)" in description  # the path is not echoed whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["iris_server", "public_path_server"])
+def test_plain_text_errors_of_bentomls_routes_become_the_contracts_json(server, request):
+    # Starlette's static files (BentoML's /static_content/) answered a bad or unsatisfiable Range in plain text; with
+    # the fast path off too (every request through BentoML's stack), and `*` targets there as well.
+    served = request.getfixturevalue(server)
+    with connect(served, timeout=10) as conn:
+        conn.sendall(b"OPTIONS * HTTP/1.1\r\nHost: test\r\n\r\n")
+        status, headers, _ = read_response(conn)
+        assert (status, headers["allow"]) == (204, "GET, HEAD, POST, OPTIONS")
+        conn.sendall(request_bytes("GET", "*"))
+        assert_contract_error(*read_response(conn), 400)
+    host = urlsplit(served.url)
+    client = http.client.HTTPConnection(host.hostname, host.port, timeout=30)
+    for method in ("GET", "HEAD"):
+        for ranges, expected in (("bytes=zz", 400), ("bytes=99999999-", 416)):
+            client.request(method, "/static_content/index.css", headers={"Range": ranges})
+            response = client.getresponse()
+            body = response.read()
+            headers = {name.lower(): value for name, value in response.getheaders()}
+            assert (response.status, headers["content-type"]) == (expected, "application/json"), (method, ranges)
+            if method == "GET":
+                assert_contract_error(response.status, headers, body, expected)
+            else:
+                assert body == b"" and int(headers["content-length"]) > 0
+    client.request("GET", "/static_content/index.css", headers={"Range": "bytes=0-9"})  # satisfiable: as before
+    response = client.getresponse()
+    assert (response.status, len(response.read())) == (206, 10)
+    client.close()
+
+
+def _uvicorn_with_our_protocol(app, **config) -> tuple[object, threading.Thread, int]:
+    """A real uvicorn server on a loopback port, speaking through public/http_protocol.py's Protocol."""
+    import uvicorn
+
+    from public import http_protocol
+    from tests.fixtures.server import free_port
+
+    http_protocol.install(ServiceSettings.from_env({}))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_config=None, lifespan="off", **config)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return server, thread, port
+
+
+def test_uvicorns_own_500_and_503_are_the_contracts_json():
+    # uvicorn answers in plain text when the application raises before answering ("Internal Server Error") and past
+    # limit_concurrency ("Service Unavailable"). The service's apps never raise (ContractErrors, below, catches) and
+    # BentoML sets no limit_concurrency, so a bare uvicorn on the service's Protocol shows what would go out.
+    import asyncio
+
+    from core.asgi import ContractErrors
+    from public import routes
+
+    release = threading.Event()
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        if scope["path"] == "/silent":
+            return  # ends without an answer
+        raise RuntimeError("the application failed")
+
+    async def options(scope, receive, send):
+        raise AssertionError("not asked")
+
+    for wrapped in (False, True):
+        served = ContractErrors(app, options, routes.error_for, routes.is_own_error) if wrapped else app
+        server, thread, port = _uvicorn_with_our_protocol(served, limit_concurrency=2)
+        try:
+            for path in ("/raises", "/silent"):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    conn.sendall(request_bytes("GET", path))
+                    status, headers, body = read_response(conn)
+                    assert "internal error" in assert_contract_error(status, headers, body, 500)["description"]
+            # limit_concurrency=2: one request running and one connection open, the next connection gets 503.
+            slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+            slow.sendall(request_bytes("GET", "/slow"))
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(request_bytes("GET", "/slow"))
+                status, headers, body = read_response(conn)
+                assert "retry" in assert_contract_error(status, headers, body, 503)["description"]
+                assert headers["retry-after"] == "1"
+            release.set()
+            assert read_response(slow)[0] == 200
+            slow.close()
+            release.clear()
+        finally:
+            server.should_exit = True
+            thread.join(10)

@@ -189,3 +189,66 @@ def test_quoted_env_file_values_are_read_as_python_dotenv_reads_them(tmp_path):
     assert log.count("MAX_BATCH_SIZE: its value is wrapped in quotes") == 1  # once, not once per process
     assert "--env-file keep quotes literally" in log
     assert_no_token(log + json.dumps(info), "the log and /info")
+
+
+@pytest.mark.slow
+def test_tracebacks_that_bentoml_logs_itself_are_masked(tmp_path):
+    # The runner's /describe fails inside BentoML's typed endpoint (tests/workflows_for_tests.py LeakyDescribe: the
+    # error quotes HF_TOKEN, as an HTTP library's error quotes the header it could not send). BentoML's own logger
+    # writes the traceback ("Exception on /describe"), which no code of the service's sees.
+    env = {"CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.LeakyDescribe", "HF_TOKEN": HF_TOKEN}
+    with serving(env, tmp_path) as server:
+        info = server.get("/info")
+        assert info.status_code == 500 and info.json()["code"] == "500"
+        assert_no_token(info.text, "the /info answer")
+        assert server.post({"source": 1, "data": {"dtype": "float", "values": [[1.0, 2.0]]}}).status_code == 200
+    log = server.log()
+    assert "Exception on /describe" in log and "Authorization: Bearer ***" in log
+    assert_no_token(log, "the server log")
+
+
+def test_log_records_and_uncaught_exceptions_are_masked_whoever_logs_them(monkeypatch, capsys):
+    # Handlers configured after start-up (BentoML's, uvicorn's) and loggers that do not propagate see masked records.
+    import logging
+    import threading
+
+    from core import secrets as service_secrets
+
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    # What scrub_logs changes for the process is put back after the test (monkeypatch restores what it set).
+    monkeypatch.setattr(service_secrets, "_scrubbing", False)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    previous_factory = logging.getLogRecordFactory()
+    try:
+        _log_a_leaky_library(service_secrets.scrub_logs)
+    finally:
+        logging.setLogRecordFactory(previous_factory)
+    printed = capsys.readouterr().err
+    assert "refused Bearer ***" in printed and "Invalid header value b'Bearer ***'" in printed
+    assert "RuntimeError: token ***" in printed
+    assert_no_token(printed, "the log lines")
+
+
+def _log_a_leaky_library(scrub_logs) -> None:
+    import logging
+    import threading
+
+    scrub_logs()
+    scrub_logs()  # once is enough; a second call changes nothing
+    logger = logging.getLogger("a_library_of_our_tests")
+    logger.propagate = False
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    try:
+        logger.error("refused %s", f"Bearer {HF_TOKEN}")
+        try:
+            raise ValueError(f"Invalid header value b'Bearer {HF_TOKEN}'")
+        except ValueError:
+            logger.exception("the upload failed")
+        logger.warning("where", stack_info=True)
+    finally:
+        logger.removeHandler(handler)
+    thread = threading.Thread(target=lambda: (_ for _ in ()).throw(RuntimeError(f"token {HF_TOKEN}")))
+    thread.start()
+    thread.join()
