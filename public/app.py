@@ -225,7 +225,7 @@ class PublicApp:
             if reply is None or reply.layout == Layout.CLASSIC:
                 return 200, chain.encode_output(outcome.body)
             return 200, _answer(encode_chain_answer, outcome.body, reply)
-        if reply is not None and reply.layout == Layout.V2:
+        if reply is not None and reply.layout != Layout.CLASSIC:
             return 200, _answer(format_offchain_answer, outcome.body, reply)
         return 200, outcome.body
 
