@@ -496,7 +496,7 @@ def encode_vector_v1(name: str, shape: Any, values: Any, values_dtype: str | Non
     if name in _FLOATING:
         view = {"float": (np.float32, np.uint32), "double": (np.float64, np.uint64)}.get(name, (np.float16, np.uint16))
         with np.errstate(over="ignore"):
-            cast = np.asarray(np.asarray(flat).tolist(), dtype=np.float64).astype(view[0])
+            cast = np.asarray(flat, dtype=np.float64).astype(view[0])
         if not np.isfinite(cast).all():
             raise LayoutError(f"output: a value beyond {name}'s range (the request's dtype, which 1.x answered in)")
         words = cast.view(view[1]).tolist()
