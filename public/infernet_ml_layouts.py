@@ -193,8 +193,9 @@ def split_request(
     ``/service-resources?model_id=`` says it is supported.
 
     Today's form and anything unrecognised come back unchanged (the tensor decoder reports what is wrong, as
-    today). An ``input`` is an envelope's only when the data names a model or ``input`` holds a ``dtype``; any other
-    ``input`` (the ONNX service's ``{"input": [[...]]}``, a custom workflow's) is the workflow's own data.
+    today). ``{"inputs": {name: vector}}`` is the ONNX services' form (:func:`_split_named_inputs`). An ``input``
+    is an envelope's only when the data names a model or ``input`` holds a ``dtype``; any other ``input`` (the ONNX
+    service's ``{"input": [[...]]}``, a custom workflow's) is the workflow's own data.
     Raises LayoutError or ModelIdError (both 400).
     """
     if not isinstance(data, dict):
@@ -256,9 +257,7 @@ def _split_named_inputs(
     ):
         rest = {key: value for key, value in data.items() if key not in ("model_id", "model_source", "load_args")}
         return model, rest, Reply()
-    ours = {
-        str(name): vector_v2_to_ours(vector, max_elements, where=f"inputs.{name}") for name, vector in inputs.items()
-    }
+    ours = {name: vector_v2_to_ours(vector, max_elements, where=f"inputs.{name}") for name, vector in inputs.items()}
     return model, {"inputs": ours}, Reply(Layout.V2, *_output_options(data), results=True)
 
 
@@ -284,7 +283,10 @@ def format_offchain_answer(answer: Any, reply: Reply) -> Any:
     if reply.layout != Layout.V2:
         return answer
     if reply.results:
-        tensors = [answer] if _is_tensor(answer) else list(answer.values()) if isinstance(answer, dict) else []
+        if _is_tensor(answer):
+            tensors = [answer]
+        else:
+            tensors = list(answer.values()) if isinstance(answer, dict) else list(answer) if _is_list(answer) else []
         if not tensors or not all(_is_tensor(t) for t in tensors):
             raise LayoutError(f"output: the answer holds {describe_answer(answer)}; 2.0's result is a list of vectors")
         return {"result": [ours_to_vector_v2(t) for t in tensors]}
@@ -857,6 +859,10 @@ def _check_shape(shape: Any, where: str, limit: int) -> None:
 
 def _is_code(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list(answer: Any) -> bool:
+    return isinstance(answer, (list, tuple))
 
 
 def _is_tensor(answer: Any) -> bool:

@@ -621,3 +621,35 @@ def test_trailing_bytes_after_a_vector_are_ignored():
     assert decode_vector_v2(GOOD_V2 + b"\x01")["values"] == IRIS
     request = v1_request_hex(v1_vector_hex(IRIS_BITS, [1, 4])) + word(0)
     assert split_chain_request(request)[1]["values"] == IRIS
+
+
+def test_2_0_onnx_named_inputs_and_result_list():
+    # C7: 2.0's ONNX service took {"model_id"?, "inputs": {name: RitualVector}} and answered {"result": [vectors]}.
+    data = {
+        "model_id": MODEL,
+        "inputs": {"a": {"dtype": 1, "shape": [2], "values": [1.5, 2]}, "b": {"dtype": 8, "values": [3]}},
+        "output_arithmetic": "fixed_point",
+    }
+    model, tensors, reply = split_request(data)
+    assert str(model) == MODEL
+    assert tensors == {
+        "inputs": {
+            "a": {"dtype": "float", "shape": [2], "values": [1.5, 2]},
+            "b": {"dtype": "long", "shape": [1], "values": [3]},
+        }
+    }
+    assert reply == Reply(Layout.V2, fixed_point=True, results=True)
+    # Our own named inputs (1.x ONNX's form) stay the workflow's data; the model they name is still read.
+    model, tensors, reply = split_request({"model_id": MODEL, "inputs": {"a": {"dtype": "float", "values": [1]}}})
+    assert (str(model), tensors, reply) == (MODEL, {"inputs": {"a": {"dtype": "float", "values": [1]}}}, Reply())
+    with pytest.raises(LayoutError, match=r"^inputs\.a\.dtype: 99 is not a 2\.0 dtype code"):
+        split_request({"inputs": {"a": {"dtype": 99, "values": [1]}}})
+    one = {"dtype": "float", "shape": [1], "values": np.array([0.5], dtype=np.float32)}
+    two = {"dtype": "long", "shape": [1], "values": np.array([7])}
+    answer = format_offchain_answer({"y": one, "n": two}, Reply(Layout.V2, results=True))
+    assert [(v["dtype"], v["shape"], np.asarray(v["values"]).tolist()) for v in answer["result"]] == [
+        (1, [1], [0.5]),
+        (8, [1], [7]),
+    ]
+    with pytest.raises(LayoutError, match=r"2\.0's result is a list of vectors"):
+        format_offchain_answer({"label": "cat"}, Reply(Layout.V2, results=True))
