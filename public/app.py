@@ -236,7 +236,7 @@ class PublicApp:
             if reply is None or reply.layout == Layout.CLASSIC:
                 return 200, chain.encode_output(outcome.body)
             return 200, _answer(encode_chain_answer, outcome.body, reply)
-        if reply is not None and reply.layout == Layout.V2:
+        if reply is not None and reply.layout != Layout.CLASSIC:
             return 200, _answer(format_offchain_answer, outcome.body, reply)
         return 200, outcome.body
 
@@ -247,7 +247,7 @@ class PublicApp:
         raises RequestError 400 for a local id that is not the served model, 503 before the runner is ready."""
         if model is None:
             return data, reply
-        if resources.supports(str(model), {"model": await self._served_model()}):
+        if resources.supports(str(model), {"model": await self.served_model()}):
             return data, reply
         if model.source == "local":
             raise RequestError(400, f"model {model}: a request cannot name a file on the server (source local)")
@@ -278,9 +278,9 @@ class PublicApp:
         /service-resources advertise for it (public/resources.py ``supports``: its Ritual id, repository, file name,
         sha256). Every layout's parser runs it before anything that could refuse the id (a LOCAL source, say), so the
         served model is served whichever layout names it. On the event loop; raises RequestError 503 while loading."""
-        return functools.partial(resources.supports, info={"model": await self._served_model()})
+        return functools.partial(resources.supports, info={"model": await self.served_model()})
 
-    async def _served_model(self) -> dict[str, Any]:
+    async def served_model(self) -> dict[str, Any]:
         """/info's description of the default model, asked of the runner once (it never changes while it runs)."""
         if self._served is None:
             self._served = dict((await self.info()).get("model") or {})
@@ -346,7 +346,7 @@ class PublicApp:
         KW_ARGS or by the start-up check), each request goes to the runner as a call of its own. The runner answers
         a call when all its requests are done, so requests sent together would all wait for the last forward."""
         try:
-            model = await asyncio.wait_for(self._served_model(), timeout=5)
+            model = await asyncio.wait_for(self.served_model(), timeout=5)
         except Exception:  # grouping stays: only the answers' timing is at stake
             log.warning("could not ask the runner whether its model batches; requests are grouped", exc_info=True)
             return

@@ -13,12 +13,16 @@ OFFCHAIN
   * today's form (the original service): ``data = {"dtype": NAME, "values": NESTED, "shape"?}``. Unchanged.
   * 1.x (tag v1.0.0, ``torch_inference_service/src/app.py``, ``utils/common_types.py`` ``TensorInput``):
     ``data = {"input": {"dtype": NAME, "shape", "values": NESTED}, "model_source"?, "load_args"?}``; the answer is
-    today's form, ``{"dtype": NAME, "shape", "values": NESTED}``.
+    1.x's ``{"dtype": the request's NAME, "shape": the output's, "values": FLAT}`` (``format_offchain_answer``).
   * 2.0 (tags v2.0.0/v2.1.0, ``services/torch.py`` ``TorchInferenceRequest``, ``utils/codec/vector.py``
     ``RitualVector``): ``data = {"model_id"?: ID, "input": {"dtype": CODE, "shape", "values": FLAT},
     "output_arithmetic"?: "ieee" | "fixed_point", "output_num_decimals"?: int}``; the answer is a vector in the
     same layout, ``{"dtype": CODE, "shape", "values": FLAT}``. A bare 2.0 vector (``{"dtype": CODE, ...}`` without
     the envelope) is accepted too and answered the same way.
+  * 2.0 ONNX (``services/onnx.py`` ``ONNXInferenceRequest``): ``data = {"model_id"?, "inputs": {NAME: VECTOR_2_0},
+    "output_arithmetic"?, "output_num_decimals"?}``; each vector becomes our form under its name (the ONNX
+    workflow checks the names), and the answer is 2.0's ``{"result": [VECTOR_2_0 per output]}``. ``inputs`` with
+    our dtype names (1.x ONNX's form) is the ONNX workflow's own data, answered in our form.
 
   How they are told apart: ``dtype`` at the top level is today's form (a name) or a bare 2.0 vector (an integer);
   otherwise ``input`` is an envelope, 2.0 when its ``dtype`` is an integer, 1.x when it is a name. The model fields
@@ -33,7 +37,9 @@ CHAIN (``data`` is hex of ABI bytes)
     float ``uint32`` (IEEE bits), double ``uint64``, cfloat ``uint64`` (real bits << 32 | imaginary bits), cdouble
     ``uint128`` (the same with 64-bit halves), half ``uint16``, bfloat16 ``uint16`` (1.x writes *IEEE half* bits
     here, so they are read as half), uint8 ``uint8``, int8 ``int8``, short ``int16``, int ``int32``, long ``int64``,
-    bool ``bool``. The answer's ``raw_output`` is a 1.x vector; ``raw_input`` echoes the request's hex, as 1.x did.
+    bool ``bool``. The answer's ``raw_output`` is a 1.x vector in the dtype of the request's vector (1.x's
+    ``encode_vector(dtype, ...)``: a contract decodes fixed types), the values cast to it where nothing but
+    floating rounding is lost, else a 422; ``raw_input`` echoes the request's hex, as 1.x did.
   * 2.0 (``services/torch.py``): ``abi.encode(bytes model_id, bytes vector)``; empty ``model_id`` means the default
     model, else it is the ABI model id of ``core.model_ids``. The first word is ``0x40`` (the first offset past a
     two-word head); ``0x60`` and ``0x80`` are the same with the optional trailing ``uint8`` output options of 2.0's
@@ -164,12 +170,16 @@ class Layout(StrEnum):
 
 @dataclass(frozen=True)
 class Reply:
-    """How to write the answer: the layout, and for 2.0 CHAIN answers the arithmetic and decimals byte."""
+    """How to write the answer: the layout; for 2.0 CHAIN answers the arithmetic and decimals byte; for 1.x answers
+    the request's dtype name (``dtype``: 1.x answered in the dtype the request named, whatever the model's output
+    was); ``results``: the answer is the ONNX services' ``{"result": [vector, ...]}`` (one per output)."""
 
     layout: Layout = Layout.CLASSIC
     fixed_point: bool = False
     decimals: int = 18
     raw_input: str = ""
+    dtype: str = ""
+    results: bool = False
 
 
 def split_request(
@@ -183,8 +193,9 @@ def split_request(
     ``/service-resources?model_id=`` says it is supported.
 
     Today's form and anything unrecognised come back unchanged (the tensor decoder reports what is wrong, as
-    today). An ``input`` is an envelope's only when the data names a model or ``input`` holds a ``dtype``; any other
-    ``input`` (the ONNX service's ``{"input": [[...]]}``, a custom workflow's) is the workflow's own data.
+    today). ``{"inputs": {name: vector}}`` is the ONNX services' form (:func:`_split_named_inputs`). An ``input``
+    is an envelope's only when the data names a model or ``input`` holds a ``dtype``; any other ``input`` (the ONNX
+    service's ``{"input": [[...]]}``, a custom workflow's) is the workflow's own data.
     Raises LayoutError or ModelIdError (both 400).
     """
     if not isinstance(data, dict):
@@ -193,49 +204,106 @@ def split_request(
         if _is_code(data["dtype"]):
             return None, vector_v2_to_ours(data, max_elements), Reply(Layout.V2)
         return None, data, Reply()
+    v1_fields = "model_source" in data or "load_args" in data
+    names_model = v1_fields or "model_id" in data
+    if "inputs" in data and "input" not in data:
+        return _split_named_inputs(data, max_elements, names_served, names_model)
     if "input" not in data:
         return None, data, Reply()
     vector = data["input"]
-    v1_fields = "model_source" in data or "load_args" in data
-    names_model = v1_fields or "model_id" in data
     if not names_model and not (isinstance(vector, dict) and "dtype" in vector):
         # Not an envelope: a workflow's own `input` (the ONNX service's {"input": [[...]]}, a custom workflow's
         # object) goes to the workflow unchanged.
         return None, data, Reply()
     if not isinstance(vector, dict):
         raise LayoutError("input: expected an object with dtype, shape and values")
-    if v1_fields and "model_id" in data:
+    model = _named_model(data, names_served)
+    if _is_code(vector.get("dtype")):
+        reply = Reply(Layout.V2, *_output_options(data))
+        return model, vector_v2_to_ours(vector, max_elements, where="input"), reply
+    tensor = {key: vector[key] for key in ("dtype", "shape", "values") if key in vector}
+    dtype = vector.get("dtype")
+    return model, tensor, Reply(Layout.V1, dtype=dtype if isinstance(dtype, str) else "")
+
+
+def _named_model(data: dict[str, Any], names_served: Callable[[str], bool] | None) -> ModelId | None:
+    """The model an envelope names (2.0 ``model_id``, or 1.x ``model_source`` + ``load_args``); None for the served
+    model or none named. Raises LayoutError for both kinds at once, ModelIdError for a malformed id."""
+    if ("model_source" in data or "load_args" in data) and "model_id" in data:
         raise LayoutError("data: model_id (2.0) and model_source/load_args (1.x) together; name the model one way")
     if "model_id" in data:
         # A local id may name the served model (public/app.py refuses any other: a request never names a file).
         text = data["model_id"]
         if text is None or (names_served is not None and isinstance(text, str) and names_served(text)):
-            model = None
-        else:
-            model = parse_model_id(text, allow_local=True)
-    else:
-        model = model_id_from_v1(data.get("model_source"), data.get("load_args"), names_served)
-    if _is_code(vector.get("dtype")):
-        reply = Reply(Layout.V2, *_output_options(data))
-        return model, vector_v2_to_ours(vector, max_elements, where="input"), reply
-    tensor = {key: vector[key] for key in ("dtype", "shape", "values") if key in vector}
-    return model, tensor, Reply(Layout.V1)
+            return None
+        return parse_model_id(text, allow_local=True)
+    if "model_source" in data or "load_args" in data:
+        return model_id_from_v1(data.get("model_source"), data.get("load_args"), names_served)
+    return None
+
+
+def _split_named_inputs(
+    data: dict[str, Any], max_elements: int | None, names_served: Callable[[str], bool] | None, names_model: bool
+) -> tuple[ModelId | None, Any, Reply]:
+    """The ONNX services' ``{"inputs": {name: vector}, ...}``: 2.0's when a vector's dtype is a code (each vector
+    becomes our form; the answer is 2.0's ``{"result": [vector, ...]}``), else the workflow's own named inputs
+    (1.x's form, our dtype names), which keep our answer. The model fields are read in both, so a request naming
+    another model is never answered by the served one. Which names the model has is the workflow's to check (its
+    400 lists them)."""
+    inputs = data["inputs"]
+    model = _named_model(data, names_served) if names_model else None
+    if not isinstance(inputs, dict) or not any(
+        isinstance(vector, dict) and _is_code(vector.get("dtype")) for vector in inputs.values()
+    ):
+        rest = {key: value for key, value in data.items() if key not in ("model_id", "model_source", "load_args")}
+        return model, rest, Reply()
+    ours = {name: vector_v2_to_ours(vector, max_elements, where=f"inputs.{name}") for name, vector in inputs.items()}
+    return model, {"inputs": ours}, Reply(Layout.V2, *_output_options(data), results=True)
 
 
 def format_offchain_answer(answer: Any, reply: Reply) -> Any:
-    """Our answer -> the answer in the request's layout (2.0 vectors for 2.0; 1.x's form is already ours).
+    """Our answer -> the answer in the request's layout.
 
-    A 2.0 answer is one vector (2.0's ``TorchInferenceResult.output``): an answer of several tensors (a model's
-    tuple, list or dict) raises LayoutError (the service answers 422), as for the 2.0 CHAIN answer. A workflow's own
-    JSON without tensors is returned as it is. Pure; on the API worker's event loop.
+    1.x (``reply.dtype`` set): ``{"dtype": the request's dtype name, "shape": the output's, "values": FLAT}``, as
+    1.x's torch service wrote it (``result.outputs``, flattened, labelled with the request's dtype); floating values
+    as float64 numbers, the digits 1.x's ``tolist()`` printed (a float32 0.1 is 0.10000000149011612), so a client
+    reading them in the labelled dtype gets the model's value. Complex values are ``[real, imag]`` pairs, labelled
+    with their own dtype when the request's is real.
+    2.0: one vector (2.0's ``TorchInferenceResult.output``): an answer of several tensors (a model's tuple, list or
+    dict) raises LayoutError (the service answers 422), as for the 2.0 CHAIN answer; with ``reply.results`` (the
+    ONNX services' named ``inputs``) ``{"result": [vector, ...]}``, one per output in the model's order, as 2.0's
+    ONNX service answered. A workflow's own JSON without tensors is returned as it is. Pure; on the API worker's
+    event loop.
     """
+    if reply.layout == Layout.V1 and reply.dtype and _is_tensor(answer):
+        # Complex values are pairs, which no real dtype reads: those keep their own name (1.x failed on them).
+        complex_only = answer["dtype"] in _COMPLEX and reply.dtype not in _COMPLEX
+        name = answer["dtype"] if complex_only else reply.dtype
+        return {"dtype": name, "shape": list(answer["shape"]), "values": _flat_as_sent(answer)}
     if reply.layout != Layout.V2:
         return answer
+    if reply.results:
+        if _is_tensor(answer):
+            tensors = [answer]
+        else:
+            tensors = list(answer.values()) if isinstance(answer, dict) else list(answer) if _is_list(answer) else []
+        if not tensors or not all(_is_tensor(t) for t in tensors):
+            raise LayoutError(f"output: the answer holds {describe_answer(answer)}; 2.0's result is a list of vectors")
+        return {"result": [ours_to_vector_v2(t) for t in tensors]}
     if _is_tensor(answer):
         return ours_to_vector_v2(answer)
     if _count_tensors(answer):
         raise LayoutError(f"output: the answer holds {describe_answer(answer)}; a 2.0 answer holds one vector")
     return answer
+
+
+def _flat_as_sent(answer: dict[str, Any]) -> Any:
+    """An answer's values flattened as 1.x sent them: floating values widened to float64, complex as pairs."""
+    values = np.asarray(answer["values"])
+    if answer["dtype"] in _COMPLEX:
+        return values.reshape(-1, 2).astype(np.float64)
+    flat = values.reshape(-1)
+    return flat.astype(np.float64) if flat.dtype.kind == "f" else flat
 
 
 def vector_v2_to_ours(vector: Any, max_elements: int | None = None, where: str = "data") -> dict[str, Any]:
@@ -376,7 +444,8 @@ def split_chain_request(
             ("uint8", "string", "string", "string", "bytes"), blob, "data (1.x layout)"
         )
         model = model_id_from_v1_chain(source, repo_id, filename, version, names_served)
-        return model, decode_vector_v1(vector, max_elements), Reply(Layout.V1, raw_input=hex_data)
+        tensor = decode_vector_v1(vector, max_elements)
+        return model, tensor, Reply(Layout.V1, raw_input=hex_data, dtype=tensor["dtype"])
     head = int.from_bytes(blob[:_WORD], "big") if len(blob) >= _WORD else 0
     extra = {0x60: ("uint8",), 0x80: ("uint8", "uint8")}.get(head, ())
     model_blob, vector, *_ = _abi_decode(("bytes", "bytes", *extra), blob, "data (2.0 layout)")
@@ -395,7 +464,8 @@ def encode_chain_answer(answer: dict[str, Any], reply: Reply) -> dict[str, str]:
         held = describe_answer(answer)
         raise LayoutError(f"output: the answer holds {held}; a {version} CHAIN answer holds one vector")
     if reply.layout == Layout.V1:
-        raw = encode_vector_v1(answer["dtype"], answer["shape"], answer["values"])
+        # 1.x wrote its answer in the dtype the request's vector named (encode_vector(dtype, ...)).
+        raw = encode_vector_v1(reply.dtype or answer["dtype"], answer["shape"], answer["values"], answer["dtype"])
     elif reply.layout == Layout.V2:
         raw = encode_vector_v2(answer["dtype"], answer["shape"], answer["values"], reply.fixed_point, reply.decimals)
     else:
@@ -409,24 +479,45 @@ def encode_chain_answer(answer: dict[str, Any], reply: Reply) -> dict[str, str]:
     }
 
 
-def encode_vector_v1(name: str, shape: Any, values: Any) -> bytes:
-    """A tensor in our form -> 1.x ``encode_vector`` bytes. bfloat16 is written as float (1.x wrote it as IEEE half
-    bits, which overflow for large values; float holds every bfloat16 exactly). Raises LayoutError."""
-    if name == "bfloat16":
-        name = "float"
+def encode_vector_v1(name: str, shape: Any, values: Any, values_dtype: str | None = None) -> bytes:
+    """Values of dtype ``values_dtype`` (default ``name``) -> 1.x ``encode_vector`` bytes in dtype ``name``, as 1.x
+    wrote an answer in the request's dtype: numbers are cast to it. A floating dtype rounds (bfloat16 is code 5
+    with IEEE half bits, as 1.x wrote it and as our decoder reads it back); an integer or bool dtype takes only
+    values it holds exactly (1.x's encoder failed on the others); real values fill a complex dtype with imaginary
+    0. Raises LayoutError naming the value for a cast that cannot be made (complex into a real dtype, a float into
+    an integer dtype, a value beyond the dtype's range, NaN or infinity)."""
     if name not in V1_NAMES:
         raise LayoutError(f"output: dtype {name!r} has no 1.x dtype code")
+    own = values_dtype or name
     dims = _answer_shape(shape)
-    flat = _finite(name, _flat(name, values, dims))
-    if name == "float":
-        words = np.asarray(flat, dtype=np.float32).view(np.uint32).tolist()
-    elif name == "double":
-        words = np.asarray(flat, dtype=np.float64).view(np.uint64).tolist()
-    elif name == "half":
-        words = np.asarray(flat, dtype=np.float16).view(np.uint16).tolist()
+    flat = _finite(own, _flat(own, values, dims))
+    if own in _COMPLEX and name not in _COMPLEX:
+        raise LayoutError(f"output: complex values ({own}) cannot be written as {name}, the request's dtype")
+    if name in _COMPLEX and own not in _COMPLEX:
+        flat = np.stack([np.asarray(flat, dtype=np.float64), np.zeros(len(flat))], axis=-1)
+    if name in _FLOATING:
+        view = {"float": (np.float32, np.uint32), "double": (np.float64, np.uint64)}.get(name, (np.float16, np.uint16))
+        with np.errstate(over="ignore"):
+            cast = np.asarray(flat, dtype=np.float64).astype(view[0])
+        if not np.isfinite(cast).all():
+            raise LayoutError(f"output: a value beyond {name}'s range (the request's dtype, which 1.x answered in)")
+        words = cast.view(view[1]).tolist()
     else:
+        if name not in _COMPLEX:
+            _check_exact(name, flat)
         words = _exact_words(name, flat)
     return _encode(["uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"], [V1_NAMES.index(name), dims, words])
+
+
+def _check_exact(name: str, flat: Any) -> None:
+    """Refuse values an integer or bool dtype does not hold exactly (LayoutError naming the first)."""
+    if name != "bool":
+        array = np.asarray(flat)
+        _check_integers(name, array.astype(np.int64) if array.dtype.kind == "b" else array)  # a bool is 0 or 1
+        return
+    for i, value in enumerate(np.asarray(flat).tolist()):
+        if value not in (0, 1):  # True and False are 1 and 0
+            raise LayoutError(f"output: values[{i}]: {value!r} does not fit bool, the request's dtype")
 
 
 def _exact_words(name: str, flat: Any) -> list[Any]:
@@ -768,6 +859,10 @@ def _check_shape(shape: Any, where: str, limit: int) -> None:
 
 def _is_code(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list(answer: Any) -> bool:
+    return isinstance(answer, (list, tuple))
 
 
 def _is_tensor(answer: Any) -> bool:

@@ -27,7 +27,7 @@ from core.asgi import Receive, Scope, Send, shown
 from core.errors import RequestError
 from core.model_call import AskedFor, Unasked
 from core.terms import DTYPE_NAMES, MAX_RANK, json_text, json_type, too_many_dimensions
-from public import SERVICE_NAME, __version__
+from public import SERVICE_NAME, __version__, resources
 from public import app as public  # built on the public app; public/app.py imports this module only where it routes /v2
 
 log = logging.getLogger("public.open_inference")
@@ -145,21 +145,34 @@ async def _route(
     if parts[0] != "models" or len(parts) < 2:
         models = f"/v2/models/{app.settings.model_name}"
         raise ProtocolError(404, f"no route {shown(path)}; the model's routes are under {models}")
-    name, rest, version = parts[1], parts[2:], None
-    if rest[:1] == ["versions"]:
-        if len(rest) < 2:
-            raise ProtocolError(404, f"no route {shown(path)}")
-        version, rest = rest[1], rest[2:]
-    if rest not in ([], ["ready"], ["infer"]):
+    split = _model_route(parts[1:])
+    if split is None:
         raise ProtocolError(404, f"no route {shown(path)}")
-    _only(method, "POST" if rest == ["infer"] else "GET")
-    _check_model(app, name, version)
-    if rest == ["ready"]:
+    name, version, action = split
+    _only(method, "POST" if action == "infer" else "GET")
+    await _check_model(app, name, version)
+    if action == "ready":
         return await _readiness(app, {"name": name})
-    if rest == ["infer"]:
-        body, binary = await _limited_infer(app, scope, receive)
+    if action == "infer":
+        body, binary = await _limited_infer(app, scope, receive, name)
         return 200, body, binary
-    return 200, await model_metadata(app), None
+    return 200, await model_metadata(app, name), None
+
+
+def _model_route(segments: list[str]) -> tuple[str, str | None, str] | None:
+    """The path after ``/v2/models/`` -> (model name, version or None, "" | "ready" | "infer"), or None for no
+    route. Read from the right, since a name the service advertises may hold slashes (``huggingface/Org/repo``:
+    clients quote a name with ``quote``, which leaves ``/`` as it is)."""
+    action = segments[-1] if len(segments) >= 2 and segments[-1] in ("ready", "infer") else ""
+    if action:
+        segments = segments[:-1]
+    version = None
+    if len(segments) >= 3 and segments[-2] == "versions":
+        version, segments = segments[-1], segments[:-2]
+    elif len(segments) >= 2 and segments[-1] == "versions":
+        return None
+    name = "/".join(segments)
+    return (name, version, action) if name else None
 
 
 def route_template(path: str) -> str | None:
@@ -171,12 +184,12 @@ def route_template(path: str) -> str | None:
         return "/".join(["", "v2", *parts])
     if parts[0] != "models" or len(parts) < 2:
         return None
-    template, rest = ["", "v2", "models", "{model_name}"], parts[2:]
-    if rest[:1] == ["versions"] and len(rest) >= 2:
-        template, rest = [*template, "versions", "{model_version}"], rest[2:]
-    if rest not in ([], ["ready"], ["infer"]):
+    split = _model_route(parts[1:])
+    if split is None:
         return None
-    return "/".join(template + rest)
+    _, version, action = split
+    template = ["", "v2", "models", "{model_name}", *(["versions", "{model_version}"] if version is not None else [])]
+    return "/".join(template + ([action] if action else []))
 
 
 def _only(method: str, allowed: str) -> None:
@@ -185,12 +198,17 @@ def _only(method: str, allowed: str) -> None:
         raise ProtocolError(405, f"use {allowed} for this route", allow=methods)
 
 
-def _check_model(app: public.PublicApp, name: str, version: str | None) -> None:
+async def _check_model(app: public.PublicApp, name: str, version: str | None) -> None:
+    """404 unless ``name`` is one the service advertises for its model: MODEL_NAME, or any id /service-resources
+    calls supported (public/resources.py ``supports``: its Ritual id, repository, file name, sha256), as the
+    Infernet layouts accept; and unless ``version`` is None or the one version."""
     served = app.settings.model_name
-    if name != served:
-        raise ProtocolError(404, f"unknown model {name!r}; this service serves {served!r} (MODEL_NAME)")
+    if name != served and not resources.supports(name, {"model": await app.served_model()}):
+        raise ProtocolError(404, f"unknown model {shown(name)!r}; this service serves {served!r} (MODEL_NAME)")
     if version is not None and version != MODEL_VERSION:
-        raise ProtocolError(404, f"model {served!r} has no version {version!r}; its only version is {MODEL_VERSION!r}")
+        raise ProtocolError(
+            404, f"model {served!r} has no version {shown(version)!r}; its only version is {MODEL_VERSION!r}"
+        )
 
 
 async def _readiness(app: public.PublicApp, body: dict[str, Any]) -> tuple[int, Any, None]:
@@ -199,8 +217,9 @@ async def _readiness(app: public.PublicApp, body: dict[str, Any]) -> tuple[int, 
     return 503, {**body, "ready": False, "error": "the model is still loading; retry shortly"}, None
 
 
-async def model_metadata(app: public.PublicApp) -> dict[str, Any]:
-    """The model's metadata from the runner's description (GET /info); 503 while the model loads. An ONNX model
+async def model_metadata(app: public.PublicApp, name: str = "") -> dict[str, Any]:
+    """The model's metadata from the runner's description (GET /info), under ``name`` (the name it was asked by;
+    MODEL_NAME by default); 503 while the model loads. An ONNX model
     declares its inputs and outputs (names, datatypes, shapes with -1 for a symbolic or unknown dimension); for a
     torch model only the input's datatype is known (its parameters'), and none without floating parameters."""
     info = await app.info()
@@ -214,7 +233,7 @@ async def model_metadata(app: public.PublicApp) -> dict[str, Any]:
         inputs = [{"name": INPUT_NAME, "datatype": datatype, "shape": [-1]}] if datatype else []
         outputs = []
     return {
-        "name": app.settings.model_name,
+        "name": name or app.settings.model_name,
         "versions": [MODEL_VERSION],
         "platform": PLATFORMS.get(model.get("format"), "python"),
         "inputs": inputs,
@@ -235,12 +254,17 @@ def _declared(ports: Any) -> list[dict[str, Any]]:
     ]
 
 
-async def _limited_infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple[dict[str, Any], bytes | None]:
+async def _limited_infer(
+    app: public.PublicApp, scope: Scope, receive: Receive, name: str
+) -> tuple[dict[str, Any], bytes | None]:
     # The same per-worker budget and deadlines as /service_output, counted together with its requests.
-    return await app.limited(scope, receive, functools.partial(_infer, app))
+    return await app.limited(scope, receive, functools.partial(_infer, app, name=name))
 
 
-async def _infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple[dict[str, Any], bytes | None]:
+async def _infer(
+    app: public.PublicApp, scope: Scope, receive: Receive, name: str
+) -> tuple[dict[str, Any], bytes | None]:
+    """One infer request for the model asked for as ``name`` (an answer's ``model_name`` is that name, as Triton's)."""
     headers = dict(scope["headers"])
     raw = await public.read_request_body(scope, receive, app.settings.max_request_bytes)
     header, binary = split_body(raw, headers.get(_HEADER_LENGTH))
@@ -252,7 +276,7 @@ async def _infer(app: public.PublicApp, scope: Scope, receive: Receive) -> tuple
     if outcome.status != 200:
         raise ProtocolError(outcome.status, in_protocol_terms(outcome.description))
     lone = await _lone_output_name(app) if _is_lone(outcome.body) else LONE_OUTPUT
-    return answer(outcome.body, request, app.settings.model_name, lone)
+    return answer(outcome.body, request, name, lone)
 
 
 async def _lone_output_name(app: public.PublicApp) -> str:

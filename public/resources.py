@@ -23,7 +23,9 @@ from typing import Any
 from urllib.parse import unquote
 
 from core.model_ids import ModelIdError, allowed, parse_model_id
+from core.settings import hf_token
 from public import SERVICE_NAME
+from workflows.per_request import ModelLoadError, check_version_published
 
 SPEC_VERSION = "0.1.0"  # of the ServiceResources format, not of this service
 
@@ -35,7 +37,8 @@ async def service_resources(app: Any, scope: Any) -> dict[str, Any]:
     query = scope.get("query_string", b"").decode("latin-1")
     asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
     if asked:
-        return model_support(unquote(asked), info, app.settings.allowed_models)
+        # In a thread: the answer may ask the Hub whether a version is published (one refs request, bounded).
+        return await asyncio.to_thread(model_support, unquote(asked), info, app.settings.allowed_models)
     cache = (info.get("model") or {}).get("cache_dir")
     # Disk usage and nvidia-smi block; keep them off the event loop.
     listing = await asyncio.to_thread(resources, SERVICE_NAME, info, Path(cache) if cache else None)
@@ -72,6 +75,10 @@ def model_support(asked: str, info: dict[str, Any], allowed_models: Any) -> dict
     if failed is not None:
         reason = "not found" if failed["status"] == 404 else failed["reason"]
         return {"supported": False, "error": reason}
+    try:  # the check a request's load makes first: a pull request's commit is refused there, so here too
+        check_version_published(model, allowed_models, hf_token(os.environ))
+    except ModelLoadError as e:
+        return {"supported": False, "error": str(e)}
     return {"supported": True}  # allowed; loaded on its first request
 
 

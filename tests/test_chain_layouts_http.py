@@ -5,8 +5,12 @@ the client sent it (docs/contract.md, CHAIN and section 5). Bodies are built wit
 
 from __future__ import annotations
 
+import asyncio
 import json
+import struct
 
+import aiohttp
+import numpy as np
 import pytest
 import requests
 import torch
@@ -30,6 +34,9 @@ def server(tmp_path_factory):
 
 def int256_hex(fixed: list[int]) -> str:
     return encode(["int256[]"], [fixed]).hex()
+
+
+V1_HEAD = ["uint8", "string", "string", "string", "bytes"]
 
 
 def v1_hex(values: list[float]) -> str:
@@ -219,10 +226,13 @@ def test_a_dtype_outside_the_vocabulary_is_widened_alike_in_every_layout(server,
     row = WIDENED_ROWS[own]
     name, code, datatype = WIDENED_AS[own]
     values = [[v, 0.0] for v in row] if name == "cfloat" else row
-    for data in ({"dtype": "float", "values": [row]}, {"input": {"dtype": "float", "shape": [1, 9], "values": [row]}}):
-        response = server.post({"source": 1, "data": data})  # today's form and 1.x's envelope
-        assert response.status_code == 200, response.text
-        assert response.json() == {"dtype": name, "shape": [1, 9], "values": [values]}
+    response = server.post({"source": 1, "data": {"dtype": "float", "values": [row]}})  # today's form
+    assert response.status_code == 200, response.text
+    assert response.json() == {"dtype": name, "shape": [1, 9], "values": [values]}
+    # 1.x's envelope: labelled with the request's dtype, values flat (complex pairs keep their own name)
+    response = server.post({"source": 1, "data": {"input": {"dtype": "float", "shape": [1, 9], "values": [row]}}})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"dtype": "cfloat" if name == "cfloat" else "float", "shape": [1, 9], "values": values}
     response = server.post({"source": 1, "data": {"dtype": 1, "shape": [1, 9], "values": row}})  # 2.0
     assert response.status_code == 200, response.text
     assert response.json() == {"dtype": code, "shape": [1, 9], "values": values}
@@ -263,6 +273,46 @@ def test_a_complex_answer_to_the_int256_chain_answer_is_a_422_saying_why(server)
             "the model's output is complex (cfloat); the int256[] CHAIN answer holds real numbers only"
             in (body["description"])
         ), body
-    # The 1.x vector holds complex values: the same answer goes on chain there.
-    response = chain(server, v1_hex(row))
-    assert response.status_code == 200, response.text
+    # 1.x answered in the request's dtype (a contract decodes its fixed types): a double vector cannot hold them.
+    body = assert_contract_error(chain(server, v1_hex(row)), 422)
+    assert "complex values (cfloat) cannot be written as double, the request's dtype" in body["description"], body
+
+
+# C3: infernet-ml 1.x answered in the dtype the request named (TorchInferenceResult's values, flattened, labelled
+# with the request's dtype; on chain encode_vector(request dtype, ...)), whatever the model's own dtype. A node
+# client (aiohttp, as the Infernet node posts) reads the float32 model's answer to a double request as 1.x wrote it.
+
+
+def test_1x_answers_are_in_the_requests_dtype(server):
+    async def ask() -> list[tuple[int, dict]]:
+        v1_long = encode(["uint8", "uint16[]", "int64[]"], [10, [1, 2], [1, 2]])
+        requests_ = [
+            {"source": 1, "data": {"input": {"dtype": "double", "shape": [1, 2], "values": [[0.1, 0.3]]}}},
+            {
+                "source": 1,
+                "destination": 0,
+                "data": {"input": {"dtype": "double", "shape": [1, 2], "values": [[0.1, 0.3]]}},
+            },
+            {"source": 0, "destination": 0, "data": v1_hex([0.1, 0.3])},
+            {"source": 0, "destination": 0, "data": encode(V1_HEAD, [0, "", "", "", v1_long]).hex()},
+        ]
+        async with aiohttp.ClientSession() as session:
+            answers = []
+            for body in requests_:
+                async with session.post(f"{server.url}/service_output", json=body) as response:
+                    answers.append((response.status, await response.json()))
+            return answers
+
+    (s1, offchain), (s2, v1_out), (s3, v1_chain), (s4, v1_long_chain) = asyncio.run(ask())
+    assert (s1, s2, s3, s4) == (200, 200, 200, 200)
+    widened = [float(np.float32(0.1)), float(np.float32(0.3))]  # 0.10000000149011612: 1.x's tolist() of float32
+    assert offchain == {"dtype": "double", "shape": [1, 2], "values": widened}
+    bits = [struct.unpack(">Q", struct.pack(">d", v))[0] for v in widened]
+    for answer in (v1_out, v1_chain):
+        # A contract decodes (uint8, uint16[], uint64[]): the request's dtype double (code 1), not the model's float.
+        assert decode(["uint8", "uint16[]", "uint64[]"], bytes.fromhex(answer["raw_output"])) == (
+            1,
+            (1, 2),
+            tuple(bits),
+        )
+    assert decode(["uint8", "uint16[]", "int64[]"], bytes.fromhex(v1_long_chain["raw_output"])) == (10, (1, 2), (1, 2))

@@ -151,7 +151,7 @@ def test_v1_layout(label, values, bits, fixed):
     model, tensor, reply = split_chain_request(request)
     assert model is None
     assert tensor == {"dtype": "double", "shape": [1, len(values)], "values": values}
-    assert reply == Reply(Layout.V1, raw_input=request)
+    assert reply == Reply(Layout.V1, raw_input=request, dtype="double")
     assert decode_tensor(tensor).tolist() == [values]
 
 
@@ -379,7 +379,8 @@ VALUES = {
 @pytest.mark.parametrize("name", DTYPE_NAMES)
 def test_v1_round_trip(name):
     back = decode_vector_v1(encode_vector_v1(name, [2], VALUES[name]))
-    assert back == {"dtype": "float" if name == "bfloat16" else name, "shape": [2], "values": VALUES[name]}
+    # bfloat16 is code 5 in IEEE half bits, as 1.x wrote it and reads it back
+    assert back == {"dtype": name, "shape": [2], "values": VALUES[name]}
 
 
 @pytest.mark.parametrize("name", DTYPE_NAMES)
@@ -429,8 +430,22 @@ def test_answer_encoding_errors():
         encode_vector_v2("double", [1], [float("nan")], fixed_point=True)
     with pytest.raises(LayoutError, match=r"has no 1\.x dtype code"):
         encode_vector_v1("uint16", [1], [1])
-    with pytest.raises(LayoutError, match="cannot be encoded"):
+    with pytest.raises(LayoutError, match=r"values\[0\]: 300 does not fit uint8 \[0, 255\]"):
         encode_vector_v1("uint8", [1], [300])
+    # 1.x answers in the request's dtype: values are cast to it where nothing is lost, else a LayoutError (422)
+    assert decode_vector_v1(encode_vector_v1("long", [2], np.array([1.0, 2.0], dtype=np.float32), "float")) == {
+        "dtype": "long",
+        "shape": [2],
+        "values": [1, 2],
+    }
+    with pytest.raises(LayoutError, match=r"values\[1\]: 0.5 does not fit long"):
+        encode_vector_v1("long", [2], np.array([1.0, 0.5]), "double")
+    with pytest.raises(LayoutError, match="beyond half's range"):
+        encode_vector_v1("half", [1], np.array([1e6]), "double")
+    with pytest.raises(LayoutError, match=r"complex values \(cdouble\) cannot be written as float"):
+        encode_vector_v1("float", [1], np.array([[1.0, 2.0]]), "cdouble")
+    assert decode_vector_v1(encode_vector_v1("cfloat", [1], [2.0], "double"))["values"] == [[2.0, 0.0]]
+    assert decode_vector_v1(encode_vector_v1("int", [2], np.array([True, False]), "bool"))["values"] == [1, 0]
 
 
 # ---- OFFCHAIN ------------------------------------------------------------------------------------------------------
@@ -481,9 +496,12 @@ def test_v1_offchain(label, values, bits, fixed):
     model, tensor, reply = split_request(data)
     assert str(model) == MODEL
     assert tensor == {"dtype": "double", "shape": [1, len(values)], "values": [values]}
-    assert reply == Reply(Layout.V1)
-    answer = {"dtype": "long", "shape": [1], "values": np.array([2])}
-    assert format_offchain_answer(answer, reply) is answer  # 1.x answered in today's form
+    assert reply == Reply(Layout.V1, dtype="double")
+    # 1.x answered the model's values flattened, labelled with the request's dtype (TorchInferenceResult.outputs)
+    answer = {"dtype": "float", "shape": [1, 2], "values": np.array([[2, 0.1]], dtype=np.float32)}
+    formatted = format_offchain_answer(answer, reply)
+    assert formatted["dtype"] == "double" and formatted["shape"] == [1, 2]
+    assert formatted["values"].tolist() == [2.0, 0.10000000149011612]  # 1.x's tolist() of a float32
     assert split_request({"input": data["input"]})[0] is None
 
 
@@ -603,3 +621,35 @@ def test_trailing_bytes_after_a_vector_are_ignored():
     assert decode_vector_v2(GOOD_V2 + b"\x01")["values"] == IRIS
     request = v1_request_hex(v1_vector_hex(IRIS_BITS, [1, 4])) + word(0)
     assert split_chain_request(request)[1]["values"] == IRIS
+
+
+def test_2_0_onnx_named_inputs_and_result_list():
+    # C7: 2.0's ONNX service took {"model_id"?, "inputs": {name: RitualVector}} and answered {"result": [vectors]}.
+    data = {
+        "model_id": MODEL,
+        "inputs": {"a": {"dtype": 1, "shape": [2], "values": [1.5, 2]}, "b": {"dtype": 8, "values": [3]}},
+        "output_arithmetic": "fixed_point",
+    }
+    model, tensors, reply = split_request(data)
+    assert str(model) == MODEL
+    assert tensors == {
+        "inputs": {
+            "a": {"dtype": "float", "shape": [2], "values": [1.5, 2]},
+            "b": {"dtype": "long", "shape": [1], "values": [3]},
+        }
+    }
+    assert reply == Reply(Layout.V2, fixed_point=True, results=True)
+    # Our own named inputs (1.x ONNX's form) stay the workflow's data; the model they name is still read.
+    model, tensors, reply = split_request({"model_id": MODEL, "inputs": {"a": {"dtype": "float", "values": [1]}}})
+    assert (str(model), tensors, reply) == (MODEL, {"inputs": {"a": {"dtype": "float", "values": [1]}}}, Reply())
+    with pytest.raises(LayoutError, match=r"^inputs\.a\.dtype: 99 is not a 2\.0 dtype code"):
+        split_request({"inputs": {"a": {"dtype": 99, "values": [1]}}})
+    one = {"dtype": "float", "shape": [1], "values": np.array([0.5], dtype=np.float32)}
+    two = {"dtype": "long", "shape": [1], "values": np.array([7])}
+    answer = format_offchain_answer({"y": one, "n": two}, Reply(Layout.V2, results=True))
+    assert [(v["dtype"], v["shape"], np.asarray(v["values"]).tolist()) for v in answer["result"]] == [
+        (1, [1], [0.5]),
+        (8, [1], [7]),
+    ]
+    with pytest.raises(LayoutError, match=r"2\.0's result is a list of vectors"):
+        format_offchain_answer({"label": "cat"}, Reply(Layout.V2, results=True))

@@ -65,7 +65,14 @@ def bentoml_like_app() -> Starlette:
         ("GET", "/v2/models/model", "/v2/models/{model_name}"),
         ("GET", "/v2/health/ready", "/v2/health/ready"),
         ("GET", "/v2", "/v2"),
-        ("GET", "/v2/models/model/" + secrets.token_hex(8), UNMATCHED),
+        # A model's advertised ids may hold slashes (huggingface/Org/repo): what follows /v2/models/ is its name
+        ("GET", "/v2/models/model/" + secrets.token_hex(8), "/v2/models/{model_name}"),
+        (
+            "POST",
+            "/v2/models/huggingface/Org/repo/versions/1/infer",
+            "/v2/models/{model_name}/versions/{model_version}/infer",
+        ),
+        ("GET", "/v2/models/model/versions", UNMATCHED),
     ],
 )
 def test_endpoint_label_names_the_route_or_one_value(method, path, label):

@@ -145,7 +145,7 @@ def test_the_served_model_named_by_its_id_is_served(server: Server):
     v1 = {"model_source": 2, "load_args": {"repo_id": "dflt/lin", "filename": "model.torch"}}
     response = server.post({"source": 1, "data": {**v1, "input": {"dtype": "float", "shape": [1, 4], "values": [ROW]}}})
     assert response.status_code == 200, response.text
-    assert response.json()["values"][0] == pytest.approx(expected[0])
+    assert response.json()["values"] == pytest.approx(expected[0])  # 1.x answers flat values
     assert server.get("/info").json()["models"]["loaded"] == []  # the default answered; nothing loaded twice
 
 
@@ -308,14 +308,21 @@ def test_every_version_means_published_versions_not_a_pull_requests_commit(serve
     # S7: "huggingface/org/*" allowed every sha of org/pr, including a commit only its refs/pr/1 reaches: anyone
     # may open a pull request on a public repo, so anyone could have their weights served.
     pr_sha = pr_commit(refusals_hub, "org/pr")
-    response = server.post(v2_request(f"huggingface/org/pr/{pr_sha}:model.torch"))
+    # /service-resources?model_id= gives the answer a request gets (it said supported), without a download.
+    pr_id = f"huggingface/org/pr/{pr_sha}:model.torch"
+    probe = server.get("/service-resources", params={"model_id": pr_id}).json()
+    assert pr_id not in server.get("/info").json()["models"].get("failed", {})  # asked, not loaded
+    response = server.post(v2_request(pr_id))
     assert response.status_code == 403, response.text
     description = response.json()["description"]
+    assert probe == {"supported": False, "error": description}
     assert f"version {pr_sha} is not a branch, a tag or the commit of one" in description
     assert f"add huggingface/org/pr/{pr_sha} (the version written out) to ALLOWED_MODELS" in description
     assert refusals_hub.url not in description
     # Published versions stay allowed: a tag, a branch, the commit a branch points at (and no version at all).
     for version in ("/v1", "/main", "/" + pr_commit(refusals_hub, "org/pr", "refs/heads/main"), ""):
+        probe = server.get("/service-resources", params={"model_id": f"huggingface/org/pr{version}:model.torch"})
+        assert probe.json() == {"supported": True}, version
         response = server.post(v2_request(f"huggingface/org/pr{version}:model.torch"))
         assert response.status_code == 200, (version, response.text)
         assert response.json()["values"] == ROW, version

@@ -8,15 +8,18 @@ softmax over classes), so it answers what the torch model answers.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import onnx
 import pytest
 import requests
 import torch
+from eth_abi import decode
 from onnx import TensorProto, helper, numpy_helper
 
 from core.errors import InputError, StartupError
@@ -403,6 +406,37 @@ def test_served_iris_onnx_is_class_2_in_both_forms(onnx_server):
         assert body["dtype"] == "float" and body["shape"] == [1, 3]
         assert int(np.argmax(body["values"][0])) == 2
         assert body["values"][0] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_served_iris_onnx_takes_2_0_named_inputs(onnx_server):
+    # C7: infernet-ml 2.0's ONNX service took {"model_id"?, "inputs": {name: RitualVector}} (dtype codes, flat values)
+    # and answered {"result": [vector per output]}; its requests were a 400 here. Posted with aiohttp, as the node.
+    vector = {"dtype": 1, "shape": [1, 4], "values": IRIS_VECTOR}
+
+    async def ask() -> list[tuple[int, dict]]:
+        bodies = [
+            offchain({"model_id": None, "inputs": {"input": vector}}),
+            offchain({"inputs": {"x": vector}}),
+            {"source": 1, "destination": 0, "data": {"inputs": {"input": vector}}},
+        ]
+        async with aiohttp.ClientSession() as session:
+            answers = []
+            for body in bodies:
+                async with session.post(f"{onnx_server.url}/service_output", json=body) as response:
+                    answers.append((response.status, await response.json()))
+            return answers
+
+    (ok, answer), (bad, error), (chain_ok, chain) = asyncio.run(ask())
+    assert ok == 200, answer
+    [result] = answer["result"]
+    assert result["dtype"] == 1 and result["shape"] == [1, 3]  # float32, flat values
+    assert result["values"] == pytest.approx(torch_iris([IRIS_VECTOR])[0], rel=1e-5, abs=1e-7)
+    assert bad == 400 and error["description"].startswith(
+        "inputs.x: the model has no input 'x'; its inputs: 'input' float [batch, 4]"
+    ), error
+    assert chain_ok == 200, chain
+    words = decode(["uint8", "uint8", "uint8", "uint16[]", "int32[]"], bytes.fromhex(chain["raw_output"]))
+    assert words[:4] == (0, 18, 1, (1, 3))  # a 2.0 float32 vector, IEEE
 
 
 def test_served_info_describes_the_onnx_model(onnx_server):

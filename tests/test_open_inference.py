@@ -426,6 +426,24 @@ def test_tritonclient_infers_the_iris_class(iris_server, triton_client, datatype
 
 
 @pytest.mark.slow
+def test_tritonclient_reaches_the_model_by_each_id_it_is_advertised_by(iris_server, triton_client):
+    # C-v2: /service-resources and the Infernet layouts take the model by its Ritual id, repository, file and
+    # sha256; /v2/models/{name} knew MODEL_NAME only (404 for the id the node reads from /service-resources).
+    advertised = iris_server.get("/service-resources").json()["compute_capability"][0]["models"][0]
+    assert advertised["repo_id"] == "local/local/iris:model.torch"
+    tensor = triton.InferInput("input_0", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.array([IRIS_ROW], dtype=np.float32))
+    for name in (advertised["repo_id"], "local/local/iris", "model.torch", advertised["sha256"]):
+        assert triton_client.is_model_ready(name) and triton_client.is_model_ready(name, model_version="1"), name
+        assert triton_client.get_model_metadata(name)["name"] == name  # the name asked by, as Triton answers
+        result = triton_client.infer(name, [tensor], model_version="1")
+        assert result.get_response()["model_name"] == name
+        assert result.as_numpy("output_0").argmax() == 2, name
+    assert not triton_client.is_model_ready("local/local/other")
+    assert requests.get(f"{iris_server.url}/v2/models/local/local/iris/versions", timeout=30).status_code == 404
+
+
+@pytest.mark.slow
 def test_tritonclient_defaults_and_versioned_routes(triton_client):
     tensor = triton.InferInput("input_0", [1, 4], "FP32")
     tensor.set_data_from_numpy(np.array([IRIS_ROW], dtype=np.float32))  # binary in, binary out: the client's defaults

@@ -2,7 +2,9 @@
 
 Requests (OFFCHAIN ``data``), in three forms:
 
-    {"inputs": {"x": {"dtype", "shape"?, "values"}, ...}}   named inputs, as infernet-ml 2.0's ONNX workflow took them
+    {"inputs": {"x": {"dtype", "shape"?, "values"}, ...}}   named inputs, as infernet-ml 1.x's ONNX service took them
+                                                            (2.0's, with dtype codes, arrive converted to this form:
+                                                            public/infernet_ml_layouts.py)
     {"input": [[...]]}  or  {"x": [[...]], ...}             the original ONNX service: the model's input names mapped
                                                             to values; the key "input" names the model's first input
                                                             when no input has that name; dtypes are the model's own

@@ -50,6 +50,25 @@ class ModelLoadError(ServiceError):
         self.found = found
 
 
+def check_version_published(model_id: str, allowed_models: tuple[str, ...] | list[str], hf_token: str | None) -> None:
+    """Refuse a Hugging Face version that no ALLOWED_MODELS pattern spells out and that is neither a branch nor a tag
+    nor the commit of one (a pull request's commit): a pattern's "every version" means the published ones. Nothing
+    to check for other ids. One refs request to the Hub, no download, so ``/service-resources?model_id=`` asks the
+    same question a request would (blocking: on a loader thread or a worker's thread). Raises ModelLoadError: 403
+    not published (naming the pattern to add), 404/403 the Hub's refusals, 502 the Hub cannot be asked."""
+    model = parse_model_id(model_id)
+    if model.source != "huggingface" or not model.version or version_spelled_out(model, allowed_models):
+        return
+    from workflows.sources import huggingface
+
+    try:
+        huggingface.check_published_revision(model.repo_id, model.version, hf_token, model_id)
+    except StartupError as e:
+        status = getattr(e, "status", 502)
+        log.log(logging.INFO if status < 500 else logging.WARNING, "model %s: %s", model_id, first_line(e))
+        raise ModelLoadError(status, f"model {model_id}: {_without_addresses(first_line(e))}") from None
+
+
 def spec_of(settings: ServiceSettings, model_id: str) -> tuple[ModelId, ModelSpec, TorchSettings]:
     """The parsed id, the file it names and the settings its fetch and load use. Raises ModelLoadError 422 when the
     served workflow is not one a per-request model can use."""
@@ -89,15 +108,7 @@ def fetch_model(
     ``on_bytes`` is told the download's progress. On a runner download (or, when cached, loader) thread; prints the
     start-up style ``download`` line naming the model. Raises ModelLoadError (see the module docstring)."""
     model, spec, torch_settings = spec_of(settings, model_id)
-    if model.source == "huggingface" and model.version and not version_spelled_out(model, settings.allowed_models):
-        from workflows.sources import huggingface
-
-        try:  # a pattern's "every version" means the published ones, not a pull request's commits
-            huggingface.check_published_revision(model.repo_id, model.version, torch_settings.hf_token, model_id)
-        except StartupError as e:
-            status = getattr(e, "status", 502)
-            log.log(logging.INFO if status < 500 else logging.WARNING, "model %s: %s", model_id, first_line(e))
-            raise ModelLoadError(status, f"model {model_id}: {_without_addresses(first_line(e))}") from None
+    check_version_published(model_id, settings.allowed_models, torch_settings.hf_token)
     with progress.stage(
         "download", client_chosen=True, model_id=model_id, source=spec.source, file=spec.filename
     ) as fetched:
