@@ -107,7 +107,7 @@ def fetch_model(
     """The verified local file of ``model_id`` (canonical id text, already allowed), downloaded if needed;
     ``on_bytes`` is told the download's progress. On a runner download (or, when cached, loader) thread; prints the
     start-up style ``download`` line naming the model. Raises ModelLoadError (see the module docstring)."""
-    model, spec, torch_settings = spec_of(settings, model_id)
+    _, spec, torch_settings = spec_of(settings, model_id)
     check_version_published(model_id, settings.allowed_models, torch_settings.hf_token)
     with progress.stage(
         "download", client_chosen=True, model_id=model_id, source=spec.source, file=spec.filename
