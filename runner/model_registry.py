@@ -5,7 +5,8 @@ once for a loaded model; the first request for a model starts one load on a load
 thread, so other models keep serving) and every request for that model meanwhile waits on the same future
 (single-flight). A failed load answers every waiter with its reason and is not remembered as loaded. Loaded
 models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes (MAX_LOADED_MODEL_BYTES); the
-least recently used are evicted to make room. The default model is neither counted nor ever evicted.
+least recently used are evicted to make room. The default model is neither counted nor ever evicted. A model loading
+or loaded is held (workflows/sources/disk_bound.py): its cached files are not evicted to make room on disk.
 
 Clients choose the ids, so nothing kept per id may grow with what they send: counts (and /metrics labels) have
 their own entry only for ids whose file was found (loaded, or found but refused: too large, not a model, a pickle),
@@ -28,6 +29,7 @@ from typing import Any
 
 from core.errors import ServiceError, first_line
 from core.settings import ServiceSettings, TorchSettings
+from workflows.sources import disk_bound
 
 log = logging.getLogger("runner.model_registry")
 
@@ -93,6 +95,10 @@ class ModelRegistry:
         from runner import model_metrics  # creates the per-model counters: only when there can be such models
         from workflows.sources.cached import cached_models
 
+        spec = getattr(default, "spec", None)  # the built-in workflows' model: its cached files are never evicted
+        if spec is not None:
+            disk_bound.keep(spec.source, spec.repo_id)
+
         return cls(
             default,
             functools.partial(model_metrics.load_model, settings),
@@ -119,6 +125,7 @@ class ModelRegistry:
         future = self._loading.get(model_id)
         if future is None:
             future = asyncio.get_running_loop().create_future()
+            disk_bound.hold(model_id)  # its cached files stay until the load fails or it leaves memory
             future.add_done_callback(_retrieve)  # nobody may be waiting any more: no "never retrieved" warning
             self._loading[model_id] = future
             asyncio.get_running_loop().create_task(self._load_into(model_id, future))
@@ -147,6 +154,7 @@ class ModelRegistry:
             )
             if not isinstance(e, ServiceError):
                 log.exception("loading %s failed", model_id)
+            disk_bound.release(model_id)
             if getattr(error, "found", False):
                 self._own_label(model_id)
             elif error.status in (403, 404):
@@ -169,6 +177,7 @@ class ModelRegistry:
             victim, entry = self._loaded.popitem(last=False)
             used -= entry.size_bytes
             self._count(victim, "evictions")
+            disk_bound.release(victim)
             log.info("evicted %s (%d bytes) to make room for %s", victim, entry.size_bytes, model_id)
         self._loaded[model_id] = loaded
 

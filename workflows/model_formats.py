@@ -29,6 +29,15 @@ _ZIP_MAGIC = b"PK\x03\x04"
 # pickle's error for a class it cannot find in the module the pickle names (for a script's class: __main__)
 _MISSING_CLASS = re.compile(r"Can't get attribute '([^']+)' on <module")
 _PICKLE_PROTO = 0x80  # a pickle of protocol 2 or later (torch.save's legacy format starts with one) starts with it
+# torch's zip writer stores one entry per tensor plus a few for code and metadata: thousands at most for real models.
+MAX_ARCHIVE_ENTRIES = 10_000
+
+
+class ArchiveTooLarge(StartupError):
+    """A zip archive whose central directory declares more bytes or entries than may be loaded (``check_archive``);
+    ``status``: what a per-request client sees (413)."""
+
+    status = 413
 
 
 def detect(path: Path) -> str:
@@ -100,18 +109,51 @@ def export_pickles(path: Path) -> str | None:
     return None
 
 
+def check_archive(path: Path, max_bytes: int, name: str) -> None:
+    """Refuse, before torch opens it, a zip archive (TorchScript, torch.export and torch.save all write one) whose
+    central directory declares more than MAX_ARCHIVE_ENTRIES entries, or more bytes uncompressed than the larger of
+    ``max_bytes`` (MAX_LOADED_MODEL_BYTES) and the file's own size. Why: torch reads entries whole into memory, so a
+    small file of deflated zeros (a zip bomb) would expand into gigabytes; torch writes entries stored, not
+    compressed, so a real model's archive declares about its own size and a large start-up model still loads.
+    Reads only the directory (stdlib zipfile). A file that is not a readable zip is left to ``detect`` (ONNX models
+    are protobuf, not zip, and never come here). Raises ArchiveTooLarge naming the sizes; OSError when unreadable."""
+    if not zipfile.is_zipfile(path):
+        return
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError):
+        return  # detect() calls it DAMAGED
+    if len(entries) > MAX_ARCHIVE_ENTRIES:
+        raise ArchiveTooLarge(
+            f"{name}: its zip archive has {len(entries)} entries, more than the {MAX_ARCHIVE_ENTRIES} a model may have"
+        )
+    declared = sum(entry.file_size for entry in entries)
+    if declared > max(max_bytes, size):
+        raise ArchiveTooLarge(
+            f"{name} is {size} bytes but its zip archive declares {declared} bytes uncompressed, more than "
+            f"MAX_LOADED_MODEL_BYTES ({max_bytes}) and the file's own size allow; refused before loading it"
+        )
+
+
 def problem(kind: str) -> str | None:
     """Why a file of format ``kind`` (``detect``) is no model, or None when it is one."""
     return _PROBLEMS.get(kind)
 
 
-def load(path: Path, use_jit: bool, device: torch.device, name: str | None = None) -> tuple[Any, str]:
+def load(
+    path: Path, use_jit: bool, device: torch.device, name: str | None = None, *, max_bytes: int
+) -> tuple[Any, str]:
     """(callable model on ``device`` in eval mode, format name). ``name``: the file's name in messages (``path`` may
-    be a cache blob named by its hash). Raises StartupError with a one-line reason, without the path's folder."""
+    be a cache blob named by its hash); ``max_bytes``: MAX_LOADED_MODEL_BYTES, the bound ``check_archive`` applies
+    before torch opens the file (every model torch loads passes here, the start-up model included). Raises
+    ArchiveTooLarge, or StartupError with a one-line reason, without the path's folder."""
     name = name or path.name
     kind = TORCHSCRIPT if use_jit else detect(path)
     if problem(kind):
         raise StartupError(f"{name}: {problem(kind)}")
+    check_archive(path, max_bytes, name)
     try:
         if kind == TORCHSCRIPT:
             model = torch.jit.load(str(path), map_location=device)

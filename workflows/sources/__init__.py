@@ -3,6 +3,7 @@ the workflow never knows which one produced its file."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -110,10 +111,17 @@ class TooLarge(StartupError):
         super().__init__(f"the file is {size}, more than MAX_LOADED_MODEL_BYTES ({max_bytes}) allows")
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
+def fetch(
+    spec: ModelSpec,
+    settings: TorchSettings,
+    max_bytes: int | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> Path:
     """A local path to the verified model file, downloading it if needed. ``max_bytes``: the largest file the caller
     will load (per-request models); a larger one is refused before its download, or as soon as its stream passes the
-    bound, and nothing of it stays cached. Raises StartupError, TooLarge, or
+    bound, and nothing of it stays cached. ``reserve(n)``: called just before a download of at most n bytes, never
+    for a file already cached (per-request models: workflows/sources/disk_bound.py makes room in the cache, or raises
+    FetchError). Raises StartupError, TooLarge, or
     FetchError (which keeps the source's status: 400, 403, 404 or 502) when the source refused or failed."""
     if spec.source == "local":
         from workflows.sources import local as source
@@ -122,7 +130,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
     else:
         from workflows.sources import arweave as source
     try:
-        path = source.fetch(spec, settings, max_bytes)
+        path = source.fetch(spec, settings, max_bytes, reserve)
     except TooLarge:
         raise
     except FetchError as e:

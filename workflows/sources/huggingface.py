@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +32,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOKEN_VARS = "HF_TOKEN / HUGGING_FACE_HUB_TOKEN"
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
+def fetch(
+    spec: ModelSpec,
+    settings: TorchSettings,
+    max_bytes: int | None = None,
+    reserve: Callable[[int], None] | None = None,
+) -> Path:
     assert spec.repo_id
     import huggingface_hub
     from huggingface_hub import constants, errors
@@ -51,6 +56,11 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
         raise TooLarge(size, max_bytes)  # the Hub's HEAD stated it: refused before a byte is downloaded
     # The Hub just named the commit: a file cached for it needs no second HEAD from hf_hub_download.
     cached = _cached(spec, commit) if commit else None
+    if reserve is not None and cached is None and commit:
+        # A download follows; without a stated size it stops at max_bytes (the bounded bar), so that much is reserved.
+        stated = size if size is not None else max_bytes
+        if stated is not None:
+            reserve(stated)
     try:
         path = cached or Path(
             huggingface_hub.hf_hub_download(

@@ -9,8 +9,8 @@ from core.settings import TorchSettings
 from workflows.sources import ModelSpec, check_pin_digest, model_sha256
 
 
-def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None) -> Path:
-    # max_bytes: nothing is downloaded; sources.fetch checks the file's size
+def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, reserve: object = None) -> Path:
+    # max_bytes, reserve: nothing is downloaded; sources.fetch checks the file's size
     assert spec.path is not None
     if not spec.path.exists():
         raise StartupError("no such file")
