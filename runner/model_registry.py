@@ -42,7 +42,8 @@ MISSING_TTL_S = 60.0
 
 class ModelUnavailable(ServiceError):
     """A per-request model that cannot be served; ``status`` says why (404 not found, 413 too large, 403 refused
-    format, 502 not verifiable / source unreachable); ``found``: whether the source had the file."""
+    format, 502 not verifiable / source unreachable, 507 no room in the model cache); ``found``: whether the source
+    had the file."""
 
     def __init__(self, status: int, description: str, found: bool = False) -> None:
         super().__init__(description)
