@@ -113,7 +113,10 @@ def load_model(settings: ServiceSettings, model_id: str, max_bytes: int) -> tupl
         trusted = settings.allow_pickled_models or (
             model.source == "arweave" and model.owner in torch_settings.allowed_arweave_owners
         )
-        kind = model_formats.detect(path)
+        try:
+            kind = model_formats.detect(path, spec.filename)
+        except model_formats.ArchiveTooLarge as e:  # stated before its directory is parsed
+            raise ModelLoadError(413, f"model {model_id}: {e}", True) from None
         if model_formats.problem(kind):
             raise ModelLoadError(422, f"model {model_id} does not load: {model_formats.problem(kind)}", True)
         if not trusted and kind == model_formats.PICKLE:
