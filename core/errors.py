@@ -70,7 +70,8 @@ class StartupStopped(BaseException):
 class FetchError(StartupError):
     """A model source (Hugging Face Hub, Arweave) refused or failed to give a model file; ``status`` is what a
     per-request client sees: 404 the repository, revision, file or transaction is not there; 403 the Hub refused
-    the token or the gate; 502 anything else on the source's side (unreachable, malformed, unverifiable answers).
+    the token or the gate; 502 anything else on the source's side (unreachable, malformed, unverifiable answers);
+    413 and 507 when the file does not fit the model cache's bound (workflows/sources/disk_bound.py).
     Decided from the source's own answer (exception types, HTTP status), never from the message's words."""
 
     def __init__(self, message: str, status: int = 502):

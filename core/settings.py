@@ -42,7 +42,8 @@ VARIABLES = (
     "TORCH_MODEL_FILE_NAME", "USE_JIT", "USE_ARWEAVE", "ALLOWED_ARWEAVE_OWNERS", "ARWEAVE_GATEWAY", "MODEL_CACHE_DIR",
     "TORCH_NUM_THREADS", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
     "HF_ENDPOINT", "HF_HUB_OFFLINE",
-    "ALLOWED_MODELS", "MAX_LOADED_MODELS", "MAX_LOADED_MODEL_BYTES", "ALLOW_PICKLED_MODELS", "CHAIN_LAYOUT",
+    "ALLOWED_MODELS", "MAX_LOADED_MODELS", "MAX_LOADED_MODEL_BYTES", "MAX_CACHED_MODEL_BYTES", "ALLOW_PICKLED_MODELS",
+    "CHAIN_LAYOUT",
     *legacy_env.LEGACY_VARIABLES,  # the newer Infernet services' names, read as the ones above (core/legacy_env.py)
 )  # fmt: skip
 GiB = 1024 * MiB
@@ -86,6 +87,9 @@ class ServiceSettings:
     allowed_models: tuple[str, ...] = ()
     max_loaded_models: int = 4
     max_loaded_model_bytes: int = 2 * GiB
+    # The disk the per-request models' cached files may take (workflows/sources/disk_bound.py); by default four
+    # times MAX_LOADED_MODEL_BYTES: the loaded models' files and as many again stay cached.
+    max_cached_model_bytes: int = 4 * max_loaded_model_bytes
     # Hugging Face per-request models that are pickles run the uploader's code when loaded: refused unless set.
     allow_pickled_models: bool = False
     chain_layout: str = "auto"
@@ -100,6 +104,7 @@ class ServiceSettings:
         # No model named for the built-in torch workflow (the class unset, or set to its default by either path):
         # serve the example model shipped in the repository, so that naming the default class changes nothing.
         embedded = "CLASSIC_INF_WORKFLOW_KW_ARGS" not in env and workflow_class == BUILTIN_TORCH_WORKFLOW
+        max_loaded = integer(env, "MAX_LOADED_MODEL_BYTES", cls.max_loaded_model_bytes, minimum=1)
         return cls(
             workflow_class=workflow_class,
             workflow_args=json_value(env, "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS", [], list),
@@ -128,7 +133,14 @@ class ServiceSettings:
             fast_path=boolean(env, "INFERNET_FAST_PATH", cls.fast_path),
             allowed_models=allowed_models(env),
             max_loaded_models=integer(env, "MAX_LOADED_MODELS", cls.max_loaded_models, minimum=1),
-            max_loaded_model_bytes=integer(env, "MAX_LOADED_MODEL_BYTES", cls.max_loaded_model_bytes, minimum=1),
+            max_loaded_model_bytes=max_loaded,
+            max_cached_model_bytes=integer(
+                env,
+                "MAX_CACHED_MODEL_BYTES",
+                4 * max_loaded,
+                minimum=max_loaded,
+                hint="; it holds the loaded models' files, so at least MAX_LOADED_MODEL_BYTES: raise it or lower that",
+            ),
             allow_pickled_models=boolean(env, "ALLOW_PICKLED_MODELS", cls.allow_pickled_models),
             chain_layout=chain_layout(env),
             legacy_mapped=mapped,
@@ -152,6 +164,8 @@ class TorchSettings:
     hf_token: str | None = field(default=None, repr=False)
     num_threads: int | None = None
     max_elements: int = ServiceSettings.max_elements  # MAX_REQUEST_ELEMENTS, enforced where values are decoded
+    # MAX_LOADED_MODEL_BYTES, also the bound on what a model's zip archive may declare (model_formats.check_archive)
+    max_loaded_model_bytes: int = ServiceSettings.max_loaded_model_bytes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> TorchSettings:
@@ -177,6 +191,7 @@ class TorchSettings:
             if threads
             else model_threads(),
             max_elements=integer(env, "MAX_REQUEST_ELEMENTS", cls.max_elements, minimum=1),
+            max_loaded_model_bytes=integer(env, "MAX_LOADED_MODEL_BYTES", cls.max_loaded_model_bytes, minimum=1),
         )
 
 

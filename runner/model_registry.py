@@ -11,7 +11,8 @@ so far, are in ``describe()`` (what a request whose deadline passes meanwhile is
 MAX_DOWNLOADS run or wait at once. A failed load answers every waiter with its reason and is not remembered as
 loaded. Loaded models are bounded by count (MAX_LOADED_MODELS) and by the sum of their file sizes
 (MAX_LOADED_MODEL_BYTES); the least recently used are evicted to make room. The default model is neither counted
-nor ever evicted.
+nor ever evicted. A model loading
+or loaded is held (workflows/sources/disk_bound.py): its cached files are not evicted to make room on disk.
 
 Clients choose the ids, so nothing kept per id may grow with what they send: counts (and /metrics labels) have
 their own entry only for ids whose file was found (loaded, or found but refused: too large, not a model, a pickle),
@@ -34,6 +35,7 @@ from typing import Any, Protocol
 
 from core.errors import ServiceError, first_line
 from core.settings import ServiceSettings, TorchSettings
+from workflows.sources import disk_bound
 
 log = logging.getLogger("runner.model_registry")
 
@@ -53,8 +55,8 @@ LOADER_THREADS = 2
 
 class ModelUnavailable(ServiceError):
     """A per-request model that cannot be served; ``status`` says why (404 not found, 413 too large, 403 refused
-    format, 502 not verifiable / source unreachable, 503 too many downloads in flight: MAX_DOWNLOADS); ``found``:
-    whether the source had the file."""
+    format, 502 not verifiable / source unreachable, 503 too many downloads in flight: MAX_DOWNLOADS, 507 no room
+    in the model cache); ``found``: whether the source had the file."""
 
     def __init__(self, status: int, description: str, found: bool = False) -> None:
         super().__init__(description)
@@ -152,6 +154,10 @@ class ModelRegistry:
         from runner import model_metrics  # creates the per-model counters: only when there can be such models
         from workflows.sources.cached import cached_models
 
+        spec = getattr(default, "spec", None)  # the built-in workflows' model: its cached files are never evicted
+        if spec is not None:
+            disk_bound.keep(spec.source, spec.repo_id)
+
         return cls(
             default,
             model_metrics.PerRequestLoader(settings),
@@ -178,6 +184,7 @@ class ModelRegistry:
         future = self._loading.get(model_id)
         if future is None:
             future = asyncio.get_running_loop().create_future()
+            disk_bound.hold(model_id)  # its cached files stay until the load fails or it leaves memory
             future.add_done_callback(_retrieve)  # nobody may be waiting any more: no "never retrieved" warning
             self._loading[model_id] = future
             asyncio.get_running_loop().create_task(self._load_into(model_id, future))
@@ -218,6 +225,7 @@ class ModelRegistry:
             )
             if not isinstance(e, ServiceError):
                 log.exception("loading %s failed", model_id)
+            disk_bound.release(model_id)
             if getattr(error, "found", False):
                 self._own_label(model_id)
             elif error.status in (403, 404):
@@ -245,6 +253,7 @@ class ModelRegistry:
             victim, entry = self._loaded.popitem(last=False)
             used -= entry.size_bytes
             self._count(victim, "evictions")
+            disk_bound.release(victim)
             log.info("evicted %s (%d bytes) to make room for %s", victim, entry.size_bytes, model_id)
         self._loaded[model_id] = loaded
 

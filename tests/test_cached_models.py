@@ -72,3 +72,44 @@ def test_tags_that_make_no_round_trip_id_are_not_listed(tmp_path, caplog: pytest
     caplog.set_level("INFO", logger="workflows.sources.cached")
     assert [m["model_id"] for m in cached_models(cache.root)] == [f"arweave/{OWNER}/housing:m.pt"]
     assert f"arweave/{OWNER}/team/housing:m.pt" in caplog.text and "names another model" in caplog.text
+
+
+def test_disk_bound_evicts_the_least_recently_used_never_held_or_kept(tmp_path, monkeypatch, capsys):
+    """S2b: MAX_CACHED_MODEL_BYTES (workflows/sources/disk_bound.py) on real cache entries: the oldest file not held
+    (loading or loaded) and not the start-up model's goes first; 507 when the held ones alone leave no room (nothing
+    evicted), 413 for a file larger than the bound itself."""
+    from core.errors import FetchError
+    from workflows.sources import disk_bound
+
+    monkeypatch.setattr(disk_bound, "_kept", set())
+    monkeypatch.setattr(disk_bound, "_held", disk_bound.Counter())
+    cache = ModelCache(tmp_path / "cache")
+    default = hub_entry(cache, tmp_path / "hf", "Org/default", "d.pt", b"d" * 100)  # oldest, and never counted
+    paths = {}
+    for age, (tx, repo) in enumerate((("a" * 43, "old"), ("b" * 43, "held"), ("c" * 43, "new"))):
+        paths[repo] = arweave_entry(cache, tx, repo, "m.pt", bytes(100))
+        os.utime(paths[repo].parent / "verified.json", (1_000_000 + age, 1_000_000 + age))  # its last use
+    disk_bound.keep("huggingface", "Org/default")
+    disk_bound.hold(f"arweave/{OWNER}/held:m.pt")
+    with disk_bound.reserving(cache.root, 300, "huggingface/Org/next:n.pt") as reserve:
+        reserve(100)  # 300 cached + 100 > 300: the oldest unheld one goes
+    assert not paths["old"].exists() and paths["held"].exists() and paths["new"].exists() and default.exists()
+    assert [m["model_id"] for m in cached_models(cache.root)] == [
+        f"arweave/{OWNER}/held:m.pt",
+        f"arweave/{OWNER}/new:m.pt",
+        "huggingface/Org/default:d.pt",
+    ]
+    err = capsys.readouterr().err
+    assert err.count("stage=evict") == 1 and f"model_id=arweave/{OWNER}/old:m.pt bytes=100 " in err
+    with disk_bound.reserving(cache.root, 300, "huggingface/Org/next:n.pt") as reserve:
+        with pytest.raises(FetchError) as full:
+            reserve(250)  # the held 100 + 250 > 300, whatever is evicted
+        with pytest.raises(FetchError) as too_large:
+            reserve(301)
+    assert full.value.status == 507 and "100 bytes of MAX_CACHED_MODEL_BYTES (300)" in str(full.value)
+    assert paths["new"].exists()  # nothing evicted for a download that cannot fit anyway
+    assert too_large.value.status == 413 and "301 bytes, more than MAX_CACHED_MODEL_BYTES (300)" in str(too_large.value)
+    disk_bound.release(f"arweave/{OWNER}/held:m.pt")
+    with disk_bound.reserving(cache.root, 300, "huggingface/Org/next:n.pt") as reserve:
+        reserve(250)  # released: now it may go, oldest first
+    assert not paths["held"].exists() and not paths["new"].exists() and default.exists()

@@ -24,7 +24,7 @@ from core.model_ids import ModelId, encode_model_id_abi
 from core.settings import EMBEDDED_MODEL
 from public.infernet_ml_layouts import decode_vector_v1, decode_vector_v2, encode_vector_v1, encode_vector_v2
 from tests.fixtures.arlocal import PUBLISH, Arlocal, new_wallet
-from tests.fixtures.server import Server, serving
+from tests.fixtures.server import Server, run_to_exit, serving
 from tests.hubserver import Hub, Repo, make_repo
 from tests.models import Affine, save
 from tests.reliability_support import wait_for
@@ -40,6 +40,8 @@ IRIS_ID = "huggingface/models/iris:iris.pt"
 ONNX_ID = "huggingface/models/iris-onnx:iris.onnx"
 SLOW_BYTES = {name: f"{name} never loaded\n".encode() * 2048 for name in ("slow-a", "slow-b")}
 SLOW_DOWNLOAD_S = 120.0
+CACHE_BOUND_MODELS = ("alpha", "beta", "gamma")  # three copies of the iris model in repositories of their own
+BOMB_BYTES = 10_000_000  # its archive declares 3 bytes more: "pt2"
 # Where the pickled .pt2's code would write its marker: a folder of its own, so no other run's marker is seen.
 EXPORT_MARKER_DIR = Path(tempfile.mkdtemp(prefix="pickled-export-marker-"))
 
@@ -108,6 +110,15 @@ def torchscript_bytes(model: torch.nn.Module, path: Path) -> bytes:
     return path.read_bytes()
 
 
+def zip_bomb(path: Path) -> bytes:
+    """A small zip archive in torch.export's layout whose one weight entry declares BOMB_BYTES (deflated zeros: about
+    10 KB on disk)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("model/archive_format", "pt2")
+        archive.writestr("model/data/weights/weight_0", bytes(BOMB_BYTES))
+    return path.read_bytes()
+
+
 @pytest.fixture(scope="module")
 def models_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     root = tmp_path_factory.mktemp("many-models-hub")
@@ -132,6 +143,9 @@ def models_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
             )
             for name in SLOW_BYTES
         },
+        **{f"models/{name}": Repo(make_repo(root / name, [{f"{name}.pt": iris}])) for name in CACHE_BOUND_MODELS},
+        "models/default-iris": Repo(make_repo(root / "default-iris", [{"iris.pt": iris}])),
+        "models/bomb": Repo(make_repo(root / "bomb", [{"model.pt2": zip_bomb(root / "bomb.pt2")}])),
     }
     server = Hub(repos).start()
     try:
@@ -504,3 +518,79 @@ def test_slow_downloads_hold_up_no_cached_model_and_a_timeout_says_how_far_they_
             assert (model["model_id"], model["state"]) == (model_id, "downloading"), body
             assert model["total_bytes"] == len(SLOW_BYTES[model_id.split("/")[2].split(":")[0]]), body
             assert 0 <= model["downloaded_bytes"] <= model["total_bytes"], body
+
+
+@pytest.fixture(scope="module")
+def bounded_cache(models_hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default model from the Hub too (its files are in the same caches), and a disk bound that holds two and a
+    half iris files: a third per-request model evicts the least recently used."""
+    iris_bytes = EMBEDDED_MODEL.stat().st_size
+    env = {
+        "HF_ENDPOINT": models_hub.url,
+        "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps(
+            {"model_source": "huggingface_hub", "model_args": {"repo_id": "models/default-iris", "filename": "iris.pt"}}
+        ),
+        "ALLOWED_MODELS": json.dumps(["huggingface/models/*"]),
+        "MAX_LOADED_MODELS": "1",
+        "MAX_LOADED_MODEL_BYTES": str(iris_bytes + 1000),
+        "MAX_CACHED_MODEL_BYTES": str(iris_bytes * 5 // 2),
+    }
+    with serving(env, tmp_path_factory.mktemp("bounded-cache")) as running:
+        yield running
+
+
+def hub_files(server: Server, repo: str) -> list[Path]:
+    """The files (blobs and snapshot links) of ``repo`` in the server's Hugging Face cache."""
+    folder = Path(server.env["HF_HOME"]) / "hub" / f"models--{repo.replace('/', '--')}"
+    return sorted(p for sub in ("blobs", "snapshots") for p in (folder / sub).rglob("*") if not p.is_dir())
+
+
+def test_disk_cache_bound_evicts_least_recently_used(bounded_cache: Server):
+    """S2b: nothing bounded the disk of per-request models: a client cycling through allowed ids filled it."""
+    server = bounded_cache
+    iris_bytes = EMBEDDED_MODEL.stat().st_size
+    alpha, beta, gamma = (f"huggingface/models/{name}:{name}.pt" for name in CACHE_BOUND_MODELS)
+    for model_id in (alpha, beta, gamma):
+        assert post_model(server, model_id, {"dtype": 2, "shape": [1, 4], "values": IRIS}).status_code == 200
+    assert hub_files(server, "models/alpha") == []  # blob and snapshot link gone
+    assert len(hub_files(server, "models/beta")) == 2 and len(hub_files(server, "models/gamma")) == 2
+    cached = {entry["model_id"] for entry in server.get("/service-resources").json()["models"]["cached"]}
+    assert alpha not in cached and {beta, gamma} <= cached
+    evicted = [line for line in server.log().splitlines() if "stage=evict" in line]
+    assert len(evicted) == 1 and f"model_id={alpha} bytes={iris_bytes} " in evicted[0], evicted
+    assert "[INFO]" in evicted[0] and "reason=MAX_CACHED_MODEL_BYTES" in evicted[0], evicted
+    # Evicted from disk is not refused: the next request downloads it again (evicting beta, now the oldest).
+    answer = post_model(server, alpha, {"dtype": 2, "shape": [1, 4], "values": IRIS})
+    assert answer.status_code == 200 and iris_class(answer.json()["values"]) == 2
+    assert len(hub_files(server, "models/alpha")) == 2 and hub_files(server, "models/beta") == []
+    cached = {entry["model_id"] for entry in server.get("/service-resources").json()["models"]["cached"]}
+    assert {alpha, gamma} <= cached and beta not in cached
+    # The start-up model's files are neither counted nor evicted, and it answers as before.
+    assert len(hub_files(server, "models/default-iris")) == 2
+    assert iris_class(post_data(server, {"dtype": "double", "values": [IRIS]})["values"]) == 2
+
+
+def test_zip_bombs_refused_before_loading(bounded_cache: Server, tmp_path: Path):
+    """S5: a small .pt2 whose zip directory declares far more bytes than may be loaded reached torch, which reads
+    entries whole into memory (the entry count: tests/test_startup_and_workflows.py)."""
+    model_id = "huggingface/models/bomb:model.pt2"
+    refused = post_model(bounded_cache, model_id, {"dtype": 2, "shape": [1, 4], "values": IRIS})
+    assert refused.status_code == 413 and refused.json()["code"] == "413", refused.text
+    size = len(zip_bomb(tmp_path / "same.pt2"))  # the same entries: the same size
+    assert refused.json()["description"] == (
+        f"model {model_id}: model.pt2 is {size} bytes but its zip archive declares {BOMB_BYTES + 3} bytes "
+        f"uncompressed, more than MAX_LOADED_MODEL_BYTES ({EMBEDDED_MODEL.stat().st_size + 1000}) and the file's own "
+        "size allow; refused before loading it"
+    )
+    assert bounded_cache.get("/readyz").status_code == 200  # no crash
+    # The start-up model: one line naming the sizes, and the service does not start.
+    bomb = tmp_path / "bomb.pt2"
+    zip_bomb(bomb)
+    code, output = run_to_exit(
+        {"CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_path": str(bomb)}), "MAX_LOADED_MODEL_BYTES": "1000000"},
+        tmp_path,
+    )
+    assert code != 0
+    line = next(line for line in output.splitlines() if "declares" in line)
+    assert f"is {bomb.stat().st_size} bytes but its zip archive declares {BOMB_BYTES + 3} bytes uncompressed" in line
+    assert "MAX_LOADED_MODEL_BYTES (1000000)" in line and "Traceback" not in output

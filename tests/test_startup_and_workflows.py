@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import requests
@@ -330,8 +331,23 @@ def test_a_damaged_torchscript_archive_is_named_as_such(tmp_path):
     truncated = tmp_path / "trunc.torch"
     truncated.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(StartupError) as caught:
-        model_formats.load(truncated, False, torch.device("cpu"))
+        model_formats.load(truncated, False, torch.device("cpu"), max_bytes=1 << 30)
     assert str(caught.value).startswith("trunc.torch: a damaged zip archive (truncated or corrupted TorchScript")
+
+
+def test_an_archive_of_too_many_entries_is_refused_before_torch_opens_it(tmp_path):
+    """S5: torch read the zip archive whatever its central directory declared; 10,001 empty entries is no model."""
+    from workflows import model_formats
+
+    many = tmp_path / "many.pt"
+    with zipfile.ZipFile(many, "w") as archive:
+        archive.writestr("model/constants.pkl", b"")
+        for i in range(10_000):
+            archive.writestr(f"model/code/{i}", b"")
+    with pytest.raises(model_formats.ArchiveTooLarge) as caught:
+        model_formats.load(many, False, torch.device("cpu"), max_bytes=1 << 30)
+    assert str(caught.value) == "many.pt: its zip archive has 10001 entries, more than the 10000 a model may have"
+    assert caught.value.status == 413
 
 
 def test_a_pickle_of_a_class_only_its_script_knew_says_how_to_fix_it(tmp_path):

@@ -29,17 +29,29 @@ _ZIP_MAGIC = b"PK\x03\x04"
 # pickle's error for a class it cannot find in the module the pickle names (for a script's class: __main__)
 _MISSING_CLASS = re.compile(r"Can't get attribute '([^']+)' on <module")
 _PICKLE_PROTO = 0x80  # a pickle of protocol 2 or later (torch.save's legacy format starts with one) starts with it
+# torch's zip writer stores one entry per tensor plus a few for code and metadata: thousands at most for real models.
+MAX_ARCHIVE_ENTRIES = 10_000
 
 
-def detect(path: Path) -> str:
+class ArchiveTooLarge(StartupError):
+    """A zip archive whose central directory declares more bytes or entries than may be loaded (``check_archive``);
+    ``status``: what a per-request client sees (413)."""
+
+    status = 413
+
+
+def detect(path: Path, name: str | None = None) -> str:
     """The format of the model file at ``path``, from its bytes: TORCHSCRIPT, EXPORT, PICKLE, or UNKNOWN / DAMAGED
-    for a file that is no model (``problem()`` says so in words). Raises OSError when it cannot be read."""
+    for a file that is no model (``problem()`` says so in words). ``name``: the file's name in messages. Raises
+    ArchiveTooLarge for a zip archive that states more than MAX_ARCHIVE_ENTRIES entries (before its directory is
+    parsed), OSError when it cannot be read."""
     with open(path, "rb") as file:
         head = file.read(4)
     if not zipfile.is_zipfile(path):
         if head.startswith(_ZIP_MAGIC):
             return DAMAGED
         return PICKLE if head[:1] == bytes([_PICKLE_PROTO]) else UNKNOWN
+    _check_entry_count(_stated_entries(path), name or path.name)
     try:
         with zipfile.ZipFile(path) as archive:
             names = {name.split("/", 1)[-1] for name in archive.namelist()}
@@ -100,18 +112,71 @@ def export_pickles(path: Path) -> str | None:
     return None
 
 
+def check_archive(path: Path, max_bytes: int, name: str) -> None:
+    """Refuse, before torch opens it, a zip archive (TorchScript, torch.export and torch.save all write one) whose
+    central directory declares more than MAX_ARCHIVE_ENTRIES entries, or more bytes uncompressed than the larger of
+    ``max_bytes`` (MAX_LOADED_MODEL_BYTES) and the file's own size. Why: torch reads entries whole into memory, so a
+    small file of deflated zeros (a zip bomb) would expand into gigabytes; torch writes entries stored, not
+    compressed, so a real model's archive declares about its own size and a large start-up model still loads.
+    Reads only the directory (stdlib zipfile). A file that is not a readable zip is left to ``detect`` (ONNX models
+    are protobuf, not zip, and never come here). Raises ArchiveTooLarge naming the sizes; OSError when unreadable."""
+    if not zipfile.is_zipfile(path):
+        return
+    _check_entry_count(_stated_entries(path), name)
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError):
+        return  # detect() calls it DAMAGED
+    _check_entry_count(len(entries), name)
+    declared = sum(entry.file_size for entry in entries)
+    if declared > max(max_bytes, size):
+        raise ArchiveTooLarge(
+            f"{name} is {size} bytes but its zip archive declares {declared} bytes uncompressed, more than "
+            f"MAX_LOADED_MODEL_BYTES ({max_bytes}) and the file's own size allow; refused before loading it"
+        )
+
+
+def _check_entry_count(entries: int | None, name: str) -> None:
+    if entries is not None and entries > MAX_ARCHIVE_ENTRIES:
+        raise ArchiveTooLarge(
+            f"{name}: its zip archive has {entries} entries, more than the {MAX_ARCHIVE_ENTRIES} a model may have"
+        )
+
+
+def _stated_entries(path: Path) -> int | None:
+    """The entry count the archive's end-of-central-directory record states (ZIP64 too), read before zipfile parses
+    the directory (a directory of millions of entries would take gigabytes as ZipInfo objects). zipfile's own reader
+    of that record is private: where it is missing, None, and the count is checked after parsing."""
+    reader, index = getattr(zipfile, "_EndRecData", None), getattr(zipfile, "_ECD_ENTRIES_TOTAL", None)
+    if reader is None or index is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            end = reader(file)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return end[index] if end and isinstance(end[index], int) else None
+
+
 def problem(kind: str) -> str | None:
     """Why a file of format ``kind`` (``detect``) is no model, or None when it is one."""
     return _PROBLEMS.get(kind)
 
 
-def load(path: Path, use_jit: bool, device: torch.device, name: str | None = None) -> tuple[Any, str]:
+def load(
+    path: Path, use_jit: bool, device: torch.device, name: str | None = None, *, max_bytes: int
+) -> tuple[Any, str]:
     """(callable model on ``device`` in eval mode, format name). ``name``: the file's name in messages (``path`` may
-    be a cache blob named by its hash). Raises StartupError with a one-line reason, without the path's folder."""
+    be a cache blob named by its hash); ``max_bytes``: MAX_LOADED_MODEL_BYTES, the bound ``check_archive`` applies
+    before torch opens the file (every model torch loads passes here, the start-up model included). Raises
+    ArchiveTooLarge, or StartupError with a one-line reason, without the path's folder."""
     name = name or path.name
-    kind = TORCHSCRIPT if use_jit else detect(path)
+    kind = TORCHSCRIPT if use_jit else detect(path, name)
     if problem(kind):
         raise StartupError(f"{name}: {problem(kind)}")
+    check_archive(path, max_bytes, name)
     try:
         if kind == TORCHSCRIPT:
             model = torch.jit.load(str(path), map_location=device)

@@ -7,9 +7,11 @@ same sources, cache and verification as the default model (workflows/sources), a
 class and keyword arguments with the model replaced: the built-in torch workflow, or the ONNX workflow when the file
 is an ONNX model. Every failure is a ``ServiceError`` whose status the client sees (never 500): 404 not found, 403
 refused (a pickle from an untrusted source, no access, a Hugging Face version that is neither a branch nor a tag nor
-the commit of one while no ALLOWED_MODELS pattern spells it out), 413 too large for MAX_LOADED_MODEL_BYTES, 422 a
-file that does not load as a model, 502 a source that cannot be reached (also when the Hub cannot be asked whether
-such a version is published) or a file that fails verification.
+the commit of one while no ALLOWED_MODELS pattern spells it out), 413 too large for MAX_LOADED_MODEL_BYTES or
+MAX_CACHED_MODEL_BYTES (or a zip archive that declares more), 422 a file that does not load as a model, 502 a source
+that cannot be reached (also when the Hub cannot be asked whether such a version is published) or a file that fails
+verification, 507 no room in the model cache while the models in use fill MAX_CACHED_MODEL_BYTES
+(workflows/sources/disk_bound.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from core.errors import ServiceError, StartupError, first_line
 from core.model_ids import ModelId, parse_model_id, version_spelled_out
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows import progress, sources
-from workflows.sources import ModelSpec
+from workflows.sources import ModelSpec, disk_bound
 
 log = logging.getLogger("workflows.per_request")
 _ADDRESS = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s)'\"]+")
@@ -113,7 +115,9 @@ def fetch_model(
         "download", client_chosen=True, model_id=model_id, source=spec.source, file=spec.filename
     ) as fetched:
         try:
-            path = sources.fetch(spec, torch_settings, max_bytes, on_bytes)
+            cache_dir, max_cached = torch_settings.model_cache_dir, settings.max_cached_model_bytes
+            with disk_bound.reserving(cache_dir, max_cached, model_id) as room:
+                path = sources.fetch(spec, torch_settings, max_bytes, on_bytes, room)
         except sources.TooLarge as e:
             raise ModelLoadError(413, _too_large(model_id, e.size_bytes, max_bytes), True) from None
         except StartupError as e:
@@ -125,6 +129,7 @@ def fetch_model(
             reason = _without_addresses(first_line(e))
             raise ModelLoadError(status, f"model {model_id}: {reason}") from None
         fetched.update(bytes=path.stat().st_size)
+        disk_bound.touch(torch_settings.model_cache_dir, path, spec.source)
     return path
 
 
@@ -148,7 +153,10 @@ def load_model(settings: ServiceSettings, model_id: str, path: Path, max_bytes: 
         trusted = settings.allow_pickled_models or (
             model.source == "arweave" and model.owner in torch_settings.allowed_arweave_owners
         )
-        kind = model_formats.detect(path)
+        try:
+            kind = model_formats.detect(path, spec.filename)
+        except model_formats.ArchiveTooLarge as e:  # stated before its directory is parsed
+            raise ModelLoadError(413, f"model {model_id}: {e}", True) from None
         if model_formats.problem(kind):
             raise ModelLoadError(422, f"model {model_id} does not load: {model_formats.problem(kind)}", True)
         if not trusted and kind == model_formats.PICKLE:
@@ -178,6 +186,8 @@ def load_model(settings: ServiceSettings, model_id: str, path: Path, max_bytes: 
             workflow.setup()
         except Exception as e:
             reason = _client_reason(e, path, spec.filename)
+            if isinstance(e.__cause__, model_formats.ArchiveTooLarge):  # a zip bomb, refused before torch opened it
+                raise ModelLoadError(413, f"model {model_id}: {reason}", True) from None
             raise ModelLoadError(422, f"model {model_id} does not load: {reason}", True) from None
     info = getattr(workflow, "info", None)
     if isinstance(info, dict):  # the file was fetched here; /info names where it came from

@@ -95,7 +95,9 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         precision = parse_precision(self.precision_name)
         path = self.fetch()
         try:
-            self.model, kind = model_formats.load(path, self.use_jit, self.device, self.spec.filename)
+            self.model, kind = model_formats.load(
+                path, self.use_jit, self.device, self.spec.filename, max_bytes=self.settings.max_loaded_model_bytes
+            )
         except StartupError as e:
             # Chained: a per-request load (workflows/per_request.py) tells its client the reason alone, not the path.
             raise StartupError(f"model {self.spec.describe()}: {e}") from e

@@ -114,16 +114,22 @@ class TooLarge(StartupError):
 
 
 def fetch(
-    spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, on_bytes: OnBytes | None = None
+    spec: ModelSpec,
+    settings: TorchSettings,
+    max_bytes: int | None = None,
+    on_bytes: OnBytes | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> Path:
     """A local path to the verified model file, downloading it if needed. ``max_bytes``: the largest file the caller
     will load (per-request models); a larger one is refused before its download, or as soon as its stream passes the
     bound, and nothing of it stays cached. ``on_bytes``: told of a download's progress (per-request models: the
-    runner reports it). Raises StartupError, TooLarge, or
+    runner reports it). ``reserve(n)``: called just before a download of at most n bytes, never
+    for a file already cached (per-request models: workflows/sources/disk_bound.py makes room in the cache, or raises
+    FetchError). Raises StartupError, TooLarge, or
     FetchError (which keeps the source's status: 400, 403, 404 or 502) when the source refused or failed."""
     source = _module(spec)
     try:
-        path = source.fetch(spec, settings, max_bytes, on_bytes)
+        path = source.fetch(spec, settings, max_bytes, on_bytes, reserve)
     except TooLarge:
         raise
     except FetchError as e:

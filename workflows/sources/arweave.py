@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,11 @@ class Candidate:
 
 
 def fetch(
-    spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, on_bytes: OnBytes | None = None
+    spec: ModelSpec,
+    settings: TorchSettings,
+    max_bytes: int | None = None,
+    on_bytes: OnBytes | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> Path:
     assert spec.repo_id
     if not spec.owners:
@@ -111,7 +116,9 @@ def fetch(
     log.info("newest upload: transaction %s by %s (block %s)", newest.id, newest.owner, newest.height)
     try:
         with cache.locked(f"{SOURCE}-{newest.id}"):
-            path = _cached(cache, newest.id, spec) or _download(gateway, cache, newest.id, spec, max_bytes, on_bytes)
+            path = _cached(cache, newest.id, spec) or _download(
+                gateway, cache, newest.id, spec, max_bytes, on_bytes, reserve
+            )
     except GatewayError as e:
         raise StartupError(str(e)) from None
     except OSError as e:
@@ -197,13 +204,16 @@ def _download(
     tx_id: str,
     spec: ModelSpec,
     max_bytes: int | None,
-    on_bytes: OnBytes | None = None,
+    on_bytes: OnBytes | None,
+    reserve: Callable[[int], None] | None,
 ) -> Path:
     header = gateway.json("GET", f"/tx/{tx_id}")
     signed = verify_header(header, tx_id, spec)
     if max_bytes is not None and signed.data_size > max_bytes:
         # The signed size: refused before a chunk is fetched (the chunk walk never goes past it either).
         raise TooLarge(signed.data_size, max_bytes)
+    if reserve is not None:
+        reserve(signed.data_size)
     with cache.partial(SOURCE, tx_id, spec.filename) as partial:
         digest = walk_chunks(gateway, tx_id, signed.data_size, partial, spec.filename, on_bytes)
         if signed.sha256 is not None and digest != signed.sha256:

@@ -121,6 +121,37 @@ class ModelCache:
         with contextlib.suppress(OSError):
             directory.rmdir()
 
+    def remove(self, source: str, key: str) -> bool:
+        """Remove an entry to free its disk (workflows/sources/disk_bound.py), unless another process holds its lock
+        (it is fetching or checking it): then False, and nothing is removed."""
+        lock = FileLock(str(self.root / ".locks" / f"{source}-{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        try:
+            directory = self.entry_dir(source, key)
+            with contextlib.suppress(OSError):
+                (directory / RECORD).unlink()  # first: a file without its record is never listed or trusted
+            for child in directory.glob("*"):
+                with contextlib.suppress(OSError):
+                    child.unlink()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        finally:
+            lock.release()
+        return True
+
+    def record_of(self, path: Path, source: str) -> Path:
+        """The record of a model file ``source`` fetched: ``verified.json`` beside a file of this cache (Arweave),
+        else the hash record of a file kept elsewhere (the Hugging Face cache), as ``file_sha256`` writes it."""
+        if self.root in path.parents:
+            return path.parent / RECORD
+        return self._hash_record(source, path.resolve())
+
+    def _hash_record(self, source: str, real: Path) -> Path:
+        return self.root / source / "hashes" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
+
     @contextlib.contextmanager
     def partial(self, source: str, key: str, filename: str) -> Iterator[Path]:
         """A temporary path beside the entry's final place; removed on exit unless ``commit`` moved it in."""

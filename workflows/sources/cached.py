@@ -30,8 +30,7 @@ def cached_models(root: Path, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
     """Up to ``limit`` ``{"model_id", "bytes", "sha256"}``, one per model id, sorted by id. Never raises for an
     unreadable or unexpected entry (skipped)."""
     found: dict[str, dict[str, Any]] = {}
-    root = Path(root).expanduser()
-    for entry in (*_arweave(root), *_huggingface(root)):
+    for entry in cache_entries(root):
         if len(found) >= limit:
             break
         model: ModelId = entry["model_id"]
@@ -46,8 +45,18 @@ def cached_models(root: Path, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
         if named != model:
             log.info("cached model not listed: %s", reason)
             continue
-        found.setdefault(str(model), {**entry, "model_id": str(model)})
+        found.setdefault(str(model), {key: entry[key] for key in ("bytes", "sha256")} | {"model_id": str(model)})
     return [found[key] for key in sorted(found)]
+
+
+def cache_entries(root: Path) -> Any:
+    """Every verified file of the cache, as it stands: ``{"model_id": ModelId, "bytes", "sha256", "record": Path,
+    "files": [Path, ...]}``, one per model id (a Hugging Face blob that several names link to is one per name, with
+    the same ``record``). ``record``: the file whose modification time is the entry's last use
+    (workflows/sources/disk_bound.py); ``files``: what removing the entry removes, the record last."""
+    root = Path(root).expanduser()
+    yield from _arweave(root)
+    yield from _huggingface(root)
 
 
 def _arweave(root: Path) -> Any:
@@ -58,8 +67,10 @@ def _arweave(root: Path) -> Any:
         filename, owner = tags.get("File-Name"), record.get("owner")
         if not all(isinstance(v, str) and v for v in (repo, filename, owner, record.get("file"))):
             continue
-        if unchanged(record_path.parent / record["file"], record):
-            yield _entry(ModelId(source="arweave", owner=owner, repo=repo, filename=filename), record)
+        path = record_path.parent / record["file"]
+        if unchanged(path, record):
+            model = ModelId(source="arweave", owner=owner, repo=repo, filename=filename)
+            yield _entry(model, record, record_path, [path])
 
 
 def _huggingface(root: Path) -> Any:
@@ -76,19 +87,22 @@ def _huggingface(root: Path) -> Any:
         org, sep, repo = repo_dir.name.removeprefix("models--").partition("--")
         if not sep:
             continue
-        for filename in _snapshot_names(repo_dir, blob):
-            yield _entry(ModelId(source="huggingface", owner=org, repo=repo, filename=filename), record)
+        links = _snapshot_links(repo_dir, blob)
+        for filename in sorted({name for name, _ in links}):  # one name may be linked in several snapshots
+            model = ModelId(source="huggingface", owner=org, repo=repo, filename=filename)
+            yield _entry(model, record, record_path, [*(link for _, link in links), blob])
 
 
-def _snapshot_names(repo_dir: Path, blob: Path) -> list[str]:
-    names = set()
+def _snapshot_links(repo_dir: Path, blob: Path) -> list[tuple[str, Path]]:
+    """(file name in the repository, snapshot link) of every snapshot link that points at ``blob``, by name."""
+    links = []
     try:
         for link in (repo_dir / "snapshots").glob("*/**/*"):
             if link.is_symlink() and link.resolve() == blob:
-                names.add(link.relative_to(repo_dir / "snapshots").as_posix().split("/", 1)[1])
+                links.append((link.relative_to(repo_dir / "snapshots").as_posix().split("/", 1)[1], link))
     except OSError:
         pass
-    return sorted(names)
+    return sorted(links)
 
 
 def _children(directory: Path, name: str | None) -> list[Path]:
@@ -101,8 +115,14 @@ def _children(directory: Path, name: str | None) -> list[Path]:
         return []
 
 
-def _entry(model_id: ModelId, record: dict[str, Any]) -> dict[str, Any]:
-    return {"model_id": model_id, "bytes": record.get("size"), "sha256": record.get("sha256")}
+def _entry(model_id: ModelId, record: dict[str, Any], record_path: Path, paths: list[Path]) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "bytes": record.get("size"),
+        "sha256": record.get("sha256"),
+        "record": record_path,
+        "files": [*paths, record_path],
+    }
 
 
 def _read(path: Path) -> dict[str, Any]:

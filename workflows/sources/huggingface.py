@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +33,11 @@ _TOKEN_VARS = "HF_TOKEN / HUGGING_FACE_HUB_TOKEN"
 
 
 def fetch(
-    spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, on_bytes: OnBytes | None = None
+    spec: ModelSpec,
+    settings: TorchSettings,
+    max_bytes: int | None = None,
+    on_bytes: OnBytes | None = None,
+    reserve: Callable[[int], None] | None = None,
 ) -> Path:
     assert spec.repo_id
     import huggingface_hub
@@ -55,6 +59,11 @@ def fetch(
     cached = _cached(spec, commit) if commit else None
     if cached is None and on_bytes is not None:
         on_bytes(0, size)  # the size is known before the first chunk arrives (the library reports whole chunks)
+    if reserve is not None and cached is None and commit:
+        # A download follows; without a stated size it stops at max_bytes (the bounded bar), so that much is reserved.
+        stated = size if size is not None else max_bytes
+        if stated is not None:
+            reserve(stated)
     try:
         path = cached or Path(
             huggingface_hub.hf_hub_download(

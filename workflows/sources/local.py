@@ -10,9 +10,13 @@ from workflows.sources import ModelSpec, OnBytes, check_pin_digest, model_sha256
 
 
 def fetch(
-    spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None, on_bytes: OnBytes | None = None
+    spec: ModelSpec,
+    settings: TorchSettings,
+    max_bytes: int | None = None,
+    on_bytes: OnBytes | None = None,
+    reserve: object = None,
 ) -> Path:
-    # max_bytes, on_bytes: nothing is downloaded; sources.fetch checks the file's size
+    # max_bytes, on_bytes, reserve: nothing is downloaded; sources.fetch checks the file's size
     assert spec.path is not None
     if not spec.path.exists():
         raise StartupError("no such file")
