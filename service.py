@@ -8,6 +8,7 @@ Configuration comes from the environment (core/settings.py, README). The request
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import os
 from typing import Annotated, Any
@@ -166,6 +167,8 @@ class InfernetService:
     def prepare() -> None:
         """Once, in the main process, before any worker starts (and before their environment is copied)."""
         server_watch.mark_server_process()  # its workers stop if it dies (core/server_watch.py)
+        # The port in use (or not allowed): one line that says so and what to change, not circus' traceback.
+        bentoml_seam.on_listen_error(functools.partial(startup.refuse, "listen"))
         with startup.exit_on_error("model"):
             startup.prepare(SETTINGS)
         # What the API workers learn of the runner's deaths, shared by this server's workers (core/crash_records.py).
@@ -177,6 +180,8 @@ class InfernetService:
             bentoml_seam.remove_own_metrics_directory()
 
         startup.exit_nonzero_if_a_worker_fails(before_exit=before_exit)
+        # A worker that cannot stop (SIGSTOP, a stuck event loop) must not hold the server's stop for good.
+        server_watch.bound_shutdown(SETTINGS.shutdown_timeout_s, before_exit=before_exit)
 
     def __init__(self) -> None:
         server_watch.exit_with_server(ORPHAN_GRACE_S)
