@@ -33,7 +33,7 @@ from tqdm import tqdm
 from core.errors import FetchError, StartupError
 from core.settings import TorchSettings
 from workflows.sources import ModelSpec, TooLarge, check_pin_digest
-from workflows.sources.cache import ModelCache
+from workflows.sources.cache import MODEL_CACHE_FIX, ModelCache, unwritable
 
 log = logging.getLogger("workflows.sources.arweave")
 
@@ -113,7 +113,7 @@ def fetch(spec: ModelSpec, settings: TorchSettings, max_bytes: int | None = None
     except GatewayError as e:
         raise StartupError(str(e)) from None
     except OSError as e:
-        raise StartupError(f"model cache {cache.root}: {e.strerror or e}") from None
+        raise StartupError(f"model cache {cache.root}: {unwritable(e)}; {MODEL_CACHE_FIX}") from None
     cache.set_ref(SOURCE, ref, newest.id)
     return path
 
