@@ -182,6 +182,7 @@ class InfernetService:
         startup.exit_nonzero_if_a_worker_fails(before_exit=before_exit)
         # A worker that cannot stop (SIGSTOP, a stuck event loop) must not hold the server's stop for good.
         server_watch.bound_shutdown(SETTINGS.shutdown_timeout_s, before_exit=before_exit)
+        bentoml_seam.stop_on_hangup()  # SIGHUP: a graceful stop, not circus' reload of every worker (docs/deploy.md)
 
     def __init__(self) -> None:
         server_watch.exit_with_server(ORPHAN_GRACE_S)
@@ -206,7 +207,7 @@ class InfernetService:
         freeze_heap()
 
     async def __is_ready__(self) -> bool:
-        return await public_app.runner_ready()
+        return await public_app.runner_ready(fresh=True)  # every worker asks the runner: one answer for all
 
     async def __is_alive__(self) -> bool:  # BentoML's /livez, when the fast path is off
         return await public_app.stuck_model() is None

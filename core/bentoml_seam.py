@@ -442,6 +442,26 @@ def on_process_manager_stop(callback: Callable[[], None]) -> bool:
     return True
 
 
+def stop_on_hangup() -> bool:
+    """In ``bentoml serve``'s main process: SIGHUP stops the server as SIGTERM does (graceful, bounded), where
+    circus would reload every worker: a reload re-reads nothing (the workers inherit the environment read once at
+    start-up), so it only reloads the model and answers 503 meanwhile; and a hang-up (the terminal that ran the
+    server closed) is an end, not a reason to restart. False when circus is not the one this was written for."""
+    try:
+        from circus.sighandler import SysHandler
+    except ImportError:
+        return False
+    if not callable(getattr(SysHandler, "handle_hup", None)) or not callable(getattr(SysHandler, "quit", None)):
+        return False
+
+    def handle_hup(self: Any) -> None:
+        log.warning("SIGHUP: stopping as on SIGTERM (configuration is read only at start-up: start the server again)")
+        self.quit()
+
+    SysHandler.handle_hup = handle_hup
+    return True
+
+
 def is_runner_command(cmdline: list[str]) -> bool:
     """Whether a worker's command line is the model runner's (BentoML passes ``--service-name <class>``)."""
     return f"--service-name {RUNNER_SERVICE}" in " ".join(cmdline)

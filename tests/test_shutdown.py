@@ -182,6 +182,13 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        return _running(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_sigterm_during_the_model_download_stops_at_once_with_one_line_and_no_partial_file(tmp_path, hub):
     """``docker stop`` while the model is still downloading (a 60 s download from the loopback Hub)."""
     model = json.dumps({"model_name": "testorg/slow-iris"})
@@ -243,6 +250,24 @@ def test_a_runner_whose_event_loop_is_stuck_fails_livez_and_sigterm_ends_within_
     lines = [line for line in log.splitlines() if "shutdown did not finish" in line]
     assert len(lines) == 1, log[-2000:]
     assert f"the model runner (pid {runner}) is still running: stuck" in lines[0], lines[0]
-    left = [pid for pid in every_pid if _alive(pid) and _running(psutil.Process(pid))]
+    left = [pid for pid in every_pid if _pid_running(pid)]
     assert not left, f"processes left after the bound: {left}"
     figure("stuck_loop_shutdown", exited_after_s=round(exited_after_s, 1))
+
+
+def test_sighup_stops_the_server_as_sigterm_does(tmp_path):
+    """SIGHUP made BentoML's process manager (circus) reload every worker: the model loaded again and the service
+    answered 503 meanwhile, yet nothing was re-read (the configuration is read once, at start-up). It is a graceful
+    stop now, as in most servers a hang-up of the terminal ends them (docs/deploy.md)."""
+    with serving(env(tmp_path), tmp_path) as server:
+        every_pid = [p.pid for group in processes(server).values() for p in group]
+        assert server.post(row()).status_code == 200
+        os.kill(server.process.pid, signal.SIGHUP)
+        hung_up = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(EXIT_BOUND_S)
+        exited_after_s = time.monotonic() - hung_up
+        log = server.log()
+    assert server.process.returncode == 0, f"{server.process.returncode} after {exited_after_s:.1f} s: {log[-2000:]}"
+    assert "SIGHUP: stopping as on SIGTERM" in log, log[-2000:]
+    assert not [pid for pid in every_pid if _pid_running(pid)]
