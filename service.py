@@ -8,6 +8,7 @@ Configuration comes from the environment (core/settings.py, README). The request
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import os
 from typing import Annotated, Any
@@ -170,6 +171,8 @@ class InfernetService:
     def prepare() -> None:
         """Once, in the main process, before any worker starts (and before their environment is copied)."""
         server_watch.mark_server_process()  # its workers stop if it dies (core/server_watch.py)
+        # The port in use (or not allowed): one line that says so and what to change, not circus' traceback.
+        bentoml_seam.on_listen_error(functools.partial(startup.refuse, "listen"))
         with startup.exit_on_error("model"):
             startup.prepare(SETTINGS)
         # What the API workers learn of the runner's deaths, shared by this server's workers (core/crash_records.py).
@@ -181,6 +184,9 @@ class InfernetService:
             bentoml_seam.remove_own_metrics_directory()
 
         startup.exit_nonzero_if_a_worker_fails(before_exit=before_exit)
+        # A worker that cannot stop (SIGSTOP, a stuck event loop) must not hold the server's stop for good.
+        server_watch.bound_shutdown(SETTINGS.shutdown_timeout_s, before_exit=before_exit)
+        bentoml_seam.stop_on_hangup()  # SIGHUP: a graceful stop, not circus' reload of every worker (docs/deploy.md)
 
     def __init__(self) -> None:
         server_watch.exit_with_server(ORPHAN_GRACE_S)
@@ -205,7 +211,7 @@ class InfernetService:
         freeze_heap()
 
     async def __is_ready__(self) -> bool:
-        return await public_app.runner_ready()
+        return await public_app.runner_ready(fresh=True)  # every worker asks the runner: one answer for all
 
     async def __is_alive__(self) -> bool:  # BentoML's /livez, when the fast path is off
         return await public_app.stuck_model() is None

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -412,3 +414,102 @@ def remove_own_metrics_directory() -> None:
     nothing."""
     if _own_metrics_directory is not None:
         shutil.rmtree(_own_metrics_directory, ignore_errors=True)
+
+
+# --- BentoML's process manager (circus), in ``bentoml serve``'s main process ---------------------------------------
+
+RUNNER_SERVICE = "WorkflowRunner"  # service.py's runner class: BentoML names its worker's command line after it
+
+
+def on_process_manager_stop(callback: Callable[[], None]) -> bool:
+    """Call ``callback`` (in the main thread's signal handler: it must not block) whenever BentoML's process
+    manager starts a stop: circus routes SIGTERM, SIGINT and SIGQUIT to its ``SysHandler.quit``. Replaces that
+    class attribute: the handler looks it up when the signal arrives, so this works before or after the arbiter
+    started. False when circus is not the one this was written for (nothing replaced)."""
+    try:
+        from circus.sighandler import SysHandler
+    except ImportError:
+        return False
+    quit_ = getattr(SysHandler, "quit", None)
+    if not callable(quit_):
+        return False
+
+    def quit_and_call(self: Any) -> None:
+        callback()
+        quit_(self)
+
+    SysHandler.quit = quit_and_call
+    return True
+
+
+def stop_on_hangup() -> bool:
+    """In ``bentoml serve``'s main process: SIGHUP stops the server as SIGTERM does (graceful, bounded), where
+    circus would reload every worker: a reload re-reads nothing (the workers inherit the environment read once at
+    start-up), so it only reloads the model and answers 503 meanwhile; and a hang-up (the terminal that ran the
+    server closed) is an end, not a reason to restart. False when circus is not the one this was written for."""
+    try:
+        from circus.sighandler import SysHandler
+    except ImportError:
+        return False
+    if not callable(getattr(SysHandler, "handle_hup", None)) or not callable(getattr(SysHandler, "quit", None)):
+        return False
+
+    def handle_hup(self: Any) -> None:
+        log.warning("SIGHUP: stopping as on SIGTERM (configuration is read only at start-up: start the server again)")
+        self.quit()
+
+    SysHandler.handle_hup = handle_hup
+    return True
+
+
+def is_runner_command(cmdline: list[str]) -> bool:
+    """Whether a worker's command line is the model runner's (BentoML passes ``--service-name <class>``)."""
+    return f"--service-name {RUNNER_SERVICE}" in " ".join(cmdline)
+
+
+class _ListenError(OSError):
+    """A socket of the server could not be bound; the message says which and what to change."""
+
+
+def on_listen_error(callback: Callable[[str], None]) -> bool:
+    """In ``bentoml serve``'s main process, before its process manager starts: when the manager cannot bind one of
+    the server's sockets (the public port already in use, a port below 1024 without the privilege, a host that is not
+    this machine's), ``callback`` gets one line naming the address and the fix, instead of circus' traceback; it is
+    expected to exit. False (nothing replaced) when circus or BentoML's arbiter is not the one this was written for."""
+    try:
+        from bentoml._internal.utils.circus import Arbiter
+        from circus.sockets import CircusSocket
+    except ImportError:
+        return False
+    bind_and_listen, start = CircusSocket.bind_and_listen, Arbiter.start
+
+    def bind_or_explain(self: Any) -> None:
+        try:
+            bind_and_listen(self)
+        except OSError as e:
+            raise _ListenError(_listen_failure(self.location, e)) from None
+
+    def start_or_report(self: Any, cb: Any = None) -> None:
+        try:
+            start(self, cb)
+        except _ListenError as e:
+            with contextlib.suppress(Exception):
+                self.exit_stack.__exit__(None, None, None)  # what stop() would clean up (BentoML's socket folder)
+            callback(str(e))
+            raise
+
+    CircusSocket.bind_and_listen = bind_or_explain
+    Arbiter.start = start_or_report
+    # circus logs "Could not bind <address>" (twice, through BentoML's handlers) before raising: the line above says it.
+    logging.getLogger("circus").addFilter(lambda record: not str(record.msg).startswith("Could not bind"))
+    return True
+
+
+def _listen_failure(location: str, error: OSError) -> str:
+    fix = {
+        errno.EADDRINUSE: "another process listens there: stop it, or choose another port",
+        errno.EACCES: "ports below 1024 need privileges: choose a port of 1024 or above",
+        errno.EADDRNOTAVAIL: "the host is not an address of this machine: choose another --host (0.0.0.0: all)",
+    }.get(error.errno, "choose another port or host")
+    where = "bentoml serve --port / --host, or BENTOML_PORT"
+    return f"cannot listen on {location} ({error.strerror or error}); {fix} ({where})"

@@ -21,11 +21,16 @@ INFERNET_SERVER_PID`` is an exact test, on any POSIX system.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
+
+from core import bentoml_seam
 
 SERVER_PID_VAR = "INFERNET_SERVER_PID"
 POLL_S = 0.5  # how late a worker notices its server's death, at most
@@ -99,3 +104,58 @@ def _orphaned(grace_s: float) -> None:
 def _say(line: str) -> None:
     # print, not logging: the watchdog may speak before BentoML has configured a worker's logging.
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} [WARNING] [server_watch] {line}", file=sys.stderr, flush=True)
+
+
+# --- the main process's own bound on a graceful stop ---------------------------------------------------------------
+#
+# BentoML's process manager gives each worker a day (circus ``graceful_timeout=86400``) to exit after SIGTERM. A
+# worker that cannot exit (a runner stopped with SIGSTOP, an event loop stuck in a workflow's pre-processing) held
+# the whole server for that long, answering nothing, until the orchestrator's SIGKILL ended it without a word.
+
+SHUTDOWN_MARGIN_S = 4.0  # past SHUTDOWN_TIMEOUT_S; under Kubernetes' 5 s margin (docs/deploy.md), so the line is seen
+
+
+def bound_shutdown(shutdown_timeout_s: float, before_exit: Callable[[], None] = lambda: None) -> None:
+    """In ``bentoml serve``'s main process, before its process manager starts: once that manager begins a stop
+    (SIGTERM, SIGINT, SIGQUIT), every worker still alive ``shutdown_timeout_s + SHUTDOWN_MARGIN_S`` seconds later is
+    SIGKILLed, one line names each one and what it was doing (stopped by a signal, or running: stuck), and the
+    server exits with status 1 after ``before_exit``. A stop that finishes in time is untouched (status 0)."""
+    limit_s = shutdown_timeout_s + SHUTDOWN_MARGIN_S
+    armed = threading.Event()
+
+    def arm() -> None:  # in the signal handler: start the clock, nothing that blocks
+        if not armed.is_set():
+            armed.set()
+            threading.Thread(target=_enforce, args=(limit_s, before_exit), name="shutdown-bound", daemon=True).start()
+
+    bentoml_seam.on_process_manager_stop(arm)
+
+
+def _enforce(limit_s: float, before_exit: Callable[[], None]) -> None:
+    time.sleep(limit_s)  # a daemon thread: a stop that ends in time ends it with the process
+    import psutil  # BentoML's own dependency; imported only here, where a stop has overrun
+
+    left = psutil.Process().children(recursive=True)
+    what = ", ".join(_described(p) for p in left) or "no worker is left; the process manager itself did not return"
+    _say(
+        f"shutdown did not finish within SHUTDOWN_TIMEOUT_S + {SHUTDOWN_MARGIN_S:g} s ({limit_s:g} s): {what}; "
+        "killed; exit status 1"
+    )
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()  # SIGKILL ends a stopped process too
+    before_exit()
+    os._exit(1)
+
+
+def _described(process: Any) -> str:
+    import psutil
+
+    try:
+        role = "the model runner" if bentoml_seam.is_runner_command(process.cmdline()) else "an API worker"
+        state = process.status()
+    except psutil.Error:
+        return f"a worker (pid {process.pid}, gone meanwhile)"
+    if state == psutil.STATUS_STOPPED:
+        return f"{role} (pid {process.pid}) is stopped (SIGSTOP or SIGTSTP)"
+    return f"{role} (pid {process.pid}) is still running: stuck"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -91,7 +92,9 @@ class PublicApp:
         self._info: dict[str, Any] | None = None
         self._served: dict[str, Any] | None = None  # the default model, as /info describes it
         self._is_ready: Callable[[], Awaitable[bool]] | None = None
-        self._runner_seen_ready = False
+        self._runner_seen_ready = False  # the hot path's cached view: cleared by any failed call or probe
+        self._runner_answered_once = False  # the runner has answered this worker at least once (loaded)
+        self._runner_silent_since: float | None = None  # first unanswered liveness probe since its last answer
         self._in_progress = 0  # /service_output requests this worker is answering
         self._bearer = settings.bearer_token.encode() if settings.bearer_token else None
         self.shutdown = ShutdownBound()  # installed by the BentoML service in each API worker
@@ -156,7 +159,7 @@ class PublicApp:
                 status, body = 200, {"live": True}
             elif path == "/readyz":
                 routes.only_get(method, path)
-                if not await self.runner_ready():
+                if not await self.runner_ready(fresh=True):
                     raise RequestError(503, "the model is still loading; retry shortly")
                 status, body = 200, {"ready": True}
             elif routes.bentoml_serves(path):
@@ -291,10 +294,12 @@ class PublicApp:
         event loop. Raises RequestError 503 while the runner loads or is unreachable, 500 when it fails the call."""
         await self._check_runner_ready()
         try:
-            return await self._calls.submit(data)
+            outcome = await self._calls.submit(data)
         except Exception as e:
             self._runner_seen_ready = False  # probe again: /readyz must show an outage
             raise runner_failure(e) from None
+        self._runner_silent_since = None  # it answers: a later silence is timed from its own start
+        return outcome
 
     def _runner_lost(self) -> None:
         self._runner_seen_ready = False
@@ -306,37 +311,69 @@ class PublicApp:
         if not await self.runner_ready():
             raise RequestError(503, "the model is still loading; retry shortly")
 
-    async def runner_ready(self) -> bool:
-        """Whether the runner answers its readiness probe within a second (BentoML's own probe can hang)."""
-        if self._runner_seen_ready:
+    async def runner_ready(self, fresh: bool = False) -> bool:
+        """Whether the runner answers its readiness probe within 1.5 s (BentoML's own probe can hang).
+
+        The hot path (``fresh`` False) trusts the last answer until a call or a probe fails. The probes (/readyz,
+        /v2/health/ready: ``fresh``) ask the runner every time, so every API worker answers them from the runner's
+        state at that moment, not from its own last request (a worker without traffic kept saying ready while the
+        runner was stopped or stuck); the answer is at most 1.5 s old. A failed probe also clears the cached view."""
+        if self._runner_seen_ready and not fresh:
             return True
         if self._is_ready is None:
             return False
+        was_ready = self._runner_seen_ready
         try:
             self._runner_seen_ready = bool(await asyncio.wait_for(self._is_ready(), timeout=1.5))
         except Exception:
             self._runner_seen_ready = False
         if self._runner_seen_ready:
-            await self._send_alone_if_the_model_runs_alone()
+            self._runner_heard()
+            if not was_ready:
+                await self._send_alone_if_the_model_runs_alone()
         return self._runner_seen_ready
 
+    def _runner_heard(self) -> None:
+        self._runner_answered_once = True
+        self._runner_silent_since = None
+
     async def stuck_model(self) -> str | None:
-        """Why the service is not alive, or None: the model has spent more than 10 × REQUEST_TIMEOUT_S on one batch,
-        so every request in it was answered 504 long ago and it is most likely hung (a forward that never returns
-        would otherwise leave /livez green, and the service dead, for good). A runner that cannot be asked (loading,
-        restarting) is not this check's business: None."""
-        if self._health is None or not self._runner_seen_ready:  # a loading runner runs no batch, and would hold
-            return None  # /livez for seconds before it answered
+        """Why the service is not alive (/livez, /healthz, /v2/health/live), or None. Either the model has spent
+        more than 10 × REQUEST_TIMEOUT_S on one batch, so every request in it was answered 504 long ago and it is
+        most likely hung (a forward that never returns); or the runner, having answered this worker before, has not
+        answered its health call for more than 10 × REQUEST_TIMEOUT_S (stopped with SIGSTOP, its event loop stuck in
+        a workflow's pre- or post-processing, or a restart that never came back). Either would otherwise leave
+        /livez green, and the service dead, for good. Before its first answer the runner is loading: None (a health
+        call would hold /livez for seconds). On the API worker's event loop; waits at most 2 s."""
+        if self._health is None or not self._runner_answered_once:
+            return None
+        limit_s = 10 * self.settings.timeout_s
         try:
             busy_for_s = float((await asyncio.wait_for(self._health(), timeout=2))["busy_for_s"])
         except Exception:
-            return None
-        limit_s = 10 * self.settings.timeout_s
+            return self._runner_silent(limit_s)
+        self._runner_heard()
         if busy_for_s <= limit_s:
             return None
         reason = (
             f"the model has spent {busy_for_s:.0f} s on one batch, more than 10 x REQUEST_TIMEOUT_S ({limit_s:g} s): "
             "it is stuck; restart the service"
+        )
+        log.error("%s", reason)
+        return reason
+
+    def _runner_silent(self, limit_s: float) -> str | None:
+        """A health call went unanswered: why the service is not alive once the silence has outlasted ``limit_s``."""
+        now = time.monotonic()
+        if self._runner_silent_since is None:
+            self._runner_silent_since = now
+        self._runner_seen_ready = False  # requests and /readyz ask again instead of queueing on a silent runner
+        silent_for_s = now - self._runner_silent_since
+        if silent_for_s <= limit_s:
+            return None
+        reason = (
+            f"the model runner has not answered for {silent_for_s:.0f} s, more than 10 x REQUEST_TIMEOUT_S "
+            f"({limit_s:g} s): it is stopped or stuck; restart the service"
         )
         log.error("%s", reason)
         return reason

@@ -138,7 +138,8 @@ async def _route(
         return 200, {"name": SERVICE_NAME, "version": __version__, "extensions": EXTENSIONS}, None
     if parts == ["health", "live"]:
         _only(method, "GET")
-        return 200, {"live": True}, None
+        stuck = await app.stuck_model()  # the same answer as /livez
+        return (200, {"live": True}, None) if stuck is None else (503, {"live": False, "error": stuck}, None)
     if parts == ["health", "ready"]:
         _only(method, "GET")
         return await _readiness(app, {})
@@ -212,7 +213,7 @@ async def _check_model(app: public.PublicApp, name: str, version: str | None) ->
 
 
 async def _readiness(app: public.PublicApp, body: dict[str, Any]) -> tuple[int, Any, None]:
-    if await app.runner_ready():
+    if await app.runner_ready(fresh=True):
         return 200, {**body, "ready": True}, None
     return 503, {**body, "ready": False, "error": "the model is still loading; retry shortly"}, None
 

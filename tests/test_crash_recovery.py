@@ -11,6 +11,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 from eth_abi import encode
 
@@ -317,3 +318,51 @@ def test_with_two_api_workers_a_crasher_kills_the_runner_at_most_twice_and_a_que
     assert len(runners) == 3, f"the runner died {len(runners) - 1} times"
     assert "-5.0" not in log  # the crasher's data never reaches the log
     assert not shared.exists(), "the server left its crash records behind"
+
+
+def test_a_stopped_runner_fails_livez_and_readyz_on_every_worker_and_sigterm_still_ends(tmp_path):
+    # A runner stopped with SIGSTOP answered nothing, yet /livez stayed 200 for good (its health call timed out and
+    # counted as "loading"), one API worker kept answering /readyz 200 from its last request, and SIGTERM to the
+    # serve never finished (BentoML's process manager waits a day for each worker).
+    shutdown_s = 2.0
+    server_env = env(tmp_path, REQUEST_TIMEOUT_S="1", SHUTDOWN_TIMEOUT_S=str(shutdown_s), API_WORKERS="2")
+    with serving(server_env, tmp_path) as server:
+        assert post_many(server, [GOOD] * 8, workers=4)[0].status == 200  # both workers have used the runner
+        every_pid = [p.pid for group in processes(server).values() for p in group]
+        runner = processes(server)["runner"][0]
+        runner.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        # Every worker asks the runner for /readyz: none answers from a stale view.
+        readiness = [server.get("/readyz", timeout=10) for _ in range(6)]
+        assert [r.status_code for r in readiness] == [503] * 6, [r.text for r in readiness]
+        waited_s = wait_for(lambda: server.get("/livez", timeout=10).status_code == 503, timeout=40)
+        silent_s = time.monotonic() - stopped
+        assert 9 <= silent_s <= 35, f"/livez failed {silent_s:.1f} s after the runner stopped (bound: 10 s)"
+        body = assert_contract_error(server.get("/livez", timeout=10), 503)
+        assert (
+            "has not answered" in body["description"]
+            and "more than 10 x REQUEST_TIMEOUT_S (10 s)" in body["description"]
+        ), body
+        v2 = server.get("/v2/health/live", timeout=10)
+        assert v2.status_code == 503 and v2.json()["live"] is False, v2.text
+
+        server.process.send_signal(signal.SIGTERM)
+        terminated = time.monotonic()
+        server.process.wait(shutdown_s + 4 + 15)
+        exited_after_s = time.monotonic() - terminated
+        log = server.log()
+    assert server.process.returncode == 1, log[-2000:]
+    lines = [line for line in log.splitlines() if "shutdown did not finish" in line]
+    assert len(lines) == 1, log[-2000:]
+    assert f"the model runner (pid {runner.pid}) is stopped" in lines[0] and "SHUTDOWN_TIMEOUT_S" in lines[0]
+    assert "Traceback" not in log, log[-3000:]
+    assert not [pid for pid in every_pid if running(pid)], "processes left after the bound"
+    figure("stopped_runner", livez_failed_after_s=round(waited_s, 1), exited_after_s=round(exited_after_s, 1))
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (one that init has not reaped yet has ended all the same)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

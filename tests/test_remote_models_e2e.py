@@ -122,3 +122,30 @@ def test_wrong_token_stops_start_up(hub: Hub, tmp_path: Path):
     line = refusal_line(output)
     assert "model source=huggingface repo=testorg/private-iris file=model.torch: the Hub refused the token" in line
     assert wrong not in output
+
+
+def test_an_unwritable_hugging_face_cache_stops_start_up_with_one_line_naming_hf_home(hub: Hub, tmp_path: Path):
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_TOKEN": TOKEN,
+        "CLASSIC_INF_WORKFLOW_KW_ARGS": json.dumps({"model_name": "testorg/private-iris"}),
+    }
+    assert_refused_for_an_unwritable(env, "HF_HOME", tmp_path)
+
+
+def test_an_unwritable_model_cache_stops_start_up_with_one_line_naming_model_cache_dir(
+    published: dict[str, str], tmp_path: Path
+):
+    assert_refused_for_an_unwritable(published, "MODEL_CACHE_DIR", tmp_path)
+
+
+def assert_refused_for_an_unwritable(env: dict[str, str], variable: str, tmp_path: Path) -> None:
+    """A cache directory that cannot be created (below a regular file, which even root cannot get past; a read-only
+    volume is the same) said neither the directory nor the variable that sets it (NotADirectoryError: ...)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, output = run_to_exit({**env, variable: str(blocker / "cache")}, tmp_path)
+    assert code == 2, output[-3000:]
+    line = refusal_line(output)
+    assert str(blocker) in line and f"set {variable}" in line and "not writable" in line, line
+    assert "Traceback" not in output, output[-3000:]

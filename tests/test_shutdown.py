@@ -182,6 +182,13 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        return _running(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_sigterm_during_the_model_download_stops_at_once_with_one_line_and_no_partial_file(tmp_path, hub):
     """``docker stop`` while the model is still downloading (a 60 s download from the loopback Hub)."""
     model = json.dumps({"model_name": "testorg/slow-iris"})
@@ -204,3 +211,63 @@ def test_sigterm_during_the_model_download_stops_at_once_with_one_line_and_no_pa
 def _partial_files(roots: list[Path]) -> list[Path]:
     """The Hugging Face client's ``*.incomplete`` and the model cache's ``.<file>.partial-*`` files under ``roots``."""
     return [p for root in roots for p in root.rglob("*") if p.name.endswith(".incomplete") or ".partial-" in p.name]
+
+
+def test_a_runner_whose_event_loop_is_stuck_fails_livez_and_sigterm_ends_within_the_bound(tmp_path):
+    """A workflow's pre-processing that never returns holds the runner's event loop: its health call went unanswered
+    and /livez stayed 200 for good; SIGTERM then never finished (BentoML's process manager waits a day per worker).
+    Now /livez fails past 10 x REQUEST_TIMEOUT_S of silence, and the stop ends SHUTDOWN_TIMEOUT_S + 4 s after
+    SIGTERM with status 1 and one line naming the runner."""
+    shutdown_s = 2.0
+    server_env = {
+        "CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.Toolbox",
+        "CLASSIC_INF_WORKFLOW_POSITIONAL_ARGS": '["hello"]',
+        "REQUEST_TIMEOUT_S": "1",
+        "SHUTDOWN_TIMEOUT_S": str(shutdown_s),
+        "API_WORKERS": "1",
+    }
+    with serving(server_env, tmp_path) as server:
+        assert server.post({"source": 1, "data": {"echo": 1}}).status_code == 200
+        runner = processes(server)["runner"][0].pid
+        every_pid = [p.pid for group in processes(server).values() for p in group]
+        hung = server.post({"source": 1, "data": {"hang": 600}})  # the loop blocks; the caller gets its 504
+        assert hung.status_code == 504, hung.text
+        blocked = time.monotonic()
+        assert server.get("/readyz", timeout=10).status_code == 503
+        wait_for(lambda: server.get("/livez", timeout=10).status_code == 503, timeout=40)
+        silent_s = time.monotonic() - blocked
+        assert 8 <= silent_s <= 35, f"/livez failed {silent_s:.1f} s after the loop blocked (bound: 10 s)"
+        body = assert_contract_error(server.get("/livez", timeout=10), 503)
+        assert "has not answered" in body["description"] and "stopped or stuck" in body["description"], body
+
+        os.kill(server.process.pid, signal.SIGTERM)
+        terminated = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(shutdown_s + 4 + SHUTDOWN_MARGIN_S)
+        exited_after_s = time.monotonic() - terminated
+        log = server.log()
+    assert server.process.returncode == 1, f"{server.process.returncode} {exited_after_s:.1f} s: {log[-2000:]}"
+    lines = [line for line in log.splitlines() if "shutdown did not finish" in line]
+    assert len(lines) == 1, log[-2000:]
+    assert f"the model runner (pid {runner}) is still running: stuck" in lines[0], lines[0]
+    left = [pid for pid in every_pid if _pid_running(pid)]
+    assert not left, f"processes left after the bound: {left}"
+    figure("stuck_loop_shutdown", exited_after_s=round(exited_after_s, 1))
+
+
+def test_sighup_stops_the_server_as_sigterm_does(tmp_path):
+    """SIGHUP made BentoML's process manager (circus) reload every worker: the model loaded again and the service
+    answered 503 meanwhile, yet nothing was re-read (the configuration is read once, at start-up). It is a graceful
+    stop now, as in most servers a hang-up of the terminal ends them (docs/deploy.md)."""
+    with serving(env(tmp_path), tmp_path) as server:
+        every_pid = [p.pid for group in processes(server).values() for p in group]
+        assert server.post(row()).status_code == 200
+        os.kill(server.process.pid, signal.SIGHUP)
+        hung_up = time.monotonic()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(EXIT_BOUND_S)
+        exited_after_s = time.monotonic() - hung_up
+        log = server.log()
+    assert server.process.returncode == 0, f"{server.process.returncode} after {exited_after_s:.1f} s: {log[-2000:]}"
+    assert "SIGHUP: stopping as on SIGTERM" in log, log[-2000:]
+    assert not [pid for pid in every_pid if _pid_running(pid)]

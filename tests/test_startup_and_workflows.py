@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import requests
 import torch
 
 from core.errors import StartupError
+from tests.fixtures import server as server_fixture
 from tests.fixtures.server import run_to_exit, serving, start, stop, wait_ready
 from tests.models import Affine, EmbeddingSum, save
 from tests.test_public_app import assert_error
@@ -442,3 +444,20 @@ def test_legacy_variables_without_equivalent_or_in_conflict_stop_start_up(tmp_pa
     [line] = [line for line in output.splitlines() if "start-up failed" in line]
     assert expected in line
     assert "Traceback" not in output
+
+
+def test_a_port_in_use_stops_start_up_with_one_line_naming_the_port_setting(tmp_path, monkeypatch):
+    # The port already taken (another server, a previous one still stopping) printed circus' traceback
+    # (OSError: [Errno 98] Address already in use) and two "Could not bind" lines.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setattr(server_fixture, "free_port", lambda: port)
+        status, output = run_to_exit({}, tmp_path)
+    assert status == 2, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("start-up failed")]
+    assert len(lines) == 1, output[-3000:]
+    assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0] and "--port" in lines[0], lines[0]
+    assert "BENTOML_PORT" in lines[0], lines[0]
+    assert "Traceback" not in output and "Could not bind" not in output, output[-3000:]

@@ -14,7 +14,8 @@ class Toolbox(InferenceWorkflow):
     """Built from JSON positional and keyword args; its answers show what it was built with.
 
     data {"echo": X} -> {"prefix", "scale", "echo": X}; {"set": ...} -> a Python set, which is not JSON;
-    {"fail": msg} -> the model raises; anything else -> InputError.
+    {"fail": msg} -> the model raises; {"hang": seconds} -> pre-processing blocks the runner's event loop that long
+    (a workflow stuck before the model); anything else -> InputError.
     """
 
     def __init__(self, prefix: str, *, scale: int = 1, setup_seconds: float = 0.0) -> None:
@@ -26,8 +27,11 @@ class Toolbox(InferenceWorkflow):
         time.sleep(self.setup_seconds)  # lets a test see /readyz before the model is ready
 
     def preprocess(self, data: Any) -> Any:
-        if not {"echo", "set", "fail"} & set(data):
-            raise InputError("data: expected one of echo, set, fail")
+        if not {"echo", "set", "fail", "hang"} & set(data):
+            raise InputError("data: expected one of echo, set, fail, hang")
+        if "hang" in data:
+            time.sleep(float(data["hang"]))
+            return {"echo": "hung"}
         return data
 
     def run_model(self, item: Any) -> Any:

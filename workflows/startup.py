@@ -56,6 +56,12 @@ def exit_on_error(stage: str, *, worker: bool = False) -> Iterator[None]:
         os._exit(2)  # not sys.exit: the server would log a traceback for the SystemExit
 
 
+def refuse(stage: str, message: str) -> None:
+    """In the server's main process: stop start-up with ``message`` as ``exit_on_error`` does (one line, status 2)."""
+    with exit_on_error(stage):
+        raise StartupError(message)
+
+
 @contextlib.contextmanager
 def stop_on_signal() -> Iterator[None]:
     """In the server's main thread, around the model download: SIGTERM and SIGINT raise ``StartupStopped`` there

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from core.errors import FetchError, StartupError
 from core.settings import TorchSettings
 from workflows.sources import ModelSpec, OnBytes, TooLarge, check_pin_digest
-from workflows.sources.cache import ModelCache
+from workflows.sources.cache import MODEL_CACHE_FIX, ModelCache, unwritable
 
 log = logging.getLogger("workflows.sources.arweave")
 
@@ -122,7 +122,7 @@ def fetch(
     except GatewayError as e:
         raise StartupError(str(e)) from None
     except OSError as e:
-        raise StartupError(f"model cache {cache.root}: {e.strerror or e}") from None
+        raise StartupError(f"model cache {cache.root}: {unwritable(e)}; {MODEL_CACHE_FIX}") from None
     cache.set_ref(SOURCE, ref, newest.id)
     return path
 

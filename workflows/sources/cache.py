@@ -36,6 +36,14 @@ PARTIAL = ".partial-"
 # A process holding a lock keeps it only while it downloads (every request has a timeout); the OS frees it
 # if that process dies, so this only bounds waiting behind a live but very slow download.
 LOCK_TIMEOUT_S = 6 * 3600
+# What start-up says after a cache path it cannot write (read-only volume, a file where a directory must be).
+MODEL_CACHE_FIX = "set MODEL_CACHE_DIR to a writable directory"
+
+
+def unwritable(error: OSError) -> str:
+    """``path (reason)`` for a file-system error, its path when it names one."""
+    where = f"{error.filename} " if error.filename is not None else ""
+    return f"{where}({error.strerror or error})"
 
 
 def sha256_of(path: Path) -> str:
@@ -65,7 +73,7 @@ class ModelCache:
         try:
             locks.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StartupError(f"model cache {self.root} is not writable ({e.strerror})") from None
+            raise StartupError(f"model cache {self.root} is not writable: {unwritable(e)}; {MODEL_CACHE_FIX}") from None
         lock = FileLock(str(locks / f"{name}.lock"))
         try:
             lock.acquire(timeout=0)

@@ -24,12 +24,13 @@ from typing import NamedTuple
 from core.errors import FetchError, StartupError, first_line
 from core.settings import TorchSettings, boolean, env_value
 from workflows.sources import ModelSpec, OnBytes, TooLarge, check_pin_digest
-from workflows.sources.cache import ModelCache
+from workflows.sources.cache import ModelCache, unwritable
 
 log = logging.getLogger("workflows.sources.huggingface")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TOKEN_VARS = "HF_TOKEN / HUGGING_FACE_HUB_TOKEN"
+HF_CACHE_FIX = "set HF_HOME (or HF_HUB_CACHE) to a writable directory"
 
 
 def fetch(
@@ -262,6 +263,8 @@ def _refusal(error: Exception, token: str | None, offline: bool, endpoint: str) 
         if status == 403:
             return FetchError(f"access denied by the Hub (HTTP 403; {have_token})", 403)
         return FetchError(f"the Hub answered HTTP {status}")
+    if isinstance(error, OSError) and error.filename is not None:  # the cache's disk, not the Hub (500: ours)
+        return FetchError(f"the Hugging Face cache is not writable: {unwritable(error)}; {HF_CACHE_FIX}", 500)
     return FetchError(f"{type(error).__name__}: {first_line(error)}")  # first_line masks the token
 
 
