@@ -24,6 +24,11 @@ the status):
     postprocess                    ServiceError subclasses: their own status; any other exception: 500
     inference (classes without the hooks)   as run_model
 
+A ``ModelError`` or other exception that is no ``InputError`` from ``preprocess`` or ``batch_key``, and a
+``ModelError`` or ``InputError`` from the forward's hooks, get the input's shape and dtype after their first line
+(``describe_input`` for the forward, the request's tensors as sent for ``preprocess``), as the service's own checks
+do; never the values. ``/service_output`` and ``/v2`` both run every hook (docs/contract.md).
+
 A failing shared forward runs again item by item, so only the requests that fail get the error.
 
 The rule batching keeps: a request's answer is the same whether it ran alone or in a batch. ``batch_key`` must
