@@ -181,7 +181,7 @@ def test_sigkill_of_the_serve_process_stops_every_worker_and_frees_the_port(tmp_
     # What only the main process removes at exit stayed behind; the next server on the host removes it at start-up,
     # whatever else it finds that is not a dead server's of this host (core/leftovers.py).
     home = tmp_path / "bentoml"
-    left = [*home.glob("prometheus_multiproc_dir.*"), *temporary.glob("infernet-crashes.*")]
+    left = [*home.glob("prometheus_multiproc_dir.*"), *temporary.glob("infernet-crashes*")]
     assert len(left) == 2, left
     others = [home / "prometheus_multiproc_dir.another-host.1", temporary / "unrelated"]
     for other in others:
@@ -193,7 +193,7 @@ def test_sigkill_of_the_serve_process_stops_every_worker_and_frees_the_port(tmp_
         assert again.post(row()).status_code == 200
         assert not [path for path in left if path.exists()], left
         assert all(other.exists() for other in others)
-        now = [*home.glob("prometheus_multiproc_dir.*"), *temporary.glob("infernet-crashes.*")]
+        now = [*home.glob("prometheus_multiproc_dir.*"), *temporary.glob("infernet-crashes*")]
         assert len(now) == 3, now  # the new server's own two, and the other host's
         assert again.log().count("left by a server that died without its exit") == 2, again.log()[-3000:]
 
