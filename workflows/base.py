@@ -672,9 +672,9 @@ def _failed_on_request(error: BaseException, data: Any) -> Outcome:
 
 def _with_note(error: ServiceError, note: str | None) -> ServiceError:
     """``error`` with ``; note`` after its first line, when it is about the input (``ModelError``, ``InputError``)
-    and does not say it already. A new error of the same status: the workflow's own class may take other
-    arguments than a message."""
-    if not note or not isinstance(error, (ModelError, InputError)):
+    and does not say it already (its text, or ``input_described`` set true on it). A new error of the same status:
+    the workflow's own class may take other arguments than a message."""
+    if not note or not isinstance(error, (ModelError, InputError)) or getattr(error, "input_described", False):
         return error
     said = first_line(error)
     if note in said:  # a workflow that already described the input (or an error described twice)
