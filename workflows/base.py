@@ -47,6 +47,7 @@ StartupError when the class is defined or built, with the fix in the message.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import types
@@ -687,7 +688,7 @@ def _with_note(error: ServiceError, note: str | None) -> ServiceError:
 def request_note(data: Any) -> str | None:
     """What a failure of a request's own ``data`` adds: its contract tensors' shapes and dtypes as sent, never
     their values: ``the input had shape [2, 3] float`` for a lone tensor (``{"dtype", "shape"?, "values"}``),
-    ``the inputs had shapes 'a' [2, 3] float, 'b' [2] long`` for an object of them (at most 8 named). None for data
+    ``the inputs had shapes "a" [2, 3] float, "b" [2] long`` for an object of them (at most 8 named). None for data
     that holds no tensor. Any thread; raises nothing; bounded by MAX_RANK levels and 8 tensors."""
     if not isinstance(data, dict):
         return None
@@ -700,7 +701,7 @@ def request_note(data: Any) -> str | None:
             lone = _sent_tensor(data)
             if lone is not None:
                 return f"the input had shape {lone}"
-    named = [(key, _sent_tensor(value)) for key, value in list(data.items())[:8]]
+    named = [(key, _sent_tensor(value)) for key, value in itertools.islice(data.items(), 8)]
     named = [(key, shown) for key, shown in named if shown is not None]
     if not named:
         return None
