@@ -118,7 +118,7 @@ def test_a_workflows_own_hooks_and_errors_on_both_routes(tmp_path):
     # Lead findings: a workflow's own ModelError (and a shape or dtype check of its own in preprocess) reached the
     # client without the input's shape and dtype that the service's own checks give; and /v2 ran the workflow's
     # own postprocess with no word of it in the docs, so its 422 for labels pointed at /service_output alone.
-    # /v2 runs the workflow's hooks as /service_output does (docs/contract.md, "Custom workflows on /v2").
+    # /v2 runs the workflow's hooks as /service_output does (docs/contract.md, "Shapes, ranks and BOOL bytes").
     with serving({"CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.OwnHooks"}, tmp_path) as server:
         sent = {"dtype": "float", "values": [[1, 2, 3]]}
         ok = server.post({"source": 1, "data": sent})
