@@ -44,7 +44,6 @@ import errno
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +56,7 @@ from bentoml.exceptions import BentoMLException
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 
+from core import leftovers
 from core.asgi import Receive, Scope, Send, read_body
 from core.terms import error_body
 
@@ -396,8 +396,9 @@ def own_metrics_directory() -> Path | None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return None  # a worker: its server chose the directory
     # Host and pid: two servers sharing BENTOML_HOME (a volume shared by containers, too) never pick the same one.
-    name = f"prometheus_multiproc_dir.{socket.gethostname()}.{os.getpid()}"
-    directory = Path(BentoMLContainer.bentoml_home.get()) / name
+    home = Path(BentoMLContainer.bentoml_home.get())
+    leftovers.remove_dead(home, _METRICS_PREFIX)  # those of servers killed before their exit handlers ran
+    directory = home / f"{_METRICS_PREFIX}{leftovers.owner_tag()}"
     BentoMLContainer.prometheus_multiproc_dir.set(str(directory))
     global _own_metrics_directory
     _own_metrics_directory = directory
@@ -406,6 +407,7 @@ def own_metrics_directory() -> Path | None:
 
 
 _own_metrics_directory: Path | None = None
+_METRICS_PREFIX = "prometheus_multiproc_dir."
 
 
 def remove_own_metrics_directory() -> None:

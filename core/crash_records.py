@@ -4,8 +4,9 @@ still waiting for the model (not running) when the runner's process died.
 
 Where: a directory the server's main process creates before any worker starts (``create_for_this_server``), named in
 the workers' environment, removed when the server exits (and when a worker stops it at start-up). ``mkdtemp`` names
-it, so two servers, even on one ``BENTOML_HOME`` or one ``/tmp``, never share one. Without it (the app run in-process,
-as unit tests do) each API worker remembers alone, as before.
+it (``infernet-crashes.<host>.<pid>.<random>``), so two servers, even on one ``BENTOML_HOME`` or one ``/tmp``, never
+share one; a server killed before it could remove its own leaves it to the next one on the host (core/leftovers.py).
+Without it (the app run in-process, as unit tests do) each API worker remembers alone, as before.
 
 Why it is safe with writers in separate processes:
   - ``records.json`` (the suspects and poisons, digests and expiry times only, never a request's data) is only ever
@@ -41,6 +42,9 @@ from typing import Any
 
 import orjson
 
+from core import leftovers
+
+_PREFIX = "infernet-crashes."
 # Set by the server's main process for its workers; not an operator's setting.
 _DIRECTORY = "INFERNET_CRASH_RECORDS_DIR"
 _COUNTER_BYTES = 8
@@ -51,7 +55,10 @@ Remembered = dict[bytes, float]  # digest -> when it is forgotten (time.monotoni
 def create_for_this_server() -> Path:
     """In the server's main process, before the workers start: this server's directory, with its counter, named in the
     environment the workers inherit and removed at exit (``remove``). Raises OSError if it cannot be created."""
-    directory = Path(tempfile.mkdtemp(prefix="infernet-crashes-"))
+    parent = Path(tempfile.gettempdir())
+    leftovers.remove_dead(parent, _PREFIX, random_tail=True)  # those of servers killed before their exit handlers ran
+    # Host and pid in the name: the next server on this host can tell whether this one still lives.
+    directory = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{leftovers.owner_tag()}.", dir=parent))
     (directory / "changes").write_bytes(bytes(_COUNTER_BYTES))
     os.environ[_DIRECTORY] = str(directory)
     return directory

@@ -460,9 +460,7 @@ def answer(
         if isinstance(tensor, Unasked):  # the runner named the outputs otherwise than here: the service's fault
             raise ProtocolError(500, f"output {name}: left out of the runner's answer although asked for")
         if not _is_tensor(tensor):
-            raise ProtocolError(
-                422, f"the model's output {name} is {json_type(tensor)}, not a tensor; use /service_output"
-            )
+            raise ProtocolError(422, f"the model's output {name} is {json_type(tensor)}, not a tensor; {_TENSORS_ONLY}")
         output, chunk = _output(
             name,
             tensor,
@@ -476,6 +474,13 @@ def answer(
         response["id"] = request.id
     response["outputs"] = outputs
     return response, b"".join(chunks) if chunks else None
+
+
+# /v2 runs the workflow's own hooks as /service_output does (its preprocess may scale the input: skipping it would
+# change the numbers silently), so what a custom postprocess answers is what /v2 must carry.
+_TENSORS_ONLY = (
+    "use /service_output, or have the workflow's postprocess return tensors (workflows.tensors.encode_output)"
+)
 
 
 def _is_tensor(body: Any) -> bool:

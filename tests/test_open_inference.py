@@ -690,4 +690,7 @@ def test_v2_answers_the_outputs_asked_for_whatever_the_others_are(outputs_server
     if r33 == "output_0":  # the TorchScript model's fourth output is a number: answered only when asked for
         response = requests.post(url, json={"inputs": [x], "outputs": [{"name": "output_2"}]}, timeout=30)
         assert response.status_code == 422, response.text
-        assert response.json()["error"] == "the model's output output_2 is a number, not a tensor; use /service_output"
+        assert response.json()["error"] == (
+            "the model's output output_2 is a number, not a tensor; use /service_output, or have the workflow's "
+            "postprocess return tensors (workflows.tensors.encode_output)"
+        )

@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -138,10 +141,19 @@ def test_sigterm_exits_within_shutdown_timeout_despite_a_stalled_upload_and_a_lo
 ORPHAN_BOUND_S = 10.0  # a worker notices within 0.5 s; an idle graceful stop takes 1-3 s here
 
 
-def test_sigkill_of_the_serve_process_stops_every_worker_and_frees_the_port(tmp_path):
+@pytest.fixture
+def short_tmpdir() -> Iterator[Path]:
+    """A TMPDIR of the test's own with a short path: BentoML puts its unix sockets there (at most 108 bytes)."""
+    directory = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_sigkill_of_the_serve_process_stops_every_worker_and_frees_the_port(tmp_path, short_tmpdir):
     """The OOM killer or ``kill -9`` ends ``bentoml serve``'s main process without its graceful stop: its API workers
     and runner must not live on as orphans answering on the port (core/server_watch.py)."""
-    server = start(env(tmp_path), tmp_path)
+    temporary = short_tmpdir  # the crash-records directory's parent
+    server = start({**env(tmp_path), "TMPDIR": str(temporary)}, tmp_path)
     children: list[psutil.Process] = []
     try:
         wait_ready(server)
@@ -165,6 +177,25 @@ def test_sigkill_of_the_serve_process_stops_every_worker_and_frees_the_port(tmp_
     assert log.count("has died: this worker") == 3, log[-3000:]
     assert "Traceback" not in log[log.index("has died") :], log[-3000:]
     figure("orphans", stopped_after_s=round(stopped_after, 2))
+
+    # What only the main process removes at exit stayed behind; the next server on the host removes it at start-up,
+    # whatever else it finds that is not a dead server's of this host (core/leftovers.py).
+    home = tmp_path / "bentoml"
+    left = [*home.glob("prometheus_multiproc_dir.*"), *temporary.glob("infernet-crashes*")]
+    assert len(left) == 2, left
+    others = [home / "prometheus_multiproc_dir.another-host.1", temporary / "unrelated"]
+    for other in others:
+        other.mkdir()
+    (tmp_path / "next").mkdir()
+    with serving(
+        {**env(tmp_path / "next"), "BENTOML_HOME": str(home), "TMPDIR": str(temporary)}, tmp_path / "next"
+    ) as again:
+        assert again.post(row()).status_code == 200
+        assert not [path for path in left if path.exists()], left
+        assert all(other.exists() for other in others)
+        now = [*home.glob("prometheus_multiproc_dir.*"), *temporary.glob("infernet-crashes*")]
+        assert len(now) == 3, now  # the new server's own two, and the other host's
+        assert again.log().count("left by a server that died without its exit") == 2, again.log()[-3000:]
 
 
 def _answers(server: Server) -> bool:

@@ -117,6 +117,52 @@ def test_a_tensor_workflow_of_its_own_keeps_the_element_limit_and_its_warmup_lin
         assert "KW_ARGS warmup_input" not in warmup
 
 
+def test_a_workflows_own_hooks_and_errors_on_both_routes(tmp_path):
+    # Lead findings: a workflow's own ModelError (and a shape or dtype check of its own in preprocess) reached the
+    # client without the input's shape and dtype that the service's own checks give; and /v2 ran the workflow's
+    # own postprocess with no word of it in the docs, so its 422 for labels pointed at /service_output alone.
+    # /v2 runs the workflow's hooks as /service_output does (docs/contract.md, "Shapes, ranks and BOOL bytes").
+    with serving({"CLASSIC_INF_WORKFLOW_CLASS": "tests.workflows_for_tests.OwnHooks"}, tmp_path) as server:
+        sent = {"dtype": "float", "values": [[1, 2, 3]]}
+        ok = server.post({"source": 1, "data": sent})
+        assert ok.status_code == 200, ok.text
+        assert ok.json() == {
+            "scored": {"dtype": "float", "shape": [1, 3], "values": [[104.0, 106.0, 108.0]]},
+            "labels": ["small", "small", "small"],
+        }
+        # The workflow's own ModelError from its forward: 422, its words, then the input as sent (never its values).
+        wide = {"dtype": "float", "values": [[1.5, 2.5, 3.5, 4.5], [5.5, 6.5, 7.5, 8.5]]}
+        described = error(server.post({"source": 1, "data": wide}), 422)
+        assert described == "OwnHooks takes 3 features, got 4; the input had shape [2, 4] float", described
+        # The workflow's own check in preprocess: 400, its words, then the request's tensor as sent.
+        ints = {"dtype": "long", "shape": [1, 3], "values": [7, 8, 9]}
+        described = error(server.post({"source": 1, "data": ints}), 400)
+        assert described == "OwnHooks takes float tensors, got torch.int64; the input had shape [1, 3] long"
+
+        url = f"{server.url}/v2/models/model/infer"
+        x = {"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}
+        # Its preprocess (+1) and postprocess (+100) run on /v2 too: the tensor it answers is (x + 1) * 2 + 100.
+        scored = requests.post(url, json={"inputs": [x], "outputs": [{"name": "scored"}]}, timeout=30)
+        assert scored.status_code == 200, scored.text
+        assert scored.json()["outputs"] == [
+            {"name": "scored", "datatype": "FP32", "shape": [1, 3], "data": [104, 106, 108]}
+        ]
+        # Its labels are no tensor: the 422 names both fixes.
+        labels = requests.post(url, json={"inputs": [x]}, timeout=30)
+        assert labels.status_code == 422, labels.text
+        assert labels.json()["error"] == (
+            "the model's output labels.0 is a string, not a tensor; use /service_output, or have the workflow's "
+            "postprocess return tensors (workflows.tensors.encode_output)"
+        )
+        # The same errors of its own on /v2, with the same note.
+        wide_v2 = {"name": "x", "datatype": "FP32", "shape": [2, 4], "data": list(range(8))}
+        refused = requests.post(url, json={"inputs": [wide_v2]}, timeout=30)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"] == "OwnHooks takes 3 features, got 4; the input had shape [2, 4] float"
+        log = server.log()
+        assert "1.5" not in log and "8.5" not in log  # the values sent are never echoed nor logged
+
+
 def test_an_integer_id_model_under_cast_inputs_says_how_to_fix_it(tmp_path):
     # Explorer F11: the default cast_inputs casts the client's long ids to the model's float, and the model's error
     # blamed a FloatTensor the client never sent, with no word of cast_inputs, in the 422 and at start-up alike.

@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from core.errors import InputError
+from core.errors import InputError, ModelError
 from workflows.base import InferenceWorkflow, TensorWorkflow
 
 
@@ -86,3 +86,28 @@ class LeakyDescribe(Doubler):
 
     def describe(self) -> dict[str, Any]:
         return {"name": _QuotesTheToken("x")}
+
+
+class OwnHooks(TensorWorkflow):
+    """Hooks of its own on both sides, and checks of its own that raise: ``preprocess`` takes float tensors only
+    (a TypeError: 400) and adds 1; ``run_model`` takes 3 features only (its own ModelError: 422) and doubles;
+    ``postprocess`` answers ``{"scored": (x + 1) * 2 + 100 as a tensor, "labels": ["big"/"small" per value]}``."""
+
+    def preprocess(self, data: Any) -> Any:
+        import torch
+
+        item = super().preprocess(data)
+        if item.dtype != torch.float32:
+            raise TypeError(f"OwnHooks takes float tensors, got {item.dtype}")
+        return item + 1
+
+    def run_model(self, batch: Any) -> Any:
+        if batch.shape[-1] != 3:
+            raise ModelError(f"OwnHooks takes 3 features, got {batch.shape[-1]}")
+        return batch * 2
+
+    def postprocess(self, output: Any) -> Any:
+        from workflows import tensors
+
+        labels = ["big" if value > 10 else "small" for value in output.flatten().tolist()]
+        return {"scored": tensors.encode_output(output + 100), "labels": labels}

@@ -24,6 +24,11 @@ the status):
     postprocess                    ServiceError subclasses: their own status; any other exception: 500
     inference (classes without the hooks)   as run_model
 
+A ``ModelError`` or other exception that is no ``InputError`` from ``preprocess`` or ``batch_key``, and a
+``ModelError`` or ``InputError`` from the forward's hooks, get the input's shape and dtype after their first line
+(``describe_input`` for the forward, the request's tensors as sent for ``preprocess``), as the service's own checks
+do; never the values. ``/service_output`` and ``/v2`` both run every hook (docs/contract.md).
+
 A failing shared forward runs again item by item, so only the requests that fail get the error.
 
 The rule batching keeps: a request's answer is the same whether it ran alone or in a batch. ``batch_key`` must
@@ -42,6 +47,7 @@ StartupError when the class is defined or built, with the fix in the message.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import logging
 import types
@@ -53,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from core.errors import InputError, ModelError, Outcome, ServiceError, StartupError, answer, failure, first_line
 from core.model_call import UNASKED, asked_outputs
+from core.terms import DTYPE_NAMES, MAX_RANK, json_text
 
 if TYPE_CHECKING:
     import torch
@@ -425,10 +432,10 @@ def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
         try:
             item = workflow.preprocess(data)
             prepared.append(_Item(item, workflow.batch_key(item)))
-        except ServiceError as e:
+        except InputError as e:  # the decoder's (or the workflow's) own words about the data: they name the place
             prepared.append(failure(e))
-        except _RAISED_ON_THE_LOOP as e:  # a workflow's own validation that raised something generic
-            prepared.append(failure(InputError(_said(e))))
+        except _RAISED_ON_THE_LOOP as e:  # ModelError, or something generic: the workflow's own check of the input
+            prepared.append(_failed_on_request(e, data))
     return prepared
 
 
@@ -634,7 +641,7 @@ def _legacy_inference(workflow: Any, data: Any) -> Outcome:
     try:
         return answer(workflow.inference(data))
     except _RAISED_BY_MODEL as e:
-        return failure(_as_model_error(e))
+        return failure(_with_note(_as_model_error(e), request_note(data)))
 
 
 # What a workflow's code may raise for one request and still fail only that request. On the model thread no signal
@@ -646,12 +653,74 @@ _RAISED_ON_THE_LOOP = (Exception, SystemExit)
 
 def _as_model_error(error: BaseException, workflow: Any = None, item: Any = None) -> ServiceError:
     """The 422 of a model that raised on ``item``: the model's own words, then what ``workflow.describe_input(item)``
-    knows (the one place every route's and both paths' message is built)."""
-    if isinstance(error, ServiceError):
-        return error
-    said = _said(error) if isinstance(error, Exception) else f"it raised {type(error).__name__}({first_line(error)})"
+    knows (the one place every route's and both paths' message is built). A ``ModelError`` or ``InputError`` the
+    workflow raised itself keeps its status and words and gets the same note; other ``ServiceError``s (503, 500)
+    are not about the input and stay as they are."""
     note = _described_input(workflow, item)
+    if isinstance(error, ServiceError):
+        return _with_note(error, note)
+    said = _said(error) if isinstance(error, Exception) else f"it raised {type(error).__name__}({first_line(error)})"
     return ModelError(f"the model failed on this input: {said}" + (f"; {note}" if note else ""))
+
+
+def _failed_on_request(error: BaseException, data: Any) -> Outcome:
+    """The outcome of a workflow's ``preprocess`` (or ``batch_key``) that raised on a request's ``data``: a
+    ``ServiceError``'s own status (a ``ModelError``: 422), anything else 400, with the request's tensor shapes and
+    dtypes after the workflow's words (``request_note``), as a failed forward has the model's input's."""
+    error = error if isinstance(error, ServiceError) else InputError(_said(error))
+    return failure(_with_note(error, request_note(data)))
+
+
+def _with_note(error: ServiceError, note: str | None) -> ServiceError:
+    """``error`` with ``; note`` after its first line, when it is about the input (``ModelError``, ``InputError``)
+    and does not say it already (its text, or ``input_described`` set true on it). A new error of the same status:
+    the workflow's own class may take other arguments than a message."""
+    if not note or not isinstance(error, (ModelError, InputError)) or getattr(error, "input_described", False):
+        return error
+    said = first_line(error)
+    if note in said:  # a workflow that already described the input (or an error described twice)
+        return error
+    noted = ModelError(f"{said}; {note}") if isinstance(error, ModelError) else InputError(f"{said}; {note}")
+    noted.status = error.status
+    return noted
+
+
+def request_note(data: Any) -> str | None:
+    """What a failure of a request's own ``data`` adds: its contract tensors' shapes and dtypes as sent, never
+    their values: ``the input had shape [2, 3] float`` for a lone tensor (``{"dtype", "shape"?, "values"}``),
+    ``the inputs had shapes "a" [2, 3] float, "b" [2] long`` for an object of them (at most 8 named). None for data
+    that holds no tensor. Any thread; raises nothing; bounded by MAX_RANK levels and 8 tensors."""
+    if not isinstance(data, dict):
+        return None
+    lone = _sent_tensor(data)
+    if lone is not None:
+        return f"the input had shape {lone}"
+    for nested in ("inputs", "input"):  # the ONNX form and the built-in workflow's named input
+        if isinstance(data.get(nested), dict) and len(data) == 1:
+            data = data[nested]
+            lone = _sent_tensor(data)
+            if lone is not None:
+                return f"the input had shape {lone}"
+    named = [(key, _sent_tensor(value)) for key, value in itertools.islice(data.items(), 8)]
+    named = [(key, shown) for key, shown in named if shown is not None]
+    if not named:
+        return None
+    return "the inputs had shapes " + ", ".join(f"{json_text(key, 20)} {shown}" for key, shown in named)
+
+
+def _sent_tensor(value: Any) -> str | None:
+    """``[2, 3] float`` for a contract tensor as sent (its ``shape`` when it gives a valid one, else the nesting of
+    its ``values``), else None."""
+    if not isinstance(value, dict) or "values" not in value:
+        return None
+    shape = value.get("shape")
+    if not (isinstance(shape, list) and len(shape) <= MAX_RANK and all(type(n) is int and n >= 0 for n in shape)):
+        shape, level = [], value["values"]
+        while isinstance(level, list) and len(shape) <= MAX_RANK:
+            shape.append(len(level))
+            level = level[0] if level else None
+    dtype = value.get("dtype")
+    return _shown(shape) + (f" {dtype}" if dtype in DTYPE_NAMES else "")
 
 
 def _described_input(workflow: Any, item: Any) -> str | None:

@@ -214,11 +214,14 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
                     raise
                 # The client's integer ids reached the model cast to its float dtype: the error blames a FloatTensor
                 # nobody sent, and the fix is the operator's.
-                raise ModelError(
+                error = ModelError(
                     f"the model failed on this input: {first_line(e)} (cast_inputs is true, so inputs are cast to the "
                     f'model\'s {tensors.NAMES.get(own, own)}; for a model that takes integer ids set "cast_inputs": '
                     "false in CLASSIC_INF_WORKFLOW_KW_ARGS)"
-                ) from None
+                )
+                # No shape-and-dtype note after it (workflows/base.py): it would name the cast dtype, not the sent one.
+                error.input_described = True  # type: ignore[attr-defined]
+                raise error from None
             return to_host(output, {compute: own} if compute != own else None)
 
 
