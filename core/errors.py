@@ -79,6 +79,12 @@ class FetchError(StartupError):
         self.status = status
 
 
+def unwritable(error: OSError) -> str:
+    """``path (reason)`` for a file-system error, its path when it names one."""
+    where = f"{error.filename} " if error.filename is not None else ""
+    return f"{where}({error.strerror or error})"
+
+
 def first_line(error: BaseException) -> str:
     """The line of an exception's message that says what failed (the class name for an empty message).
 

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from core.errors import FetchError
+from core.hub import check_version_published
 from core.model_ids import ModelIdError, allowed, parse_model_id
 from core.settings import hf_token
 from public import SERVICE_NAME
-from workflows.per_request import ModelLoadError, check_version_published
 
 SPEC_VERSION = "0.1.0"  # of the ServiceResources format, not of this service
 
@@ -77,7 +78,7 @@ def model_support(asked: str, info: dict[str, Any], allowed_models: Any) -> dict
         return {"supported": False, "error": reason}
     try:  # the check a request's load makes first: a pull request's commit is refused there, so here too
         check_version_published(model, allowed_models, hf_token(os.environ))
-    except ModelLoadError as e:
+    except FetchError as e:
         return {"supported": False, "error": str(e)}
     return {"supported": True}  # allowed; loaded on its first request
 

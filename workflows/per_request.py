@@ -17,18 +17,17 @@ verification, 507 no room in the model cache while the models in use fill MAX_CA
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
-from core.errors import ServiceError, StartupError, first_line
-from core.model_ids import ModelId, parse_model_id, version_spelled_out
+from core import hub
+from core.errors import FetchError, ServiceError, StartupError, first_line
+from core.model_ids import ModelId, parse_model_id
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows import progress, sources
 from workflows.sources import ModelSpec, disk_bound
 
 log = logging.getLogger("workflows.per_request")
-_ADDRESS = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s)'\"]+")
 
 ONNX_WORKFLOW = "workflows.onnx_workflow.ONNXInferenceWorkflow"
 # KW_ARGS that name the default model (or are tied to it); a per-request model replaces them all.
@@ -53,22 +52,12 @@ class ModelLoadError(ServiceError):
 
 
 def check_version_published(model_id: str, allowed_models: tuple[str, ...] | list[str], hf_token: str | None) -> None:
-    """Refuse a Hugging Face version that no ALLOWED_MODELS pattern spells out and that is neither a branch nor a tag
-    nor the commit of one (a pull request's commit): a pattern's "every version" means the published ones. Nothing
-    to check for other ids. One refs request to the Hub, no download, so ``/service-resources?model_id=`` asks the
-    same question a request would (blocking: on a loader thread or a worker's thread). Raises ModelLoadError: 403
-    not published (naming the pattern to add), 404/403 the Hub's refusals, 502 the Hub cannot be asked."""
-    model = parse_model_id(model_id)
-    if model.source != "huggingface" or not model.version or version_spelled_out(model, allowed_models):
-        return
-    from workflows.sources import huggingface
-
+    """core/hub.py ``check_version_published``, its refusal as the ModelLoadError a request gets (same status and
+    words). On a runner download or loader thread."""
     try:
-        huggingface.check_published_revision(model.repo_id, model.version, hf_token, model_id)
-    except StartupError as e:
-        status = getattr(e, "status", 502)
-        log.log(logging.INFO if status < 500 else logging.WARNING, "model %s: %s", model_id, first_line(e))
-        raise ModelLoadError(status, f"model {model_id}: {_without_addresses(first_line(e))}") from None
+        hub.check_version_published(model_id, allowed_models, hf_token)
+    except FetchError as e:
+        raise ModelLoadError(e.status, str(e)) from None
 
 
 def spec_of(settings: ServiceSettings, model_id: str) -> tuple[ModelId, ModelSpec, TorchSettings]:
@@ -126,7 +115,7 @@ def fetch_model(
             # the operator's log with warnings); a source that cannot be reached is the operator's (WARNING).
             status = getattr(e, "status", 502)  # a source's refusal carries its status (FetchError); else its fault
             log.log(logging.INFO if status < 500 else logging.WARNING, "model %s: %s", model_id, first_line(e))
-            reason = _without_addresses(first_line(e))
+            reason = hub.without_addresses(first_line(e))
             raise ModelLoadError(status, f"model {model_id}: {reason}") from None
         fetched.update(bytes=path.stat().st_size)
         disk_bound.touch(torch_settings.model_cache_dir, path, spec.source)
@@ -217,9 +206,3 @@ def _client_reason(error: Exception, path: Path, filename: str) -> str:
     for shown in (str(resolved), str(path), str(resolved.parent), str(path.parent), resolved.name):
         text = text.replace(shown, filename)
     return text
-
-
-def _without_addresses(reason: str) -> str:
-    """``reason`` as an anonymous client may read it: the URLs of the operator's Hub or gateway (HF_ENDPOINT,
-    ARWEAVE_GATEWAY, often an internal mirror) left out."""
-    return _ADDRESS.sub("(its address)", reason)

@@ -27,7 +27,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from core.errors import StartupError
+from core.errors import StartupError, unwritable
 
 log = logging.getLogger("workflows.sources.cache")
 
@@ -38,12 +38,6 @@ PARTIAL = ".partial-"
 LOCK_TIMEOUT_S = 6 * 3600
 # What start-up says after a cache path it cannot write (read-only volume, a file where a directory must be).
 MODEL_CACHE_FIX = "set MODEL_CACHE_DIR to a writable directory"
-
-
-def unwritable(error: OSError) -> str:
-    """``path (reason)`` for a file-system error, its path when it names one."""
-    where = f"{error.filename} " if error.filename is not None else ""
-    return f"{where}({error.strerror or error})"
 
 
 def sha256_of(path: Path) -> str:
