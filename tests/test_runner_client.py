@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import uvicorn
 from _bentoml_sdk.service import set_current_service
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from public.runner_client import ConnectionLost, RunnerCallError, RunnerClient, _address
 from tests.test_pickled_call import Doubler
@@ -31,9 +32,13 @@ def doubler():
 
 @contextlib.asynccontextmanager
 async def runner_server(**where: Any):
-    """The runner's real ASGI app (as a dependency, so /infer is PickledCall) under uvicorn with httptools."""
+    """The runner's real ASGI app (as a dependency, so /infer is PickledCall) under uvicorn with httptools.
+
+    uvicorn's own protocol class, named, not "httptools": a test that installs public/http_protocol.py's Protocol
+    (tests/test_http_edges.py) remaps that name for the rest of the process, and its keep-alive is KEEP_ALIVE_TIMEOUT_S,
+    not the ``timeout_keep_alive`` these tests set."""
     config = uvicorn.Config(
-        Doubler.to_asgi(is_main=False), lifespan="off", http="httptools", log_level="warning", **where
+        Doubler.to_asgi(is_main=False), lifespan="off", http=HttpToolsProtocol, log_level="warning", **where
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
