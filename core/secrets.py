@@ -1,6 +1,6 @@
 """The service's secrets (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, BEARER_TOKEN / BEARER_TOKEN_FILE): checked once at
 start-up for what an HTTP header can carry, and scrubbed from any text that leaves the process (``scrub``; every log
-record and uncaught exception once ``scrub_logs`` has run).
+record and everything written to stdout or stderr once ``scrub_logs`` has run).
 
 Why both: a token an HTTP library refuses makes that library raise an error whose text quotes the header, token
 and all; the check stops such a token at start-up, and ``scrub`` keeps any other library message that quotes a
@@ -12,9 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
-import traceback
-from types import TracebackType
 from typing import Any
 
 # Variables whose values are secrets (BEARER_TOKEN_FILE's content is remembered when read: core/settings.py).
@@ -59,12 +56,24 @@ def scrub(text: str) -> str:
 
 
 def scrub_logs() -> None:
-    """From now on in this process, every log record and uncaught exception is written with its secrets masked
-    (``scrub``): its formatted message, its traceback's text and its stack. Why at record creation
-    (``logging.setLogRecordFactory``) rather than as a handler's filter: BentoML, uvicorn and circus configure their
-    own handlers, some after service.py is imported, and loggers that do not propagate (``bentoml``) never reach the
-    root's; every record of every logger is made by the factory. Called once at import of service.py, in every
-    process that loads it (``bentoml serve``, the API workers, the runner); a second call changes nothing."""
+    """From now on in this process, secrets are masked (``scrub``) in everything it writes as text: every log record
+    (its formatted message, its traceback's text and its stack), and every write to ``sys.stdout`` and ``sys.stderr``.
+
+    Two places, because text leaves a process by two roads. Log records: masked at creation
+    (``logging.setLogRecordFactory``) rather than by a handler's filter, since BentoML, uvicorn and circus configure
+    their own handlers, some after service.py is imported, some holding the original stream object, and loggers
+    that do not propagate (``bentoml``) never reach the root's; every record of every logger is made by the factory.
+    Everything else: Python warnings printed by ``warnings.showwarning`` (not routed through logging unless
+    ``logging.captureWarnings`` is on, and then they are records), ``print`` (the service's own start-up lines,
+    a user's workflow), ``traceback.print_exc`` (BentoML's runner app), uncaught exceptions of the main thread and of
+    threads (the default hooks write to ``sys.stderr``), unraisable exceptions: each looks ``sys.stdout`` /
+    ``sys.stderr`` up when it writes, so one masking stream in their place covers them all.
+
+    Not covered: text written before this runs (the imports above it in service.py), bytes written to a stream's
+    ``buffer`` or to the file descriptors themselves (native code), and a secret written in two pieces by two
+    writes (a secret has no whitespace, and writers split at whitespace and line ends). Called once at import of
+    service.py, in every process that loads it (``bentoml serve``, the API workers, the runner); a second call
+    changes nothing."""
     global _scrubbing
     if _scrubbing:
         return
@@ -77,8 +86,29 @@ def scrub_logs() -> None:
         return record
 
     logging.setLogRecordFactory(scrubbed_record)
-    sys.excepthook = _scrubbed_excepthook
-    threading.excepthook = _scrubbed_thread_excepthook
+    sys.stdout = ScrubbedStream(sys.stdout)
+    sys.stderr = ScrubbedStream(sys.stderr)
+
+
+class ScrubbedStream:
+    """A text stream that writes ``scrub(text)`` to the stream it wraps; everything else (``flush``, ``fileno``,
+    ``isatty``, ``encoding``, ``buffer``) is the wrapped stream's. A non-text write raises what the wrapped stream
+    raises (click tells text streams from binary ones by trying ``write(b"")``)."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: Any) -> int:
+        if isinstance(text, str):
+            text = scrub(text)
+        return self._stream.write(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 _scrubbing = False
@@ -100,15 +130,3 @@ def scrub_record(record: logging.LogRecord) -> None:
         record.exc_text = scrub(_formatter.formatException(record.exc_info))
     if record.stack_info:
         record.stack_info = scrub(record.stack_info)
-
-
-def _scrubbed_excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
-    sys.stderr.write(scrub("".join(traceback.format_exception(kind, error, tb))))
-
-
-def _scrubbed_thread_excepthook(hook: threading.ExceptHookArgs) -> None:
-    if hook.exc_type is SystemExit:
-        return
-    name = hook.thread.name if hook.thread is not None else threading.get_ident()
-    text = "".join(traceback.format_exception(hook.exc_type, hook.exc_value, hook.exc_traceback))
-    sys.stderr.write(scrub(f"Exception in thread {name}:\n{text}"))

@@ -207,6 +207,57 @@ def test_tracebacks_that_bentoml_logs_itself_are_masked(tmp_path):
     assert_no_token(log, "the server log")
 
 
+# A user's workflow module whose libraries quote HF_TOKEN on the other roads to the log than logging: a warning
+# printed by warnings.showwarning (at import, in every process that resolves the class, and in the forward), one
+# routed through logging.captureWarnings, a print, and a traceback printed by traceback.print_exc.
+NOISY_WORKFLOW = """
+import logging, os, traceback, warnings
+
+from tests.workflows_for_tests import Doubler
+
+TOKEN = os.environ["HF_TOKEN"]
+warnings.warn(f"retrying without Authorization: Bearer {TOKEN}", UserWarning)
+
+
+class Noisy(Doubler):
+    def setup(self):
+        print(f"connecting with token {TOKEN}", flush=True)
+        logging.captureWarnings(True)
+        warnings.warn(f"captured Authorization: Bearer {TOKEN}", UserWarning)
+        logging.captureWarnings(False)
+
+    def run_model(self, batch):
+        warnings.warn(f"slow answer to Authorization: Bearer {TOKEN}", RuntimeWarning)
+        try:
+            raise ConnectionError(f"refused Bearer {TOKEN}")
+        except ConnectionError:
+            traceback.print_exc()
+        return super().run_model(batch)
+"""
+
+
+@pytest.mark.slow
+def test_warnings_prints_and_printed_tracebacks_are_masked(tmp_path):
+    package = tmp_path / "noisy"
+    package.mkdir()
+    (package / "noisy_workflow.py").write_text(NOISY_WORKFLOW)
+    python_path = ":".join([str(package), str(REPO)])
+    env = {"CLASSIC_INF_WORKFLOW_CLASS": "noisy_workflow.Noisy", "PYTHONPATH": python_path, "HF_TOKEN": HF_TOKEN}
+    with serving(env, tmp_path) as server:
+        answer = server.post({"source": 1, "data": {"dtype": "float", "values": [[1.0, 2.0]]}})
+        assert answer.status_code == 200 and answer.json()["values"] == [[2.0, 4.0]]
+    log = server.log()
+    for masked in (
+        "UserWarning: retrying without Authorization: Bearer ***",
+        "connecting with token ***",
+        "captured Authorization: Bearer ***",
+        "RuntimeWarning: slow answer to Authorization: Bearer ***",
+        "ConnectionError: refused Bearer ***",
+    ):
+        assert masked in log, f"{masked!r} is not in the log:\n{log[-3000:]}"
+    assert_no_token(log, "the server log")
+
+
 def test_log_records_and_uncaught_exceptions_are_masked_whoever_logs_them(monkeypatch, capsys):
     # Handlers configured after start-up (BentoML's, uvicorn's) and loggers that do not propagate see masked records.
     import logging
@@ -217,8 +268,11 @@ def test_log_records_and_uncaught_exceptions_are_masked_whoever_logs_them(monkey
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     # What scrub_logs changes for the process is put back after the test (monkeypatch restores what it set).
     monkeypatch.setattr(service_secrets, "_scrubbing", False)
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
-    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    # The interpreter's own hooks, as in the service's processes (pytest installs its own for threads): they write
+    # the traceback to sys.stderr, which scrub_logs masks.
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
     previous_factory = logging.getLogRecordFactory()
     try:
         _log_a_leaky_library(service_secrets.scrub_logs)
