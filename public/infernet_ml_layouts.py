@@ -21,8 +21,9 @@ OFFCHAIN
     the envelope) is accepted too and answered the same way.
   * 2.0 ONNX (``services/onnx.py`` ``ONNXInferenceRequest``): ``data = {"model_id"?, "inputs": {NAME: VECTOR_2_0},
     "output_arithmetic"?, "output_num_decimals"?}``; each vector becomes our form under its name (the ONNX
-    workflow checks the names), and the answer is 2.0's ``{"result": [VECTOR_2_0 per output]}``. ``inputs`` with
-    our dtype names (1.x ONNX's form) is the ONNX workflow's own data, answered in our form.
+    workflow checks the names), and the answer is 2.0's ``{"result": [VECTOR_2_0 per output]}``; on chain one vector,
+    so several outputs are a LayoutError that says to ask OFFCHAIN or serve one output (``encode_chain_answer``).
+    ``inputs`` with our dtype names (1.x ONNX's form) is the ONNX workflow's own data, answered in our form.
 
   How they are told apart: ``dtype`` at the top level is today's form (a name) or a bare 2.0 vector (an integer);
   otherwise ``input`` is an envelope, 2.0 when its ``dtype`` is an integer, 1.x when it is a name. The model fields
@@ -456,12 +457,19 @@ def encode_chain_answer(answer: dict[str, Any], reply: Reply) -> dict[str, str]:
     """Our answer (one tensor) -> the five-key CHAIN answer, ``raw_output`` a vector of the request's layout.
 
     For 1.x and 2.0 layouts only (today's int256[] answer is ``public.chain.encode_output``). Raises LayoutError when
-    the answer is not one tensor (saying what it holds) or does not fit the encoding (a dimension beyond uint16,
-    fixed point overflow).
+    the answer is not one tensor (saying what it holds; for a 2.0 ``inputs`` request of a model with several outputs,
+    also what to send instead) or does not fit the encoding (a dimension beyond uint16, fixed point overflow).
     """
     if not _is_tensor(answer):
         version = "1.x" if reply.layout == Layout.V1 else "2.0"
         held = describe_answer(answer)
+        if reply.results:  # the 2.0 ONNX ``inputs`` request: its OFFCHAIN answer holds every output
+            raise LayoutError(
+                f"output: the answer holds {held}; a 2.0 CHAIN answer holds one vector (raw_output is one "
+                "RitualVector), and putting only the first on chain would drop the others unseen: ask with "
+                'destination 1 (OFFCHAIN) for {"result": [a vector per output]}, or serve one output '
+                "(the ONNX workflow's output_names)"
+            )
         raise LayoutError(f"output: the answer holds {held}; a {version} CHAIN answer holds one vector")
     if reply.layout == Layout.V1:
         # 1.x wrote its answer in the dtype the request's vector named (encode_vector(dtype, ...)).

@@ -534,6 +534,26 @@ def test_served_two_input_model_by_the_original_class_path(onnx_models, tmp_path
             "sum": {"dtype": "float", "shape": [1, 3], "values": [[5, 7, 9]]},
             "count": {"dtype": "long", "shape": [1, 1], "values": [[15]]},
         }
+        # 2.0's ONNX request (dtype codes: 1 float32, 8 int64): OFFCHAIN, a vector per output; on chain a 422 that
+        # says why (raw_output is one vector) and what to send instead, where 1.x's ONNX service put result[0] there.
+        v2_inputs = {
+            "a": {"dtype": 1, "shape": [1, 3], "values": [1, 2, 3]},
+            "b": {"dtype": 8, "shape": [1, 3], "values": [4, 5, 6]},
+        }
+        response = server.post(offchain({"inputs": v2_inputs}))
+        assert response.status_code == 200, response.text
+        assert [(r["dtype"], r["shape"], r["values"]) for r in response.json()["result"]] == [
+            (1, [1, 3], [5, 7, 9]),
+            (8, [1, 1], [15]),
+        ]
+        response = server.post({"source": 1, "destination": 0, "data": {"inputs": v2_inputs}})
+        assert response.status_code == 422, response.text
+        assert response.json()["description"] == (
+            "the answer does not fit the request's layout: output: the answer holds 2 tensors (an object with keys "
+            "sum, count); a 2.0 CHAIN answer holds one vector (raw_output is one RitualVector), and putting only the "
+            'first on chain would drop the others unseen: ask with destination 1 (OFFCHAIN) for {"result": [a vector '
+            "per output]}, or serve one output (the ONNX workflow's output_names)"
+        )
         response = server.post(offchain({"a": [[1, 2, 3]]}))
         assert response.status_code == 400 and "missing input 'b'" in response.json()["description"]
         # a and b share the declared first dimension n: one row and two rows was answered 200, broadcast (explorer P4)
