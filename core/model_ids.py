@@ -311,6 +311,24 @@ def allowed(model_id: ModelId, patterns: tuple[str, ...] | list[str]) -> bool:
     return any(_compile_pattern(p).fullmatch(text) for p in patterns)
 
 
+def pickles_trusted(model_id: ModelId, allow_pickled_models: bool, arweave_owners: tuple[str, ...] | list[str]) -> bool:
+    """Whether a per-request model may be loaded when loading it runs code (a pickle, a torch.export archive with
+    pickled entries): only with ``ALLOW_PICKLED_MODELS`` or from an Arweave owner in ``ALLOWED_ARWEAVE_OWNERS``.
+    The one rule for both sides: the runner's load (workflows/per_request.py) and /service-resources'
+    answer for a model cached on disk (public/resources.py)."""
+    return allow_pickled_models or (model_id.source == "arweave" and model_id.owner in arweave_owners)
+
+
+def pickle_refused(model_id: str, pickled: str) -> str:
+    """The 403's words for a model ``pickles_trusted`` refuses; ``pickled``: what in it would be unpickled
+    (workflows/model_formats.py ``pickled``: ``a pickle``, ``a torch.export archive with pickled entries (...)``)."""
+    return (
+        f"model {model_id} is {pickled} (loading it runs its uploader's code); per-request models must be "
+        "TorchScript, torch.export (.pt2) without pickled entries or ONNX unless ALLOW_PICKLED_MODELS=true or the "
+        "Arweave owner is in ALLOWED_ARWEAVE_OWNERS"
+    )
+
+
 def version_spelled_out(model_id: ModelId, patterns: tuple[str, ...] | list[str]) -> bool:
     """Whether a pattern that allows ``model_id`` writes its version out in full (no ``*`` in the version segment).
 

@@ -24,8 +24,8 @@ from urllib.parse import unquote
 
 from core.errors import FetchError
 from core.hub import check_version_published
-from core.model_ids import ModelIdError, allowed, parse_model_id
-from core.settings import hf_token
+from core.model_ids import ModelIdError, allowed, parse_model_id, pickle_refused, pickles_trusted
+from core.settings import ServiceSettings, hf_token, owner_list
 from public import SERVICE_NAME
 
 SPEC_VERSION = "0.1.0"  # of the ServiceResources format, not of this service
@@ -39,15 +39,20 @@ async def service_resources(app: Any, scope: Any) -> dict[str, Any]:
     asked = dict(part.split("=", 1) for part in query.split("&") if "=" in part).get("model_id")
     if asked:
         # In a thread: the answer may ask the Hub whether a version is published (one refs request, bounded).
-        return await asyncio.to_thread(model_support, unquote(asked), info, app.settings.allowed_models)
+        return await asyncio.to_thread(model_support, unquote(asked), info, app.settings)
     cache = (info.get("model") or {}).get("cache_dir")
     # Disk usage and nvidia-smi block; keep them off the event loop.
     listing = await asyncio.to_thread(resources, SERVICE_NAME, info, Path(cache) if cache else None)
     if "models" in info:
         models = info["models"]
-        # The runner lists what its cache holds; only what a request may name would be served from it.
+        # The runner lists what its cache holds; only what a request may name, and a load would not refuse as a
+        # pickle, would be served from it.
         patterns = app.settings.allowed_models
-        cached = [e for e in models.get("cached") or () if allowed(parse_model_id(e["model_id"]), patterns)]
+        cached = [
+            entry
+            for entry in models.get("cached") or ()
+            if allowed(parse_model_id(entry["model_id"]), patterns) and not refused_pickle(entry, app.settings)
+        ]
         with_per_request_models(listing, models["loaded"], cached)
         listing["models"] = {
             "loaded": models["loaded"],
@@ -58,9 +63,13 @@ async def service_resources(app: Any, scope: Any) -> dict[str, Any]:
     return listing
 
 
-def model_support(asked: str, info: dict[str, Any], allowed_models: Any) -> dict[str, Any]:
+def model_support(asked: str, info: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
     """``/service-resources?model_id=``: whether a request naming ``asked`` would be served, and (the node's
-    ``ModelSupport``) in ``error`` why not: not allowed, not found, or the last failed load's reason."""
+    ``ModelSupport``) in ``error`` why not: not allowed, not found, the last failed load's reason, a version the Hub
+    has not published, or a pickle its load would refuse (a file cached on disk, whose format is known without a
+    download). A model neither loaded nor cached is supported once those checks pass: its format and, for a source
+    that does not state it, its size are known only once it is downloaded, and its first request's load decides."""
+    allowed_models = settings.allowed_models
     if supports(asked, info):
         return {"supported": True}
     try:
@@ -76,11 +85,27 @@ def model_support(asked: str, info: dict[str, Any], allowed_models: Any) -> dict
     if failed is not None:
         reason = "not found" if failed["status"] == 404 else failed["reason"]
         return {"supported": False, "error": reason}
+    cached = next((entry for entry in models.get("cached") or () if entry["model_id"] == model), None)
+    if cached is not None and (refusal := refused_pickle(cached, settings)):
+        return {"supported": False, "error": refusal}
     try:  # the check a request's load makes first: a pull request's commit is refused there, so here too
         check_version_published(model, allowed_models, hf_token(os.environ))
     except FetchError as e:
         return {"supported": False, "error": str(e)}
     return {"supported": True}  # allowed; loaded on its first request
+
+
+def refused_pickle(cached: dict[str, Any], settings: ServiceSettings) -> str | None:
+    """The 403's words when the load of a cached model (an entry of the runner's ``cached`` listing,
+    workflows/sources/cached.py) would refuse it as a pickle; else None. The rule and the words are the load's
+    (core/model_ids.py ``pickles_trusted``, ``pickle_refused``); what the file would unpickle the runner read."""
+    if not cached.get("pickled"):
+        return None
+    model = parse_model_id(cached["model_id"])
+    owners = owner_list(os.environ, "ALLOWED_ARWEAVE_OWNERS")  # the runner's TorchSettings read the same variable
+    if pickles_trusted(model, settings.allow_pickled_models, owners):
+        return None
+    return pickle_refused(cached["model_id"], cached["pickled"])
 
 
 def resources(service_id: str, info: dict[str, Any], cache_dir: Path | None = None) -> dict[str, Any]:

@@ -128,3 +128,40 @@ def test_every_name_the_model_query_supports_is_served_by_a_request_naming_it(ir
     assert collect(iris_server, "other.torch")["supported"] is False
     refused = iris_server.post({"source": 1, "data": {"model_id": "other.torch", "input": row}})
     assert refused.status_code == 400 and "model id 'other.torch'" in refused.json()["description"], refused.text
+
+
+def test_a_cached_pickle_is_unsupported_as_its_load_would_refuse_it(tmp_path):
+    # /service-resources?model_id= said supported for a model its load refuses with 403: a pickle from a source not
+    # trusted with pickles (neither ALLOW_PICKLED_MODELS nor an owner in ALLOWED_ARWEAVE_OWNERS). A file cached on
+    # disk (verified by an earlier download, which a restart does not forget) shows its format without a download.
+    import json
+
+    import torch
+
+    from tests.fixtures.server import serving
+    from tests.test_cached_models import OWNER, arweave_entry
+    from workflows.sources.cache import ModelCache
+
+    cache = ModelCache(tmp_path / "model-cache")  # the server's MODEL_CACHE_DIR (tests/fixtures/server.py)
+    model = torch.nn.Linear(4, 3)
+    torch.save(model, tmp_path / "pickled.pt")
+    torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
+    arweave_entry(cache, "p" * 43, "pickled", "model.pt", (tmp_path / "pickled.pt").read_bytes())
+    arweave_entry(cache, "s" * 43, "scripted", "model.pt", (tmp_path / "scripted.pt").read_bytes())
+    pickled, scripted = f"arweave/{OWNER}/pickled:model.pt", f"arweave/{OWNER}/scripted:model.pt"
+    env = {"ALLOWED_MODELS": json.dumps([f"arweave/{OWNER}/*"])}
+    with serving(env, tmp_path) as server:
+        assert ModelSupport(**collect(server, pickled)) == ModelSupport(
+            supported=False,
+            error=f"model {pickled} is a pickle (loading it runs its uploader's code); per-request models must be "
+            "TorchScript, torch.export (.pt2) without pickled entries or ONNX unless ALLOW_PICKLED_MODELS=true or "
+            "the Arweave owner is in ALLOWED_ARWEAVE_OWNERS",
+        )
+        assert collect(server, scripted) == {"supported": True}
+        listing = collect(server)
+        assert [entry["model_id"] for entry in listing["models"]["cached"]] == [scripted]
+        assert [m["repo_id"] for m in listing["compute_capability"][0]["cached_models"]][1:] == [scripted]
+    # The owner trusted with pickles: its load would take the file, and so does the answer.
+    with serving({**env, "ALLOWED_ARWEAVE_OWNERS": OWNER}, tmp_path) as server:
+        assert collect(server, pickled) == {"supported": True}
+        assert [entry["model_id"] for entry in collect(server)["models"]["cached"]] == [pickled, scripted]

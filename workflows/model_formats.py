@@ -112,6 +112,16 @@ def export_pickles(path: Path) -> str | None:
     return None
 
 
+def pickled(path: Path, kind: str) -> str | None:
+    """What loading the file at ``path`` (of format ``kind``, from ``detect``) would unpickle, in words for the 403
+    (core/model_ids.py ``pickle_refused``): ``a pickle``, ``a torch.export archive with pickled entries (NAMES)``;
+    None when loading it unpickles nothing. Raises OSError when the file cannot be read."""
+    if kind == PICKLE:
+        return "a pickle"
+    entries = export_pickles(path) if kind == EXPORT else None
+    return f"a torch.export archive with pickled entries ({entries})" if entries else None
+
+
 def check_archive(path: Path, max_bytes: int, name: str) -> None:
     """Refuse, before torch opens it, a zip archive (TorchScript, torch.export and torch.save all write one) whose
     central directory declares more than MAX_ARCHIVE_ENTRIES entries, or more bytes uncompressed than the larger of

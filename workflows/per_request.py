@@ -22,7 +22,7 @@ from typing import Any
 
 from core import hub
 from core.errors import FetchError, ServiceError, StartupError, first_line
-from core.model_ids import ModelId, parse_model_id
+from core.model_ids import ModelId, parse_model_id, pickle_refused, pickles_trusted
 from core.settings import BUILTIN_TORCH_WORKFLOW, ServiceSettings, TorchSettings
 from workflows import progress, sources
 from workflows.sources import ModelSpec, disk_bound
@@ -139,32 +139,16 @@ def load_model(settings: ServiceSettings, model_id: str, path: Path, max_bytes: 
         cls: type = ONNXInferenceWorkflow
         kwargs = {k: v for k, v in kwargs.items() if k not in _TORCH_ONLY_KWARGS}
     else:
-        trusted = settings.allow_pickled_models or (
-            model.source == "arweave" and model.owner in torch_settings.allowed_arweave_owners
-        )
+        trusted = pickles_trusted(model, settings.allow_pickled_models, torch_settings.allowed_arweave_owners)
         try:
             kind = model_formats.detect(path, spec.filename)
         except model_formats.ArchiveTooLarge as e:  # stated before its directory is parsed
             raise ModelLoadError(413, f"model {model_id}: {e}", True) from None
         if model_formats.problem(kind):
             raise ModelLoadError(422, f"model {model_id} does not load: {model_formats.problem(kind)}", True)
-        if not trusted and kind == model_formats.PICKLE:
-            raise ModelLoadError(
-                403,
-                f"model {model_id} is a pickle (loading it runs its uploader's code); per-request models must be "
-                "TorchScript, torch.export (.pt2) or ONNX unless ALLOW_PICKLED_MODELS=true or the Arweave owner "
-                "is in ALLOWED_ARWEAVE_OWNERS",
-                True,
-            )
-        pickled = None if trusted or kind != model_formats.EXPORT else model_formats.export_pickles(path)
+        pickled = None if trusted else model_formats.pickled(path, kind)
         if pickled:
-            raise ModelLoadError(
-                403,
-                f"model {model_id} is a torch.export archive with pickled entries ({pickled}; loading it runs its "
-                "uploader's code); per-request models must be TorchScript, torch.export (.pt2) without pickles or "
-                "ONNX unless ALLOW_PICKLED_MODELS=true or the Arweave owner is in ALLOWED_ARWEAVE_OWNERS",
-                True,
-            )
+            raise ModelLoadError(403, pickle_refused(model_id, pickled), True)
         from workflows.torch_workflow import TorchInferenceWorkflow
 
         cls = TorchInferenceWorkflow

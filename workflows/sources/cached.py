@@ -27,8 +27,10 @@ MAX_LISTED = 100  # a listing for /service-resources, not an inventory: bounded 
 
 
 def cached_models(root: Path, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
-    """Up to ``limit`` ``{"model_id", "bytes", "sha256"}``, one per model id, sorted by id. Never raises for an
-    unreadable or unexpected entry (skipped)."""
+    """Up to ``limit`` ``{"model_id", "bytes", "sha256"}``, one per model id, sorted by id, plus ``"pickled"`` (what
+    loading the file would unpickle: workflows/model_formats.py ``pickled``) for a file that a load refuses unless
+    pickles are trusted for it (core/model_ids.py ``pickles_trusted``): /service-resources answers for a cached
+    model what its load would. Never raises for an unreadable or unexpected entry (skipped)."""
     found: dict[str, dict[str, Any]] = {}
     for entry in cache_entries(root):
         if len(found) >= limit:
@@ -45,14 +47,41 @@ def cached_models(root: Path, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
         if named != model:
             log.info("cached model not listed: %s", reason)
             continue
-        found.setdefault(str(model), {key: entry[key] for key in ("bytes", "sha256")} | {"model_id": str(model)})
+        if str(model) not in found:
+            found[str(model)] = {key: entry[key] for key in ("bytes", "sha256")} | {"model_id": str(model)}
+            if pickled := _pickled(entry["path"]):
+                found[str(model)]["pickled"] = pickled
     return [found[key] for key in sorted(found)]
 
 
+# Verified files do not change (a changed one is not listed), so each is read once: (path, size, mtime) -> pickled.
+_PICKLED: dict[tuple[str, int, int], str | None] = {}
+
+
+def _pickled(path: Path) -> str | None:
+    """``model_formats.pickled`` of a cached file, remembered; None for an ONNX file (it never unpickles) or one that
+    cannot be read (its load says why)."""
+    try:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _PICKLED:
+            from workflows import model_formats  # torch: the runner's, only when a cache is listed
+            from workflows.onnx_workflow import is_onnx
+
+            onnx = is_onnx(path)
+            _PICKLED[key] = None if onnx else model_formats.pickled(path, model_formats.detect(path))
+            while len(_PICKLED) > 4 * MAX_LISTED:
+                _PICKLED.pop(next(iter(_PICKLED)))
+        return _PICKLED[key]
+    except Exception:  # ArchiveTooLarge, OSError: the load refuses it with its own reason
+        return None
+
+
 def cache_entries(root: Path) -> Any:
-    """Every verified file of the cache, as it stands: ``{"model_id": ModelId, "bytes", "sha256", "record": Path,
-    "files": [Path, ...]}``, one per model id (a Hugging Face blob that several names link to is one per name, with
-    the same ``record``). ``record``: the file whose modification time is the entry's last use
+    """Every verified file of the cache, as it stands: ``{"model_id": ModelId, "bytes", "sha256", "path": Path (the
+    model's file), "record": Path, "files": [Path, ...]}``, one per model id (a Hugging Face blob that several names
+    link to is one per name, with the same ``record``). ``record``: the file whose modification time is the entry's
+    last use
     (workflows/sources/disk_bound.py); ``files``: what removing the entry removes, the record last."""
     root = Path(root).expanduser()
     yield from _arweave(root)
@@ -70,7 +99,7 @@ def _arweave(root: Path) -> Any:
         path = record_path.parent / record["file"]
         if unchanged(path, record):
             model = ModelId(source="arweave", owner=owner, repo=repo, filename=filename)
-            yield _entry(model, record, record_path, [path])
+            yield _entry(model, record, record_path, path, [path])
 
 
 def _huggingface(root: Path) -> Any:
@@ -90,7 +119,7 @@ def _huggingface(root: Path) -> Any:
         links = _snapshot_links(repo_dir, blob)
         for filename in sorted({name for name, _ in links}):  # one name may be linked in several snapshots
             model = ModelId(source="huggingface", owner=org, repo=repo, filename=filename)
-            yield _entry(model, record, record_path, [*(link for _, link in links), blob])
+            yield _entry(model, record, record_path, blob, [*(link for _, link in links), blob])
 
 
 def _snapshot_links(repo_dir: Path, blob: Path) -> list[tuple[str, Path]]:
@@ -115,9 +144,12 @@ def _children(directory: Path, name: str | None) -> list[Path]:
         return []
 
 
-def _entry(model_id: ModelId, record: dict[str, Any], record_path: Path, paths: list[Path]) -> dict[str, Any]:
+def _entry(
+    model_id: ModelId, record: dict[str, Any], record_path: Path, path: Path, paths: list[Path]
+) -> dict[str, Any]:
     return {
         "model_id": model_id,
+        "path": path,
         "bytes": record.get("size"),
         "sha256": record.get("sha256"),
         "record": record_path,
