@@ -45,7 +45,9 @@ peers-venv: $(PEERS_VENV)/.installed
 wrk:
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
 
+# BENTOML_HOME first: bentoml serve fails on one it cannot create before any code of ours runs (core/bentoml_home.py).
 serve: $(VENV)/.runtime
+	@$(PY) -m core.bentoml_home
 	$(VENV)/bin/bentoml serve service:InfernetService --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.dev

@@ -311,3 +311,36 @@ def test_legacy_variables_refused(env, message):
         ServiceSettings.from_env(env)
     assert message in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.slow
+def test_make_serve_stops_with_one_line_for_a_bentoml_home_that_cannot_be_created(tmp_path):
+    # bentoml serve creates BENTOML_HOME before it imports service.py, so it ended in BentoML's traceback
+    # (NotADirectoryError) and no code of ours ran; make serve checks it first (core/bentoml_home.py). A path below a
+    # regular file: even root cannot create it, as on a read-only volume.
+    import subprocess
+
+    from tests.fixtures.server import REPO, free_port, server_env
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env = server_env({"BENTOML_HOME": str(blocker / "home"), "PORT": str(free_port()), "HOST": "127.0.0.1"}, tmp_path)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.runtime", "serve"],  # -o: never (re)install the venv here
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    [line] = [line for line in output.splitlines() if line.startswith("start-up failed")]
+    assert line == (
+        f"start-up failed (environment): BENTOML_HOME {blocker / 'home'} is not writable: {blocker / 'home'} "
+        "(Not a directory); set BENTOML_HOME to a writable directory"
+    )
+    from core.bentoml_home import problem
+
+    assert problem({"BENTOML_HOME": str(tmp_path / "fine")}) is None and (tmp_path / "fine" / "models").is_dir()
