@@ -86,8 +86,10 @@ def scrub_logs() -> None:
         return record
 
     logging.setLogRecordFactory(scrubbed_record)
-    sys.stdout = ScrubbedStream(sys.stdout)
-    sys.stderr = ScrubbedStream(sys.stderr)
+    if sys.stdout is not None:  # None without a console: print then writes nothing, and so it stays
+        sys.stdout = ScrubbedStream(sys.stdout)
+    if sys.stderr is not None:
+        sys.stderr = ScrubbedStream(sys.stderr)
 
 
 class ScrubbedStream:
