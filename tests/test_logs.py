@@ -1,0 +1,162 @@
+"""The service's own log lines under ``bentoml serve`` (core/logs.py): INFO and up in BentoML's format, tokens
+masked, and at most ``LIMIT`` lines a window per line of code, then a count of those suppressed.
+
+The line used over HTTP is the API worker's per-connection refusal (public/http_protocol.py): a client's unreadable
+request, answered 400 (501 for an unknown method) and logged at INFO, which any client can cause at will.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from core import logs
+from core.logs import LIMIT, WINDOW_S, RateLimit
+from tests.fixtures.server import serving
+
+TOKEN = "LEAKYMETHODTOKEN"  # a valid method token and a valid bearer token: the refusal's line names the method
+# BentoML's server format: time, level, component (the API worker), message.
+LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[INFO\] \[(entry_service:infernet_torch_service:\d+)\] "
+    r"127\.0\.0\.1:\d+ (\d{3}): (.*)$",
+    re.M,
+)
+SUMMARY = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[INFO\] \[(entry_service:infernet_torch_service:\d+)\] "
+    r"(\d+) similar lines suppressed in the last \d+ s \(public\.http_protocol line \d+; the last: (.*)\)$",
+    re.M,
+)
+
+
+def raw_request(url: str, data: bytes) -> tuple[int, dict]:
+    """Send ``data`` on a new connection; the answer's status and JSON body (the server closes the connection)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def wait_for(server, pattern: re.Pattern, count: int = 1, timeout: float = 20) -> list[tuple[str, ...]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = pattern.findall(server.log())
+        if len(found) >= count:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"{pattern.pattern!r} not {count} times in the log:\n{server.log()[-3000:]}")
+
+
+# --- over HTTP, a real `bentoml serve` ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_info_line_of_the_service_is_written_in_bentomls_format_with_tokens_masked(tmp_path):
+    with serving({"BEARER_TOKEN": TOKEN}, tmp_path) as server:
+        status, body = raw_request(server.url, f"{TOKEN} / HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert status == 501 and body["code"] == "501"
+        [(_, logged_status, message)] = wait_for(server, LINE)
+        assert logged_status == "501"
+        assert message.startswith("method *** is not supported")
+        log = server.log()
+    assert TOKEN not in log
+
+
+@pytest.mark.slow
+def test_a_flood_of_one_line_is_bounded_and_counted_and_every_request_answered(tmp_path):
+    sent = 200
+    with serving({}, tmp_path) as server:
+        started = time.monotonic()
+        statuses = [raw_request(server.url, b"NOT HTTP AT ALL\r\n\r\n")[0] for _ in range(sent)]
+        windows = 1 + int((time.monotonic() - started) // WINDOW_S)  # one, unless the box is very slow
+        assert statuses == [400] * sent  # the service answered every request
+        assert server.get("/readyz").status_code == 200
+        wait_for(server, LINE)
+        time.sleep(1)  # the lines of both API workers are written
+        during = LINE.findall(server.log())
+    # Per API worker (each process bounds its own lines): at most LIMIT a window.
+    per_worker: dict[str, int] = {}
+    for component, status, message in during:
+        assert status == "400" and message.startswith("the request is not valid HTTP/1.1")
+        per_worker[component] = per_worker.get(component, 0) + 1
+    assert per_worker and all(n <= LIMIT * windows for n in per_worker.values()), per_worker
+    # The server has stopped: each worker wrote the count of what it suppressed at its exit, so every refusal is
+    # either written or counted.
+    log = server.log()
+    summaries = SUMMARY.findall(log)
+    assert summaries, log[-3000:]
+    assert all(last.startswith("127.0.0.1:") and "400: the request is not valid" in last for _, _, last in summaries)
+    assert len(LINE.findall(log)) + sum(int(n) for _, n, _ in summaries) == sent
+
+
+# --- the filter, with an injected clock -----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def record(message: str, line: int = 10, name: str = "public.app", level: int = logging.INFO) -> logging.LogRecord:
+    return logging.LogRecord(name, level, "/srv/public/app.py", line, "%s", (message,), None)
+
+
+def test_each_line_of_code_writes_at_most_the_limit_a_window_then_a_count_of_the_rest():
+    clock, written = Clock(), []
+    limit = RateLimit(written.append, limit=10, window_s=60, clock=clock)
+    passed = [limit.filter(record(f"request {i}")) for i in range(25)]
+    assert passed == [True] * 10 + [False] * 15
+    assert written == []  # the window is still open
+    # Another line of code has a bound of its own, and so has another logger.
+    assert limit.filter(record("other line", line=11))
+    assert limit.filter(record("other logger", name="runner.model_registry"))
+
+    clock.now += 59.9
+    assert not limit.filter(record("still within the window"))
+    clock.now += 0.2  # the window has closed: the count comes first, then the line opens a new window
+    assert limit.filter(record("a new window"))
+    [summary] = written
+    assert summary.levelno == logging.INFO and summary.name == "public.app" and summary.lineno == 10
+    assert summary.getMessage() == (
+        "16 similar lines suppressed in the last 60 s (public.app line 10; the last: still within the window)"
+    )
+    assert limit.filter(summary)  # the count itself is never suppressed
+    passed = [limit.filter(record(f"again {i}")) for i in range(12)]
+    assert passed == [True] * 9 + [False] * 3
+
+
+def test_the_count_is_written_with_any_later_record_or_at_exit_at_the_highest_level_suppressed():
+    clock, written = Clock(), []
+    limit = RateLimit(written.append, limit=1, window_s=60, clock=clock)
+    assert limit.filter(record("first", level=logging.WARNING))
+    assert not limit.filter(record("second", level=logging.ERROR))
+    assert not limit.filter(record("third", level=logging.WARNING))
+    clock.now += 61
+    assert limit.filter(record("BentoML's own line", name="bentoml.serve"))  # not ours: never bounded
+    [summary] = written
+    assert summary.levelno == logging.ERROR and "2 similar lines suppressed" in summary.getMessage()
+    # At exit, what was suppressed in a window still open is counted too.
+    assert limit.filter(record("fourth"))
+    assert not limit.filter(record("fifth " + "x" * 500))
+    limit.flush()
+    assert len(written) == 2 and written[1].getMessage().endswith("x" * 150 + "...)")
+    limit.flush()
+    assert len(written) == 2  # nothing twice
+
+
+def test_records_of_other_libraries_pass_untouched():
+    limit = RateLimit(lambda r: None, limit=1, clock=Clock())
+    assert all(limit.filter(record("access", name="bentoml.access")) for _ in range(50))
+    assert logs.ours(record("x", name="workflows.sources.arweave")) and not logs.ours(record("x", name="uvicorn"))
