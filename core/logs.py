@@ -80,8 +80,8 @@ class RateLimit(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, _SUMMARY, False):
-            return True
+        if getattr(record, _SUMMARY, False) or (not self._waiting and not self.applies(record)):
+            return True  # the usual record of another library: no clock, no lock
         now = self.clock()
         key = (record.name, record.pathname, record.lineno)
         closes_at = None  # when this record is the first its site suppresses: the end of the window

@@ -183,3 +183,31 @@ def test_records_of_other_libraries_pass_untouched():
     limit = RateLimit(lambda r: None, limit=1, clock=Clock(), schedule=Timers())
     assert all(limit.filter(record("access", name="bentoml.access")) for _ in range(50))
     assert logs.ours(record("x", name="workflows.sources.arweave")) and not logs.ours(record("x", name="uvicorn"))
+
+
+@pytest.mark.parametrize(
+    ("bentoml_root", "ours"),
+    [(logging.WARNING, logging.INFO), (logging.DEBUG, logging.DEBUG), (logging.ERROR, logging.ERROR)],
+    ids=["default", "debug", "quiet"],
+)
+def test_the_level_follows_bentomls_modes_and_the_bound_is_put_on_its_handler_once(monkeypatch, bentoml_root, ours):
+    # What BentoML's server set-up leaves on the root logger (its level per mode, its one handler), put back after
+    # (through setLevel, which also clears the levels the loggers cached).
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    monkeypatch.setattr(root, "handlers", [handler])
+    names = ("", *logs.PACKAGES)
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        root.setLevel(bentoml_root)
+        for name in logs.PACKAGES:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        logs.show_service_logs()
+        logs.show_service_logs()  # a second call changes nothing
+        assert {logging.getLogger(name).getEffectiveLevel() for name in logs.PACKAGES} == {ours}
+        assert logging.getLogger("workflows.sources.arweave").getEffectiveLevel() == ours
+        assert logging.getLogger("bentoml_or_another").getEffectiveLevel() == bentoml_root
+        assert [type(f) for f in handler.filters] == [RateLimit]
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
