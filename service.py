@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 
-from core import bentoml_seam, crash_records, model_call, secrets, server_watch
+from core import bentoml_seam, crash_records, logs, model_call, secrets, server_watch
 from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
 from public import http_protocol, routes
@@ -30,6 +30,9 @@ from workflows import startup
 # First: whatever any library logs from here on (BentoML's tracebacks of a failed route included) is written with
 # HF_TOKEN, BEARER_TOKEN and the other secrets masked (core/secrets.py).
 secrets.scrub_logs()
+# BentoML's logging set-up (done before this import, in every process) drops INFO records of all but its own loggers:
+# ours are written from INFO up through its handler, at most 10 a minute per line of code (core/logs.py).
+logs.show_service_logs()
 
 # OpenMP threads that spin while waiting steal the cores the API workers need; on a busy box a 2-thread forward
 # then runs up to 5x slower than a 1-thread one (docs/performance.md). Must be set before torch loads.

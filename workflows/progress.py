@@ -5,8 +5,9 @@
 Stages, in order: config, source, download, verify, load, warmup, ready (``seconds`` on ``ready`` counts from the
 start). ``grep '\\[startup\\]'`` shows the start-up, ``grep 'status=failed'`` the stage that stopped it (downloads show
 their own progress bar). A per-request model a client named that cannot be served (a 4xx) prints ``status=refused``
-with its ``http_status`` at INFO: the client's fault, not the operator's. Lines go to stderr directly: BentoML's
-logging setup drops other loggers' INFO records.
+with its ``http_status`` at INFO: the client's fault, not the operator's. Lines go to stderr directly, in this one
+form (BentoML's logging set-up dropped other loggers' INFO records; core/logs.py now lets the service's loggers
+through, with a bound per line of code that these lines do not have).
 """
 
 from __future__ import annotations
