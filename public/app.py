@@ -31,7 +31,7 @@ import orjson
 from pydantic import ValidationError
 
 from core.asgi import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, ShutdownBound, read_body, shown
-from core.errors import Outcome, RequestError
+from core.errors import Outcome, RequestError, first_line
 from core.model_call import ForModel
 from core.model_ids import ModelId, ModelIdError, allowed
 from core.settings import ServiceSettings
@@ -268,8 +268,9 @@ class PublicApp:
         try:
             async with asyncio.timeout(PROGRESS_TIMEOUT_S):
                 models = (await self._describe()).get("models") or {}
-        except Exception:
-            log.info("could not ask the runner how far model %s got", model_id, exc_info=True)
+        except Exception as error:
+            # One line, no traceback: INFO lines are written now (core/logs.py), and this is the runner being busy.
+            log.info("could not ask the runner how far model %s got: %s", model_id, first_line(error))
             return None
         for download in models.get("downloading") or ():
             if download.get("model_id") == model_id:
