@@ -22,7 +22,7 @@ from core.settings import ServiceSettings
 from public import http_protocol, routes
 from public.app import PublicApp
 from public.openapi import DocumentedService, FastRouteService
-from public.runner_client import RunnerClient, through_bentoml
+from public.runner_client import RunnerClient, over, through_bentoml
 from runner.batch_runner import BatchRunner, Drain
 from runner.model_registry import ModelRegistry
 from workflows import startup
@@ -195,12 +195,7 @@ class InfernetService:
         server_watch.exit_with_server(ORPHAN_GRACE_S)
         client = self.runner.to_async
         if FAST_PATH:  # the hot call skips BentoML's client (same address, same wire format): public/runner_client.py
-            runner_client = RunnerClient(client.url, client.timeout)
-
-            async def infer(requests: list[Any], alone: bool = False) -> list[Any]:
-                if alone:  # rare (public/runner_client.py CrashWatch): the usual call's bytes stay as they were
-                    return await runner_client.call("infer", requests=requests, alone=True)
-                return await runner_client.call("infer", requests=requests)
+            infer = over(RunnerClient(client.url, client.timeout))
         else:
             infer = through_bentoml(client)
         public_app.bind(

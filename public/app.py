@@ -94,7 +94,7 @@ class PublicApp:
         self._is_ready: Callable[[], Awaitable[bool]] | None = None
         self._runner_seen_ready = False  # the hot path's cached view: cleared by any failed call or probe
         self._runner_answered_once = False  # the runner has answered this worker at least once (loaded)
-        self._runner_silent_since: float | None = None  # first unanswered liveness probe since its last answer
+        self._runner_silent_since: float | None = None  # first unanswered health call or readiness probe since then
         self._in_progress = 0  # /service_output requests this worker is answering
         self._bearer = settings.bearer_token.encode() if settings.bearer_token else None
         self.shutdown = ShutdownBound()  # installed by the BentoML service in each API worker
@@ -318,7 +318,8 @@ class PublicApp:
         The hot path (``fresh`` False) trusts the last answer until a call or a probe fails. The probes (/readyz,
         /v2/health/ready: ``fresh``) ask the runner every time, so every API worker answers them from the runner's
         state at that moment, not from its own last request (a worker without traffic kept saying ready while the
-        runner was stopped or stuck); the answer is at most 1.5 s old. A failed probe also clears the cached view."""
+        runner was stopped or stuck); the answer is at most 1.5 s old. A failed probe also clears the cached view, and
+        starts /livez's clock of the runner's silence (``stuck_model``) if it is not running yet."""
         if self._runner_seen_ready and not fresh:
             return True
         if self._is_ready is None:
@@ -332,6 +333,11 @@ class PublicApp:
             self._runner_heard()
             if not was_ready:
                 await self._send_alone_if_the_model_runs_alone()
+        elif self._runner_answered_once and self._runner_silent_since is None:
+            # Not answered (BentoML's probe says False for a runner silent past its 1 s, too): the silence is timed
+            # from here, not from this worker's first /livez after it. A worker is chosen per connection, so the
+            # liveness probes may reach this one late; a runner that answers its health call resets the clock.
+            self._runner_silent_since = time.monotonic()
         return self._runner_seen_ready
 
     def _runner_heard(self) -> None:
@@ -342,8 +348,9 @@ class PublicApp:
         """Why the service is not alive (/livez, /healthz, /v2/health/live), or None. Either the model has spent
         more than 10 × REQUEST_TIMEOUT_S on one batch, so every request in it was answered 504 long ago and it is
         most likely hung (a forward that never returns); or the runner, having answered this worker before, has not
-        answered its health call for more than 10 × REQUEST_TIMEOUT_S (stopped with SIGSTOP, its event loop stuck in
-        a workflow's pre- or post-processing, or a restart that never came back). Either would otherwise leave
+        answered for more than 10 × REQUEST_TIMEOUT_S, timed from the first health call or readiness probe (/readyz,
+        a request's) it left unanswered (stopped with SIGSTOP, its event loop stuck in a workflow's pre- or
+        post-processing, or a restart that never came back). Either would otherwise leave
         /livez green, and the service dead, for good. Before its first answer the runner is loading: None (a health
         call would hold /livez for seconds). On the API worker's event loop; waits at most 2 s."""
         if self._health is None or not self._runner_answered_once:

@@ -394,11 +394,20 @@ class JoiningTransport:
         return getattr(self._transport, name)
 
 
+# What ``install`` replaces, as uvicorn has it before: ``uninstall`` puts it back.
+_UVICORN_OWN = (
+    {name: HTTP_PROTOCOLS[name] for name in ("auto", "httptools")},
+    httptools_impl.RequestResponseCycle,
+    httptools_impl.service_unavailable,
+)
+
+
 def install(settings: ServiceSettings) -> None:
     """Make ``Protocol`` the HTTP protocol of every uvicorn server this process starts afterwards.
 
     Runs at import of service.py, in every process that loads it, before BentoML's worker builds its
-    ``uvicorn.Config`` (which resolves ``http="auto"`` through ``HTTP_PROTOCOLS`` when it loads).
+    ``uvicorn.Config`` (which resolves ``http="auto"`` through ``HTTP_PROTOCOLS`` when it loads). Process-wide until
+    ``uninstall``.
     """
     global _settings
     _settings = settings
@@ -412,3 +421,18 @@ def install(settings: ServiceSettings) -> None:
     # uvicorn's module looks both up when a request arrives: its plain-text answers become the contract's JSON.
     httptools_impl.RequestResponseCycle = Cycle  # type: ignore[misc]
     httptools_impl.service_unavailable = service_unavailable
+
+
+def uninstall() -> None:
+    """Undo ``install``: uvicorn's own protocol under "auto" and "httptools", and its own plain-text answers, for the
+    uvicorn servers this process starts afterwards. Call it once the servers on ``Protocol`` have stopped: uvicorn's
+    module looks its answers' classes up per request. For tests that run a uvicorn server on ``Protocol`` in a
+    process that goes on to run other servers: without it, every later "httptools" server in the process spoke
+    ``Protocol``, with its KEEP_ALIVE_TIMEOUT_S in place of the ``timeout_keep_alive`` it was given. The service
+    never calls it."""
+    global _settings
+    protocols, cycle, unavailable = _UVICORN_OWN
+    HTTP_PROTOCOLS.update(protocols)
+    httptools_impl.RequestResponseCycle = cycle  # type: ignore[misc]
+    httptools_impl.service_unavailable = unavailable
+    _settings = ServiceSettings()

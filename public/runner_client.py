@@ -291,6 +291,20 @@ def runner_died(error: BaseException) -> bool:
     return isinstance(error, (ConnectionLost, aiohttp.ServerDisconnectedError))
 
 
+def over(client: RunnerClient) -> RunnerCall:
+    """The runner call on the fast path: ``RunnerClient``'s ``POST /infer``. A call marked ``alone`` (a suspect,
+    ``CrashWatch``) goes on a connection opened for it: a kept one may have been accepted by a runner process that has
+    died since, and the call's failure there would be taken for this input's second death (``RunnerClient.call``).
+    The usual call's bytes stay as they were. On the API worker's event loop."""
+
+    async def infer(requests: list[Any], alone: bool = False) -> list[Outcome]:
+        if alone:
+            return await client.call("infer", new_connection=True, requests=requests, alone=True)
+        return await client.call("infer", requests=requests)
+
+    return infer
+
+
 def through_bentoml(client: Any) -> RunnerCall:
     """The runner call on BentoML's public path (fast path off): BentoML's own client of ``bentoml.depends``.
     BentoML's client dumps the arguments with pydantic, which turned a ``ForModel`` into a dict and CHAIN values
@@ -331,7 +345,13 @@ class RunnerClient:
         self._idle: list[_Connection] = []
         self._serde = bentoml_seam.PickleSerde()
 
-    async def call(self, method: str, **arguments: Any) -> Any:
+    async def call(self, method: str, /, *, new_connection: bool = False, **arguments: Any) -> Any:
+        """The runner's answer to ``method(**arguments)``. ``new_connection``: sent on a connection opened for it,
+        never on a kept one (a suspect sent alone, ``CrashWatch``: a kept connection may be one the runner's dead
+        process had accepted, whose close this event loop has not read yet; the call would fail without reaching any
+        runner and be taken for a second death of that input). Raises ``ConnectionLost`` when the connection is
+        lost before the whole answer came, ``RunnerCallError`` for an error status, ``TimeoutError`` past
+        ``timeout``, ``OSError`` when no runner accepts the connection."""
         payload = self._serde.serialize_value(arguments)
         body = b"".join(payload.data)
         head = (
@@ -340,17 +360,19 @@ class RunnerClient:
         ).encode("latin-1")
         self._drop_stale()
         async with asyncio.timeout(self.timeout):
-            status, headers, answer = await self._exchange(head + body)
+            status, headers, answer = await self._exchange(head + body, new_connection)
         if status != 200:
             raise RunnerCallError(status, answer.decode("utf-8", "replace")[:500])
         return self._serde.deserialize_value(bentoml_seam.Payload((answer,), metadata=headers))
 
-    async def _exchange(self, request: bytes) -> tuple[int, dict[str, str], bytes]:
-        connection = self._idle.pop() if self._idle else await self._open()
+    async def _exchange(self, request: bytes, new_connection: bool = False) -> tuple[int, dict[str, str], bytes]:
+        connection = self._idle.pop() if self._idle and not new_connection else await self._open()
         try:
             reply = await connection.send(request)
-        except BaseException:  # also cancelled or timed out mid-call: this connection's next bytes are this call's
+        except BaseException as e:  # also cancelled or timed out mid-call: this connection's next bytes are this call's
             connection.close()
+            if isinstance(e, ConnectionLost):  # the runner's process is gone: so are the connections kept to it
+                self.close()
             raise
         if connection.reusable and len(self._idle) < self._max_idle:
             connection.idle_since = time.monotonic()
@@ -420,7 +442,15 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return not self.closed and self._keep_alive and self._reply is None
+        # is_closing: the runner's close was read in this turn of the event loop; connection_lost comes in the next.
+        transport = self._transport
+        return (
+            not self.closed
+            and self._keep_alive
+            and self._reply is None
+            and transport is not None
+            and not transport.is_closing()
+        )
 
     def send(self, request: bytes) -> asyncio.Future[tuple[int, dict[str, str], bytes]]:
         assert self._transport is not None and self._reply is None

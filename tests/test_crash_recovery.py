@@ -335,13 +335,28 @@ def test_a_stopped_runner_fails_livez_and_readyz_on_every_worker_and_sigterm_sti
         # Every worker asks the runner for /readyz: none answers from a stale view.
         readiness = [server.get("/readyz", timeout=10) for _ in range(6)]
         assert [r.status_code for r in readiness] == [503] * 6, [r.text for r in readiness]
-        # Each worker's clock starts at its own first unanswered call: /livez fails on both once eight in a row do
-        # (a worker is chosen per connection).
-        waited_s = wait_for(
-            lambda: all(server.get("/livez", timeout=10).status_code == 503 for _ in range(8)), timeout=40
-        )
-        silent_s = time.monotonic() - stopped
-        assert 9 <= silent_s <= 35, f"/livez failed {silent_s:.1f} s after the runner stopped (bound: 10 s)"
+        # /livez on both workers (a worker is chosen per connection): until eight answers in a row are 503. Each answer
+        # is noted with when it came, in seconds after the stop.
+        answers: list[tuple[float, int]] = []
+
+        def every_worker_fails_livez() -> bool:
+            for _ in range(8):
+                status = server.get("/livez", timeout=10).status_code
+                answers.append((time.monotonic() - stopped, status))
+                if status != 503:
+                    return False
+            return True
+
+        wait_for(every_worker_fails_livez, timeout=60)
+        failed_after_s = min(s for s, status in answers if status == 503)
+        live_until_s = max((s for s, status in answers if status == 200), default=0.0)
+        # The 10 s rule: no worker fails /livez before the runner has been silent for 10 x REQUEST_TIMEOUT_S.
+        assert failed_after_s >= 10, f"/livez failed {failed_after_s:.1f} s after the runner stopped (rule: 10 s)"
+        # And every worker does soon after. Each worker's clock starts at the first probe the runner leaves
+        # unanswered, the /readyz above (1 s each) or its first /livez (each waits up to 2 s for the health call), so
+        # the last 200 comes about 11-18 s after the stop; the bound is generous for a loaded 2-core box. (The bound
+        # before, 35 s, also held the eight confirming probes, 16 s more, and failed at 36.7 s under load.)
+        assert live_until_s <= 30, f"/livez still answered 200 {live_until_s:.1f} s after the runner stopped"
         body = assert_contract_error(server.get("/livez", timeout=10), 503)
         assert (
             "has not answered" in body["description"]
@@ -361,7 +376,12 @@ def test_a_stopped_runner_fails_livez_and_readyz_on_every_worker_and_sigterm_sti
     assert f"the model runner (pid {runner.pid}) is stopped" in lines[0] and "SHUTDOWN_TIMEOUT_S" in lines[0]
     assert "Traceback" not in log, log[-3000:]
     assert not [pid for pid in every_pid if running(pid)], "processes left after the bound"
-    figure("stopped_runner", livez_failed_after_s=round(waited_s, 1), exited_after_s=round(exited_after_s, 1))
+    figure(
+        "stopped_runner",
+        livez_failed_after_s=round(failed_after_s, 1),
+        livez_live_until_s=round(live_until_s, 1),
+        exited_after_s=round(exited_after_s, 1),
+    )
 
 
 def running(pid: int) -> bool:

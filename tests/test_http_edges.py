@@ -577,25 +577,66 @@ def test_plain_text_errors_of_bentomls_routes_become_the_contracts_json(server, 
     client.close()
 
 
-def _uvicorn_with_our_protocol(app, **config) -> tuple[object, threading.Thread, int]:
-    """A real uvicorn server on a loopback port, speaking through public/http_protocol.py's Protocol."""
+@contextlib.contextmanager
+def _uvicorn_with_our_protocol(app, **config):
+    """A real uvicorn server on a loopback port, speaking through public/http_protocol.py's Protocol; yields the port.
+    ``install`` is process-wide: undone once the server has stopped, so that the uvicorn servers later tests start in
+    this process speak uvicorn's own protocol (tests/test_runner_client.py's keep-alive tests failed after this one)."""
     import uvicorn
 
     from public import http_protocol
     from tests.fixtures.server import free_port
 
     http_protocol.install(ServiceSettings.from_env({}))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", log_config=None, lifespan="off", **config)
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return server, thread, port
+    try:
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=port, http="httptools", log_config=None, lifespan="off", **config
+            )
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 20
+            while not server.started:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.05)
+            yield port
+        finally:
+            server.should_exit = True
+            thread.join(10)
+    finally:
+        http_protocol.uninstall()
+
+
+def test_a_server_on_our_protocol_leaves_uvicorns_own_protocol_to_later_servers():
+    # The helper above installed the service's Protocol under uvicorn's name "httptools" for the rest of the process,
+    # with its plain-text answers replaced: a later in-process uvicorn server asked for "httptools" spoke ours, with
+    # KEEP_ALIVE_TIMEOUT_S (75 s) in place of its own timeout_keep_alive (a CI failure of tests/test_runner_client.py).
+    import uvicorn
+    from uvicorn.protocols.http import httptools_impl
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+    from public.http_protocol import Protocol
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    def protocol_class() -> type:
+        config = uvicorn.Config(app, http="httptools", log_config=None, lifespan="off")
+        config.load()
+        return config.http_protocol_class
+
+    assert protocol_class() is HttpToolsProtocol
+    with _uvicorn_with_our_protocol(app) as port:
+        assert protocol_class() is Protocol  # the server above speaks ours
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(request_bytes("GET", "/"))
+            assert read_response(conn)[0] == 200
+    assert protocol_class() is HttpToolsProtocol
+    assert httptools_impl.RequestResponseCycle is RequestResponseCycle
 
 
 def test_uvicorns_own_500_and_503_are_the_contracts_json():
@@ -625,8 +666,7 @@ def test_uvicorns_own_500_and_503_are_the_contracts_json():
 
     for wrapped in (False, True):
         served = ContractErrors(app, options, routes.error_for, routes.is_own_error) if wrapped else app
-        server, thread, port = _uvicorn_with_our_protocol(served, limit_concurrency=2)
-        try:
+        with _uvicorn_with_our_protocol(served, limit_concurrency=2) as port:
             for path in ("/raises", "/silent"):
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
                     conn.sendall(request_bytes("GET", path))
@@ -645,6 +685,3 @@ def test_uvicorns_own_500_and_503_are_the_contracts_json():
             assert read_response(slow)[0] == 200
             slow.close()
             release.clear()
-        finally:
-            server.should_exit = True
-            thread.join(10)

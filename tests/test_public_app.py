@@ -8,6 +8,7 @@ import asyncio
 import functools
 import gzip
 import hashlib
+import time
 
 import orjson
 import pytest
@@ -261,6 +262,37 @@ def test_a_loading_or_unreachable_runner_is_503_with_retry_after(public):
     assert_error(public.post(offchain([IRIS_VECTOR])), 503, "the model runner is unreachable")
     public.runner.unreachable = False
     assert public.post(offchain([IRIS_VECTOR])).status_code == 200
+
+
+def test_livez_times_a_silent_runner_from_the_first_probe_it_left_unanswered_readyz_included(in_process):
+    # Each API worker timed the runner's silence from its own first unanswered /livez. A worker is chosen per
+    # connection, so one that the orchestrator's readiness probes reached, but its liveness probes only later, still
+    # answered /livez 200 10 x REQUEST_TIMEOUT_S after the runner stopped, and the pod was restarted late (a loaded
+    # CI run of tests/test_crash_recovery.py measured 36.7 s for a 10 s rule). The stopped runner is stood in for
+    # (its health call times out, its readiness probe answers False as BentoML's does past its 1 s); the real one,
+    # SIGSTOPped under bentoml serve, is in tests/test_crash_recovery.py.
+    client = in_process({"REQUEST_TIMEOUT_S": "0.1"})  # /livez's limit: 1 s
+    stopped = False
+
+    async def health():
+        if stopped:
+            raise TimeoutError("stand-in runner stopped")
+        return {"busy_for_s": 0.0}
+
+    async def is_ready():
+        return not stopped
+
+    client.app.bind(infer=client.runner.infer, describe=client.runner.describe, is_ready=is_ready, health=health)
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/livez").json() == {"live": True}
+    stopped = True
+    assert_error(client.get("/readyz"), 503, "still loading")
+    time.sleep(1.2)
+    # This worker's first /livez since the stop: the runner has not answered for 1.2 s, since the /readyz above.
+    body = assert_error(client.get("/livez"), 503, "has not answered", "10 x REQUEST_TIMEOUT_S (1 s)")
+    assert "stopped or stuck" in body["description"]
+    stopped = False
+    assert client.get("/livez").json() == {"live": True}  # it answers again: the clock is reset
 
 
 # --- information routes ---------------------------------------------------------------------------------------------

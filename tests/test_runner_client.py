@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,16 @@ import uvicorn
 from _bentoml_sdk.service import set_current_service
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from public.runner_client import ConnectionLost, RunnerCallError, RunnerClient, _address
+from core.crash_records import request_digest
+from public.runner_client import (
+    ConnectionLost,
+    CrashWatch,
+    RunnerCallBatcher,
+    RunnerCallError,
+    RunnerClient,
+    _address,
+    over,
+)
 from tests.test_pickled_call import Doubler
 
 
@@ -241,3 +252,94 @@ def test_the_runner_address_comes_from_the_url_bentoml_gives():
     assert _address("http://localhost:8000") == ("tcp", ("localhost", 8000))
     with pytest.raises(ValueError, match="unsupported runner address"):
         _address("https://example.com")
+
+
+# A runner stand-in in a process of its own, so that it can die as the runner does (SIGKILL) while this event loop is
+# not running: the close of the connections it had accepted is then still unread here, as on a busy API worker.
+RUNNER_PROCESS = """
+import asyncio, pickle, sys
+
+ANSWER = pickle.dumps([sys.argv[2]], protocol=5)
+
+async def serve(reader, writer):
+    while True:
+        try:
+            head = await reader.readuntil(b"\\r\\n\\r\\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            break
+        length = next(int(l.split(b":")[1]) for l in head.split(b"\\r\\n") if l.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: %d\\r\\nbuffer-lengths: %d\\r\\n\\r\\n%s"
+                     % (len(ANSWER), len(ANSWER), ANSWER))
+    writer.close()
+
+async def main():
+    server = await asyncio.start_unix_server(serve, sys.argv[1])
+    print("listening", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def runner_process(path: Path, answer: str):
+    """A process answering every POST with ``[answer]`` on the Unix socket ``path``; yields it once it listens."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUNNER_PROCESS, str(path), answer], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline() == "listening\n"
+        yield process
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_a_suspect_sent_alone_after_the_runner_was_replaced_reaches_the_new_runner_and_is_not_poison(tmp_path: Path):
+    # A request that was in the runner when its process died is sent alone when it comes again, and one that kills
+    # the process while alone is refused as poison (CrashWatch). It went out on a kept connection: one the dead
+    # process had accepted, whose close this API worker had not read yet (a busy worker reads its events late). The
+    # call failed without reaching any runner, that failure was taken for the input's own second death, and a good
+    # input was refused 422 for 600 s (a CI failure of tests/test_crash_recovery.py).
+    async def main() -> None:
+        path = tmp_path / "runner.sock"
+        client = RunnerClient(f"file://{path}", timeout=10, max_idle_s=60)  # kept for the whole test
+        calls = RunnerCallBatcher(over(client), max_items=8)
+        calls.crashes = CrashWatch(directory=None)  # this worker's own memory, as outside bentoml serve
+        item = {"dtype": "float", "values": [[1.0, 2.0]]}
+        with runner_process(path, "old") as old:
+            assert await calls.submit(item) == "old"  # its connection is kept
+            calls.crashes.died([item])  # an earlier death: the item is a suspect
+            old.kill()
+            old.wait(10)
+            # Not a single await since: this event loop has not read the close of the kept connection.
+            with runner_process(path, "new"):
+                assert await calls.submit(item) == "new"
+                key = request_digest(item)
+                assert not calls.crashes.is_poison(key) and not calls.crashes.is_suspect(key)  # answered: cleared
+                assert await calls.submit(item) == "new"
+        client.close()
+
+    asyncio.run(main())
+
+
+def test_a_lost_connection_closes_the_other_kept_connections_to_the_same_runner(tmp_path: Path):
+    # Kept connections to a runner whose process died are dead too: none is used for a later call.
+    async def main() -> None:
+        path = tmp_path / "runner.sock"
+        client = RunnerClient(f"file://{path}", timeout=10, max_idle_s=60)
+        with runner_process(path, "old") as old:
+            assert await asyncio.gather(*(client.call("infer", n=n) for n in range(3))) == [["old"]] * 3
+            kept = list(client._idle)
+            assert len(kept) == 3
+            old.kill()
+            old.wait(10)
+            with pytest.raises(ConnectionLost):
+                await client.call("infer", n=3)  # on a kept connection: the dead process's
+            assert client._idle == [] and all(connection.closed for connection in kept)
+            with runner_process(path, "new"):
+                assert await client.call("infer", n=4) == ["new"]
+        client.close()
+
+    asyncio.run(main())
