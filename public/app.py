@@ -234,8 +234,11 @@ class PublicApp:
                 names_served = await self._names_served()
             split = _layout(split_request, data, self.settings.max_elements, names_served)
             data, reply = await self._named_model(*split)
-        elif self._sends_tensors:  # today's form: decoded here, so the runner's one process does not (section 27)
-            item = sent_tensor(data, self.settings.max_elements)
+        else:  # today's form: decoded here when the runner takes it so, sparing its one process (section 27)
+            if not self._runner_seen_ready:  # its first answer says whether it does (``info``)
+                await self._check_runner_ready()
+            if self._sends_tensors:
+                item = sent_tensor(data, self.settings.max_elements)
         if type(data) is ForModel:  # a 504 then says where this model's first load stands (``limited``)
             scope[NAMED_MODEL] = data.model_id
         if item is None:
@@ -411,7 +414,8 @@ class PublicApp:
             except Exception as e:
                 raise runner_failure(e) from None
             # Not part of /info: whether the runner's default workflow takes requests' tensors decoded here.
-            self._sends_tensors = runner.pop(TAKES_SENT_TENSORS, False) is True
+            if runner.pop(TAKES_SENT_TENSORS, False) is True:
+                self._sends_tensors = True
             self._info = {
                 "service": SERVICE_NAME,
                 "version": __version__,

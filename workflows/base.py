@@ -143,7 +143,10 @@ class InferenceWorkflow(Generic[DataT, ItemT, BatchT, OutputT]):
 
     def preprocess(self, data: DataT) -> ItemT:
         """One request's ``data`` (JSON: dict, list, str, number) -> the model's input for it. Runner event loop,
-        per request. InputError (or any exception that is no ServiceError) -> 400 with its first line.
+        per request. InputError (or any exception that is no ServiceError) -> 400 with its first line. A class that
+        defines its own ``preprocess`` always gets the JSON ``data``; the built-in ones (``TensorWorkflow``'s,
+        ``TorchInferenceWorkflow``'s) may instead get the request's tensor as an API worker decoded it
+        (``core.tensor_values.SentTensor``; ``takes_sent_tensors``).
 
         Correct: ``return torch.tensor(data["rows"], dtype=torch.float32)  # (n, 4)``. Incorrect: running the
         model here (it would block the event loop while the model thread waits)."""
@@ -221,7 +224,8 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
     rank >= 2 with equal dtype and trailing shape share a forward, concatenated on dim 0.
 
     Defaults: ``preprocess`` decodes the contract's tensor (``{"dtype", "shape"?, "values"}``, at most
-    ``max_elements`` values and never more than MAX_REQUEST_ELEMENTS; workflows/tensors.py), ``postprocess`` encodes
+    ``max_elements`` values and never more than MAX_REQUEST_ELEMENTS; workflows/tensors.py; on the default path an
+    API worker has decoded it already and it arrives as a ``SentTensor``), ``postprocess`` encodes
     tensors back the same way (containers walked). Set ``batching = False`` (class or instance) to run every request
     alone. torch is imported when the first one is built (``_import_torch``), not with the module.
     """
