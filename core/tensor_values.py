@@ -66,7 +66,7 @@ def _sent_tensor(data: Any, dtype: str, shape: tuple[int, ...], elements: int) -
 class NeedsValues(Exception):
     """The runner cannot check or describe a ``SentTensor`` without the values as the client wrote them (a limit
     lower than the API worker's, a cast that does not keep a value): the request is answered by sending its data as
-    it came (workflows/base.py ``preprocess_all``; core/errors.py ``AS_SENT``)."""
+    it came (workflows/base.py ``preprocess_all`` answers ``VALUES_NEEDED``)."""
 
 
 # The runner's description (service.py ``describe``) says under this key whether its default workflow takes a
