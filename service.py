@@ -19,6 +19,7 @@ from bentoml.validators import ContentType
 from core import bentoml_seam, crash_records, logs, model_call, secrets, server_watch
 from core.bentoml_seam import RunnerService
 from core.settings import ServiceSettings
+from core.tensor_values import TAKES_SENT_TENSORS
 from public import http_protocol, routes
 from public.app import PublicApp
 from public.openapi import DocumentedService, FastRouteService
@@ -26,6 +27,7 @@ from public.runner_client import RunnerClient, over, through_bentoml
 from runner.batch_runner import BatchRunner, Drain
 from runner.model_registry import ModelRegistry
 from workflows import startup
+from workflows.base import takes_sent_tensors
 
 # First: whatever any library logs from here on (BentoML's tracebacks of a failed route included) is written with
 # HF_TOKEN, BEARER_TOKEN and the other secrets masked (core/secrets.py).
@@ -112,7 +114,12 @@ class WorkflowRunner:
             on_batch=batch_size.observe,
             registry=self.registry,
         )
-        self.description = {"workflow": startup.qualified_name(workflow), "model": startup.describe(workflow)}
+        self.description = {
+            "workflow": startup.qualified_name(workflow),
+            "model": startup.describe(workflow),
+            # Read by the API workers, not shown in /info: whether to send requests' tensors decoded (section 27).
+            TAKES_SENT_TENSORS: takes_sent_tensors(workflow),
+        }
         freeze_heap()
 
     # Batches form in the model thread, from the calls of every API worker that queue while the model is busy

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from core.errors import InputError, ModelError, Outcome, ServiceError, StartupError, answer, failure, first_line
 from core.model_call import UNASKED, asked_outputs
+from core.tensor_values import VALUES_NEEDED, SentTensor
 from core.terms import DTYPE_NAMES, MAX_RANK, json_text
 
 if TYPE_CHECKING:
@@ -142,7 +143,10 @@ class InferenceWorkflow(Generic[DataT, ItemT, BatchT, OutputT]):
 
     def preprocess(self, data: DataT) -> ItemT:
         """One request's ``data`` (JSON: dict, list, str, number) -> the model's input for it. Runner event loop,
-        per request. InputError (or any exception that is no ServiceError) -> 400 with its first line.
+        per request. InputError (or any exception that is no ServiceError) -> 400 with its first line. A class that
+        defines its own ``preprocess`` always gets the JSON ``data``; the built-in ones (``TensorWorkflow``'s,
+        ``TorchInferenceWorkflow``'s) may instead get the request's tensor as an API worker decoded it
+        (``core.tensor_values.SentTensor``; ``takes_sent_tensors``).
 
         Correct: ``return torch.tensor(data["rows"], dtype=torch.float32)  # (n, 4)``. Incorrect: running the
         model here (it would block the event loop while the model thread waits)."""
@@ -220,7 +224,8 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
     rank >= 2 with equal dtype and trailing shape share a forward, concatenated on dim 0.
 
     Defaults: ``preprocess`` decodes the contract's tensor (``{"dtype", "shape"?, "values"}``, at most
-    ``max_elements`` values and never more than MAX_REQUEST_ELEMENTS; workflows/tensors.py), ``postprocess`` encodes
+    ``max_elements`` values and never more than MAX_REQUEST_ELEMENTS; workflows/tensors.py; on the default path an
+    API worker has decoded it already and it arrives as a ``SentTensor``), ``postprocess`` encodes
     tensors back the same way (containers walked). Set ``batching = False`` (class or instance) to run every request
     alone. torch is imported when the first one is built (``_import_torch``), not with the module.
     """
@@ -234,6 +239,8 @@ class TensorWorkflow(InferenceWorkflow[DataT, "torch.Tensor", "torch.Tensor", Ou
 
     def preprocess(self, data: DataT) -> torch.Tensor:
         return tensors.decode(data, self.max_elements)
+
+    preprocess.takes_sent_tensors = True  # type: ignore[attr-defined]  # decode takes a SentTensor as it is
 
     def batch_key(self, item: torch.Tensor) -> Hashable | None:
         """(dtype, trailing shape) for a rank >= 2 tensor, else None. A rank-0/1 item's only axis is its features
@@ -432,11 +439,22 @@ def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
         try:
             item = workflow.preprocess(data)
             prepared.append(_Item(item, workflow.batch_key(item)))
-        except InputError as e:  # the decoder's (or the workflow's) own words about the data: they name the place
-            prepared.append(failure(e))
-        except _RAISED_ON_THE_LOOP as e:  # ModelError, or something generic: the workflow's own check of the input
-            prepared.append(_failed_on_request(e, data))
+        except _RAISED_ON_THE_LOOP as e:
+            if type(data) is SentTensor:  # the API worker sends the data as written: the message names its values
+                prepared.append(VALUES_NEEDED)
+            elif isinstance(e, InputError):  # the decoder's (or the workflow's) own words about the data
+                prepared.append(failure(e))
+            else:  # ModelError, or something generic: the workflow's own check of the input
+                prepared.append(_failed_on_request(e, data))
     return prepared
+
+
+def takes_sent_tensors(workflow: Any) -> bool:
+    """Whether ``workflow``'s ``preprocess`` takes a request's tensor as an API worker decoded it (a
+    ``core.tensor_values.SentTensor``) as well as its JSON data: the built-in ones, marked ``takes_sent_tensors``
+    (``TensorWorkflow``'s and ``TorchInferenceWorkflow``'s), and no workflow that overrides them. The runner says so
+    to the API workers (service.py), which then send such tensors on the default path."""
+    return uses_hooks(workflow) and getattr(type(workflow).preprocess, "takes_sent_tensors", False) is True
 
 
 def forward_all(workflow: Any, prepared: list[Any]) -> list[Any]:

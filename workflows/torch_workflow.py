@@ -12,6 +12,7 @@ import torch
 
 from core.errors import ModelError, StartupError, first_line
 from core.settings import EMBEDDED_MODEL, EMBEDDED_WARMUP_INPUT, TorchSettings
+from core.tensor_values import SentTensor
 from workflows import model_formats, sources, tensors
 from workflows.base import TensorWorkflow, check_kwargs, record_batch_check
 
@@ -181,17 +182,22 @@ class TorchInferenceWorkflow(TensorWorkflow[dict[str, Any], Any]):
         model is ready."""
         return {**self.info, "gpu": gpu_info(self.device)} if self.info else self.info
 
-    def preprocess(self, data: dict[str, Any]) -> torch.Tensor:
+    def preprocess(self, data: dict[str, Any] | SentTensor) -> torch.Tensor:
+        """The request's tensor (its ``data``, or the ``SentTensor`` an API worker decoded it to) in the model's
+        dtype; InputError for a value the cast does not keep (``NeedsValues`` for a ``SentTensor``'s)."""
         sent = tensors.decode(data, self.max_elements)
         tensor, dtype = sent, self.model_dtype
+        values = None if type(data) is SentTensor else data["values"]
         if self.cast_inputs and dtype is not None and tensor.dtype != dtype and not tensor.is_complex():
-            tensor = tensors.cast_to_model(tensor, dtype, data["values"])
+            tensor = tensors.cast_to_model(tensor, dtype, values)
         compute = self.compute_dtype
         if compute != dtype and tensor.is_floating_point() and tensor.dtype != compute:
             # The forward runs in the lowered precision: the value that reaches the model is the one cast from what
             # was sent (2049 as half is 2048, 70000 is inf), so the contract's fit rules apply to that dtype too.
-            tensor = tensors.cast_to_model(sent, compute, data["values"], "the precision the model runs in")
+            tensor = tensors.cast_to_model(sent, compute, values, "the precision the model runs in")
         return tensor
+
+    preprocess.takes_sent_tensors = True  # type: ignore[attr-defined]  # workflows/base.py takes_sent_tensors
 
     def run_model(self, batch: torch.Tensor) -> Any:
         """On the model thread: the batch to the device once, the forward, the whole output back to the CPU once
