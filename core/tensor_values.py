@@ -40,9 +40,13 @@ _SQUARED_LARGEST = {
     np.float32: float(np.finfo(np.float32).max) ** 2,
     np.float64: float(np.finfo(np.float64).max),  # its square is inf: any finite sum of squares will do
 }
-_LARGEST_FLOAT = {dtype: float(np.finfo(dtype).max) for dtype in _SQUARED_LARGEST}
-# Values: above this OpenBLAS's dot product (np.vdot) may wake its threads, which cost more than the sum saves; min
-# and max take its place.
+# Values; measured on the development box. Fewer than _TEST_FROM: a type scan costs less than the vectorised boolean
+# test (~1.1 µs). Up to _SCAN_AT_MOST: where the test marks a place, a scan of every value costs less than looking
+# at the marked ones.
+_TEST_FROM = 16
+_SCAN_AT_MOST = 100
+# Values: up to this one sum of squares (np.vdot) costs less than casting under np.errstate and looking for
+# non-finite results; above it OpenBLAS may wake its threads for the sum, and the cast's own check costs less.
 _DOT_AT_MOST = 8192
 
 
@@ -206,15 +210,20 @@ def _refuse_booleans(array: np.ndarray, values: list, name: str) -> None:
         index: int | None = 0
     elif kind == "O":
         index = next((i for i, x in enumerate(array.flat) if isinstance(x, bool)), None)
+    elif array.size < _TEST_FROM:
+        index = _first_boolean_in_rows(_innermost_lists(values, array.ndim), range(array.size // array.shape[-1]))
     else:
         # np.array reads true/false among numbers as 1/0 and keeps no trace of them; looking at every value's type
         # costs ~20 ns a value (as much as np.array itself). Only a value that decoded to exactly 0 or 1 can have
-        # been a boolean, so one vectorised test clears the usual request (less than a type scan of ~30 values), and
-        # only the places it marks are looked at in the lists as sent.
+        # been a boolean, so one vectorised test clears the usual request, and only then are the lists as sent
+        # looked at: all of a few values, or the places the test marks.
         maybe = _maybe_booleans(array)
         if maybe is None:
             return
-        index = _first_boolean(values, maybe)
+        if array.size <= _SCAN_AT_MOST:
+            index = _first_boolean_in_rows(_innermost_lists(values, array.ndim), range(array.size // array.shape[-1]))
+        else:
+            index = _first_boolean(values, maybe)
     if index is not None:
         place, sent = sent_at(values, index)
         raise InputError(f"{place}: {name} expects numbers, got {_json_type(sent)}")
@@ -346,16 +355,13 @@ def _cast_keeps_finite(array: np.ndarray, dtype: type) -> bool:
     kind = array.dtype.kind
     if kind in "iu":  # every 64-bit integer lies within float32's range; half's maximum is 65504
         return dtype is not np.float16
-    if array.dtype != _DOUBLE:
+    if array.dtype != _DOUBLE or array.size > _DOT_AT_MOST:
         return False
-    if array.size <= _DOT_AT_MOST:
-        # The sum of squares (one BLAS call, ~0.5 µs on a small array): inf or nan if any value is, and never below
-        # any one square, as every term is non-negative and rounding is monotonic. So at most the largest value
-        # squared means every |value| is at most the largest times (1 + 2**-53), which the cast rounds to the
-        # largest, not to inf. A sum that overflows (values beyond ~1e154) only sends the request the long way.
-        return bool(np.vdot(array, array) <= _SQUARED_LARGEST[dtype])
-    largest = _LARGEST_FLOAT[dtype]  # nan compares false both ways
-    return bool(-largest <= np.minimum.reduce(array, axis=None) and np.maximum.reduce(array, axis=None) <= largest)
+    # The sum of squares (one BLAS call, ~0.5 µs on a small array): inf or nan if any value is, and never below any
+    # one square, as every term is non-negative and rounding is monotonic. So at most the largest value squared
+    # means every |value| is at most the largest times (1 + 2**-53), which the cast rounds to the largest, not to
+    # inf. A sum that overflows (values beyond ~1e154) only sends the request the long way.
+    return bool(np.vdot(array, array) <= _SQUARED_LARGEST[dtype])
 
 
 def overflow_text(place: str, sent: Any, name: str) -> str:

@@ -194,7 +194,7 @@ def test_a_boolean_anywhere_among_numbers_is_refused_at_its_place(name, width):
             assert str(refused.value) == f"values[0][{index}]: {name} expects numbers, got true"
 
 
-@pytest.mark.parametrize("width", [3, 8193])  # the sum of squares' path and the min/max one
+@pytest.mark.parametrize("width", [3, 8193])  # the sum of squares' path, and the cast's own check
 @pytest.mark.parametrize(
     ("name", "sent", "kept"),
     [
