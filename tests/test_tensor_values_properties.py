@@ -30,8 +30,9 @@ INTEGERS = {
 FLOATS = {"half": np.float16, "float": np.float32, "double": np.float64}
 NAMES = [*INTEGERS, *FLOATS, "bool"]
 LIMIT = 10**6
-# Sizes of the innermost axis: a few values, the bench's 69, and either side of 8192 (the sum of squares' limit).
-WIDTHS = (1, 2, 3, 7, 69, 130, 8192, 8193)
+# Sizes of the innermost axis: either side of 16 (the type scan's limit), the bench's 69, either side of 100 (where
+# a scan of every value stops) and of 8192 (the sum of squares' limit).
+WIDTHS = (1, 2, 3, 15, 16, 69, 100, 101, 8192, 8193)
 
 
 def _float_value(rng: random.Random, dtype: type) -> float | int:
