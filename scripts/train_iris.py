@@ -1,7 +1,8 @@
 """Trains the embedded example model: the iris classifier of the original service's tests.
 
-Deterministic: same data (scikit-learn's bundled iris), same seed, one thread, full-batch training, and the same
-bytes in any checkout (the archive keeps no source file paths). Writes models/iris/model.torch (TorchScript) and
+Deterministic: same data (scikit-learn's bundled iris), same seed, one thread, full-batch training, the same
+arithmetic on any x86-64 CPU (below), and the same bytes in any checkout (the archive keeps no source file
+paths). Writes models/iris/model.torch (TorchScript) and
 models/iris/MODEL_CARD.md, or into the folder ``--out`` names.
 
     .venv/bin/python scripts/train_iris.py [--out FOLDER]
@@ -16,10 +17,16 @@ import os
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and os.environ.get("PYTHONHASHSEED") != "0":
+# Each CPU's own kernels round differently, so 300 training steps end in different weights on different CPUs (a
+# checkout on an AVX-512 machine retrained another file than the committed one): torch's kernels for the ISA-neutral
+# baseline (ATen's CPU dispatch, read when torch loads) and MKL's Conditional Numerical Reproducibility mode (its
+# matrix products, identical across x86-64 CPUs for one MKL version: Intel's "MKL_CBWR" documentation).
+if __name__ == "__main__":
     # nn.Linear's __constants__ is a set: the order of the constants in the saved code, and so the file's sha256,
-    # follows Python's string hash seed, random for each run unless fixed.
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
+    # follows Python's string hash seed, random for each run unless fixed. The other two are read at start-up.
+    reproducible = {"PYTHONHASHSEED": "0", "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+    if any(os.environ.get(name) != value for name, value in reproducible.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **reproducible})
 
 import torch
 from sklearn.datasets import load_iris
@@ -115,7 +122,7 @@ def _card(card: dict) -> str:
     return f"""# Iris classifier (embedded example model)
 
 Served when no model is configured. Trained by `scripts/train_iris.py` on the iris data that scikit-learn
-ships, deterministically (seed 0, one thread, 300 full-batch Adam steps).
+ships, deterministically (seed 0, one thread, 300 full-batch Adam steps, the same arithmetic on any x86-64 CPU).
 
 - Architecture: 4 -> 50 -> 50 -> 3, ReLU, softmax output (float32), TorchScript.
 - Input: `float`/`double` tensor of shape `[N, 4]`, features **standardised** with the scaler below:
