@@ -480,6 +480,22 @@ def test_ids_the_hub_rejects_are_the_clients_mistake(server: Server, models_hub:
     assert "ERROR" not in logged and "Traceback" not in logged, logged
 
 
+def test_a_flood_of_refused_model_ids_writes_a_bounded_number_of_lines(server: Server):
+    """Every per-request model a client names that cannot be served printed its own status=refused line, and a
+    client can name a new one with every request: 25 requests wrote 25 lines. They now go through the log's bound
+    (core/logs.py: 10 lines a minute per line of code in a process); the count of the rest comes when the minute
+    ends (tests/test_logs.py waits for it). Every request is still answered."""
+    start = len(server.log())
+    ids = [f"huggingface/models/flood{i}:gone.pt" for i in range(25)]
+    with ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(lambda i: post_model(server, i, {"dtype": 2, "values": [1.0]}), ids))
+    assert [r.status_code for r in responses] == [404] * 25, [r.text for r in responses]
+    logged = [line for line in server.log()[start:].splitlines() if "status=refused" in line and "flood" in line]
+    assert 1 <= len(logged) <= 10, logged
+    assert re.match(r"^\S+ \[INFO\] \[[^\]]*\] \[startup\] stage=download status=refused ", logged[0]), logged[0]
+    assert "http_status=404" in logged[0] and "model_id=huggingface/models/flood" in logged[0], logged[0]
+
+
 def test_slow_downloads_hold_up_no_cached_model_and_a_timeout_says_how_far_they_got(
     models_hub: Hub, tmp_path_factory: pytest.TempPathFactory
 ):

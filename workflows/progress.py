@@ -3,17 +3,19 @@
     2026-11-24T21:30:54+0000 [INFO] [startup] stage=load status=ok seconds=0.214 format=torchscript device=cpu
 
 Stages, in order: config, source, download, verify, load, warmup, ready (``seconds`` on ``ready`` counts from the
-start). ``grep '\\[startup\\]'`` shows the start-up, ``grep 'status=failed'`` the stage that stopped it (downloads show
-their own progress bar). A per-request model a client named that cannot be served (a 4xx) prints ``status=refused``
-with its ``http_status`` at INFO: the client's fault, not the operator's. Lines go to stderr directly, in this one
-form (BentoML's logging set-up dropped other loggers' INFO records; core/logs.py now lets the service's loggers
-through, with a bound per line of code that these lines do not have).
+start). ``grep '\\[startup\\]'`` shows the start-up, ``grep 'status=failed'`` the stage that stopped it (downloads
+show their own progress bar). A per-request model a client named that cannot be served (a 4xx) is logged as
+``status=refused`` with its ``http_status`` at INFO: the client's fault, not the operator's. The operator's own
+start-up lines go to stderr directly, in this one form; the refusals go through the ``workflows.progress`` logger
+instead, in BentoML's format with ``[startup]`` at the head of the message, because any client can cause them at
+will (a new model id per request): core/logs.py bounds them at 10 lines a minute per process, then one count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -40,14 +42,25 @@ def line(stage: str, status: str, seconds: float | None = None, **fields: Any) -
     # "refused": a per-request model the client named cannot be served (a 4xx): the client's fault, not the
     # operator's, so INFO: any client could otherwise fill the operator's error log.
     level = "ERROR" if status == "failed" else "INFO"
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} [{level}] [startup] {_fields(stage, status, seconds, fields)}"
+
+
+def _fields(stage: str, status: str, seconds: float | None, fields: dict[str, Any]) -> str:
     parts = [f"stage={stage}", f"status={status}"]
     if seconds is not None:
         parts.append(f"seconds={seconds:.3f}")
     parts += [f"{key}={_value(value)}" for key, value in fields.items() if value is not None]
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} [{level}] [startup] {' '.join(parts)}"
+    return " ".join(parts)
+
+
+_refusals = logging.getLogger("workflows.progress")
 
 
 def emit(stage: str, status: str = "ok", seconds: float | None = None, **fields: Any) -> None:
+    if status == "refused":
+        # One line of code for every refusal: core/logs.py's bound per line of code is the bound on all of them.
+        _refusals.info("[startup] %s", _fields(stage, status, seconds, fields))
+        return
     print(line(stage, status, seconds, **fields), file=sys.stderr, flush=True)
 
 
