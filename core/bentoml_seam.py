@@ -513,5 +513,6 @@ def _listen_failure(location: str, error: OSError) -> str:
         errno.EACCES: "ports below 1024 need privileges: choose a port of 1024 or above",
         errno.EADDRNOTAVAIL: "the host is not an address of this machine: choose another --host (0.0.0.0: all)",
     }.get(error.errno, "choose another port or host")
-    where = "bentoml serve --port / --host, or BENTOML_PORT"
+    # make serve always passes --port $(PORT) --host $(HOST): there BENTOML_PORT changes nothing.
+    where = "bentoml serve --port / --host, or BENTOML_PORT; make serve PORT=... HOST=..."
     return f"cannot listen on {location} ({error.strerror or error}); {fix} ({where})"

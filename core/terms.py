@@ -59,9 +59,13 @@ class InfernetInput(BaseModel):
 
     @field_validator("data", mode="before")
     @classmethod
-    def _hex(cls, value: Any) -> Any:
+    def _hex(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, (str, dict)):
             raise ValueError("must be a hex string (CHAIN) or a JSON object (OFFCHAIN)")
+        if isinstance(value, str) and info.data.get("source") == Source.OFFCHAIN:
+            # The type the source asks for first: "abc" sent as OFFCHAIN data is not a hex string with an odd number
+            # of digits, it is not a JSON object (the refusal named the hex rule, confusing an OFFCHAIN client).
+            raise ValueError("OFFCHAIN source needs a JSON object")
         if isinstance(value, str):
             value = "".join(value.split())
             if value[:2] in ("0x", "0X"):

@@ -26,6 +26,10 @@ def test_offchain_and_chain_inputs_parse():
         ({"source": True, "data": {}}, "source: must be an integer"),
         ({"source": 0, "data": {"a": 1}}, "data: CHAIN source needs a hex string"),
         ({"source": 1, "data": "00ff"}, "data: OFFCHAIN source needs a JSON object"),
+        # The source's type is checked before the hex rules (a newcomer's "abc" was told about odd digits).
+        ({"source": 1, "data": "abc"}, "data: OFFCHAIN source needs a JSON object"),
+        ({"source": 1, "data": "xyz"}, "data: OFFCHAIN source needs a JSON object"),
+        ({"source": 1, "data": ""}, "data: OFFCHAIN source needs a JSON object"),
         ({"source": 0, "data": "xyz"}, "data: must be a hex string"),
         ({"source": 0, "data": "abc"}, "data: hex string has an odd number of digits"),
         ({"source": 0, "data": ""}, "data: must be a hex string"),

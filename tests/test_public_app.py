@@ -165,6 +165,7 @@ def test_offchain_in_chain_out(public):
         (b'{"source": 1}', 400, "data: Field required"),
         (b'{"source": 0, "data": {"dtype": "float", "values": [1]}}', 400, "CHAIN source needs a hex string"),
         (b'{"source": 1, "data": "00ff"}', 400, "OFFCHAIN source needs a JSON object"),
+        (b'{"source": 1, "data": "abc"}', 400, "OFFCHAIN source needs a JSON object"),
         (b'{"source": 0, "data": "0xzz"}', 400, "must be a hex string"),
         (b'{"source": 0, "data": "00"}', 400, "not an ABI-encoded int256[]"),
         (b'{"source": 1, "data": {"dtype": "quad", "values": [[1]]}}', 400, 'unknown dtype "quad"'),

@@ -505,5 +505,5 @@ def test_a_port_in_use_stops_start_up_with_one_line_naming_the_port_setting(tmp_
     lines = [line for line in output.splitlines() if line.startswith("start-up failed")]
     assert len(lines) == 1, output[-3000:]
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0] and "--port" in lines[0], lines[0]
-    assert "BENTOML_PORT" in lines[0], lines[0]
+    assert "BENTOML_PORT" in lines[0] and "make serve PORT=... HOST=..." in lines[0], lines[0]
     assert "Traceback" not in output and "Could not bind" not in output, output[-3000:]
