@@ -7,8 +7,9 @@ operator's disk.
 Why: BentoML's server logging (``configure_server_logging``, run in every process of ``bentoml serve`` before
 service.py is imported) sets the root logger to WARNING, which dropped every INFO line of ours (a per-request model
 evicted, a batch retried item by item, a client's unreadable request). ``show_service_logs`` runs once at import of
-service.py, in every process (the server, each API worker, the runner), after that set-up. The start-up lines of
-workflows/progress.py are printed to stderr and are not touched here.
+service.py, in every process (the server, each API worker, the runner), after that set-up. The operator's start-up lines
+(workflows/progress.py) are printed to stderr and are not touched here; a client's refused per-request model is
+logged through the ``workflows.progress`` logger, so it is bounded like the rest.
 
 The bound (``RateLimit``, a filter on BentoML's handler): each call site (logger, file, line) writes at most
 ``LIMIT`` = 10 records per ``WINDOW_S`` = 60 s window, per process; the window opens with the site's first record.

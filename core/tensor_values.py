@@ -22,8 +22,8 @@ import numpy as np
 from core.errors import InputError, Outcome
 from core.terms import DTYPE_NAMES, MAX_RANK, json_text, json_type, too_many_dimensions
 
-_INTEGER = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": np.int32, "long": np.int64}
-_INTEGER_RANGE = {name: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for name, t in _INTEGER.items()}
+INTEGER_DTYPES = {"uint8": np.uint8, "int8": np.int8, "short": np.int16, "int": np.int32, "long": np.int64}
+INTEGER_RANGE = {name: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for name, t in INTEGER_DTYPES.items()}
 COMPLEX = frozenset({"cfloat", "cdouble"})
 _FLOAT = {"float": np.float32, "double": np.float64, "half": np.float16}
 _MAX_DEPTH = MAX_RANK  # nested values and a `shape` alike
@@ -103,12 +103,9 @@ def sent_tensor(data: Any, max_elements: int) -> SentTensor | None:
         name, array, elements = decode_array(data, max_elements)
         if name == "bfloat16":
             return None
-        shape = data.get("shape")
+        shape = requested_shape(array.shape, data, name)
         if shape is not None:
-            check_reshape(array.shape, shape, name in COMPLEX)
             array = array.reshape(shape)
-        if array.size == 0:
-            return None
     except Exception:  # the runner's decode says what is wrong, as for a request that was never decoded here
         return None
     return SentTensor(np.ascontiguousarray(array), elements)
@@ -116,8 +113,8 @@ def sent_tensor(data: Any, max_elements: int) -> SentTensor | None:
 
 def decode_array(data: Any, max_elements: int) -> tuple[str, np.ndarray, int]:
     """A request's data -> (its dtype name, its values as an array of that dtype, how many values were sent), at most
-    ``max_elements`` values. The array has the shape the values were nested in (``check_reshape`` and the caller's
-    reshape apply ``shape``); for bfloat16 it holds the values as numpy read them, for the caller to cast and check.
+    ``max_elements`` values. The array has the shape the values were nested in (the caller reshapes it to
+    ``requested_shape``); for bfloat16 it holds the values as numpy read them, for the caller to cast and check.
     Raises InputError saying what is wrong and where."""
     if not isinstance(data, dict):
         raise InputError("data: expected an object with 'dtype' and 'values'")
@@ -143,8 +140,14 @@ def decode_array(data: Any, max_elements: int) -> tuple[str, np.ndarray, int]:
     return name, _fit(array, name, values), elements
 
 
-def check_reshape(now: tuple[int, ...], shape: list[int], complex_pairs: bool) -> None:
-    """Refuse (InputError) values of shape ``now`` that the request's ``shape`` does not hold."""
+def requested_shape(now: tuple[int, ...], data: dict[str, Any], name: str) -> list[int] | None:
+    """The request's ``shape`` (checked by ``decode_array``), or None when it gives none; InputError when the
+    values, of shape ``now`` as ``decode_array`` returned them, do not fill it. Never empty: ``decode_array`` refused
+    empty values, and the shape holds as many."""
+    shape = data.get("shape")
+    if shape is None:
+        return None
+    complex_pairs = name in COMPLEX
     if len(now) > 1 and list(now) != shape:
         # Neither the original service (it ignored `shape`) nor infernet-ml 1.x (it refused values whose nesting
         # differs from `shape`) reshaped nested values: a nesting that disagrees with `shape` is a client's mistake.
@@ -157,6 +160,7 @@ def check_reshape(now: tuple[int, ...], shape: list[int], complex_pairs: bool) -
     if count != held:
         what = "complex values" if complex_pairs else "values"
         raise InputError(f"shape: {shape} holds {count} elements but {what} has {held}")
+    return shape
 
 
 def _fit(array: np.ndarray, name: str, values: list) -> np.ndarray:
@@ -169,7 +173,7 @@ def _fit(array: np.ndarray, name: str, values: list) -> np.ndarray:
                 raise InputError(f"{place}: bool accepts only true/false or 0/1, got {number_text(sent)}")
             array = array.astype(np.bool_)
         return array
-    if name in _INTEGER:
+    if name in INTEGER_DTYPES:
         return _integers(array, name, values)
     if kind == "O":
         array = _doubles(array, name, values)
@@ -284,18 +288,18 @@ def _integers(array: np.ndarray, name: str, values: list) -> np.ndarray:
         # A float literal among integers makes np.array round every integer to float64, and beyond 2**53 that
         # loses some: read such values again from the lists as sent, as Python ints.
         return _exact_integers(values, array.shape, name)
-    smallest, largest = _INTEGER_RANGE[name]
+    smallest, largest = INTEGER_RANGE[name]
     # Compared as Python ints: exact for int64 and uint64 arrays, and for float64 below 2**53.
     if int(low) < smallest or int(high) > largest:
         index = int(np.argmin(array)) if int(low) < smallest else int(np.argmax(array))
         place, sent = sent_at(values, index)
         raise InputError(f"{place}: {number_text(sent)} is out of range for {name} [{smallest}, {largest}]")
-    return array.astype(_INTEGER[name])
+    return array.astype(INTEGER_DTYPES[name])
 
 
 def _exact_integers(values: list, shape: tuple[int, ...], name: str) -> np.ndarray:
     """The slow path of ``_integers``: every value as sent, as a Python int."""
-    info = np.iinfo(_INTEGER[name])
+    info = np.iinfo(INTEGER_DTYPES[name])
     exact = []
     for index, sent in enumerate(_flatten(values, len(shape))):
         if isinstance(sent, float) and not sent.is_integer():
@@ -322,7 +326,7 @@ def _exact_integers(values: list, shape: tuple[int, ...], name: str) -> np.ndarr
             place = place_of(index, shape)
             raise InputError(f"{place}: {number_text(sent)} is out of range for {name} [{info.min}, {info.max}]")
         exact.append(number)
-    return np.array(exact, dtype=_INTEGER[name]).reshape(shape)
+    return np.array(exact, dtype=INTEGER_DTYPES[name]).reshape(shape)
 
 
 def _doubles(array: np.ndarray, name: str, values: list) -> np.ndarray:

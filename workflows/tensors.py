@@ -18,15 +18,15 @@ import torch
 from core.errors import InputError, ModelError
 from core.settings import ServiceSettings, integer
 from core.tensor_values import (
-    _INTEGER,
-    _INTEGER_RANGE,
     COMPLEX,
+    INTEGER_DTYPES,
+    INTEGER_RANGE,
     NeedsValues,
     SentTensor,
-    check_reshape,
     decode_array,
     number_text,
     overflow_text,
+    requested_shape,
     sent_at,
 )
 from core.terms import DTYPE_NAMES, MAX_RANK, SentValues, too_many_dimensions
@@ -82,13 +82,8 @@ def decode(data: Any, max_elements: int | None = None) -> torch.Tensor:
             raise InputError(overflow_text(*sent_at(data["values"], int(bad.flatten().nonzero()[0])), name))
     else:
         tensor = torch.from_numpy(array)
-    shape = data.get("shape")
-    if shape is not None:
-        check_reshape(tuple(tensor.shape), shape, complex_pairs=name in COMPLEX)
-        tensor = tensor.reshape(shape)
-    if tensor.numel() == 0:
-        raise InputError("values: empty")
-    return tensor
+    shape = requested_shape(tuple(tensor.shape), data, name)
+    return tensor if shape is None else tensor.reshape(shape)
 
 
 def cast_to_model(
@@ -208,7 +203,7 @@ def widened_name(dtype: torch.dtype) -> str:
     if dtype.is_floating_point:
         return next((name for name in _WIDER_FLOATS if _holds(_limits(torch.finfo(DTYPES[name])), own)), widest)
     return next(
-        (name for name in _INTEGER if _INTEGER_RANGE[name][0] <= info.min and info.max <= _INTEGER_RANGE[name][1]),
+        (name for name in INTEGER_DTYPES if INTEGER_RANGE[name][0] <= info.min and info.max <= INTEGER_RANGE[name][1]),
         "long",
     )
 
