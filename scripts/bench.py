@@ -8,7 +8,9 @@ limit.
 For each model, every system is started at once and must answer the model's request as the model itself does
 (the bench fails otherwise); each round then measures the in-process limit and runs every concurrency on every
 system in turn, so a slow spell of a shared machine hits all systems alike. Each cell reports the median over the
-rounds.
+rounds. Every run also measures the server CPU each system spends per request (scripts/bench/cpu.py), and the
+reference system `floor` (scripts/bench/floor_app.py, no peer) shows what the same cores spend in a bare Python
+HTTP tier that only parses the body.
 
 Needs wrk (Debian: apt-get install -y wrk) and, for litserve, .venv-peers (`make peers-venv`). Loopback only;
 every run is bounded in time. Prints one table and writes the same rows to a JSON file (--out, default
@@ -31,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.bench import models, servers, wrk  # noqa: E402
+from scripts.bench import cpu, models, servers, wrk  # noqa: E402
 
 BASELINES = (servers.BEFORE, "original", "bentoml", "mosec", "litserve")
 # Largest difference from the model's own answer, as a fraction of the answer's scale: batched forwards may round
@@ -122,7 +124,8 @@ def bench_model(model: models.BenchModel, args: argparse.Namespace, work: Path) 
                     result = one_run(system, server, model, c, args.duration)
                     runs.setdefault((system, c), []).append(result)
                     print(f"  round {round_} {system} c={c}: {result['rps']:.0f} rps, p50 {result['p50_ms']:.2f} ms, "
-                          f"p99 {result['p99_ms']:.2f} ms, errors {result['errors']}", flush=True)  # fmt: skip
+                          f"p99 {result['p99_ms']:.2f} ms, errors {result['errors']}, {_cpu(result)}",
+                          flush=True)  # fmt: skip
         rows = [
             {"system": system, "model": model.name, "concurrency": c, **summarise(results),
              "ready_s": running[system].ready_s, "runs": results}
@@ -167,7 +170,9 @@ def answer_mismatch(answer: object, expected: dict) -> str | None:
 def check_answers(running: dict[str, servers.Running], model: models.BenchModel) -> None:
     """Every system answers the model's request as the model itself does, so all answer alike; raises AnswerMismatch."""
     expected, body, problems = expected_answer(model), model.body.read_bytes(), []
-    for system, server in running.items():
+    # A reference (floor) runs no model: its fixed answer is not the model's, so there is nothing to compare.
+    checked = {system: server for system, server in running.items() if system not in servers.REFERENCES}
+    for system, server in checked.items():
         status, raw = servers.post(server.endpoint, body)
         try:
             why = f"status {status}: {raw[:200]!r}" if status != 200 else answer_mismatch(json.loads(raw), expected)
@@ -177,7 +182,7 @@ def check_answers(running: dict[str, servers.Running], model: models.BenchModel)
             problems.append(f"{system} {model.name} at {server.endpoint}: {why}")
     if problems:
         raise AnswerMismatch("answers differ:\n" + "\n".join(problems))
-    print(f"# {model.name}: {', '.join(running)} answer alike", flush=True)
+    print(f"# {model.name}: {', '.join(checked)} answer alike", flush=True)
 
 
 def median_limit(rounds: list[dict[str, float]]) -> dict[str, float]:
@@ -192,9 +197,23 @@ def _rates(limit: dict[str, float]) -> str:
     )
 
 
+def _cpu(result: dict) -> str:
+    """'server CPU T µs/req (role r, ...)' of one run or a summarised row."""
+    if result.get("cpu_us_per_req") is None:
+        return "server CPU –"
+    roles = ", ".join(f"{name} {us:.0f}" for name, us in result.get("cpu_roles", {}).items())
+    return f"server CPU {result['cpu_us_per_req']:.0f} µs/req" + (f" ({roles})" if roles else "")
+
+
 def one_run(system: str, server: servers.Running, model: models.BenchModel, c: int, seconds: float) -> dict:
+    """wrk's figures, the server CPU per request (cpu.per_request) and, for ours, the mean runner batch."""
     before = servers.batch_totals(server.url) if system == "ours" else None
+    # The tree is read at every run, just around wrk: a server may have restarted a worker since the last one.
+    # The /metrics scrape above is outside the window, so it is not charged to the requests.
+    root = server.process.pid
+    procs_before = cpu.tree(root)
     result = wrk.run(server.endpoint, model.body, c, seconds)
+    result.update(cpu.per_request(system, root, procs_before, cpu.tree(root), result["requests"]))
     if before is not None:
         after = servers.batch_totals(server.url)
         calls = after[1] - before[1]
@@ -206,10 +225,17 @@ def one_run(system: str, server: servers.Running, model: models.BenchModel, c: i
 def summarise(results: list[dict]) -> dict:
     """Median of each figure over the rounds; errors are summed, so one failing round shows."""
     out = {}
-    for key in ("rps", "p50_ms", "p99_ms", "mean_batch"):
+    for key in ("rps", "p50_ms", "p99_ms", "mean_batch", "cpu_us_per_req"):
         values = [r[key] for r in results if r.get(key) is not None]
         if values:
             out[key] = statistics.median(values)
+    # Each role's own median: they need not add up to the total's median exactly.
+    roles: dict[str, list[float]] = {}
+    for r in results:
+        for name, us in r.get("cpu_roles", {}).items():
+            roles.setdefault(name, []).append(us)
+    if roles:
+        out["cpu_roles"] = {name: statistics.median(values) for name, values in roles.items()}
     out["errors"] = sum(r["errors"] for r in results)
     return out
 
@@ -232,9 +258,9 @@ def table(rows: list[dict], limits: dict[str, dict[str, float]]) -> str:
     # ×before only in a run that served the other checkout.
     bases = [b for b in BASELINES if b != servers.BEFORE or any(r["system"] == b for r in rows)]
     ratios = [*(f"x_{base}" for base in bases), "x_inproc32"]
-    head = "| system | model | c | req/s | p50 ms | p99 ms | errors | mean batch | "
+    head = "| system | model | c | req/s | p50 ms | p99 ms | errors | mean batch | server CPU µs/req | "
     head += " | ".join(f"×{base}" for base in bases) + " | ×inproc b32 |"
-    lines = [head, "|" + "---|" * 3 + "---:|" * (5 + len(ratios))]
+    lines = [head, "|" + "---|" * 3 + "---:|" * (6 + len(ratios))]
     blank = " | –" * len(ratios) + " |"
 
     def num(value, fmt):
@@ -244,16 +270,16 @@ def table(rows: list[dict], limits: dict[str, dict[str, float]]) -> str:
         lines.append(
             f"| {r['system']} | {r['model']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
             f"{r['p99_ms']:.2f} | {r['errors']} | {num(r.get('mean_batch'), '.1f')} | "
-            + " | ".join(num(r.get(k), ".2f") for k in ratios)
-            + " |"
+            f"{num(r.get('cpu_us_per_req'), '.0f')} | " + " | ".join(num(r.get(k), ".2f") for k in ratios) + " |"
         )
     for name, limit in limits.items():
         for batch, rate in limit.items():
             if batch == "decode":  # one request's orjson.loads + workflows.tensors.decode, one thread
                 per_request = f"{rate:.0f} req/s ({1e6 / rate:.0f} µs)"
-                cells = ["in-process JSON → tensor", name, "–", per_request, "–", "–", "–", 1]
+                cells = ["in-process JSON → tensor", name, "–", per_request, "–", "–", "–", 1, "–"]
             else:
                 cells = [f"in-process b{batch} (2 threads)", name, "–", f"{rate:.0f} samples/s", "–", "–", "–", batch]
+                cells.append("–")
             lines.append("| " + " | ".join(map(str, cells)) + blank)
     return "\n".join(lines)
 

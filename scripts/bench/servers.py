@@ -20,7 +20,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 # LitServe's own venv (`make peers-venv`, requirements-peers.txt): it would add fastapi and websockets to ours.
 PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
-SYSTEMS = ("ours", "original", "bentoml", "mosec", "litserve")
+SYSTEMS = ("ours", "original", "bentoml", "mosec", "litserve", "floor")
+# Reference systems: measured in every run but no peer of ours, so no ratio column and no model answer to check.
+# "floor": a bare uvicorn app that only reads and parses the body (floor_app.py), the least a Python front costs.
+REFERENCES = ("floor",)
 # "before": this service served from another checkout (bench.py --before, e.g. a git worktree of main before a
 # change), so a change's cost or gain is read from one run, both versions side by side.
 BEFORE = "before"
@@ -75,6 +78,10 @@ def command(system: str, port: int, model: Path, work: Path) -> tuple[list[str],
         env["MODEL_CACHE_DIR"] = str(work / f"model-cache-{system}")
         cmd = [str(BIN / "bentoml"), "serve", "service:InfernetService", "--host", "127.0.0.1", "--port", str(port)]
         return cmd, Path(os.environ[BEFORE_TREE]) if system == BEFORE else REPO, env
+    if system == "floor":
+        cmd = [str(BIN / "uvicorn"), "floor_app:app", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--http", "httptools", "--loop", "uvloop", "--no-access-log", "--lifespan", "off", "--log-level"]
+        return [*cmd, "warning"], BENCH_DIR, env
     env["BENCH_MODEL"] = str(model)
     if system == "original":
         cmd = [str(BIN / "hypercorn"), "--workers", "2", "--bind", f"127.0.0.1:{port}", "original_app:app"]
