@@ -6,14 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from scripts.bench import inproc, models, servers, wrk
+from scripts.bench import cpu, inproc, models, servers, wrk
 
 # scripts/bench.py shares its name with the scripts/bench/ package, so load the entry point by path.
 _spec = importlib.util.spec_from_file_location("bench_main", Path(__file__).parents[1] / "scripts" / "bench.py")
@@ -84,16 +86,18 @@ def test_table_has_ratios_to_each_baseline():
                        ("litserve", 2500.0))
     ]  # fmt: skip
     rows[0]["mean_batch"] = 12.5
+    rows[0]["cpu_us_per_req"] = 165.4
     limits = {"tiny": {"1": 10000.0, "32": 100000.0, "decode": 20000.0}}
     bench.add_ratios(rows, limits)
     assert (rows[0]["x_original"], rows[0]["x_bentoml"], rows[0]["x_inproc32"]) == (5.0, 10.0, 0.05)
     assert (rows[0]["x_mosec"], rows[0]["x_litserve"]) == (2.5, 2.0)
     text = bench.table(rows, limits)
-    assert "| ours | tiny | 64 | 5000 |" in text and "12.5" in text and "in-process b32" in text
-    assert "| ×original | ×bentoml | ×mosec | ×litserve | ×inproc b32 |" in text
+    assert "| ours | tiny | 64 | 5000 |" in text and "| 12.5 | 165 |" in text and "in-process b32" in text
+    assert "| mean batch | server CPU µs/req | ×original | ×bentoml | ×mosec | ×litserve | ×inproc b32 |" in text
     assert "| 5.00 | 10.00 | 2.50 | 2.00 | 0.05 |" in text
     assert "| in-process JSON → tensor | tiny | – | 20000 req/s (50 µs) |" in text
-    assert {line.count("|") for line in text.splitlines()} == {14}  # every row has every column
+    assert "| litserve | tiny | 64 | 2500 | 1.00 | 2.00 | 0 | – | – |" in text  # no CPU figure: a dash
+    assert {line.count("|") for line in text.splitlines()} == {15}  # every row has every column
 
 
 def test_before_column_compares_with_another_checkout(tmp_path):
@@ -144,13 +148,18 @@ def test_answers_are_checked_against_the_models_own(tmp_path):
 
 def test_rounds_are_summarised_by_median_and_errors_summed():
     runs = [
-        {"rps": 900.0, "p50_ms": 3.0, "p99_ms": 9.0, "errors": 0, "mean_batch": 4.0},
-        {"rps": 3000.0, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 2, "mean_batch": 8.0},
-        {"rps": 1000.0, "p50_ms": 2.0, "p99_ms": 5.0, "errors": 0, "mean_batch": None},
-    ]
+        {"rps": 900.0, "p50_ms": 3.0, "p99_ms": 9.0, "errors": 0, "mean_batch": 4.0, "cpu_us_per_req": 200.0,
+         "cpu_roles": {"runner": 60.0, "api": 130.0, "other": 10.0}},
+        {"rps": 3000.0, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 2, "mean_batch": 8.0, "cpu_us_per_req": 150.0,
+         "cpu_roles": {"runner": 40.0, "api": 110.0, "other": 0.0}},
+        {"rps": 1000.0, "p50_ms": 2.0, "p99_ms": 5.0, "errors": 0, "mean_batch": None, "cpu_us_per_req": 170.0,
+         "cpu_roles": {"runner": 50.0, "api": 120.0, "other": 0.0}},
+    ]  # fmt: skip
     summary = bench.summarise(runs)
     assert (summary["rps"], summary["p50_ms"], summary["p99_ms"]) == (1000.0, 2.0, 5.0)
     assert summary["mean_batch"] == 6.0 and summary["errors"] == 2
+    assert summary["cpu_us_per_req"] == 170.0
+    assert summary["cpu_roles"] == {"runner": 50.0, "api": 120.0, "other": 0.0}
 
 
 def test_the_in_process_limit_is_the_median_of_its_rounds():
@@ -177,12 +186,64 @@ def test_every_system_serves_the_image_model_and_answers_alike(tmp_path):
     assert bench.main(argv) == 0  # it returns 1 when a system answers differently from the model
     result = json.loads(out.read_text())
     rows = {row["system"]: row for row in result["rows"]}
-    assert set(rows) == {"ours", "original", "bentoml", "mosec", "litserve"}
-    for row in rows.values():
+    assert set(rows) == {"ours", "original", "bentoml", "mosec", "litserve", "floor"}
+    for row in rows.values():  # errors counts non-2xx answers: floor answered 200 too
         assert row["model"] == "image" and row["errors"] == 0 and row["rps"] > 0
+        # Every system spends CPU on a request; a 1 s run is tens of clock ticks, so none can read 0.
+        assert row["cpu_us_per_req"] > 0 and row["runs"][0]["cpu_us_per_req"] > 0
+    ours = rows["ours"]["runs"][0]
+    assert set(ours["cpu_roles"]) == {"runner", "api", "other"}
+    assert ours["cpu_roles"]["runner"] > 0 and ours["cpu_roles"]["api"] > 0
+    assert sum(ours["cpu_roles"].values()) <= ours["cpu_us_per_req"] * (1 + 1e-9)
+    assert sum(ours["cpu_roles"].values()) == pytest.approx(ours["cpu_us_per_req"])  # every process has a role
+    assert rows["mosec"]["cpu_roles"]["front"] > 0 and rows["mosec"]["cpu_roles"]["workers"] > 0
     assert rows["ours"]["x_mosec"] > 0 and rows["ours"]["x_litserve"] > 0
+    assert "x_floor" not in rows["ours"] and "×floor" not in result["table"]  # a reference, not a peer
+    assert "| server CPU µs/req |" in result["table"] and "| floor | image | 4 |" in result["table"]
     assert set(result["inproc"]["image"]) == {"1", "32", "decode"}
     assert "×mosec" in result["table"] and "in-process JSON → tensor | image" in result["table"]
+
+
+def test_floor_answers_200_and_its_cpu_per_request_is_measured(tmp_path):
+    # The real floor app under uvicorn, loaded by real wrk for a second.
+    if wrk.find_wrk() is None:
+        pytest.fail(wrk.INSTALL_HINT + " (make test does)")
+    model = models.build("tiny", tmp_path / "models")
+    assert "floor" in bench.parse_args([]).systems  # in make bench's default run
+    with servers.serve("floor", model.path, model.body, tmp_path) as server:
+        assert servers.get(server.url + "/readyz") == (200, '"ok"')
+        status, raw = servers.post(server.endpoint, model.body.read_bytes())
+        assert status == 200 and set(json.loads(raw)) == {"dtype", "shape", "values"}
+        assert servers.post(server.endpoint, b"{not json")[0] == 400
+        bench.check_answers({"floor": server}, model)  # no model answer to compare: not checked, not refused
+        result = bench.one_run("floor", server, model, 8, 1)
+    assert result["errors"] == 0 and result["requests"] > 0
+    assert result["cpu_us_per_req"] > 0 and "cpu_roles" not in result  # floor has no roles, only processes
+    workers = [p for p in result["cpu_processes"] if "spawn_main" in p["command"]]
+    assert len(workers) == 2 and sum(p["us_per_req"] for p in workers) > 0  # uvicorn's 2 workers did the work
+    assert sum(p["us_per_req"] for p in result["cpu_processes"]) == pytest.approx(result["cpu_us_per_req"])
+
+
+def test_cpu_per_request_counts_a_whole_process_tree_by_role():
+    # A real process group: a parent that starts a child which spins 0.3 s of CPU and then sleeps, both read from
+    # /proc as the bench reads a server.
+    spin = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.3: pass'); time.sleep(30)"
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {spin!r}]); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        before = cpu.tree(parent.pid)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(p.cpu_s for p in cpu.tree(parent.pid).values()) < 0.25:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the spin is done: the count is final
+        after = cpu.tree(parent.pid)
+        figures = cpu.per_request("mosec", parent.pid, before, after, 1000)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+    assert len(after) == 2 and figures["cpu_us_per_req"] >= 250  # ~0.3 s over 1000 requests, less a tick or so
+    assert set(figures["cpu_roles"]) == {"other", "workers"} and figures["cpu_roles"]["workers"] >= 250
+    assert cpu.per_request("floor", parent.pid, before, after, 0) == {"cpu_us_per_req": None}
 
 
 def test_a_peer_that_answers_differently_fails_the_bench(tmp_path):
