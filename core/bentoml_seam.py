@@ -228,9 +228,9 @@ def _find_metrics(layer: Any, route: str) -> RouteMetrics | None:
 # The API workers send the call's arguments in BentoML's pickle serde, as the client of ``bentoml.depends`` does (one
 # body: protocol-5 pickle plus its out-of-band buffers, and a ``buffer-lengths`` header), and read the answer the same
 # way; ``public/runner_client.py`` is their side. BentoML's stack and typed endpoint around that call cost more of the
-# runner's CPU than a small model's forward (docs/performance.md, section 12). ``PickledCall`` answers it with
-# BentoML's own ``PickleSerde``, so BentoML's client works here too; a request in any other form (JSON from a
-# person, another route) goes through BentoML as before.
+# runner's CPU than a small model's forward (docs/performance.md, section 12). ``PickledCall`` answers it in
+# BentoML's pickle serde's format (``pickled_answer``: small arrays in the pickle), so BentoML's client works here
+# too; a request in any other form (JSON from a person, another route) goes through BentoML as before.
 
 CLIENT_GONE = 499  # for the metrics: the API worker went away before the answer (nginx's code); nothing is sent
 
