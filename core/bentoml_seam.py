@@ -40,9 +40,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import copyreg
 import errno
+import io
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Awaitable, Callable
 from importlib import metadata
@@ -51,6 +54,7 @@ from time import perf_counter, time
 from typing import Any
 
 import bentoml
+import numpy as np
 import orjson
 from bentoml.exceptions import BentoMLException
 from starlette.responses import JSONResponse
@@ -58,6 +62,7 @@ from starlette.routing import Match
 
 from core import leftovers
 from core.asgi import Receive, Scope, Send, read_body
+from core.tensor_values import reduce_array
 from core.terms import error_body
 
 WRITTEN_FOR = "1.4.40"  # the BentoML version whose internals this module uses
@@ -223,9 +228,9 @@ def _find_metrics(layer: Any, route: str) -> RouteMetrics | None:
 # The API workers send the call's arguments in BentoML's pickle serde, as the client of ``bentoml.depends`` does (one
 # body: protocol-5 pickle plus its out-of-band buffers, and a ``buffer-lengths`` header), and read the answer the same
 # way; ``public/runner_client.py`` is their side. BentoML's stack and typed endpoint around that call cost more of the
-# runner's CPU than a small model's forward (docs/performance.md, section 12). ``PickledCall`` answers it with
-# BentoML's own ``PickleSerde``, so BentoML's client works here too; a request in any other form (JSON from a
-# person, another route) goes through BentoML as before.
+# runner's CPU than a small model's forward (docs/performance.md, section 12). ``PickledCall`` answers it in
+# BentoML's pickle serde's format (``pickled_answer``: small arrays in the pickle), so BentoML's client works here
+# too; a request in any other form (JSON from a person, another route) goes through BentoML as before.
 
 CLIENT_GONE = 499  # for the metrics: the API worker went away before the answer (nginx's code); nothing is sent
 
@@ -259,7 +264,7 @@ class PickledCall:
             body = await read_body(receive)
             headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
             arguments = self.serde.deserialize_value(Payload((body,), metadata=headers))
-            payload = self.serde.serialize_value(await method(**arguments))
+            payload = pickled_answer(await method(**arguments))
         except ConnectionError:  # ClientDisconnected, or the answer could not be sent
             return CLIENT_GONE
         except asyncio.CancelledError:
@@ -277,6 +282,23 @@ class PickledCall:
         body = b"".join(payload.data)
         headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in payload.metadata.items()]
         return await _send(send, 200, PICKLE, body, headers)
+
+
+def pickled_answer(value: Any) -> Payload:
+    """``value`` as BentoML's ``PickleSerde.serialize_value`` sends it (protocol 5, buffers out of band, their lengths
+    in ``buffer-lengths``: BentoML's client reads it), except that a small numpy array goes in the pickle
+    (core/tensor_values.py ``reduce_array``): numpy would send each answer's values as a buffer of its own."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    pickler = pickle.Pickler(stream, protocol=5, buffer_callback=buffers.append)
+    # Per call, so a reducer registered with copyreg after import counts, as it does for pickle.dumps.
+    pickler.dispatch_table = {**copyreg.dispatch_table, np.ndarray: reduce_array}
+    pickler.dump(value)
+    data: list[bytes | memoryview] = [stream.getvalue()]
+    for buffer in buffers:
+        data.append(buffer.raw())
+        buffer.release()
+    return Payload(data, {"buffer-lengths": ",".join(str(len(part)) for part in data)})
 
 
 async def _error(send: Send, status: int, message: str) -> int:

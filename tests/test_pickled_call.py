@@ -122,3 +122,66 @@ def test_runner_calls_are_still_counted_in_bentomls_series(iris_server):
     after = route_series(iris_server, "/infer")
     assert delta(after, before, "bentoml_service_request_total", "200") == 4
     assert delta(after, before, "bentoml_service_request_duration_seconds_count", "200") == 4
+
+
+def _arrays():
+    import numpy as np
+
+    numeric = [np.dtype(c) for c in "?bBhHiIlLqQefdFD"] + [np.dtype(">f8"), np.dtype(">i4")]
+    arrays = [np.arange(6).astype(dtype).reshape(2, 3) for dtype in numeric]
+    arrays += [
+        np.array(2.5),  # 0-d
+        np.zeros((0, 3)),  # empty
+        np.arange(512.0),  # 4096 bytes: the first size that goes out of band
+        np.arange(511.0),
+        np.arange(12.0).reshape(3, 4).T,  # not C order
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.array([[1.0, np.nan, -np.inf]]),
+        np.array(["a", "bc"]),
+        np.array([1, "x", None], dtype=object),
+        np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+        np.array(["2026-12-01"], dtype="datetime64[D]"),
+        np.ma.masked_array([1.0, 2.0], mask=[False, True]),  # a subclass: numpy's own pickling
+    ]
+    return arrays
+
+
+def test_an_answers_arrays_load_as_bentomls_own_pickling_loads_them():
+    # pickled_answer puts small numeric arrays in the pickle; BentoML's serde sends each contiguous array out of band.
+    # Either way the API worker (or BentoML's client) gets the same arrays: dtype, shape, order, values, read-only.
+    import numpy as np
+
+    from core.bentoml_seam import pickled_answer
+
+    serde = PickleSerde()
+    answer = [{"values": array, "n": i} for i, array in enumerate(_arrays())]
+    ours, theirs = pickled_answer(answer), serde.serialize_value(answer)
+    loaded = serde.deserialize_value(Payload((b"".join(ours.data),), metadata=ours.metadata))
+    expected = serde.deserialize_value(Payload((b"".join(theirs.data),), metadata=theirs.metadata))
+    assert [entry["n"] for entry in loaded] == list(range(len(answer)))
+    for got, want in zip(loaded, expected):
+        got, want = got["values"], want["values"]
+        assert type(got) is type(want) and got.dtype == want.dtype and got.shape == want.shape
+        assert got.flags.writeable == want.flags.writeable and got.flags.f_contiguous == want.flags.f_contiguous
+        if want.dtype.kind in "fc":
+            assert np.array_equal(got, want, equal_nan=True)
+        else:
+            assert (got == want).all() if want.size else got.size == 0
+        if isinstance(want, np.ma.MaskedArray):
+            assert got.mask.tolist() == want.mask.tolist()
+    # Out of band still: the 4 KiB array, the two in Fortran order, the masked array's data and mask (numpy's own
+    # pickling); the metadata names each buffer's length, as BentoML's does.
+    lengths = [int(n) for n in ours.metadata["buffer-lengths"].split(",")]
+    assert lengths[1:] == [4096, 96, 96, 16, 12] and lengths == [len(part) for part in ours.data]
+
+
+def test_an_answer_of_arrays_reaches_a_bentoml_client_through_the_route(doubler):
+    import numpy as np
+
+    datas = [np.arange(3.0), np.arange(600.0), np.array([[1, 2]], dtype=np.uint8)]
+    status, headers, body = asyncio.run(call(PickledCall("infer"), *client_request(datas)))
+    assert status == 200
+    answer = PickleSerde().deserialize_model(Payload((body,), headers), Doubler.apis["infer"].output_spec)
+    result = answer.root
+    assert np.array_equal(result[0], np.arange(3.0) * 2) and np.array_equal(result[1], np.arange(600.0) * 2)
+    assert result[2].dtype == np.uint8 and result[2].tolist() == [[2, 4]]

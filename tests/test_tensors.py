@@ -288,3 +288,49 @@ def test_casts_at_an_integer_range_edge_are_refused_whatever_the_cpu_does(tensor
     values = tensor.tolist()
     with pytest.raises(InputError, match=f"values\\[0\\]\\[0\\]: {re.escape(sent)} does not fit"):
         cast_to_model(tensor, model, values)
+
+
+# --- encode's usual output (a strided CPU tensor of a vocabulary dtype numpy has) skips its other steps ----------
+
+
+def _same_encoding(fast: dict, slow: dict) -> None:
+    assert fast["dtype"] == slow["dtype"] and fast["shape"] == slow["shape"]
+    assert type(fast["values"]) is np.ndarray and fast["values"].dtype == slow["values"].dtype
+    assert fast["values"].flags.c_contiguous and fast["values"].shape == slow["values"].shape
+    assert np.array_equal(fast["values"], slow["values"], equal_nan=fast["values"].dtype.kind in "fc")
+
+
+@pytest.mark.parametrize("name", DTYPE_NAMES)
+def test_every_dtype_encodes_as_it_did_whichever_path_the_tensor_takes(name):
+    # A sparse tensor always takes the general path (to_dense, then the cast and conversions), so it says what
+    # the dense tensor's answer was before the shortcut; the shortcut serves the plain tensor, a batch's split
+    # views (what unbatch hands postprocess), a transposed view and a 0-d and an empty one.
+    base = torch.tensor([[0, 1, 2], [3, 1, 0]]).to(DTYPES[name])
+    if base.is_floating_point() or base.is_complex():
+        base = base * 1.5 - 0.25
+    forms = [base, *torch.split(base, [1, 1]), base.t(), base[0, 1], base[:0]]
+    if base.is_floating_point() or base.is_complex():
+        forms.append(base.clone().requires_grad_(True))  # detached on the general path, as before
+    for tensor in forms:
+        _same_encoding(encode(tensor), encode(tensor.detach().to_sparse()))
+
+
+def test_non_finite_values_and_unusual_dtypes_encode_as_they_did():
+    special = torch.tensor([[1.0, math.nan, -math.inf, math.inf]])
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        _same_encoding(encode(special.to(dtype)), encode(special.to(dtype).to_sparse()))
+    wide = torch.from_numpy(np.array([[0, 7, 2**16 - 1]], dtype=np.uint16))
+    assert encode(wide)["dtype"] == "int" and encode(wide)["values"].dtype == np.uint16  # kept unsigned, as before
+
+
+def test_a_tensor_with_its_negative_bit_set_fails_as_it_did():
+    # A conjugate's imaginary part is a view with torch's negative bit; numpy() refuses it, on either path.
+    negative = torch.tensor([1 + 2j, 3 - 1j]).conj().imag
+    assert negative.is_neg()
+    with pytest.raises(RuntimeError, match="negative bit"):
+        encode(negative)
+
+
+def test_a_tensor_subclass_takes_the_general_path():
+    parameter = torch.nn.Parameter(torch.tensor([[1.0, 2.0]]))
+    assert encode(parameter)["values"].tolist() == [[1.0, 2.0]] and encode(parameter)["dtype"] == "float"
