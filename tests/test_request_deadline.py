@@ -20,9 +20,9 @@ def test_a_block_past_its_deadline_raises_timeout_error_and_the_task_is_not_left
             await asyncio.sleep(5)
         assert asyncio.current_task().cancelling() == 0
         await asyncio.sleep(0)  # no cancellation left pending for the next await
-        return bound._deadlines
+        return bound._running
 
-    assert asyncio.run(main()) == set()
+    assert asyncio.run(main()) == {}
 
 
 def test_a_block_within_its_deadline_returns_and_its_timer_is_gone():
@@ -91,9 +91,9 @@ def test_shutdown_moves_running_deadlines_forward_and_bounds_later_ones():
         bound.stop_within(30)
         with pytest.raises(TimeoutError):
             await request(bound, 0.01)
-        return bound._deadlines
+        return bound._running
 
-    assert asyncio.run(main()) == set()
+    assert asyncio.run(main()) == {}
 
 
 def test_outside_a_task_the_deadline_refuses_to_start():
@@ -113,3 +113,52 @@ def test_outside_a_task_the_deadline_refuses_to_start():
         return await done
 
     assert asyncio.run(main()) == "RuntimeError: a request's deadline is entered inside a task"
+
+
+def test_each_request_ends_at_its_own_deadline_under_the_one_shared_timer():
+    async def request(bound, seconds, works_for, ended):
+        try:
+            with bound.bounded(seconds):
+                await asyncio.sleep(works_for)
+            ended.append((seconds, "answered"))
+        except TimeoutError:
+            ended.append((seconds, "timed out"))
+
+    async def main():
+        bound, ended = ShutdownBound(), []
+        first = asyncio.ensure_future(request(bound, 0.4, 5, ended))
+        await asyncio.sleep(0)
+        # Entered later with an earlier deadline: the timer is brought forward for it.
+        earlier = asyncio.ensure_future(request(bound, 0.05, 5, ended))
+        in_time = asyncio.ensure_future(request(bound, 1.0, 0.2, ended))
+        await asyncio.gather(first, earlier, in_time)
+        # A request that ends at once leaves the timer armed for its deadline; the one after it still times out.
+        quick = asyncio.ensure_future(request(bound, 0.02, 0, ended))
+        later = asyncio.ensure_future(request(bound, 0.1, 5, ended))
+        await asyncio.gather(quick, later)
+        return ended, bound._running
+
+    ended, running = asyncio.run(main())
+    assert ended == [
+        (0.05, "timed out"),
+        (1.0, "answered"),
+        (0.4, "timed out"),
+        (0.02, "answered"),
+        (0.1, "timed out"),
+    ]
+    assert running == {}
+
+
+def test_one_bound_serves_a_second_event_loop():
+    bound = ShutdownBound()
+
+    async def in_time():
+        with bound.bounded(0.01):  # leaves the timer armed on this loop, which then ends
+            pass
+
+    async def too_long():
+        with pytest.raises(TimeoutError), bound.bounded(0.05):  # later than that timer: only the loop differs
+            await asyncio.sleep(5)
+
+    asyncio.run(in_time())
+    asyncio.run(too_long())
