@@ -79,7 +79,7 @@ class ShutdownBound:
         self.bound_s: float | None = None
         self._stop_at: float | None = None  # loop time at which requests still running get 503
         # The requests in their deadline now. One timer for all of them, due at or before the earliest deadline (it
-        # is left armed when that request ends, and then looks again): one timer per request cost ~1 µs more.
+        # is left armed when that request ends, and then looks again): a timer per request cost ~2 µs more on uvloop.
         self._running: dict[Bounded, None] = {}
         self._timer: asyncio.Handle | None = None
         self._timer_at = math.inf
