@@ -200,9 +200,9 @@ class PublicApp:
         timeout = self.settings.timeout_s
         try:
             # BentoML's own timeouts are set longer (service.py), so this JSON answer is the one a client sees.
-            # asyncio.timeout, unlike wait_for, runs the request in this task instead of a new one. After SIGTERM
-            # the deadline is also SHUTDOWN_TIMEOUT_S (a JSON 503; core/asgi.py ShutdownBound).
-            async with self.shutdown.bounded(timeout):
+            # The deadline (asyncio.timeout's semantics), unlike wait_for, runs the request in this task instead of a
+            # new one. After SIGTERM it is also SHUTDOWN_TIMEOUT_S (a JSON 503; core/asgi.py ShutdownBound).
+            with self.shutdown.bounded(timeout):
                 return await handler(scope, receive)
         except TimeoutError:
             if not scope.get(BODY_READ) and has_body(scope):
