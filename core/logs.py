@@ -1,6 +1,6 @@
-"""The service's own log lines (the packages core, public, runner, workflows) under ``bentoml serve``: written from
-INFO up, through BentoML's handler and in its format, and bounded per line of code so that no client can fill the
-operator's disk.
+"""The service's log under ``bentoml serve``: its own lines (the packages core, public, runner, workflows) written from
+INFO up, through BentoML's handler and in its format, and every line through that handler bounded per line of code,
+so that no client can fill the operator's disk.
 
     2026-12-01T10:59:00+0000 [INFO] [entry_service:infernet_torch_service:1] 127.0.0.1:50312 400: the request is ...
 
@@ -17,11 +17,18 @@ Further records in the window are counted, not written. When the window closes, 
 among them says ``N similar lines suppressed in the last 60 s (logger line L; the last: ...)``, written by a timer
 (or by the next record through the handler, if it comes first), so the count shows even when the flood has
 stopped. (Not at exit: uvicorn ends its process by SIGTERM's default action, which skips exit handlers.) So a flood
-from one call site writes at most 11 lines a minute per process, and the call sites are the code's own (a fixed
+from one call site writes at most 11 lines a minute per process, and the call sites are lines of code (a fixed
 set, so the filter's memory is bounded too). WARNING and ERROR share the bound: the per-request ones (a runner that
 cannot be reached, a request that failed) repeat one fault each time, tracebacks are the longest lines of all, and
-nothing is lost without a count. Lines of BentoML, uvicorn and circus are not bounded here (the access log, off by
-default, writes one line per request by design).
+nothing is lost without a count.
+
+Which lines (``bounded``): every record through BentoML's handler, ours and the libraries' alike (BentoML, uvicorn,
+Starlette, circus, asyncio, OpenTelemetry), since a client can make a library log too: OpenTelemetry's propagators,
+which BentoML's tracing middleware runs on every route but ``/service_output``, write a WARNING per malformed member
+of a request's ``baggage`` or ``tracestate`` header (tests/test_logs.py). A line written once (an error while loading,
+the port in use) is never held back. Not bounded: the access log (``bentoml.access``, ``uvicorn.access``; off by
+default), which writes one line per request by design when the operator turns it on; and what is printed to stdout
+or stderr without logging (the start-up lines, warnings).
 """
 
 from __future__ import annotations
@@ -33,16 +40,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 PACKAGES = ("core", "public", "runner", "workflows")
+ACCESS_LOGS = ("bentoml.access", "uvicorn.access")  # one line per request by design, when the operator turns it on
 LIMIT = 10  # records per call site per window
 WINDOW_S = 60.0  # seconds
 _SUMMARY = "_infernet_summary"  # set on the records RateLimit writes itself: they pass
+_JUDGED = "_infernet_judged"  # on a record RateLimit has judged: the id of that RateLimit
 _LAST_CHARS = 200  # of the last suppressed message, quoted in the summary
+_MESSAGE_CHARS = 2000  # of a written record's message (its traceback is not cut)
 _LATE_S = 0.05  # the timer fires this late, so that the window has surely closed by the clock
 
 
-def ours(record: logging.LogRecord) -> bool:
-    """True for a record of the service's own packages (``public.app``, ``runner.model_registry``, ...)."""
-    return record.name.partition(".")[0] in PACKAGES
+def bounded(record: logging.LogRecord) -> bool:
+    """True for every record but the access log's (module docstring)."""
+    return record.name not in ACCESS_LOGS
 
 
 @dataclass
@@ -70,7 +80,7 @@ class RateLimit(logging.Filter):
         limit: int = LIMIT,
         window_s: float = WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
-        applies: Callable[[logging.LogRecord], bool] = ours,
+        applies: Callable[[logging.LogRecord], bool] = bounded,
         schedule: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
         super().__init__()
@@ -81,15 +91,23 @@ class RateLimit(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, _SUMMARY, False) or (not self._waiting and not self.applies(record)):
-            return True  # the usual record of another library: no clock, no lock
+        if getattr(record, _SUMMARY, False):
+            return True
+        applies = self.applies(record)
+        if not applies and not self._waiting:
+            return True  # an access-log line: no clock, no lock
+        if getattr(record, _JUDGED, None) == id(self):
+            # The same record again: BentoML puts its handler on uvicorn.error and circus and on the root logger, so
+            # their records reach it twice (and were written twice). Written once, counted once.
+            return False
+        setattr(record, _JUDGED, id(self))  # an int: a record stays picklable
         now = self.clock()
         key = (record.name, record.pathname, record.lineno)
         closes_at = None  # when this record is the first its site suppresses: the end of the window
         with self._lock:
             due = self._take_due(now) if self._waiting else []
             passes = True
-            if self.applies(record):
+            if applies:
                 site = self._sites.get(key)
                 if site is None or now - site.opened >= self.window_s:
                     site = self._sites[key] = _Site(opened=now)
@@ -103,6 +121,8 @@ class RateLimit(logging.Filter):
                         self._waiting.add(key)
                         closes_at = site.opened + self.window_s
                     passes = False
+        if passes and applies:
+            _cut(record)
         if closes_at is not None:
             self.schedule(closes_at - now + _LATE_S, self.write_due)
         for summary in due:
@@ -152,14 +172,22 @@ class RateLimit(logging.Filter):
         return record
 
 
-def _message(record: logging.LogRecord) -> str:
-    """``record``'s message, at most ``_LAST_CHARS`` of it (masked already: core/secrets.py masks every record when
-    it is made)."""
+def _message(record: logging.LogRecord, chars: int = _LAST_CHARS) -> str:
+    """``record``'s message, at most ``chars`` of it (masked already: core/secrets.py masks every record when it is
+    made)."""
     try:
         message = record.getMessage()
     except Exception:  # logging reports it where the record is written; here it is only quoted
         message = str(record.msg)
-    return message if len(message) <= _LAST_CHARS else message[:_LAST_CHARS] + "..."
+    return message if len(message) <= chars else message[:chars] + "..."
+
+
+def _cut(record: logging.LogRecord) -> None:
+    """Cut a written record's message to ``_MESSAGE_CHARS``: a library may quote a client's header whole
+    (OpenTelemetry's ``Baggage header `...` exceeded ...`` quotes up to the request head's limit, 64 KiB)."""
+    message = _message(record, _MESSAGE_CHARS)
+    if len(message) > _MESSAGE_CHARS:
+        record.msg, record.args = message, None
 
 
 def show_service_logs() -> None:

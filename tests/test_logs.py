@@ -1,8 +1,10 @@
-"""The service's own log lines under ``bentoml serve`` (core/logs.py): INFO and up in BentoML's format, tokens
-masked, and at most ``LIMIT`` lines a window per line of code, then a count of those suppressed.
+"""The log under ``bentoml serve`` (core/logs.py): the service's own lines at INFO and up in BentoML's format, tokens
+masked, and at most ``LIMIT`` lines a window per line of code, the libraries' too, then a count of those suppressed.
 
-The line used over HTTP is the API worker's per-connection refusal (public/http_protocol.py): a client's unreadable
-request, answered 400 (501 for an unknown method) and logged at INFO, which any client can cause at will.
+The lines used over HTTP are those any client can cause at will: the API worker's per-connection refusal
+(public/http_protocol.py; a client's unreadable request, answered 400, 501 for an unknown method, logged at INFO), and
+OpenTelemetry's warnings about a request's malformed ``baggage`` and ``tracestate`` headers (BentoML's tracing
+middleware reads them on every route but ``/service_output``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -101,6 +104,71 @@ def test_a_flood_of_one_line_is_bounded_and_counted_and_every_request_answered(t
     assert all(last.startswith("127.0.0.1:") and "400: the request is not valid" in last for _, _, last in summaries)
 
 
+# BentoML's format at WARNING: time, level, component (the API worker), message.
+WARNING = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[WARNING\] \[(entry_service:infernet_torch_service:\d+)\] "
+BAGGAGE = "Baggage list-member `m\\d` doesn't match the format"
+TRACESTATE = "Member doesn't match the w3c identifiers format !!!=x"
+
+
+def counted(logger: str, message: str) -> re.Pattern:
+    """The summary line of ``logger``'s call site whose suppressed lines were ``message``."""
+    return re.compile(
+        WARNING + rf"(\d+) similar lines? suppressed in the last \d+ s \({re.escape(logger)} line \d+; the last: "
+        rf"{message}\)$",
+        re.M,
+    )
+
+
+@pytest.mark.slow
+def test_a_librarys_warnings_that_a_client_causes_are_bounded_counted_and_cut_short(tmp_path):
+    # Each request: 3 malformed baggage members (a warning each) and a malformed tracestate (one more); a few with a
+    # baggage header past OpenTelemetry's 8 KiB, which its warning quotes whole.
+    sent = 30
+    headers = {
+        "baggage": "m0,m1,m2",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "tracestate": "!!!=x",
+    }
+    kinds = {  # the line, its summary, how many the requests caused
+        "baggage": (
+            re.compile(WARNING + f"({BAGGAGE})$", re.M),
+            counted("opentelemetry.baggage.propagation", BAGGAGE),
+            3 * sent,
+        ),
+        "tracestate": (
+            re.compile(WARNING + f"({re.escape(TRACESTATE)})$", re.M),
+            counted("opentelemetry.trace.span", re.escape(TRACESTATE)),
+            sent,
+        ),
+    }
+    with serving({}, tmp_path) as server:
+        started = time.monotonic()
+        for _ in range(sent):
+            assert server.get("/schema.json", headers=headers).status_code == 200
+        for _ in range(3):
+            assert server.get("/schema.json", headers={"baggage": "k=" + "v" * 20_000}).status_code == 200
+        windows = 1 + int((time.monotonic() - started) // WINDOW_S)
+        deadline = time.monotonic() + WINDOW_S * windows + 60
+        while time.monotonic() < deadline:
+            log = server.log()
+            found = {kind: (line.findall(log), summary.findall(log)) for kind, (line, summary, _) in kinds.items()}
+            if all(len(w) + sum(int(n) for _, n in s) >= kinds[kind][2] for kind, (w, s) in found.items()):
+                break
+            time.sleep(1)
+    for kind, (written, summaries) in found.items():
+        caused = kinds[kind][2]
+        assert summaries, (kind, log[-3000:])
+        assert len(written) + sum(int(n) for _, n in summaries) == caused, (kind, log[-3000:])
+        per_worker: dict[str, int] = {}
+        for component, _ in written:
+            per_worker[component] = per_worker.get(component, 0) + 1
+        assert all(n <= LIMIT * windows for n in per_worker.values()), (kind, per_worker)
+        assert len(summaries) <= len(per_worker) * windows, (kind, summaries)
+    # The long header's warning: written, its message cut (the header was 20 kB).
+    [*quoted] = re.findall(WARNING + r"(Baggage header `k=v+.*)$", log, re.M)
+    assert quoted and all(len(message) <= 2100 for _, message in quoted), [len(m) for _, m in quoted]
+
+
 # --- the filter, with an injected clock -----------------------------------------------------------------------------
 
 
@@ -175,14 +243,76 @@ def test_the_count_is_written_when_the_window_closes_at_the_highest_level_suppre
     assert limit.filter(record("fourth"))
     assert not limit.filter(record("fifth"))
     clock.now += 61
-    assert limit.filter(record("BentoML's own line", name="bentoml.serve"))  # not ours: never bounded
+    assert limit.filter(record("an access-log line", name="bentoml.access"))  # never bounded
     assert len(written) == 2 and "1 similar line suppressed in" in written[1].getMessage()
 
 
-def test_records_of_other_libraries_pass_untouched():
-    limit = RateLimit(lambda r: None, limit=1, clock=Clock(), schedule=Timers())
-    assert all(limit.filter(record("access", name="bentoml.access")) for _ in range(50))
-    assert logs.ours(record("x", name="workflows.sources.arweave")) and not logs.ours(record("x", name="uvicorn"))
+def test_the_libraries_lines_are_bounded_too_and_the_access_log_is_not():
+    clock, timers, written = Clock(), Timers(), []
+    limit = RateLimit(written.append, limit=2, window_s=60, clock=clock, schedule=timers)
+    for name in ("opentelemetry.baggage.propagation", "uvicorn.error", "bentoml._internal.server", "asyncio"):
+        assert [limit.filter(record("x", name=name, level=logging.WARNING)) for _ in range(5)] == [True] * 2 + [
+            False
+        ] * 3
+    # The access log writes one line per request by design, when the operator turns it on.
+    assert all(limit.filter(record("access", name=name)) for name in logs.ACCESS_LOGS for _ in range(50))
+    clock.now += 61
+    timers.run()
+    assert sorted(r.name for r in written) == [
+        "asyncio",
+        "bentoml._internal.server",
+        "opentelemetry.baggage.propagation",
+        "uvicorn.error",
+    ]
+    assert all(r.getMessage().startswith("3 similar lines suppressed") for r in written)
+
+
+def test_a_record_that_reaches_the_handler_twice_is_written_and_counted_once():
+    # BentoML's set-up puts its one handler on uvicorn.error (and circus) and on the root logger: each of their
+    # records reaches it twice. A real logger hierarchy, with a handler that keeps what it writes.
+    kept: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = kept.append
+    clock, timers = Clock(), Timers()
+    handler.addFilter(RateLimit(handler.handle, limit=3, window_s=60, clock=clock, schedule=timers))
+    parent, child = logging.getLogger("test_logs_parent"), logging.getLogger("test_logs_parent.child")
+    try:
+        for logger in (parent, child):
+            logger.addHandler(handler)
+        child.propagate, parent.propagate = True, False
+        for i in range(5):
+            child.warning("line %d", i)
+        assert [r.getMessage() for r in kept] == ["line 0", "line 1", "line 2"]
+        clock.now += 61
+        timers.run()
+        assert kept[-1].getMessage().startswith("2 similar lines suppressed")  # not 7: each record counted once
+        assert len(kept) == 4
+    finally:
+        for logger in (parent, child):
+            logger.removeHandler(handler)
+
+
+def test_a_long_message_is_cut_and_its_traceback_kept():
+    limit = RateLimit(lambda r: None, clock=Clock(), schedule=Timers())
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = sys.exc_info()
+    long = logging.LogRecord(
+        "opentelemetry.baggage.propagation",
+        logging.WARNING,
+        "/x.py",
+        94,
+        "Baggage header `%s`",
+        ("v" * 70_000,),
+        exc_info,
+    )
+    assert limit.filter(long)
+    message = long.getMessage()
+    assert message.startswith("Baggage header `vvv") and message.endswith("...") and len(message) == 2003
+    assert long.exc_info == exc_info
+    short = record("short")
+    assert limit.filter(short) and short.args == ("short",)  # left as it was
 
 
 @pytest.mark.parametrize(
