@@ -24,11 +24,13 @@ nothing is lost without a count.
 
 Which lines (``bounded``): every record through BentoML's handler, ours and the libraries' alike (BentoML, uvicorn,
 Starlette, circus, asyncio, OpenTelemetry), since a client can make a library log too: OpenTelemetry's propagators,
-which BentoML's tracing middleware runs on every route but ``/service_output``, write a WARNING per malformed member
-of a request's ``baggage`` or ``tracestate`` header (tests/test_logs.py). A line written once (an error while loading,
-the port in use) is never held back. Not bounded: the access log (``bentoml.access``, ``uvicorn.access``; off by
-default), which writes one line per request by design when the operator turns it on; and what is printed to stdout
-or stderr without logging (the start-up lines, warnings).
+which BentoML's tracing middleware runs on every route but ``/service_output``, write a WARNING per malformed member of
+a request's ``baggage`` or ``tracestate`` header (tests/test_logs.py). A line written once (an error while loading, the
+port in use) is never held back. A written line's message is cut at 2000 characters (its traceback is kept), since
+OpenTelemetry quotes an oversized header whole; and a record that reaches the handler twice (BentoML puts it on
+``uvicorn.error`` and ``circus`` as well as on the root logger) is written and counted once. Not bounded: the access
+log (``bentoml.access``, ``uvicorn.access``; off by default), which writes one line per request by design when the
+operator turns it on; and what is printed to stdout or stderr without logging (the start-up lines, warnings).
 """
 
 from __future__ import annotations
