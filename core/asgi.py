@@ -156,7 +156,7 @@ class Bounded:
     the task is cancelled; that cancellation, and only that one, leaves the block as TimeoutError), as a plain
     context manager on its owner's one timer. Entered once per request: ``async with asyncio.Timeout`` inside an async
     context manager cost ~4.9 µs per request on uvloop, this ~1 µs (no coroutines, no timer of its own;
-    docs/performance.md, section 21). Raises RuntimeError outside a task."""
+    docs/performance.md, sections 21 and 28). Raises RuntimeError outside a task."""
 
     __slots__ = ("_cancelling", "_expired", "_owner", "_task", "loop", "when")
 
