@@ -90,8 +90,8 @@ class ShutdownBound:
         once one has begun (RequestError 503). On the API worker's event loop."""
         loop = asyncio.get_running_loop()
         when = loop.time() + timeout_s
-        if self._stop_at is not None:
-            when = min(when, self._stop_at)
+        if self._stop_at is not None and self._stop_at <= when:
+            return Bounded(self, loop, self._stop_at, by_shutdown=True)
         return Bounded(self, loop, when)
 
     def stop_within(self, bound_s: float) -> None:
@@ -101,14 +101,18 @@ class ShutdownBound:
         self._stop_at = stop_at = loop.time() + bound_s
         for deadline in self._running:
             if deadline.when > stop_at:
-                deadline.when = stop_at
+                deadline.when, deadline.by_shutdown = stop_at, True
         if self._running and stop_at < self._timer_at:
             self._arm(loop, stop_at)
 
     def _entered(self, deadline: Bounded) -> None:
+        if deadline.loop is not self._timer_loop and self._timer_loop is not None:
+            # A timer and requests left on another loop (one that has ended, its tasks never finished: tests run one
+            # app on several) are not this loop's: cancelling a dead loop's task would fail in the timer.
+            self._running = {kept: None for kept in self._running if kept.loop is deadline.loop}
+            self._timer_at = math.inf
         self._running[deadline] = None
-        # A timer left on another loop (one that has ended: tests run one app on several) is not this loop's.
-        if deadline.when < self._timer_at or deadline.loop is not self._timer_loop:
+        if deadline.when < self._timer_at:
             self._arm(deadline.loop, deadline.when)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
@@ -158,12 +162,17 @@ class Bounded:
     context manager cost ~4.9 µs per request on uvloop, this ~1 µs (no coroutines, no timer of its own;
     docs/performance.md, sections 21 and 28). Raises RuntimeError outside a task."""
 
-    __slots__ = ("_cancelling", "_expired", "_owner", "_task", "loop", "when")
+    __slots__ = ("_cancelling", "_expired", "_owner", "_task", "by_shutdown", "loop", "when")
 
-    def __init__(self, owner: ShutdownBound, loop: asyncio.AbstractEventLoop, when: float) -> None:
+    def __init__(
+        self, owner: ShutdownBound, loop: asyncio.AbstractEventLoop, when: float, by_shutdown: bool = False
+    ) -> None:
         self._owner = owner
         self.loop = loop
         self.when = when
+        # Whether ``when`` is the shutdown's bound: read at the end, not the clock (uvloop's timers round to the
+        # millisecond and may fire up to ~0.5 ms early, and a second SIGTERM moves the bound later).
+        self.by_shutdown = by_shutdown
         self._expired = False
 
     def __enter__(self) -> None:
@@ -185,7 +194,7 @@ class Bounded:
         # As asyncio.Timeout: the deadline's own cancellation is taken back whatever the block raised; it becomes
         # TimeoutError only when no other cancellation was asked meanwhile and the block ended by it.
         if self._expired and self._task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
-            if owner._stop_at is not None and self.loop.time() >= owner._stop_at:
+            if self.by_shutdown:
                 raise RequestError(
                     503,
                     f"the service is shutting down; the request did not finish within {owner.bound_s:g} s "

@@ -323,12 +323,15 @@ def test_non_finite_values_and_unusual_dtypes_encode_as_they_did():
     assert encode(wide)["dtype"] == "int" and encode(wide)["values"].dtype == np.uint16  # kept unsigned, as before
 
 
-def test_a_tensor_with_its_negative_bit_set_fails_as_it_did():
-    # A conjugate's imaginary part is a view with torch's negative bit; numpy() refuses it, on either path.
+def test_a_tensor_with_its_negative_bit_set_is_answered_with_its_values():
+    # A conjugate's imaginary part is a view with torch's negative bit, which numpy() refuses: a model answering
+    # z.conj().imag was a 500. Its values are the negated imaginary parts.
     negative = torch.tensor([1 + 2j, 3 - 1j]).conj().imag
     assert negative.is_neg()
-    with pytest.raises(RuntimeError, match="negative bit"):
-        encode(negative)
+    encoded = encode(negative)
+    assert encoded["dtype"] == "float" and encoded["shape"] == [2] and encoded["values"].tolist() == [-2.0, 1.0]
+    doubled = torch.tensor([[1 + 2j]], dtype=torch.complex128).conj().imag
+    assert encode(doubled)["dtype"] == "double" and encode(doubled)["values"].tolist() == [[-2.0]]
 
 
 def test_a_tensor_subclass_takes_the_general_path():

@@ -162,7 +162,8 @@ def encode(tensor: torch.Tensor) -> dict[str, Any]:
         and not tensor.is_neg()
     ):
         # The usual output: every step below would hand back this tensor itself (detach, cpu and to its own dtype
-        # are no-ops, a real tensor has no conjugate to resolve), and those calls cost ~1.5 µs per request.
+        # are no-ops, a real tensor has no conjugate or negative bit to resolve), and those calls cost ~1.5 µs per
+        # request.
         return {"dtype": name, "shape": list(tensor.shape), "values": np.ascontiguousarray(tensor.numpy())}
     tensor = tensor.detach().cpu()
     if tensor.layout != torch.strided:  # sparse: the contract's values are dense
@@ -185,7 +186,8 @@ def encode(tensor: torch.Tensor) -> dict[str, Any]:
     if name == "bfloat16":
         array = tensor.float().numpy()  # numpy has no bfloat16; float32 holds every value exactly
     else:
-        array = tensor.resolve_conj().numpy()
+        # A conjugate's imaginary part (``z.conj().imag``) is a view with torch's negative bit, which numpy() refuses.
+        array = tensor.resolve_conj().resolve_neg().numpy()
     if name in COMPLEX:
         array = np.stack([array.real, array.imag], axis=-1)
     return {"dtype": name, "shape": list(tensor.shape), "values": np.ascontiguousarray(array)}
