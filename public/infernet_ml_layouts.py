@@ -511,7 +511,13 @@ def encode_vector_v1(name: str, shape: Any, values: Any, values_dtype: str | Non
             raise LayoutError(f"output: a value beyond {name}'s range (the request's dtype, which 1.x answered in)")
         words = cast.view(view[1]).tolist()
     else:
-        if name not in _COMPLEX:
+        if name in _COMPLEX:
+            # cfloat's parts are float32: a wider value would become infinite, which the next input refuses.
+            with np.errstate(over="ignore"):
+                parts = np.asarray(flat, dtype=np.float64).astype(np.float32 if name == "cfloat" else np.float64)
+            if not np.isfinite(parts).all():
+                raise LayoutError(f"output: a value beyond {name}'s range (the request's dtype, which 1.x answered in)")
+        else:
             _check_exact(name, flat)
         words = _exact_words(name, flat)
     return _encode(["uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"], [V1_NAMES.index(name), dims, words])
@@ -569,8 +575,7 @@ def encode_vector_v2(name: str, shape: Any, values: Any, fixed_point: bool = Fal
         raise LayoutError(f"output: dtype {name!r} has no 2.0 dtype code")
     dims = _answer_shape(shape)
     flat = _flat(name, values, dims)
-    if not fixed_point:
-        _finite(name, flat)
+    _finite(name, flat)
     if fixed_point:
         if name in _COMPLEX:
             raise LayoutError("output: complex values have no fixed-point encoding")
@@ -744,11 +749,15 @@ def _finite(name: str, flat: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             numbers = np.asarray(flat, dtype=np.float64)  # null (None) from the answer reads as NaN
         if not np.isfinite(numbers).all():
-            raise LayoutError(
-                "output: a value is NaN or infinite; a CHAIN vector holds finite numbers only (the next container "
-                "could not read it)"
-            )
+            raise LayoutError(_NOT_FINITE)
     return flat
+
+
+# The one refusal of a non-finite value in every 1.x and 2.0 CHAIN answer, IEEE or fixed point (docs/contract.md).
+_NOT_FINITE = (
+    "output: a value is NaN or infinite; a CHAIN vector holds finite numbers only (the next container could not "
+    "read it)"
+)
 
 
 def _complex_words(pairs: np.ndarray, name: str) -> list[int]:
@@ -768,6 +777,8 @@ def _complex_values(words: tuple[int, ...], name: str) -> list[list[float]]:
 
 
 def _fixed(value: Any, decimals: int, bounds: tuple[int, int], name: str = "") -> int:
+    if value is None:  # a workflow's JSON null (NaN in the answer) under an integer dtype name: not finite either
+        raise LayoutError(_NOT_FINITE)
     if isinstance(value, (bool, int)):
         fixed = int(value) * 10**decimals
         shown = str(int(value))
@@ -777,8 +788,8 @@ def _fixed(value: Any, decimals: int, bounds: tuple[int, int], name: str = "") -
         shown = repr(float(decimal))
         try:
             fixed = int(decimal.scaleb(decimals).to_integral_value())
-        except (InvalidOperation, OverflowError, ValueError):
-            raise LayoutError(f"output: {shown} has no fixed-point form (not a finite number)") from None
+        except (InvalidOperation, OverflowError, ValueError):  # NaN or infinity under an integer dtype name
+            raise LayoutError(_NOT_FINITE) from None
     if not bounds[0] <= fixed <= bounds[1]:
         raise LayoutError(f"output: {shown} times 10**{decimals} does not fit int128")
     return fixed

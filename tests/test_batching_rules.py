@@ -23,7 +23,7 @@ from tests.test_batching_http import batch_histogram, batches_larger_than_one, f
 from tests.test_onnx_workflow import sum_then_centre, sum_then_centre_onnx
 from tests.test_startup_progress import startup_lines
 from workflows import startup
-from workflows.base import run_batch
+from workflows.base import InferenceWorkflow, forward_all, run_batch
 from workflows.torch_workflow import TorchInferenceWorkflow
 
 
@@ -462,3 +462,46 @@ def test_the_embedded_model_still_batches_over_http(iris_server):
     datas = [{"dtype": "float", "values": [[c / 10, -c / 20, (c % 7) / 3, 0.5]] * (1 + c % 3)} for c in range(32)]
     assert_concurrent_answers_are_solo_answers(iris_server, datas)
     assert batches_larger_than_one(before, batch_histogram(iris_server)) >= 1
+
+
+class ShiftInPlace(torch.nn.Module):
+    """Row-wise, but changes its input in place first (as a model normalising x /= 255 does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sub_(1.0)
+        return x * 2.0
+
+
+def test_the_batching_check_on_a_requests_input_leaves_that_input_as_sent(tmp_path):
+    # A per-request model checks batching with its first request's input (workflows/per_request.py). The check ran
+    # the model on the request's own tensor, so a model changing its input in place answered f(x - 2): 200 with
+    # [[-2, 0, 2]] for [[1, 2, 3]], and batching was turned off for a row-wise model.
+    from workflows.base import check_on_first_request, postprocess_all, preprocess_all
+
+    workflow = workflow_for(tmp_path, ShiftInPlace())
+    workflow.batching_check_pending = True
+    data = {"dtype": "float", "values": [[1.0, 2.0, 3.0]]}
+    prepared = check_on_first_request(workflow, preprocess_all(workflow, [data]))
+    [outcome] = postprocess_all(workflow, forward_all(workflow, prepared), [data])
+    assert values(outcome).tolist() == [[0.0, 2.0, 4.0]]
+    assert workflow.info["batching"]["enabled"] is True, workflow.info["batching"]
+
+
+class UnhashableKey(InferenceWorkflow):
+    """A custom workflow whose batch key is a list for some inputs (a workflow author's mistake)."""
+
+    def batch_key(self, item):
+        return item.get("k")
+
+    def run_model(self, batch):
+        return [{"v": item["v"] * 10} for item in batch]
+
+
+def test_an_unhashable_batch_key_fails_its_own_request_not_the_batch():
+    # groups[key] raised TypeError on the model thread, failing every request batched with it.
+    workflow = UnhashableKey()
+    workflow.setup()
+    good, other, bad = {"v": 1, "k": 1}, {"v": 3, "k": 1}, {"v": 2, "k": [1]}
+    outcomes = run_batch(workflow, [good, other, bad])
+    assert [o.status for o in outcomes] == [200, 200, 400]
+    assert outcomes[0].body == {"v": 10} and outcomes[1].body == {"v": 30}

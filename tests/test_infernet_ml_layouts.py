@@ -426,8 +426,12 @@ def test_answer_encoding_errors():
         encode_vector_v2("cfloat", [1], [[1.0, 2.0]], fixed_point=True)
     with pytest.raises(LayoutError, match="does not fit int128"):
         encode_vector_v2("double", [1], [1e30], fixed_point=True)
-    with pytest.raises(LayoutError, match="not a finite number"):
-        encode_vector_v2("double", [1], [float("nan")], fixed_point=True)
+    # Non-finite values and JSON nulls: the contract's one text in every 1.x and 2.0 CHAIN answer, fixed point too
+    # (this path said "has no fixed-point form" for NaN and infinity, and a null was a TypeError, a 500).
+    for values in ([float("nan")], [float("inf")], [-float("inf")], [None], [1.0, None]):
+        for name in ("double", "float", "long"):
+            with pytest.raises(LayoutError, match="a value is NaN or infinite"):
+                encode_vector_v2(name, [len(values)], values, fixed_point=True)
     with pytest.raises(LayoutError, match=r"has no 1\.x dtype code"):
         encode_vector_v1("uint16", [1], [1])
     with pytest.raises(LayoutError, match=r"values\[0\]: 300 does not fit uint8 \[0, 255\]"):
@@ -445,6 +449,14 @@ def test_answer_encoding_errors():
     with pytest.raises(LayoutError, match=r"complex values \(cdouble\) cannot be written as float"):
         encode_vector_v1("float", [1], np.array([[1.0, 2.0]]), "cdouble")
     assert decode_vector_v1(encode_vector_v1("cfloat", [1], [2.0], "double"))["values"] == [[2.0, 0.0]]
+    # A value beyond cfloat's float32 parts is refused as for the real dtypes (it was written as +inf, which the next
+    # container's decoder refuses), whether the model answered a real or a complex dtype.
+    for values, own in ((np.array([1e300]), "double"), (np.array([[1.0, -1e300]]), "cdouble")):
+        with pytest.raises(LayoutError, match="beyond cfloat's range"):
+            encode_vector_v1("cfloat", [1], values, own)
+    assert decode_vector_v1(encode_vector_v1("cdouble", [1], np.array([[1e300, 0.0]]), "cdouble"))["values"] == [
+        [1e300, 0.0]
+    ]
     assert decode_vector_v1(encode_vector_v1("int", [2], np.array([True, False]), "bool"))["values"] == [1, 0]
 
 

@@ -438,7 +438,9 @@ def preprocess_all(workflow: Any, requests: list[Any]) -> list[Any]:
         _, data = asked_outputs(request)
         try:
             item = workflow.preprocess(data)
-            prepared.append(_Item(item, workflow.batch_key(item)))
+            key = workflow.batch_key(item)
+            hash(key)  # an unhashable key (a list) fails its own request here, not the batch it would group in
+            prepared.append(_Item(item, key))
         except _RAISED_ON_THE_LOOP as e:
             if type(data) is SentTensor:  # the API worker sends the data as written: the message names its values
                 prepared.append(VALUES_NEEDED)
@@ -558,11 +560,13 @@ def check_batch(
     left, two copies are checked. ``differ(alone, batched)`` says how two outputs differ (None: they agree). The
     solo run's errors propagate; the batch's become the reason.
     """
-    [alone] = _run_group(workflow, [item])
+    # Every run gets fresh copies: a model that changes its input in place (x.sub_(1), x /= 255) would otherwise
+    # change the next run's input, and the request's own tensor when a request's input is the one checked.
+    [alone] = _run_group(workflow, [_fresh(item)])
     inputs, expected, hows = [item], [alone], []
     for other, how in variants(item):
         try:
-            [other_alone] = _run_group(workflow, [other])
+            [other_alone] = _run_group(workflow, [_fresh(other)])
         except Exception:  # a variant the model refuses is no input a request could send it: left out
             continue
         inputs.append(other)
@@ -574,7 +578,7 @@ def check_batch(
         what = f"two copies of {first}"
         inputs, expected = [item, item], [alone, alone]
     try:
-        batched = _run_group(workflow, inputs)
+        batched = _run_group(workflow, [_fresh(each) for each in inputs])
     except Exception as e:
         return f"the model failed on a batch of {what} ({type(e).__name__}: {first_line(e)})", what
     for solo, output in zip(expected, batched):
@@ -582,6 +586,12 @@ def check_batch(
         if difference is not None:
             return f"a batch of {what} answered differently from each alone ({difference})", what
     return None, what
+
+
+def _fresh(item: Any) -> Any:
+    """A copy of a tensor input for one run of the batching check (the item itself for other kinds of input)."""
+    clone = getattr(item, "clone", None)
+    return clone() if callable(clone) else item
 
 
 def record_batch_check(
