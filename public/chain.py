@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,15 @@ def encode_output(body: Any) -> dict[str, str]:
     if exact is not None and _integral(exact):
         # Integers as Python ints: through float64 a long beyond 2**53 would come out rounded.
         fixed = [int(v) * SCALE for v in exact.ravel().tolist()]
+    elif (mixed := _ints_and_floats(values, exact)) is not None:
+        # A workflow's JSON list of integers and floats: numpy read it as float64, which rounds an integer beyond
+        # 2**53; each value is taken as it was written instead.
+        if not all(math.isfinite(v) for v in mixed if type(v) is float):
+            raise RequestError(422, "the model's output has non-finite values; they cannot be encoded as int256[]")
+        fixed = [
+            v * SCALE if type(v) is int else int(shortest_decimal(v, name).scaleb(18).to_integral_value())
+            for v in mixed
+        ]
     else:
         flat = _floats(exact)
         if flat is None:
@@ -114,6 +124,17 @@ def _floats(array: np.ndarray | None) -> np.ndarray | None:
             return array.astype(np.float64).ravel()  # Python floats among integers beyond 64 bits
         except OverflowError:
             raise RequestError(422, "the model's output does not fit int256 in 18-decimal fixed point") from None
+    return None
+
+
+def _ints_and_floats(values: Any, exact: np.ndarray | None) -> list[Any] | None:
+    """A JSON list's values, flat, when it mixes Python ints and floats (numpy reads it as float64, or as objects
+    for an int beyond 64 bits, which float64 then rounds); else None."""
+    if not isinstance(values, list) or exact is None or exact.dtype.kind not in "fO":
+        return None
+    flat = np.asarray(values, dtype=object).ravel().tolist()
+    if all(type(v) in (int, float) for v in flat) and any(type(v) is int for v in flat):
+        return flat
     return None
 
 

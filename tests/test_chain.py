@@ -76,6 +76,20 @@ def test_integer_outputs_encode_exactly():
 
 
 @pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ([0.5, 2**53 + 1], [5 * 10**17, (2**53 + 1) * 10**18]),  # numpy reads float64: 2**53 * 10**18 before
+        ([1.0, 2**70], [10**18, 2**70 * 10**18]),  # numpy reads objects, then float64 rounded 2**70's digits
+        ([[0.1, 3], [2, 0.25]], [10**17, 3 * 10**18, 2 * 10**18, 25 * 10**16]),
+        ({"dtype": "double", "shape": [2], "values": [-(2**60) - 1, 0.5]}, [(-(2**60) - 1) * 10**18, 5 * 10**17]),
+    ],
+)
+def test_a_workflows_json_mixing_integers_and_floats_keeps_each_integer_exact(answer, expected):
+    (numbers,) = decode(["int256[]"], bytes.fromhex(encode_output(answer)["raw_output"]))
+    assert list(numbers) == expected
+
+
+@pytest.mark.parametrize(
     "answer, says",
     [
         ({"dtype": "cfloat", "shape": [1], "values": np.array([[1.0, 2.0]], dtype=np.float32)}, "complex (cfloat)"),
