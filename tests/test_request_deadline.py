@@ -164,19 +164,25 @@ def test_one_bound_serves_a_second_event_loop():
     asyncio.run(too_long())
 
 
+async def running_request(bound: ShutdownBound) -> asyncio.Task:
+    """A request inside its 60 s deadline, started and waiting."""
+
+    async def request():
+        with bound.bounded(60):
+            await asyncio.sleep(5)
+
+    task = asyncio.ensure_future(request())
+    await asyncio.sleep(0)
+    return task
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_request_cut_off_by_shutdown_is_the_503_even_when_the_timer_fires_early(loop):
     # uvloop rounds timers to the millisecond and may run one ~0.5 ms early: judged by the clock at the end, a request
     # cut off by the shutdown's bound was a 504 (REQUEST_TIMEOUT_S) in ~40 % of the tries. The bound is what ended it.
     async def one():
         bound = ShutdownBound()
-
-        async def request():
-            with bound.bounded(60):
-                await asyncio.sleep(5)
-
-        task = asyncio.ensure_future(request())
-        await asyncio.sleep(0)
+        task = await running_request(bound)
         bound.stop_within(0.0123)
         try:
             await task
@@ -195,13 +201,7 @@ def test_a_request_cut_off_by_shutdown_is_the_503_even_when_the_timer_fires_earl
 def test_a_second_sigterm_does_not_turn_the_first_bounds_503_into_a_504():
     async def main():
         bound = ShutdownBound()
-
-        async def request():
-            with bound.bounded(60):
-                await asyncio.sleep(5)
-
-        task = asyncio.ensure_future(request())
-        await asyncio.sleep(0)
+        task = await running_request(bound)
         bound.stop_within(0.02)
         bound.stop_within(10)  # a second SIGTERM: later requests get the new bound, this one keeps the first
         with pytest.raises(RequestError) as refused:
