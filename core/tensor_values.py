@@ -78,7 +78,7 @@ _OUT_OF_BAND_BYTES = 4096  # below this a copy into the pickle costs less than a
 
 
 def _sent_tensor(data: Any, dtype: str, shape: tuple[int, ...], elements: int) -> SentTensor:
-    return SentTensor(np.frombuffer(data, dtype).reshape(shape), elements)
+    return SentTensor(_array(data, dtype, shape), elements)
 
 
 def reduce_array(array: np.ndarray) -> tuple[Any, ...]:

@@ -49,12 +49,7 @@ def encode_output(body: Any) -> dict[str, str]:
     elif (mixed := _ints_and_floats(values, exact)) is not None:
         # A workflow's JSON list of integers and floats: numpy read it as float64, which rounds an integer beyond
         # 2**53; each value is taken as it was written instead.
-        if not all(math.isfinite(v) for v in mixed if type(v) is float):
-            raise RequestError(422, "the model's output has non-finite values; they cannot be encoded as int256[]")
-        fixed = [
-            v * SCALE if type(v) is int else int(shortest_decimal(v, name).scaleb(18).to_integral_value())
-            for v in mixed
-        ]
+        fixed = _fixed_point(mixed, name)
     else:
         flat = _floats(exact)
         if flat is None:
@@ -63,9 +58,7 @@ def encode_output(body: Any) -> dict[str, str]:
                 f"the answer holds {describe_answer(body)}; the int256[] CHAIN answer holds the numbers of one "
                 "tensor (send destination 1 for this answer)",
             )
-        if not np.isfinite(flat).all():
-            raise RequestError(422, "the model's output has non-finite values; they cannot be encoded as int256[]")
-        fixed = [int(shortest_decimal(v, name).scaleb(18).to_integral_value()) for v in flat]
+        fixed = _fixed_point(flat, name)
     if fixed and (min(fixed) < _INT256[0] or max(fixed) > _INT256[1]):
         raise RequestError(422, "the model's output does not fit int256 in 18-decimal fixed point")
     return {
@@ -125,6 +118,16 @@ def _floats(array: np.ndarray | None) -> np.ndarray | None:
         except OverflowError:
             raise RequestError(422, "the model's output does not fit int256 in 18-decimal fixed point") from None
     return None
+
+
+def _fixed_point(values: Any, name: str) -> list[int]:
+    """Each value times 10**18: a Python int exactly, a float as its shortest decimal in its own dtype, rounded
+    half-even. RequestError 422 for a non-finite value."""
+    if not all(type(v) is int or math.isfinite(v) for v in values):
+        raise RequestError(422, "the model's output has non-finite values; they cannot be encoded as int256[]")
+    return [
+        v * SCALE if type(v) is int else int(shortest_decimal(v, name).scaleb(18).to_integral_value()) for v in values
+    ]
 
 
 def _ints_and_floats(values: Any, exact: np.ndarray | None) -> list[Any] | None:

@@ -505,22 +505,25 @@ def encode_vector_v1(name: str, shape: Any, values: Any, values_dtype: str | Non
         flat = np.stack([np.asarray(flat, dtype=np.float64), np.zeros(len(flat))], axis=-1)
     if name in _FLOATING:
         view = {"float": (np.float32, np.uint32), "double": (np.float64, np.uint64)}.get(name, (np.float16, np.uint16))
-        with np.errstate(over="ignore"):
-            cast = np.asarray(flat, dtype=np.float64).astype(view[0])
-        if not np.isfinite(cast).all():
-            raise LayoutError(f"output: a value beyond {name}'s range (the request's dtype, which 1.x answered in)")
-        words = cast.view(view[1]).tolist()
+        words = _within_range(name, flat, view[0]).view(view[1]).tolist()
     else:
         if name in _COMPLEX:
             # cfloat's parts are float32: a wider value would become infinite, which the next input refuses.
-            with np.errstate(over="ignore"):
-                parts = np.asarray(flat, dtype=np.float64).astype(np.float32 if name == "cfloat" else np.float64)
-            if not np.isfinite(parts).all():
-                raise LayoutError(f"output: a value beyond {name}'s range (the request's dtype, which 1.x answered in)")
+            _within_range(name, flat, np.float32 if name == "cfloat" else np.float64)
         else:
             _check_exact(name, flat)
         words = _exact_words(name, flat)
     return _encode(["uint8", "uint16[]", f"{_V1_SOLIDITY[name]}[]"], [V1_NAMES.index(name), dims, words])
+
+
+def _within_range(name: str, flat: Any, part: type) -> np.ndarray:
+    """``flat`` (finite numbers) cast to ``part``, the float type of the request's dtype ``name``; LayoutError for a
+    value beyond its range (the cast would make it infinite)."""
+    with np.errstate(over="ignore"):
+        cast = np.asarray(flat, dtype=np.float64).astype(part)
+    if not np.isfinite(cast).all():
+        raise LayoutError(f"output: a value beyond {name}'s range (the request's dtype, which 1.x answered in)")
+    return cast
 
 
 def _check_exact(name: str, flat: Any) -> None:
